@@ -1,0 +1,179 @@
+//! monitor ↔ block-proc: the block configuration, QMP requests that block-proc answers,
+//! and (later) its events.
+//!
+//! ```text
+//! monitor                              block-proc
+//!   Hello ──────────────────────────────►
+//!   ◄────────────────────────────── Hello
+//!   BlockCall{id, Configure} ───────────►   open drives, enter the jail
+//!   ◄──────────── BlockMessage::Reply{id}
+//!   BlockCall{id, QueryBlock} ──────────►
+//!   ◄──────────── BlockMessage::Reply{id, Block([..])}
+//!   BlockCall{id, Shutdown} ────────────►   flush, close, reply, exit
+//! ```
+//!
+//! Replies carry QMP errors, so block-proc words them where it knows what went wrong.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CallId, Message, QmpError};
+
+/// A request to block-proc.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockCall {
+    pub id: CallId,
+    pub request: BlockRequest,
+}
+
+impl Message for BlockCall {}
+
+/// What the monitor asks of block-proc.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BlockRequest {
+    /// First request: the configuration from the command line. block-proc opens the
+    /// drives, then enters its jail before it answers.
+    Configure(BlockConfig),
+    /// `query-block`.
+    QueryBlock,
+    /// Close everything and exit.
+    Shutdown,
+}
+
+/// block-proc's start-up configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockConfig {
+    pub drives: Vec<DriveConfig>,
+    /// Directories images may be opened under (`--image-dir`, and each drive's directory).
+    pub image_dirs: Vec<PathBuf>,
+    /// Whether to enter the jail (`--sandbox on`).
+    pub sandbox: bool,
+}
+
+/// Image formats. Never probed: the user names the format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The driver name QMP uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What to do on an I/O error (`werror=`, `rerror=`; QEMU's `BlockdevOnError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnError {
+    Report,
+    Ignore,
+    Enospc,
+    Stop,
+}
+
+/// One `--drive`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DriveConfig {
+    pub id: String,
+    pub file: PathBuf,
+    pub format: ImageFormat,
+    pub read_only: bool,
+    pub werror: OnError,
+    pub rerror: OnError,
+}
+
+/// block-proc to monitor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BlockMessage {
+    Reply { id: CallId, result: Result<BlockReply, QmpError> },
+}
+
+impl Message for BlockMessage {}
+
+/// Successful answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BlockReply {
+    Done,
+    Block(Vec<BlockInfo>),
+}
+
+/// QAPI `BlockInfo`. Optional members are `None` when absent; they travel as such because
+/// the codec is not self-describing, and the monitor drops them from its JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockInfo {
+    pub device: String,
+    pub qdev: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub removable: bool,
+    pub locked: bool,
+    pub inserted: Option<BlockDeviceInfo>,
+    #[serde(rename = "io-status")]
+    pub io_status: Option<IoStatus>,
+}
+
+/// QAPI `BlockDeviceIoStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoStatus {
+    Ok,
+    Failed,
+    Nospace,
+}
+
+/// QAPI `BlockDeviceInfo` (its field names mix `_` and `-` as QEMU's do).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockDeviceInfo {
+    pub file: String,
+    #[serde(rename = "node-name")]
+    pub node_name: Option<String>,
+    pub ro: bool,
+    pub drv: String,
+    pub backing_file: Option<String>,
+    pub backing_file_depth: u32,
+    pub encrypted: bool,
+    pub detect_zeroes: String,
+    pub bps: u64,
+    pub bps_rd: u64,
+    pub bps_wr: u64,
+    pub iops: u64,
+    pub iops_rd: u64,
+    pub iops_wr: u64,
+    pub image: ImageInfo,
+    pub cache: BlockdevCacheInfo,
+    pub write_threshold: u64,
+}
+
+/// QAPI `ImageInfo`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: String,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "actual-size")]
+    pub actual_size: Option<u64>,
+    #[serde(rename = "dirty-flag")]
+    pub dirty_flag: Option<bool>,
+    #[serde(rename = "cluster-size")]
+    pub cluster_size: Option<u64>,
+    #[serde(rename = "backing-filename")]
+    pub backing_filename: Option<String>,
+    #[serde(rename = "backing-image")]
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+/// QAPI `BlockdevCacheInfo`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockdevCacheInfo {
+    pub writeback: bool,
+    pub direct: bool,
+    #[serde(rename = "no-flush")]
+    pub no_flush: bool,
+}

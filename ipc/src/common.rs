@@ -1,0 +1,68 @@
+//! Types that several links share: correlation ids, QMP errors and run states.
+
+use serde::{Deserialize, Serialize};
+
+/// Correlates a reply with its request on one link. Chosen by the requester.
+pub type CallId = u64;
+
+/// QMP's error classes (`QapiErrorClass`), named as they appear on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotActive,
+    DeviceNotFound,
+    KVMMissingCap,
+}
+
+/// An error as QMP reports it: a class and a human-readable description. Processes behind
+/// the monitor answer with these so QEMU's wording is produced where the knowledge is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{desc}")]
+pub struct QmpError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    /// An error of any class.
+    pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
+        Self { class, desc: desc.into() }
+    }
+
+    /// A `GenericError`, the class of almost every QMP error.
+    pub fn generic(desc: impl Into<String>) -> Self {
+        Self::new(ErrorClass::GenericError, desc)
+    }
+
+    /// A `CommandNotFound` error.
+    pub fn command_not_found(desc: impl Into<String>) -> Self {
+        Self::new(ErrorClass::CommandNotFound, desc)
+    }
+}
+
+/// QEMU's `RunState`, as far as splitvmm reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    /// Not started yet (`--paused` before the first `cont`).
+    Prelaunch,
+    Running,
+    Paused,
+    Shutdown,
+    InMigrate,
+    PostMigrate,
+}
+
+impl RunState {
+    /// The name QMP uses for this state.
+    pub fn as_qapi_str(self) -> &'static str {
+        match self {
+            Self::Prelaunch => "prelaunch",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Shutdown => "shutdown",
+            Self::InMigrate => "inmigrate",
+            Self::PostMigrate => "postmigrate",
+        }
+    }
+}
