@@ -1,1 +1,103 @@
-fn main() {}
+//! Benchmarks that compare splitvmm with its QEMU equivalent on the same machine, in one
+//! run, and report the ratio (splitvmm / QEMU; above 1.0 means splitvmm is faster).
+//!
+//! `cargo build --release --workspace && target/release/bench qmp` (or `bash bench/run.sh`).
+//! Each benchmark alternates the two contenders over several rounds and reports medians,
+//! so background noise hits both alike. Results are printed as a table and, with `--json`,
+//! as one JSON object of named metrics.
+
+mod qmp;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "splitvmm against QEMU, same machine, same run")]
+struct Args {
+    #[command(subcommand)]
+    which: Which,
+    /// Also print the figures as one JSON object.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// QMP `query-version` round trips per second: splitvmm vs qemu-storage-daemon.
+    Qmp {
+        /// Seconds per round per contender.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Rounds (alternating the contenders).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let result = match args.which {
+        Which::Qmp { seconds, rounds } => qmp::run(seconds, rounds),
+    };
+    match result {
+        Ok(report) => {
+            println!("{}", report.table());
+            if args.json {
+                println!("{}", report.json());
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// One benchmark's figures.
+#[derive(Debug)]
+pub struct Report {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub splitvmm: Vec<f64>,
+    pub qemu: Vec<f64>,
+    pub qemu_name: &'static str,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+impl Report {
+    pub fn ratio(&self) -> f64 {
+        median(&self.splitvmm) / median(&self.qemu)
+    }
+
+    fn table(&self) -> String {
+        format!(
+            "{}\n  splitvmm            {:>12.0} {} (median of {})\n  {:<19} {:>12.0} {}\n  ratio splitvmm/QEMU {:>12.2}",
+            self.name,
+            median(&self.splitvmm),
+            self.unit,
+            self.splitvmm.len(),
+            self.qemu_name,
+            median(&self.qemu),
+            self.unit,
+            self.ratio()
+        )
+    }
+
+    fn json(&self) -> String {
+        serde_json::json!({
+            "benchmark": self.name,
+            "unit": self.unit,
+            "splitvmm": self.splitvmm,
+            "qemu": self.qemu,
+            "splitvmm_median": median(&self.splitvmm),
+            "qemu_median": median(&self.qemu),
+            "ratio": self.ratio(),
+        })
+        .to_string()
+    }
+}

@@ -1,1 +1,74 @@
-//! placeholder
+//! block-proc: the process that owns every disk image (DESIGN.md §5).
+//!
+//! - [`drives`]: the images opened for `--drive`, and what `query-block` says of them;
+//! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
+//! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
+
+pub mod drives;
+pub mod sandbox;
+pub mod service;
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
+use ipc::{Channel, Link, QmpError};
+
+/// Why block-proc stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("descriptor {0} from the command line is not open")]
+    BadFd(RawFd),
+    #[error("monitor link: {0}")]
+    Link(#[from] ipc::IpcError),
+    #[error("the first request must be Configure")]
+    NotConfigured,
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Takes ownership of a descriptor the launcher placed for us.
+fn adopt(fd: RawFd) -> Result<OwnedFd, Error> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; it fails if fd is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::BadFd(fd));
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process by the
+    // launcher for this purpose alone; nothing else in the process refers to it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Configures block-proc from the monitor's first request, enters the jail, then serves
+/// both links until the monitor says `Shutdown` or goes away.
+pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
+    let monitor = Channel::from_fd(adopt(monitor_fd)?);
+    let peer = peer_fd.map(adopt).transpose()?.map(Channel::from_fd);
+    monitor.handshake(Link::MonitorBlock)?;
+    let first = monitor.recv::<BlockCall>()?.msg;
+    let BlockRequest::Configure(config) = first.request else {
+        return Err(Error::NotConfigured);
+    };
+    let reply = |result: Result<BlockReply, QmpError>| BlockMessage::Reply { id: first.id, result };
+    let drives = match drives::Drives::open(&config, peer.is_some()) {
+        Ok(d) => d,
+        Err(e) => {
+            monitor.send(&reply(Err(e.clone())), &[])?;
+            return Err(Error::Setup(e.desc));
+        }
+    };
+    if config.sandbox {
+        let keep = [monitor_fd].into_iter().chain(peer_fd).chain(drives.raw_fds()).collect();
+        if let Err(e) = sandbox::enter(&config.image_dirs, keep) {
+            monitor.send(&reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))), &[])?;
+            return Err(Error::Setup(e.to_string()));
+        }
+    }
+    monitor.send(&reply(Ok(BlockReply::Done)), &[])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(Error::Runtime)?;
+    rt.block_on(service::serve(monitor, peer, drives))
+}

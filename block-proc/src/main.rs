@@ -1,1 +1,29 @@
-fn main() {}
+//! `block-proc`: owns the disk images. Started by the splitvmm launcher with its IPC links
+//! on fixed descriptors; never started by hand.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// block-proc: the storage process of splitvmm (started by splitvmm, not by hand).
+#[derive(Debug, Parser)]
+struct Args {
+    /// The descriptor of the link to the monitor.
+    #[arg(long)]
+    monitor_fd: i32,
+    /// The descriptor of the link to vmm-proc, when a guest runs.
+    #[arg(long)]
+    peer_fd: Option<i32>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    ipc::logging::init("block-proc");
+    match block_proc::run(args.monitor_fd, args.peer_fd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("block-proc: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

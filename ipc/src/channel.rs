@@ -162,7 +162,10 @@ pub struct AsyncChannel {
 impl AsyncChannel {
     /// Registers the channel with the current tokio runtime.
     pub fn new(channel: Channel) -> std::io::Result<Self> {
-        Ok(Self { fd: AsyncFd::new(channel.fd)? })
+        // SAFETY: an OwnedFd is a valid open descriptor that stays open, and always the same
+        // one, for as long as the AsyncFd owns it.
+        let fd = unsafe { AsyncFd::register(channel.fd) }.map_err(|e| e.into_parts().1)?;
+        Ok(Self { fd })
     }
 
     /// Sends one message with exactly the descriptors it declares.

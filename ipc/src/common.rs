@@ -15,6 +15,19 @@ pub enum ErrorClass {
     KVMMissingCap,
 }
 
+impl ErrorClass {
+    /// The wire name of the class.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GenericError => "GenericError",
+            Self::CommandNotFound => "CommandNotFound",
+            Self::DeviceNotActive => "DeviceNotActive",
+            Self::DeviceNotFound => "DeviceNotFound",
+            Self::KVMMissingCap => "KVMMissingCap",
+        }
+    }
+}
+
 /// An error as QMP reports it: a class and a human-readable description. Processes behind
 /// the monitor answer with these so QEMU's wording is produced where the knowledge is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub mod codec;
 pub mod common;
 pub mod handshake;
 pub mod launcher;
+pub mod logging;
 pub mod vmm;
 pub mod vmm_block;
 

@@ -1,1 +1,19 @@
-//! placeholder
+//! Sandboxing for splitvmm's processes (DESIGN §7), x86_64 Linux only.
+//!
+//! - [`seccomp`]: syscall allowlists written as reviewable data, their union, compilation and
+//!   the base policy every process of ours needs to keep running.
+//! - [`spawn()`]: the launcher's way to start a child: cloned straight into new namespaces,
+//!   with chosen fds, a parent-death signal, and nothing else inherited.
+//! - [`enter()`]: the one call each process makes to jail itself before it reads untrusted
+//!   input; a trapped syscall is logged by a SIGSYS handler before the process dies.
+
+mod enter;
+mod error;
+pub mod seccomp;
+mod sigsys;
+mod spawn;
+
+pub use enter::{Jailed, LandlockRules, LandlockStatus, Policy, enter, seccomp_mode};
+pub use error::JailError;
+pub use seccomp::{SeccompPolicy, base_runtime_policy};
+pub use spawn::{Child, Namespaces, SpawnSpec, spawn};

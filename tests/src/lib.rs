@@ -1,1 +1,263 @@
-//! placeholder
+//! Shared helpers for the integration tests: start the real `splitvmm` binary with its real
+//! children, talk to it over real sockets (raw, or through the Python `qemu.qmp` client),
+//! and inspect the process tree through `/proc`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The directory holding `splitvmm`, `block-proc` and `vmm-proc` (cargo's target dir).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> → target/debug
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// The repository root (for `tests/py`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "splitvmm-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether tests that need `/dev/kvm` can run. Without it they may skip only outside CI,
+/// and say so.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{test}: /dev/kvm is missing, and CI is set");
+    eprintln!("SKIPPED {test}: /dev/kvm is missing");
+    false
+}
+
+/// Runs a command to completion and checks it succeeded.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img create -f FMT PATH SIZE`.
+pub fn qemu_img_create(fmt: &str, path: &Path, size: &str) {
+    run(Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(path).arg(size));
+}
+
+/// A running splitvmm with a QMP unix socket and a pidfile in its own scratch directory.
+#[derive(Debug)]
+pub struct Splitvmm {
+    pub child: Child,
+    pub dir: TempDir,
+    pub qmp: PathBuf,
+    pub pidfile: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Splitvmm {
+    /// Starts splitvmm with `args` plus a QMP socket and a pidfile, and waits for the
+    /// pidfile (written once every socket listens).
+    pub fn start(args: &[&str]) -> Self {
+        let dir = TempDir::new("vm");
+        Self::start_in(dir, args)
+    }
+
+    /// Like [`start`](Self::start), in a given directory (to put images there first).
+    pub fn start_in(dir: TempDir, args: &[&str]) -> Self {
+        let qmp = dir.join("qmp.sock");
+        let pidfile = dir.join("splitvmm.pid");
+        let stderr = dir.join("stderr.log");
+        let child = Command::new(bin_dir().join("splitvmm"))
+            .args(args)
+            .arg("--qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start splitvmm");
+        let mut vm = Self { child, dir, qmp, pidfile, stderr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !vm.pidfile.exists() {
+            if let Ok(Some(st)) = vm.child.try_wait() {
+                panic!("splitvmm exited during start-up ({st}): {}", vm.stderr_text());
+            }
+            assert!(Instant::now() < deadline, "no pidfile after 30 s: {}", vm.stderr_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for splitvmm to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "splitvmm did not exit in {timeout:?}: {}", self.stderr_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A negotiated raw QMP connection.
+    pub fn raw_qmp(&self) -> RawQmp {
+        let mut c = RawQmp::connect(&self.qmp);
+        c.negotiate();
+        c
+    }
+
+    /// Runs a Python script from `tests/py` with this splitvmm's socket as first argument.
+    pub fn python(&self, script: &str, args: &[&str]) -> std::process::Output {
+        Command::new("python3")
+            .arg(repo_root().join("tests/py").join(script))
+            .arg(&self.qmp)
+            .args(args)
+            .output()
+            .expect("run python3")
+    }
+}
+
+impl Drop for Splitvmm {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A QMP client on a raw socket, for what a well-behaved client would never send.
+#[derive(Debug)]
+pub struct RawQmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl RawQmp {
+    /// Connects and reads the greeting.
+    pub fn connect(path: &Path) -> Self {
+        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut c = Self { reader: BufReader::new(s.try_clone().expect("clone")), writer: s };
+        let greeting = c.read_raw_line();
+        assert!(greeting.ends_with("\r\n"), "greeting must end in CRLF: {greeting:?}");
+        c
+    }
+
+    pub fn negotiate(&mut self) {
+        let r = self.cmd(r#"{"execute": "qmp_capabilities"}"#);
+        assert_eq!(r["return"], serde_json::json!({}), "negotiation failed: {r}");
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("send");
+    }
+
+    /// One line exactly as the server wrote it.
+    pub fn read_raw_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from splitvmm");
+        assert!(n > 0, "splitvmm closed the connection");
+        line
+    }
+
+    /// The next message (reply or event), parsed.
+    pub fn read(&mut self) -> Value {
+        let line = self.read_raw_line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The next reply, skipping events.
+    pub fn reply(&mut self) -> Value {
+        loop {
+            let v = self.read();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    /// Sends raw text and returns the next reply.
+    pub fn cmd(&mut self, text: &str) -> Value {
+        self.send(text.as_bytes());
+        self.reply()
+    }
+}
+
+/// The pids of `pid`'s children and their descendants (host pid namespace).
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut all = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let path = format!("/proc/{p}/task/{p}/children");
+        let kids: Vec<i32> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        frontier.extend(&kids);
+        all.extend(kids);
+    }
+    all
+}
+
+/// The `Name:` of a process.
+pub fn proc_name(pid: i32) -> Option<String> {
+    proc_status_field(pid, "Name")
+}
+
+/// A field of `/proc/PID/status`.
+pub fn proc_status_field(pid: i32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .map(|v| v.trim().to_string())
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    proc_status_field(pid, "State").is_some_and(|s| !s.starts_with('Z'))
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every benchmark against its QEMU equivalent; figures go to docs/performance.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+cargo build --release --workspace --locked
+target/release/bench qmp --json "$@"

@@ -1,0 +1,39 @@
+//! block-proc's jail: host mount and network namespaces (it must reach the image
+//! directories), its own pid, ipc and uts namespaces (made by the launcher), Landlock
+//! limiting file access to the image directories, and this seccomp allowlist.
+//!
+//! It creates no sockets: it uses only the ones it was handed.
+
+use std::path::PathBuf;
+
+use jail::seccomp::{allow, allow_if, arg_eq};
+use jail::{LandlockRules, Policy, SeccompPolicy, base_runtime_policy};
+
+/// block-proc's syscalls beyond the base runtime's, each with why.
+pub fn seccomp_policy() -> SeccompPolicy {
+    base_runtime_policy().union(&SeccompPolicy::new([
+        allow_if(
+            libc::SYS_socketpair,
+            &[arg_eq(0, libc::AF_UNIX)],
+            "tokio's I/O driver makes an unnamed AF_UNIX pair for its signal driver; it reaches nothing",
+        ),
+        allow(libc::SYS_pread64, "read image data and headers"),
+        allow(libc::SYS_pwrite64, "write image data and metadata"),
+        allow(libc::SYS_fsync, "make writes durable on flush"),
+        allow(libc::SYS_fdatasync, "make data durable on flush"),
+    ]))
+}
+
+/// Enters the jail. Only descriptors it holds now stay open; file access is limited to
+/// `image_dirs`.
+pub fn enter(image_dirs: &[PathBuf], keep_fds: Vec<i32>) -> Result<(), jail::JailError> {
+    let policy = Policy {
+        name: "block-proc",
+        keep_fds,
+        empty_root: false,
+        landlock: Some(LandlockRules { read_write: image_dirs.to_vec(), read_only: Vec::new() }),
+        drop_caps: true,
+        seccomp: seccomp_policy(),
+    };
+    jail::enter(&policy).map(drop)
+}

@@ -1,0 +1,302 @@
+//! [`enter`]: the one call that jails the calling process, step by step in a fixed order;
+//! and [`seccomp_mode`], which tests use to see a filter from outside.
+
+use std::{fs, io, os::fd::RawFd, path::PathBuf};
+
+use landlock::{
+    ABI, Access, AccessFs, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus,
+};
+use nix::{
+    errno::Errno,
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{self, CloneFlags},
+    sys::{prctl, resource},
+    unistd::{self, Pid},
+};
+
+use crate::{JailError, SeccompPolicy, seccomp, sigsys};
+
+/// Directories Landlock leaves reachable; every other path is denied.
+#[derive(Clone, Debug, Default)]
+pub struct LandlockRules {
+    /// Read, write, create and remove regular files and unix sockets beneath these.
+    pub read_write: Vec<PathBuf>,
+    /// Read files and list directories beneath these.
+    pub read_only: Vec<PathBuf>,
+}
+
+/// How a process jails itself.
+#[derive(Debug)]
+pub struct Policy {
+    /// Process name, used in the SIGSYS log line.
+    pub name: &'static str,
+    /// Fds that stay open besides 0, 1 and 2; every other fd is closed.
+    pub keep_fds: Vec<RawFd>,
+    /// Replace `/` by an empty read-only tmpfs, in a new mount namespace.
+    pub empty_root: bool,
+    /// Restrict file access with Landlock.
+    pub landlock: Option<LandlockRules>,
+    /// Drop every capability: bounding, ambient, effective, permitted and inheritable sets.
+    pub drop_caps: bool,
+    /// The syscall allowlist, installed last.
+    pub seccomp: SeccompPolicy,
+}
+
+/// How far Landlock could be enforced by the running kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LandlockStatus {
+    /// Every requested restriction holds.
+    FullyEnforced,
+    /// The kernel's Landlock ABI is older: some rights (e.g. truncate) are not restricted.
+    PartiallyEnforced,
+    /// The kernel has no Landlock.
+    NotEnforced,
+}
+
+/// What [`enter`] achieved where it is best-effort.
+#[derive(Debug)]
+#[must_use]
+pub struct Jailed {
+    /// `None` if the policy asked for no Landlock rules.
+    pub landlock: Option<LandlockStatus>,
+}
+
+/// The Landlock ABI whose filesystem rights we handle (Linux 6.15, the ABI of our hosts).
+const LANDLOCK_ABI: ABI = ABI::V7;
+
+/// The directory the empty root's tmpfs is mounted on before `pivot_root`.
+const EMPTY_ROOT_MOUNT_POINT: &str = "/tmp";
+
+/// Jails the calling process. Call it after set-up and before reading untrusted input, while
+/// the process is still single-threaded if the policy uses an empty root, Landlock or drops
+/// capabilities (a mount namespace, Landlock and capabilities only apply to the calling
+/// thread). In order: close stray fds, `no_new_privs`, empty
+/// root, Landlock, rlimits, capabilities, SIGSYS handler, seccomp filter on all threads.
+pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
+    // Compile first: a bad policy fails before anything irreversible happens.
+    let program = policy.seccomp.compile()?;
+    if policy.empty_root || policy.landlock.is_some() || policy.drop_caps {
+        let threads =
+            proc_status_field("self", "Threads").map_err(step("reading /proc/self/status"))?;
+        if threads != 1 {
+            return Err(JailError::Threaded {
+                name: policy.name,
+                threads,
+            });
+        }
+    }
+    close_stray_fds(&policy.keep_fds)?;
+    prctl::set_no_new_privs().map_err(errno_step("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    if policy.empty_root {
+        enter_empty_root()?;
+    }
+    let landlock = policy.landlock.as_ref().map(restrict_paths).transpose()?;
+    // No core dumps: they would write guest memory and secrets to disk. RLIMIT_NPROC stays:
+    // it counts every process and thread of the user, so a low value breaks thread creation
+    // (tokio's blocking pool) and other processes of the same user; seccomp forbids fork.
+    resource::setrlimit(resource::Resource::RLIMIT_CORE, 0, 0)
+        .map_err(errno_step("setrlimit(RLIMIT_CORE, 0)"))?;
+    if policy.drop_caps {
+        drop_capabilities()?;
+    }
+    sigsys::install(policy.name)?;
+    seccomp::install(&program)?;
+    tracing::debug!(name = policy.name, ?landlock, "jailed");
+    Ok(Jailed { landlock })
+}
+
+/// The seccomp mode of process `pid` (0 none, 1 strict, 2 filter) from `/proc/PID/status`.
+pub fn seccomp_mode(pid: Pid) -> io::Result<u32> {
+    proc_status_field(&pid.to_string(), "Seccomp")
+}
+
+fn proc_status_field(pid: &str, key: &str) -> io::Result<u32> {
+    let path = format!("/proc/{pid}/status");
+    fs::read_to_string(&path)?
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(key)?
+                .strip_prefix(':')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no `{key}:` line in {path}"),
+            )
+        })
+}
+
+fn step(step: impl Into<String>) -> impl FnOnce(io::Error) -> JailError {
+    move |source| JailError::Enter {
+        step: step.into(),
+        source,
+    }
+}
+
+fn errno_step(step: impl Into<String>) -> impl FnOnce(Errno) -> JailError {
+    move |errno| JailError::Enter {
+        step: step.into(),
+        source: errno.into(),
+    }
+}
+
+fn close_stray_fds(keep: &[RawFd]) -> Result<(), JailError> {
+    let mut kept: Vec<u32> = [0, 1, 2]
+        .into_iter()
+        .chain(keep.iter().filter_map(|fd| u32::try_from(*fd).ok()))
+        .collect();
+    kept.sort_unstable();
+    kept.dedup();
+    let close_range = |first: u32, last: u32| {
+        // SAFETY: close_range only closes fds; the caller listed every fd it still uses in
+        // `keep_fds`, so no owner is left with a closed number.
+        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) } == 0 {
+            Ok(())
+        } else {
+            Err(step(format!(
+                "closing fds {first}..={last} (keeping {kept:?})"
+            ))(io::Error::last_os_error()))
+        }
+    };
+    let mut first = 0;
+    for &fd in &kept {
+        if fd > first {
+            close_range(first, fd - 1)?;
+        }
+        first = fd + 1;
+    }
+    close_range(first, u32::MAX)
+}
+
+fn enter_empty_root() -> Result<(), JailError> {
+    // pivot_root moves every process of the mount namespace whose root is the old root, so it
+    // must happen in a namespace nobody else uses, even if the caller forgot
+    // `Namespaces::mount`: a fresh one, unshared here (safe: we are single-threaded).
+    sched::unshare(CloneFlags::CLONE_NEWNS).map_err(errno_step("unshare(CLONE_NEWNS)"))?;
+    let fail = |what: &str| {
+        let what = what.to_string();
+        move |errno: Errno| JailError::EmptyRoot {
+            step: what,
+            source: errno.into(),
+        }
+    };
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(fail("making / recursively private"))?;
+    let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("tmpfs"),
+        EMPTY_ROOT_MOUNT_POINT,
+        Some("tmpfs"),
+        hardened,
+        Some("size=16k,mode=0555"),
+    )
+    .map_err(fail(&format!(
+        "mounting a tmpfs on {EMPTY_ROOT_MOUNT_POINT}"
+    )))?;
+    unistd::chdir(EMPTY_ROOT_MOUNT_POINT)
+        .map_err(fail(&format!("chdir({EMPTY_ROOT_MOUNT_POINT})")))?;
+    // The old root ends up stacked on the new one at "."; detaching it leaves the tmpfs.
+    unistd::pivot_root(".", ".").map_err(fail("pivot_root into an empty root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(fail("detaching the old root"))?;
+    unistd::chdir("/").map_err(fail("chdir(/)"))?;
+    mount(
+        none,
+        "/",
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hardened,
+        none,
+    )
+    .map_err(fail("remounting the empty root read-only"))?;
+    let entries = fs::read_dir("/")
+        .map_err(step("listing the empty root"))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(step("listing the empty root"))?;
+    if !entries.is_empty() {
+        return Err(JailError::RootNotEmpty(entries));
+    }
+    Ok(())
+}
+
+fn restrict_paths(rules: &LandlockRules) -> Result<LandlockStatus, JailError> {
+    let read_only: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::ReadDir;
+    let read_write = read_only
+        | AccessFs::WriteFile
+        | AccessFs::Truncate
+        | AccessFs::MakeReg
+        | AccessFs::MakeSock
+        | AccessFs::RemoveFile;
+    let mut ruleset = Ruleset::default()
+        .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
+        .create()?;
+    for (paths, access) in [
+        (&rules.read_write, read_write),
+        (&rules.read_only, read_only),
+    ] {
+        for path in paths {
+            ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(path)?, access))?;
+        }
+    }
+    let status = match ruleset.restrict_self()?.ruleset {
+        RulesetStatus::FullyEnforced => LandlockStatus::FullyEnforced,
+        RulesetStatus::PartiallyEnforced => LandlockStatus::PartiallyEnforced,
+        RulesetStatus::NotEnforced => LandlockStatus::NotEnforced,
+    };
+    if status != LandlockStatus::FullyEnforced {
+        tracing::warn!(?status, "Landlock is not fully enforced by this kernel");
+    }
+    Ok(status)
+}
+
+fn drop_capabilities() -> Result<(), JailError> {
+    let prctl = |option: libc::c_int, arg: libc::c_ulong| {
+        // SAFETY: capability prctls take integers only and touch no memory of ours.
+        unsafe {
+            libc::prctl(
+                option,
+                arg,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        }
+    };
+    if prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+    ) != 0
+    {
+        return Err(step("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")(
+            io::Error::last_os_error(),
+        ));
+    }
+    // The bounding set limits what an execve could ever grant (even to uid 0). Dropping needs
+    // CAP_SETPCAP, so it comes before capset; PR_CAPBSET_READ fails past the last capability.
+    for cap in 0.. {
+        match prctl(libc::PR_CAPBSET_READ, cap) {
+            0 => {}
+            1 if prctl(libc::PR_CAPBSET_DROP, cap) == 0 => {}
+            1 => {
+                return Err(step(format!(
+                    "prctl(PR_CAPBSET_DROP, {cap}) (needs CAP_SETPCAP)"
+                ))(io::Error::last_os_error()));
+            }
+            _ => break,
+        }
+    }
+    // struct __user_cap_header_struct { u32 version; int pid; } and, for version 3, two
+    // struct __user_cap_data_struct { u32 effective, permitted, inheritable; }: all empty.
+    let header: [u32; 2] = [0x2008_0522, 0];
+    let data = [0u32; 6];
+    // SAFETY: header and data have the layouts capset(2) reads for _LINUX_CAPABILITY_VERSION_3
+    // and live across the call; pid 0 means the calling thread.
+    if unsafe { libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) } != 0 {
+        return Err(step("capset(all sets empty)")(io::Error::last_os_error()));
+    }
+    Ok(())
+}

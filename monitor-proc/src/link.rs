@@ -1,0 +1,146 @@
+//! The monitor's end of a link to a child: requests with correlation ids, answered in any
+//! order, and the child's unsolicited events. One reader task per link routes replies to
+//! their waiting callers and events to a handler; when the link breaks, every waiting
+//! caller gets an error at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
+use ipc::vmm::{VmmCall, VmmEvent, VmmMessage, VmmReply, VmmRequest};
+use ipc::{AsyncChannel, CallId, IpcError, Message, QmpError};
+use std::os::fd::BorrowedFd;
+use tokio::sync::oneshot;
+
+/// What one link carries.
+pub trait Protocol: Send + Sync + 'static {
+    /// The child's name, for errors.
+    const PEER: &'static str;
+    type Request: Send;
+    type Call: Message + Send + Sync;
+    type Reply: Send;
+    type Event: Send;
+    type Incoming: Message + Send;
+    fn call(id: CallId, request: Self::Request) -> Self::Call;
+    fn split(msg: Self::Incoming) -> Incoming<Self::Reply, Self::Event>;
+}
+
+/// A message from a child, sorted.
+#[derive(Debug)]
+pub enum Incoming<R, E> {
+    Reply(CallId, Result<R, QmpError>),
+    Event(E),
+}
+
+/// The link to block-proc.
+#[derive(Debug)]
+pub struct Block;
+impl Protocol for Block {
+    const PEER: &'static str = "block-proc";
+    type Request = BlockRequest;
+    type Call = BlockCall;
+    type Reply = BlockReply;
+    type Event = std::convert::Infallible;
+    type Incoming = BlockMessage;
+    fn call(id: CallId, request: BlockRequest) -> BlockCall {
+        BlockCall { id, request }
+    }
+    fn split(msg: BlockMessage) -> Incoming<BlockReply, Self::Event> {
+        match msg {
+            BlockMessage::Reply { id, result } => Incoming::Reply(id, result),
+        }
+    }
+}
+
+/// The link to vmm-proc.
+#[derive(Debug)]
+pub struct Vmm;
+impl Protocol for Vmm {
+    const PEER: &'static str = "vmm-proc";
+    type Request = VmmRequest;
+    type Call = VmmCall;
+    type Reply = VmmReply;
+    type Event = VmmEvent;
+    type Incoming = VmmMessage;
+    fn call(id: CallId, request: VmmRequest) -> VmmCall {
+        VmmCall { id, request }
+    }
+    fn split(msg: VmmMessage) -> Incoming<VmmReply, VmmEvent> {
+        match msg {
+            VmmMessage::Reply { id, result } => Incoming::Reply(id, result),
+            VmmMessage::Event(e) => Incoming::Event(e),
+        }
+    }
+}
+
+type Pending<R> = Mutex<Option<HashMap<CallId, oneshot::Sender<Result<R, QmpError>>>>>;
+
+/// The monitor's end of a link.
+pub struct RpcClient<P: Protocol> {
+    chan: AsyncChannel,
+    next_id: AtomicU64,
+    /// `None` once the link is broken.
+    pending: Pending<P::Reply>,
+}
+
+impl<P: Protocol> std::fmt::Debug for RpcClient<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient").field("peer", &P::PEER).finish_non_exhaustive()
+    }
+}
+
+fn gone(peer: &str) -> QmpError {
+    QmpError::generic(format!("{peer} is not running"))
+}
+
+impl<P: Protocol> RpcClient<P> {
+    /// Wraps a link whose handshake is done.
+    pub fn new(chan: AsyncChannel) -> Arc<Self> {
+        Arc::new(Self { chan, next_id: AtomicU64::new(1), pending: Mutex::new(Some(HashMap::new())) })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<HashMap<CallId, oneshot::Sender<Result<P::Reply, QmpError>>>>> {
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends a request (with the descriptors it declares) and waits for its reply.
+    pub async fn call(&self, request: P::Request, fds: &[BorrowedFd<'_>]) -> Result<P::Reply, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending().as_mut().ok_or_else(|| gone(P::PEER))?.insert(id, tx);
+        if let Err(e) = self.chan.send(&P::call(id, request), fds).await {
+            if let Some(p) = self.pending().as_mut() {
+                p.remove(&id);
+            }
+            tracing::warn!("cannot send to {}: {e}", P::PEER);
+            return Err(gone(P::PEER));
+        }
+        rx.await.unwrap_or_else(|_| Err(gone(P::PEER)))
+    }
+
+    /// Reads the link until it breaks; events go to `on_event`. Returns why it broke.
+    pub async fn read_loop(&self, mut on_event: impl FnMut(P::Event)) -> IpcError {
+        let err = loop {
+            match self.chan.recv::<P::Incoming>().await {
+                Ok(r) => match P::split(r.msg) {
+                    Incoming::Reply(id, result) => {
+                        let waiter = self.pending().as_mut().and_then(|p| p.remove(&id));
+                        match waiter {
+                            Some(tx) => {
+                                let _ = tx.send(result);
+                            }
+                            None => tracing::warn!("{} answered unknown request {id}", P::PEER),
+                        }
+                    }
+                    Incoming::Event(e) => on_event(e),
+                },
+                Err(e) => break e,
+            }
+        };
+        // Dropping the senders fails every waiting call.
+        self.pending().take();
+        err
+    }
+}

@@ -1,0 +1,79 @@
+//! The monitor's shared state: what QMP commands read and change, and the way they ask the
+//! supervisor to shut down.
+
+use std::sync::{Arc, Mutex};
+
+use ipc::common::RunState;
+use tokio::sync::mpsc;
+
+use crate::events::EventBus;
+use crate::link::{self, RpcClient};
+
+/// Why splitvmm is shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownCause {
+    /// The `quit` command.
+    Quit,
+    /// SIGTERM, SIGINT or SIGHUP.
+    Signal,
+    /// A child process died.
+    ChildDied,
+}
+
+impl ShutdownCause {
+    /// QEMU's `ShutdownCause` name for the SHUTDOWN event.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Quit => "host-qmp-quit",
+            Self::Signal => "host-signal",
+            Self::ChildDied => "host-error",
+        }
+    }
+}
+
+/// Everything the QMP commands act on.
+#[derive(Debug)]
+pub struct Monitor {
+    pub name: Option<String>,
+    pub events: EventBus,
+    pub block: Arc<RpcClient<link::Block>>,
+    pub vmm: Option<Arc<RpcClient<link::Vmm>>>,
+    runstate: Mutex<RunState>,
+    shutdown: mpsc::UnboundedSender<ShutdownCause>,
+}
+
+impl Monitor {
+    pub fn new(
+        name: Option<String>,
+        events: EventBus,
+        block: Arc<RpcClient<link::Block>>,
+        vmm: Option<Arc<RpcClient<link::Vmm>>>,
+        runstate: RunState,
+        shutdown: mpsc::UnboundedSender<ShutdownCause>,
+    ) -> Self {
+        Self { name, events, block, vmm, runstate: Mutex::new(runstate), shutdown }
+    }
+
+    pub fn runstate(&self) -> RunState {
+        *self.runstate.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a new run state and emits STOP or RESUME when the guest stops or starts
+    /// running, as QEMU does.
+    pub fn set_runstate(&self, new: RunState) {
+        let old = std::mem::replace(
+            &mut *self.runstate.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            new,
+        );
+        match (old == RunState::Running, new == RunState::Running) {
+            (true, false) => self.events.emit("STOP", None),
+            (false, true) => self.events.emit("RESUME", None),
+            _ => {}
+        }
+    }
+
+    /// Asks the supervisor to shut everything down.
+    pub fn request_shutdown(&self, cause: ShutdownCause) {
+        let _ = self.shutdown.send(cause);
+    }
+}

@@ -1,0 +1,344 @@
+//! The supervisor: brings the processes up in order, watches them, and takes everything
+//! down cleanly.
+//!
+//! Start-up: bind the QMP sockets → start block-proc (and vmm-proc with `--kernel`) through
+//! the launcher → handshake and configure each → write the pidfile → jail the monitor →
+//! serve QMP. Shutdown (quit, a signal, or a child's death): SHUTDOWN event → ask the
+//! children to exit, kill those that do not → stop the launcher → flush every QMP client →
+//! remove the sockets and the pidfile.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipc::block::{BlockConfig, BlockReply, BlockRequest};
+use ipc::common::RunState;
+use ipc::launcher::{ChildKind, ExitStatus, LaunchRequest, LauncherMessage};
+use ipc::vmm::{KernelImage, VmmConfig, VmmEvent, VmmRequest};
+use ipc::{AsyncChannel, Channel, IpcError, Link};
+use nix::unistd::Pid;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::{Cli, Kernel};
+use crate::events::{EventBus, VENDOR_PREFIX};
+use crate::link::{self, RpcClient};
+use crate::server::{Listener, Sessions};
+use crate::state::{Monitor, ShutdownCause};
+
+/// How long a child gets to exit after being asked before it is killed.
+const CHILD_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// A fatal start-up or runtime problem, said once on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{0}")]
+    Start(String),
+    #[error("launcher link: {0}")]
+    Launcher(#[from] IpcError),
+}
+
+/// The launcher's end as the supervisor sees it: spawn replies come back in order on one
+/// queue, exits on another.
+struct Launcher {
+    chan: Arc<AsyncChannel>,
+    spawned: mpsc::UnboundedReceiver<Result<i32, String>>,
+    exits: mpsc::UnboundedReceiver<(ChildKind, i32, ExitStatus)>,
+}
+
+impl Launcher {
+    fn start(chan: AsyncChannel) -> Self {
+        let chan = Arc::new(chan);
+        let (spawn_tx, spawned) = mpsc::unbounded_channel();
+        let (exit_tx, exits) = mpsc::unbounded_channel();
+        let reader = chan.clone();
+        tokio::spawn(async move {
+            loop {
+                match reader.recv::<LauncherMessage>().await.map(|r| r.msg) {
+                    Ok(LauncherMessage::Spawned { pid, .. }) => {
+                        let _ = spawn_tx.send(Ok(pid));
+                    }
+                    Ok(LauncherMessage::SpawnFailed { error, .. }) => {
+                        let _ = spawn_tx.send(Err(error));
+                    }
+                    Ok(LauncherMessage::Exited { kind, pid, status }) => {
+                        let _ = exit_tx.send((kind, pid, status));
+                    }
+                    Err(e) => {
+                        tracing::debug!("launcher link closed: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        Self { chan, spawned, exits }
+    }
+
+    async fn spawn(&mut self, kind: ChildKind, sandbox: bool, fds: &[OwnedFd]) -> Result<i32, SupervisorError> {
+        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        let req = LaunchRequest::Spawn { kind, peer_link: fds.len() == 2, sandbox };
+        self.chan.send(&req, &borrowed).await?;
+        match self.spawned.recv().await {
+            Some(Ok(pid)) => Ok(pid),
+            Some(Err(e)) => Err(SupervisorError::Start(e)),
+            None => Err(SupervisorError::Launcher(IpcError::Closed)),
+        }
+    }
+}
+
+/// The processes that are running, by kind and pid.
+#[derive(Debug, Default)]
+struct Children(Vec<(ChildKind, i32)>);
+
+fn describe(status: ExitStatus) -> (String, serde_json::Value) {
+    match status {
+        ExitStatus::Code(c) => (format!("exited with status {c}"), json!({ "exit-code": c })),
+        ExitStatus::Signal(s) => {
+            let name = nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown");
+            (format!("was killed by signal {s} ({name})"), json!({ "signal": name, "signal-number": s }))
+        }
+    }
+}
+
+/// Runs splitvmm until it shuts down. `launcher` is the monitor's end of the link to the
+/// already forked launcher process.
+pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
+    let launcher = match AsyncChannel::new(launcher) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("splitvmm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = launcher.handshake(Link::Launcher).await {
+        eprintln!("splitvmm: cannot reach the launcher: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut launcher = Launcher::start(launcher);
+    let mut children = Children::default();
+    let mut cleanup = Cleanup::default();
+    let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel();
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let sessions = Sessions::new(closing_rx);
+
+    let mut signals = match crate::signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("splitvmm: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = start(&cli, &mut launcher, &mut children, &mut cleanup, shutdown_tx).await;
+    let (code, cause) = match started {
+        Err(e) => {
+            eprintln!("splitvmm: {e}");
+            (ExitCode::FAILURE, None)
+        }
+        Ok((monitor, listeners)) => {
+            for l in listeners {
+                tokio::spawn(l.serve(monitor.clone(), sessions.clone()));
+            }
+            let cause = tokio::select! {
+                Some(cause) = shutdown_rx.recv() => cause,
+                () = signals.wait() => ShutdownCause::Signal,
+                Some((kind, pid, status)) = launcher.exits.recv() => {
+                    children.0.retain(|c| c.1 != pid);
+                    let (text, mut data) = describe(status);
+                    eprintln!("splitvmm: {} (pid {pid}) {text}; shutting down", kind.name());
+                    data["process"] = kind.name().into();
+                    data["pid"] = pid.into();
+                    monitor.events.emit(&format!("{VENDOR_PREFIX}CHILD_EXITED"), Some(data));
+                    ShutdownCause::ChildDied
+                }
+            };
+            monitor.set_runstate(RunState::Shutdown);
+            monitor.events.emit("SHUTDOWN", Some(json!({ "guest": false, "reason": cause.reason() })));
+            stop_children(&monitor).await;
+            let code = if cause == ShutdownCause::ChildDied { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+            (code, Some(cause))
+        }
+    };
+    reap(&mut launcher, &mut children).await;
+    let _ = launcher.chan.send(&LaunchRequest::Exit, &[]).await;
+    let _ = tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(launcher_pid, None)).await;
+    let _ = closing_tx.send(true);
+    sessions.drain().await;
+    cleanup.run();
+    tracing::debug!(?cause, "shut down");
+    code
+}
+
+/// Files splitvmm created and removes at exit.
+#[derive(Debug, Default)]
+pub struct Cleanup(Vec<PathBuf>);
+
+impl Cleanup {
+    pub fn add(&mut self, p: PathBuf) {
+        self.0.push(p);
+    }
+    fn run(&mut self) {
+        for p in self.0.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!("cannot remove {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+async fn start(
+    cli: &Cli,
+    launcher: &mut Launcher,
+    children: &mut Children,
+    cleanup: &mut Cleanup,
+    shutdown: mpsc::UnboundedSender<ShutdownCause>,
+) -> Result<(Arc<Monitor>, Vec<Listener>), SupervisorError> {
+    let mut listeners = Vec::new();
+    for addr in &cli.qmp {
+        let l = Listener::bind(addr).map_err(|e| SupervisorError::Start(format!("--qmp: {e}")))?;
+        if let Some(p) = l.path() {
+            cleanup.add(p);
+        }
+        listeners.push(l);
+    }
+    let pair = || Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")));
+    let (block_mon, block_child) = pair()?;
+    let peer = if cli.kernel.is_some() { Some(pair()?) } else { None };
+
+    // block-proc first: vmm-proc asks it for the drives during its own set-up.
+    let mut block_fds = vec![block_child.into_fd()];
+    let mut vmm_peer = None;
+    if let Some((vmm_end, block_end)) = peer {
+        block_fds.push(block_end.into_fd());
+        vmm_peer = Some(vmm_end.into_fd());
+    }
+    let pid = launcher.spawn(ChildKind::Block, cli.sandbox, &block_fds).await?;
+    children.0.push((ChildKind::Block, pid));
+    drop(block_fds);
+    let block = connect::<link::Block>(block_mon, Link::MonitorBlock).await?;
+    let mut image_dirs = cli.image_dir.clone();
+    for d in &cli.drive {
+        let dir = std::path::absolute(&d.file)
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("."));
+        image_dirs.push(dir);
+    }
+    let config = BlockConfig { drives: cli.drive.clone(), image_dirs, sandbox: cli.sandbox };
+    let events = EventBus::default();
+    let reader = block.clone();
+    tokio::spawn(async move {
+        let e = reader.read_loop(|never| match never {}).await;
+        tracing::debug!("block-proc link closed: {e}");
+    });
+    match block.call(BlockRequest::Configure(config), &[]).await {
+        Ok(BlockReply::Done) => {}
+        Ok(other) => return Err(SupervisorError::Start(format!("block-proc: unexpected reply {other:?}"))),
+        Err(e) => return Err(SupervisorError::Start(e.desc)),
+    }
+
+    let mut runstate = RunState::Running;
+    let vmm = match (&cli.kernel, vmm_peer) {
+        (Some(kernel), Some(peer_fd)) => {
+            let (vmm_mon, vmm_child) = pair()?;
+            let kernel_file = match kernel {
+                Kernel::File(p) => Some(std::fs::File::open(p).map_err(|e| {
+                    SupervisorError::Start(format!("--kernel {}: {e}", p.display()))
+                })?),
+                Kernel::Builtin(_) => None,
+            };
+            let pid = launcher.spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd]).await?;
+            children.0.push((ChildKind::Vmm, pid));
+            let vmm = connect::<link::Vmm>(vmm_mon, Link::MonitorVmm).await?;
+            let config = VmmConfig {
+                memory_bytes: cli.memory,
+                cpus: cli.cpus,
+                kernel: match kernel {
+                    Kernel::Builtin(n) => KernelImage::Builtin(n.clone()),
+                    Kernel::File(_) => KernelImage::File,
+                },
+                cmdline: cli.append.clone(),
+                start_paused: cli.paused,
+                sandbox: cli.sandbox,
+            };
+            if cli.paused {
+                runstate = RunState::Prelaunch;
+            }
+            Some((vmm, config, kernel_file))
+        }
+        _ => None,
+    };
+
+    let monitor = Arc::new(Monitor::new(
+        cli.name.clone(),
+        events,
+        block,
+        vmm.as_ref().map(|v| v.0.clone()),
+        runstate,
+        shutdown,
+    ));
+    if let Some((vmm, config, kernel_file)) = vmm {
+        let reader = vmm.clone();
+        let m = monitor.clone();
+        tokio::spawn(async move {
+            let e = reader
+                .read_loop(|ev| match ev {
+                    VmmEvent::RunState(s) => m.set_runstate(s),
+                })
+                .await;
+            tracing::debug!("vmm-proc link closed: {e}");
+        });
+        let fds: Vec<_> = kernel_file.iter().map(AsFd::as_fd).collect();
+        vmm.call(VmmRequest::Configure(config), &fds)
+            .await
+            .map_err(|e| SupervisorError::Start(format!("vmm-proc: {}", e.desc)))?;
+    }
+
+    if let Some(p) = &cli.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| SupervisorError::Start(format!("--pidfile {}: {e}", p.display())))?;
+        cleanup.add(p.clone());
+    }
+    if cli.sandbox {
+        crate::sandbox::enter().map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
+    } else {
+        eprintln!("splitvmm: WARNING: --sandbox off: no process is confined. For debugging only.");
+    }
+    Ok((monitor, listeners))
+}
+
+async fn connect<P: link::Protocol>(chan: Channel, which: Link) -> Result<Arc<RpcClient<P>>, SupervisorError> {
+    let chan = AsyncChannel::new(chan).map_err(|e| SupervisorError::Start(e.to_string()))?;
+    chan.handshake(which)
+        .await
+        .map_err(|e| SupervisorError::Start(format!("{}: {e}", P::PEER)))?;
+    Ok(RpcClient::new(chan))
+}
+
+/// Asks the children to exit: vmm-proc first (it stops using the disks), then block-proc.
+async fn stop_children(monitor: &Monitor) {
+    if let Some(vmm) = &monitor.vmm {
+        let _ = tokio::time::timeout(CHILD_EXIT_GRACE, vmm.call(VmmRequest::Shutdown, &[])).await;
+    }
+    let _ = tokio::time::timeout(CHILD_EXIT_GRACE, monitor.block.call(BlockRequest::Shutdown, &[])).await;
+}
+
+/// Waits for every child to be reaped, killing those that outstay the grace period.
+async fn reap(launcher: &mut Launcher, children: &mut Children) {
+    let mut killed = false;
+    while !children.0.is_empty() {
+        match tokio::time::timeout(CHILD_EXIT_GRACE, launcher.exits.recv()).await {
+            Ok(Some((_, pid, _))) => children.0.retain(|c| c.1 != pid),
+            Ok(None) => break,
+            Err(_) if !killed => {
+                for (kind, pid) in &children.0 {
+                    eprintln!("splitvmm: {} (pid {pid}) did not exit; killing it", kind.name());
+                    let _ = launcher.chan.send(&LaunchRequest::Kill { kind: *kind }, &[]).await;
+                }
+                killed = true;
+            }
+            Err(_) => break,
+        }
+    }
+}

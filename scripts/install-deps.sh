@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what splitvmm's build, demo and tests need, from the package registries only
+# (Debian's packages, PyPI). Idempotent: installs only what is missing.
+set -euo pipefail
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# QEMU's tools, version 10: the oracle for images and NBD, and the rival in benchmarks.
+# Plain bookworm has QEMU 7.2; 10.x comes from bookworm-backports. Never install
+# qemu-system-x86 from plain bookworm: it would replace qemu-utils 10 with 7.2.
+qemu_major() { qemu-img --version 2>/dev/null | sed -n 's/^qemu-img version \([0-9]*\)\..*/\1/p'; }
+major=$(qemu_major || true)
+if [ -z "$major" ] || [ "$major" -lt 10 ] || ! command -v qemu-storage-daemon >/dev/null; then
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" \
+            > /etc/apt/sources.list.d/bookworm-backports.list
+        apt_updated=
+    fi
+    apt_install -t bookworm-backports qemu-utils
+fi
+
+# Independent NBD peers.
+command -v nbdinfo >/dev/null || apt_install libnbd-bin
+command -v nbdkit >/dev/null || apt_install nbdkit
+
+# The reference QMP client.
+python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q 'qemu.qmp>=0.0.3'
+
+# Rust's formatter and linter (part of the toolchain; installed if the toolchain allows).
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
