@@ -54,7 +54,10 @@ fn start_qsd(dir: &Path) -> Result<Server, String> {
     let sock = dir.join("qsd.sock");
     let mut child = Command::new("qemu-storage-daemon")
         .arg("--chardev")
-        .arg(format!("socket,path={},server=on,wait=off,id=qmp0", sock.display()))
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qmp0",
+            sock.display()
+        ))
         .args(["--monitor", "chardev=qmp0"])
         .stdout(Stdio::null())
         .spawn()

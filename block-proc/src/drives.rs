@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use ipc::QmpError;
 use ipc::block::{
-    BlockConfig, BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, DriveConfig, ImageFormat, ImageInfo,
-    IoStatus,
+    BlockConfig, BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, DriveConfig, ImageFormat,
+    ImageInfo, IoStatus,
 };
 use ipc::vmm_block::GuestDrive;
 
@@ -33,17 +33,27 @@ pub struct Drives {
 }
 
 fn under(path: &Path, dirs: &[PathBuf]) -> bool {
-    dirs.iter().any(|d| std::fs::canonicalize(d).is_ok_and(|d| path.starts_with(d)))
+    dirs.iter()
+        .any(|d| std::fs::canonicalize(d).is_ok_and(|d| path.starts_with(d)))
 }
 
 /// The qcow2 header fields `query-block` needs (virtual size, cluster size). The full
 /// format lives in the block layer; this only reads what identifies an image.
 fn qcow2_geometry(file: &mut File, name: &Path) -> Result<(u64, u64), QmpError> {
     let mut h = [0u8; 32];
-    file.read_exact(&mut h)
-        .map_err(|e| QmpError::generic(format!("Could not read image '{}': {e}", name.display())))?;
-    let be32 = |o: usize| h.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
-    let be64 = |o: usize| h.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    file.read_exact(&mut h).map_err(|e| {
+        QmpError::generic(format!("Could not read image '{}': {e}", name.display()))
+    })?;
+    let be32 = |o: usize| {
+        h.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    let be64 = |o: usize| {
+        h.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
     if h.get(..4) != Some(b"QFI\xfb") {
         return Err(QmpError::generic("Image is not in qcow2 format"));
     }
@@ -51,10 +61,14 @@ fn qcow2_geometry(file: &mut File, name: &Path) -> Result<(u64, u64), QmpError> 
         return Err(QmpError::generic("Image is not in qcow2 format"));
     };
     if !(2..=3).contains(&version) {
-        return Err(QmpError::generic(format!("Unsupported qcow2 version {version}")));
+        return Err(QmpError::generic(format!(
+            "Unsupported qcow2 version {version}"
+        )));
     }
     if !(9..=21).contains(&bits) {
-        return Err(QmpError::generic(format!("Unsupported cluster size: 2^{bits}")));
+        return Err(QmpError::generic(format!(
+            "Unsupported cluster size: 2^{bits}"
+        )));
     }
     Ok((size, 1 << bits))
 }
@@ -62,8 +76,9 @@ fn qcow2_geometry(file: &mut File, name: &Path) -> Result<(u64, u64), QmpError> 
 impl Drive {
     fn open(config: &DriveConfig, dirs: &[PathBuf]) -> Result<Self, QmpError> {
         let shown = config.file.display();
-        let path = std::fs::canonicalize(&config.file)
-            .map_err(|e| QmpError::generic(format!("Could not open '{shown}': {}", os_error(&e))))?;
+        let path = std::fs::canonicalize(&config.file).map_err(|e| {
+            QmpError::generic(format!("Could not open '{shown}': {}", os_error(&e)))
+        })?;
         if !under(&path, dirs) {
             return Err(QmpError::generic(format!(
                 "Could not open '{shown}': the image is outside the allowed directories"
@@ -73,7 +88,9 @@ impl Drive {
             .read(true)
             .write(!config.read_only)
             .open(&path)
-            .map_err(|e| QmpError::generic(format!("Could not open '{shown}': {}", os_error(&e))))?;
+            .map_err(|e| {
+                QmpError::generic(format!("Could not open '{shown}': {}", os_error(&e)))
+            })?;
         let len = file
             .metadata()
             .map_err(|e| QmpError::generic(format!("Could not stat '{shown}': {}", os_error(&e))))?
@@ -85,7 +102,12 @@ impl Drive {
                 (size, Some(cluster))
             }
         };
-        Ok(Self { config: config.clone(), file, virtual_size, cluster_size })
+        Ok(Self {
+            config: config.clone(),
+            file,
+            virtual_size,
+            cluster_size,
+        })
     }
 
     fn info(&self, attached: bool) -> BlockInfo {
@@ -124,7 +146,11 @@ impl Drive {
                     backing_filename: None,
                     backing_image: None,
                 },
-                cache: BlockdevCacheInfo { writeback: true, direct: false, no_flush: false },
+                cache: BlockdevCacheInfo {
+                    writeback: true,
+                    direct: false,
+                    no_flush: false,
+                },
                 write_threshold: 0,
             }),
         }
@@ -144,13 +170,19 @@ impl Drives {
     /// Opens every drive of the configuration. The first failure is returned, worded as
     /// QEMU words it.
     pub fn open(config: &BlockConfig, attached: bool) -> Result<Self, QmpError> {
-        let drives = config.drives.iter().map(|d| Drive::open(d, &config.image_dirs)).collect::<Result<_, _>>()?;
+        let drives = config
+            .drives
+            .iter()
+            .map(|d| Drive::open(d, &config.image_dirs))
+            .collect::<Result<_, _>>()?;
         Ok(Self { drives, attached })
     }
 
     /// The open images' descriptors (kept across the jail's clean-up).
     pub fn raw_fds(&self) -> impl Iterator<Item = i32> + '_ {
-        self.drives.iter().map(|d| std::os::fd::AsRawFd::as_raw_fd(&d.file))
+        self.drives
+            .iter()
+            .map(|d| std::os::fd::AsRawFd::as_raw_fd(&d.file))
     }
 
     /// `query-block`.
@@ -162,7 +194,11 @@ impl Drives {
     pub fn guest_drives(&self) -> Vec<GuestDrive> {
         self.drives
             .iter()
-            .map(|d| GuestDrive { id: d.config.id.clone(), size_bytes: d.virtual_size, read_only: d.config.read_only })
+            .map(|d| GuestDrive {
+                id: d.config.id.clone(),
+                size_bytes: d.virtual_size,
+                read_only: d.config.read_only,
+            })
             .collect()
     }
 }

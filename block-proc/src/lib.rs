@@ -49,7 +49,10 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
     let BlockRequest::Configure(config) = first.request else {
         return Err(Error::NotConfigured);
     };
-    let reply = |result: Result<BlockReply, QmpError>| BlockMessage::Reply { id: first.id, result };
+    let reply = |result: Result<BlockReply, QmpError>| BlockMessage::Reply {
+        id: first.id,
+        result,
+    };
     let drives = match drives::Drives::open(&config, peer.is_some()) {
         Ok(d) => d,
         Err(e) => {
@@ -58,9 +61,16 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
         }
     };
     if config.sandbox {
-        let keep = [monitor_fd].into_iter().chain(peer_fd).chain(drives.raw_fds()).collect();
+        let keep = [monitor_fd]
+            .into_iter()
+            .chain(peer_fd)
+            .chain(drives.raw_fds())
+            .collect();
         if let Err(e) = sandbox::enter(&config.image_dirs, keep) {
-            monitor.send(&reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))), &[])?;
+            monitor.send(
+                &reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))),
+                &[],
+            )?;
             return Err(Error::Setup(e.to_string()));
         }
     }

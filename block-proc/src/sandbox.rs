@@ -31,7 +31,10 @@ pub fn enter(image_dirs: &[PathBuf], keep_fds: Vec<i32>) -> Result<(), jail::Jai
         name: "block-proc",
         keep_fds,
         empty_root: false,
-        landlock: Some(LandlockRules { read_write: image_dirs.to_vec(), read_only: Vec::new() }),
+        landlock: Some(LandlockRules {
+            read_write: image_dirs.to_vec(),
+            read_only: Vec::new(),
+        }),
         drop_caps: true,
         seccomp: seccomp_policy(),
     };

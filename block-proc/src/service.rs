@@ -37,9 +37,20 @@ async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Err
         let (result, exit) = match call.request {
             BlockRequest::QueryBlock => (Ok(BlockReply::Block(drives.query_block())), false),
             BlockRequest::Shutdown => (Ok(BlockReply::Done), true),
-            BlockRequest::Configure(_) => (Err(QmpError::generic("block-proc is already configured")), false),
+            BlockRequest::Configure(_) => (
+                Err(QmpError::generic("block-proc is already configured")),
+                false,
+            ),
         };
-        monitor.send(&BlockMessage::Reply { id: call.id, result }, &[]).await?;
+        monitor
+            .send(
+                &BlockMessage::Reply {
+                    id: call.id,
+                    result,
+                },
+                &[],
+            )
+            .await?;
         if exit {
             return Ok(());
         }
@@ -54,6 +65,13 @@ async fn serve_guest(peer: Channel, drives: &Drives) -> Result<std::convert::Inf
         let result = match call.request {
             VmmBlockRequest::ListDevices => Ok(VmmBlockAnswer::Devices(drives.guest_drives())),
         };
-        peer.send(&VmmBlockReply { id: call.id, result }, &[]).await?;
+        peer.send(
+            &VmmBlockReply {
+                id: call.id,
+                result,
+            },
+            &[],
+        )
+        .await?;
     }
 }

@@ -91,7 +91,10 @@ pub struct DriveConfig {
 /// block-proc to monitor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum BlockMessage {
-    Reply { id: CallId, result: Result<BlockReply, QmpError> },
+    Reply {
+        id: CallId,
+        result: Result<BlockReply, QmpError>,
+    },
 }
 
 impl Message for BlockMessage {}

@@ -27,7 +27,12 @@ pub struct Received<T> {
 
 /// Makes a connected pair of close-on-exec `SOCK_SEQPACKET` sockets.
 pub fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    Ok(socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?)
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
 }
 
 fn send_frame(fd: RawFd, frame: &[u8], fds: &[RawFd], flags: MsgFlags) -> nix::Result<()> {
@@ -36,7 +41,11 @@ fn send_frame(fd: RawFd, frame: &[u8], fds: &[RawFd], flags: MsgFlags) -> nix::R
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     let sent = sendmsg::<()>(fd, &iov, cmsgs, flags | MsgFlags::MSG_NOSIGNAL, None)?;
     // A SEQPACKET datagram is sent whole or not at all.
-    if sent == frame.len() { Ok(()) } else { Err(Errno::EMSGSIZE) }
+    if sent == frame.len() {
+        Ok(())
+    } else {
+        Err(Errno::EMSGSIZE)
+    }
 }
 
 /// Receives one frame. `Ok(None)` means the peer closed the link.
@@ -44,8 +53,13 @@ fn recv_frame(fd: RawFd, flags: MsgFlags) -> Result<Option<(Vec<u8>, Vec<OwnedFd
     let mut buf = vec![0u8; MAX_FRAME + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), flags | MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(RecvError::Sys)?;
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(RecvError::Sys)?;
     let mut fds = Vec::new();
     for c in msg.cmsgs().map_err(RecvError::Sys)? {
         if let ControlMessageOwned::ScmRights(raw) = c {
@@ -54,8 +68,11 @@ fn recv_frame(fd: RawFd, flags: MsgFlags) -> Result<Option<(Vec<u8>, Vec<OwnedFd
             fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
         }
     }
-    let (len, truncated, ctruncated) =
-        (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), msg.flags.contains(MsgFlags::MSG_CTRUNC));
+    let (len, truncated, ctruncated) = (
+        msg.bytes,
+        msg.flags.contains(MsgFlags::MSG_TRUNC),
+        msg.flags.contains(MsgFlags::MSG_CTRUNC),
+    );
     if ctruncated {
         return Err(RecvError::Ipc(IpcError::TooManyFds(MAX_FDS)));
     }
@@ -74,21 +91,35 @@ enum RecvError {
     Ipc(IpcError),
 }
 
-fn decode_frame<T: Message>(frame: Option<(Vec<u8>, Vec<OwnedFd>)>) -> Result<Received<T>, IpcError> {
+fn decode_frame<T: Message>(
+    frame: Option<(Vec<u8>, Vec<OwnedFd>)>,
+) -> Result<Received<T>, IpcError> {
     let (bytes, fds) = frame.ok_or(IpcError::Closed)?;
     let msg: T = codec::decode(&bytes)?;
     let expected = msg.fd_count();
     if fds.len() != expected {
-        return Err(IpcError::FdCount { expected, got: fds.len() });
+        return Err(IpcError::FdCount {
+            expected,
+            got: fds.len(),
+        });
     }
     Ok(Received { msg, fds })
 }
 
-fn encode_frame<T: Message>(msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(Vec<u8>, Vec<RawFd>), IpcError> {
+fn encode_frame<T: Message>(
+    msg: &T,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(Vec<u8>, Vec<RawFd>), IpcError> {
     if fds.len() != msg.fd_count() {
-        return Err(IpcError::FdCount { expected: msg.fd_count(), got: fds.len() });
+        return Err(IpcError::FdCount {
+            expected: msg.fd_count(),
+            got: fds.len(),
+        });
     }
-    Ok((codec::encode(msg)?, fds.iter().map(AsRawFd::as_raw_fd).collect()))
+    Ok((
+        codec::encode(msg)?,
+        fds.iter().map(AsRawFd::as_raw_fd).collect(),
+    ))
 }
 
 /// The blocking end of a link.
@@ -174,8 +205,13 @@ impl AsyncChannel {
         loop {
             let mut guard = self.fd.writable().await?;
             match guard.try_io(|fd| {
-                send_frame(fd.get_ref().as_raw_fd(), &frame, &raw, MsgFlags::MSG_DONTWAIT)
-                    .map_err(std::io::Error::from)
+                send_frame(
+                    fd.get_ref().as_raw_fd(),
+                    &frame,
+                    &raw,
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(std::io::Error::from)
             }) {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
@@ -237,7 +273,14 @@ mod tests {
         let t = std::thread::spawn(move || b.handshake(Link::MonitorBlock).map(|()| b));
         a.handshake(Link::MonitorBlock).expect("handshake a");
         let b = t.join().expect("join").expect("handshake b");
-        a.send(&BlockCall { id: 3, request: BlockRequest::QueryBlock }, &[]).expect("send");
+        a.send(
+            &BlockCall {
+                id: 3,
+                request: BlockRequest::QueryBlock,
+            },
+            &[],
+        )
+        .expect("send");
         let got = b.recv::<BlockCall>().expect("recv");
         assert_eq!(got.msg.id, 3);
         assert!(got.fds.is_empty());
@@ -261,7 +304,14 @@ mod tests {
         let big = vec![0u8; MAX_FRAME + 100];
         raw_send(&a, &big, &[]);
         assert!(matches!(b.recv::<BlockCall>(), Err(IpcError::Oversized)));
-        a.send(&BlockCall { id: 9, request: BlockRequest::QueryBlock }, &[]).expect("send");
+        a.send(
+            &BlockCall {
+                id: 9,
+                request: BlockRequest::QueryBlock,
+            },
+            &[],
+        )
+        .expect("send");
         assert_eq!(b.recv::<BlockCall>().expect("recv after errors").msg.id, 9);
         drop(a);
         assert!(matches!(b.recv::<BlockCall>(), Err(IpcError::Closed)));
@@ -270,25 +320,56 @@ mod tests {
     #[test]
     fn unexpected_descriptors_are_refused_and_closed() {
         let (a, b) = Channel::pair().expect("pair");
-        let frame = codec::encode(&BlockCall { id: 1, request: BlockRequest::QueryBlock }).expect("enc");
+        let frame = codec::encode(&BlockCall {
+            id: 1,
+            request: BlockRequest::QueryBlock,
+        })
+        .expect("enc");
         let (x, _y) = seqpacket_pair().expect("pair");
         raw_send(&a, &frame, &[x.as_raw_fd()]);
-        assert!(matches!(b.recv::<BlockCall>(), Err(IpcError::FdCount { expected: 0, got: 1 })));
+        assert!(matches!(
+            b.recv::<BlockCall>(),
+            Err(IpcError::FdCount {
+                expected: 0,
+                got: 1
+            })
+        ));
         // And a sender cannot attach descriptors the message does not declare.
-        let err = a.send(&BlockCall { id: 1, request: BlockRequest::QueryBlock }, &[x.as_fd()]);
+        let err = a.send(
+            &BlockCall {
+                id: 1,
+                request: BlockRequest::QueryBlock,
+            },
+            &[x.as_fd()],
+        );
         assert!(matches!(err, Err(IpcError::FdCount { .. })));
     }
 
     #[test]
     fn async_front_end_round_trip() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
         rt.block_on(async {
             let (a, b) = Channel::pair().expect("pair");
-            let (a, b) = (AsyncChannel::new(a).expect("a"), AsyncChannel::new(b).expect("b"));
-            let (ra, rb) = tokio::join!(a.handshake(Link::MonitorVmm), b.handshake(Link::MonitorVmm));
+            let (a, b) = (
+                AsyncChannel::new(a).expect("a"),
+                AsyncChannel::new(b).expect("b"),
+            );
+            let (ra, rb) =
+                tokio::join!(a.handshake(Link::MonitorVmm), b.handshake(Link::MonitorVmm));
             ra.expect("a");
             rb.expect("b");
-            a.send(&BlockCall { id: 5, request: BlockRequest::QueryBlock }, &[]).await.expect("send");
+            a.send(
+                &BlockCall {
+                    id: 5,
+                    request: BlockRequest::QueryBlock,
+                },
+                &[],
+            )
+            .await
+            .expect("send");
             assert_eq!(b.recv::<BlockCall>().await.expect("recv").msg.id, 5);
         });
     }

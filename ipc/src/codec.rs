@@ -58,7 +58,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let call = BlockCall { id: 7, request: BlockRequest::QueryBlock };
+        let call = BlockCall {
+            id: 7,
+            request: BlockRequest::QueryBlock,
+        };
         let frame = encode(&call).expect("encode");
         let back: BlockCall = decode(&frame).expect("decode");
         assert_eq!(back.id, 7);
@@ -67,11 +70,18 @@ mod tests {
 
     #[test]
     fn garbage_truncated_and_trailing_frames_are_errors() {
-        let frame = encode(&BlockCall { id: 1, request: BlockRequest::QueryBlock }).expect("encode");
+        let frame = encode(&BlockCall {
+            id: 1,
+            request: BlockRequest::QueryBlock,
+        })
+        .expect("encode");
         assert!(decode::<BlockCall>(&frame[..frame.len() - 1]).is_err());
         let mut long = frame.clone();
         long.push(0);
-        assert!(matches!(decode::<BlockCall>(&long), Err(CodecError::Trailing(1))));
+        assert!(matches!(
+            decode::<BlockCall>(&long),
+            Err(CodecError::Trailing(1))
+        ));
         assert!(decode::<BlockCall>(&[0xff; 32]).is_err());
         assert!(decode::<BlockCall>(&[]).is_err());
     }

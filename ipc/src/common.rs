@@ -40,7 +40,10 @@ pub struct QmpError {
 impl QmpError {
     /// An error of any class.
     pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
-        Self { class, desc: desc.into() }
+        Self {
+            class,
+            desc: desc.into(),
+        }
     }
 
     /// A `GenericError`, the class of almost every QMP error.

@@ -39,7 +39,11 @@ impl Message for Hello {}
 impl Hello {
     /// This side's hello on `link`.
     pub fn new(link: Link) -> Self {
-        Self { magic: MAGIC, version: PROTOCOL_VERSION, link }
+        Self {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            link,
+        }
     }
 
     /// Checks the peer's hello against what this side expects.
@@ -73,8 +77,15 @@ mod tests {
         assert!(h.check(Link::VmmBlock).is_ok());
         h.version += 1;
         let e = h.check(Link::VmmBlock).expect_err("version");
-        assert!(e.to_string().contains("protocol version 2, this side 1"), "{e}");
-        let bad = Hello { magic: *b"NOTSPLIT", version: PROTOCOL_VERSION, link: Link::VmmBlock };
+        assert!(
+            e.to_string().contains("protocol version 2, this side 1"),
+            "{e}"
+        );
+        let bad = Hello {
+            magic: *b"NOTSPLIT",
+            version: PROTOCOL_VERSION,
+            link: Link::VmmBlock,
+        };
         assert!(bad.check(Link::VmmBlock).is_err());
     }
 }

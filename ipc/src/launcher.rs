@@ -40,7 +40,11 @@ impl ChildKind {
 pub enum LaunchRequest {
     /// Start a child. Carries the child's end of its monitor link, then, when
     /// `peer_link` is set, its end of the vmm↔block link.
-    Spawn { kind: ChildKind, peer_link: bool, sandbox: bool },
+    Spawn {
+        kind: ChildKind,
+        peer_link: bool,
+        sandbox: bool,
+    },
     /// Kill a child with SIGKILL (its exit is reported as usual).
     Kill { kind: ChildKind },
     /// Kill whatever is left, reap it, and exit.
@@ -68,9 +72,19 @@ pub enum ExitStatus {
 /// Launcher to monitor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LauncherMessage {
-    Spawned { kind: ChildKind, pid: i32 },
-    SpawnFailed { kind: ChildKind, error: String },
-    Exited { kind: ChildKind, pid: i32, status: ExitStatus },
+    Spawned {
+        kind: ChildKind,
+        pid: i32,
+    },
+    SpawnFailed {
+        kind: ChildKind,
+        error: String,
+    },
+    Exited {
+        kind: ChildKind,
+        pid: i32,
+        status: ExitStatus,
+    },
 }
 
 impl Message for LauncherMessage {}

@@ -27,7 +27,10 @@ pub struct VmmCall {
 impl Message for VmmCall {
     fn fd_count(&self) -> usize {
         match &self.request {
-            VmmRequest::Configure(VmmConfig { kernel: KernelImage::File, .. }) => 1,
+            VmmRequest::Configure(VmmConfig {
+                kernel: KernelImage::File,
+                ..
+            }) => 1,
             _ => 0,
         }
     }
@@ -69,7 +72,10 @@ pub struct VmmConfig {
 /// vmm-proc to monitor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum VmmMessage {
-    Reply { id: CallId, result: Result<VmmReply, QmpError> },
+    Reply {
+        id: CallId,
+        result: Result<VmmReply, QmpError>,
+    },
     Event(VmmEvent),
 }
 

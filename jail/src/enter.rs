@@ -8,7 +8,6 @@ use landlock::{
     RulesetStatus,
 };
 use nix::{
-    errno::Errno,
     mount::{MntFlags, MsFlags, mount, umount2},
     sched::{self, CloneFlags},
     sys::{prctl, resource},
@@ -31,7 +30,8 @@ pub struct LandlockRules {
 pub struct Policy {
     /// Process name, used in the SIGSYS log line.
     pub name: &'static str,
-    /// Fds that stay open besides 0, 1 and 2; every other fd is closed.
+    /// Fds that stay open besides 0, 1 and 2; every other fd is closed, so list every fd the
+    /// process still uses (its owner would otherwise close a dead or reused number later).
     pub keep_fds: Vec<RawFd>,
     /// Replace `/` by an empty read-only tmpfs, in a new mount namespace.
     pub empty_root: bool,
@@ -71,8 +71,8 @@ const EMPTY_ROOT_MOUNT_POINT: &str = "/tmp";
 /// Jails the calling process. Call it after set-up and before reading untrusted input, while
 /// the process is still single-threaded if the policy uses an empty root, Landlock or drops
 /// capabilities (a mount namespace, Landlock and capabilities only apply to the calling
-/// thread). In order: close stray fds, `no_new_privs`, empty
-/// root, Landlock, rlimits, capabilities, SIGSYS handler, seccomp filter on all threads.
+/// thread). In order: close stray fds, `no_new_privs`, empty root, Landlock, rlimits,
+/// capabilities, SIGSYS handler, seccomp filter on all threads.
 pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
     // Compile first: a bad policy fails before anything irreversible happens.
     let program = policy.seccomp.compile()?;
@@ -87,7 +87,7 @@ pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
         }
     }
     close_stray_fds(&policy.keep_fds)?;
-    prctl::set_no_new_privs().map_err(errno_step("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    prctl::set_no_new_privs().map_err(step("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     if policy.empty_root {
         enter_empty_root()?;
     }
@@ -96,7 +96,7 @@ pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
     // it counts every process and thread of the user, so a low value breaks thread creation
     // (tokio's blocking pool) and other processes of the same user; seccomp forbids fork.
     resource::setrlimit(resource::Resource::RLIMIT_CORE, 0, 0)
-        .map_err(errno_step("setrlimit(RLIMIT_CORE, 0)"))?;
+        .map_err(step("setrlimit(RLIMIT_CORE, 0)"))?;
     if policy.drop_caps {
         drop_capabilities()?;
     }
@@ -130,17 +130,11 @@ fn proc_status_field(pid: &str, key: &str) -> io::Result<u32> {
         })
 }
 
-fn step(step: impl Into<String>) -> impl FnOnce(io::Error) -> JailError {
+/// Maps an error of `step` (an io::Error or a nix Errno) to [`JailError::Enter`].
+fn step<E: Into<io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> JailError {
     move |source| JailError::Enter {
         step: step.into(),
-        source,
-    }
-}
-
-fn errno_step(step: impl Into<String>) -> impl FnOnce(Errno) -> JailError {
-    move |errno| JailError::Enter {
-        step: step.into(),
-        source: errno.into(),
+        source: source.into(),
     }
 }
 
@@ -176,17 +170,10 @@ fn enter_empty_root() -> Result<(), JailError> {
     // pivot_root moves every process of the mount namespace whose root is the old root, so it
     // must happen in a namespace nobody else uses, even if the caller forgot
     // `Namespaces::mount`: a fresh one, unshared here (safe: we are single-threaded).
-    sched::unshare(CloneFlags::CLONE_NEWNS).map_err(errno_step("unshare(CLONE_NEWNS)"))?;
-    let fail = |what: &str| {
-        let what = what.to_string();
-        move |errno: Errno| JailError::EmptyRoot {
-            step: what,
-            source: errno.into(),
-        }
-    };
+    sched::unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare(CLONE_NEWNS)"))?;
     let none = None::<&str>;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(fail("making / recursively private"))?;
+        .map_err(step("making / recursively private (empty root)"))?;
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(
         Some("tmpfs"),
@@ -195,15 +182,15 @@ fn enter_empty_root() -> Result<(), JailError> {
         hardened,
         Some("size=16k,mode=0555"),
     )
-    .map_err(fail(&format!(
+    .map_err(step(format!(
         "mounting a tmpfs on {EMPTY_ROOT_MOUNT_POINT}"
     )))?;
     unistd::chdir(EMPTY_ROOT_MOUNT_POINT)
-        .map_err(fail(&format!("chdir({EMPTY_ROOT_MOUNT_POINT})")))?;
+        .map_err(step(format!("chdir({EMPTY_ROOT_MOUNT_POINT})")))?;
     // The old root ends up stacked on the new one at "."; detaching it leaves the tmpfs.
-    unistd::pivot_root(".", ".").map_err(fail("pivot_root into an empty root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(fail("detaching the old root"))?;
-    unistd::chdir("/").map_err(fail("chdir(/)"))?;
+    unistd::pivot_root(".", ".").map_err(step("pivot_root into an empty root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the old root (empty root)"))?;
+    unistd::chdir("/").map_err(step("chdir(/) in the empty root"))?;
     mount(
         none,
         "/",
@@ -211,7 +198,7 @@ fn enter_empty_root() -> Result<(), JailError> {
         MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hardened,
         none,
     )
-    .map_err(fail("remounting the empty root read-only"))?;
+    .map_err(step("remounting the empty root read-only"))?;
     let entries = fs::read_dir("/")
         .map_err(step("listing the empty root"))?
         .map(|entry| entry.map(|e| e.file_name()))

@@ -46,9 +46,6 @@ pub enum JailError {
     /// A step of [`crate::enter`] failed.
     #[error("{step} failed: {source}")]
     Enter { step: String, source: io::Error },
-    /// Building the empty root failed.
-    #[error("empty root: {step} failed: {source}")]
-    EmptyRoot { step: String, source: io::Error },
     /// `/` still has entries after `pivot_root`.
     #[error("the empty root is not empty: {0:?}")]
     RootNotEmpty(Vec<std::ffi::OsString>),

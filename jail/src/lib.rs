@@ -4,15 +4,19 @@
 //!   the base policy every process of ours needs to keep running.
 //! - [`spawn()`]: the launcher's way to start a child: cloned straight into new namespaces,
 //!   with chosen fds, a parent-death signal, and nothing else inherited.
+//! - [`DenyList`]: the launcher's filter, which must leave `execve` and the children's
+//!   start-up alone.
 //! - [`enter()`]: the one call each process makes to jail itself before it reads untrusted
 //!   input; a trapped syscall is logged by a SIGSYS handler before the process dies.
 
+mod deny;
 mod enter;
 mod error;
 pub mod seccomp;
 mod sigsys;
 mod spawn;
 
+pub use deny::DenyList;
 pub use enter::{Jailed, LandlockRules, LandlockStatus, Policy, enter, seccomp_mode};
 pub use error::JailError;
 pub use seccomp::{SeccompPolicy, base_runtime_policy};

@@ -77,7 +77,7 @@ pub struct Cli {
     pub image_dir: Vec<PathBuf>,
 
     /// Run each process in its sandbox (on), or unconfined for debugging (off).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub sandbox: bool,
 
     /// Drop to this user and group after start-up.
@@ -127,7 +127,10 @@ fn parse_memory(s: &str) -> Result<u64, String> {
         _ => return Err(format!("unknown size suffix '{unit}' (use K, M, G or T)")),
     };
     let n: u64 = digits.parse().map_err(|_| "not a size".to_string())?;
-    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or("too large")?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or("too large")?;
     if bytes < 2 << 20 {
         return Err("guest RAM must be at least 2M".into());
     }
@@ -150,7 +153,8 @@ fn parse_kernel(s: &str) -> Result<Kernel, String> {
 
 /// Splits `key=value,key=value`. A bare `key` is `key=on`.
 fn options(s: &str) -> impl Iterator<Item = (&str, &str)> {
-    s.split(',').map(|kv| kv.split_once('=').unwrap_or((kv, "on")))
+    s.split(',')
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "on")))
 }
 
 /// QEMU's rule for ids: a letter, then letters, digits, '-', '.', '_'.
@@ -174,7 +178,9 @@ fn parse_on_error(key: &str, s: &str) -> Result<OnError, String> {
         "ignore" => Ok(OnError::Ignore),
         "enospc" => Ok(OnError::Enospc),
         "stop" => Ok(OnError::Stop),
-        _ => Err(format!("{key}={s}: expected report, ignore, enospc or stop")),
+        _ => Err(format!(
+            "{key}={s}: expected report, ignore, enospc or stop"
+        )),
     }
 }
 
@@ -184,7 +190,11 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     for (k, v) in options(s) {
         match k {
             "id" if valid_id(v) => id = Some(v.to_string()),
-            "id" => return Err(format!("id={v}: ids start with a letter and contain only letters, digits, '-', '.', '_'")),
+            "id" => {
+                return Err(format!(
+                    "id={v}: ids start with a letter and contain only letters, digits, '-', '.', '_'"
+                ));
+            }
             "file" if !v.is_empty() => file = Some(PathBuf::from(v)),
             "format" => {
                 format = Some(match v {
@@ -220,7 +230,14 @@ fn parse_qmp(s: &str) -> Result<QmpAddr, String> {
         let (host, port) = hp.rsplit_once(':').ok_or("tcp: needs HOST:PORT")?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port = port.parse().map_err(|_| format!("bad port '{port}'"))?;
-        QmpAddr::Tcp { host: if host.is_empty() { "0.0.0.0".into() } else { host.into() }, port }
+        QmpAddr::Tcp {
+            host: if host.is_empty() {
+                "0.0.0.0".into()
+            } else {
+                host.into()
+            },
+            port,
+        }
     } else {
         return Err("expected unix:PATH or tcp:HOST:PORT".into());
     };
@@ -260,7 +277,10 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
 
 fn parse_runas(s: &str) -> Result<(u32, u32), String> {
     let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
-    let id = |x: &str| x.parse::<u32>().map_err(|_| format!("'{x}' is not a numeric id"));
+    let id = |x: &str| {
+        x.parse::<u32>()
+            .map_err(|_| format!("'{x}' is not a numeric id"))
+    };
     Ok((id(u)?, id(g)?))
 }
 
@@ -275,12 +295,17 @@ impl Cli {
         }
         if let Some(name) = &self.name {
             if name.is_empty() || name.contains(',') {
-                return Err(format!("--name '{name}': must be non-empty and without ','"));
+                return Err(format!(
+                    "--name '{name}': must be non-empty and without ','"
+                ));
             }
         }
         if let Some(Kernel::Builtin(_)) = &self.kernel {
             if let Some(initrd) = &self.initrd {
-                return Err(format!("--initrd {}: a built-in kernel takes no initrd", initrd.display()));
+                return Err(format!(
+                    "--initrd {}: a built-in kernel takes no initrd",
+                    initrd.display()
+                ));
             }
         }
         if let Some(uri) = &self.incoming {
@@ -289,7 +314,9 @@ impl Cli {
             ));
         }
         if let Some((u, g)) = self.runas {
-            return Err(format!("--runas {u}:{g}: dropping privileges is not available in this build yet"));
+            return Err(format!(
+                "--runas {u}:{g}: dropping privileges is not available in this build yet"
+            ));
         }
         Ok(())
     }
@@ -309,11 +336,31 @@ mod tests {
     #[test]
     fn full_command_line() {
         let cli = parse(&[
-            "--name", "vm1", "--memory", "1G", "--cpus", "2", "--kernel", "builtin:workload",
-            "--append", "x=1", "--drive", "id=d0,file=/tmp/a.qcow2,format=qcow2,readonly=on,werror=stop",
-            "--qmp", "unix:/tmp/q.sock,server=on,wait=off", "--qmp", "tcp:127.0.0.1:4444,server,nowait",
-            "--serial", "file:/tmp/s.log", "--paused", "--image-dir", "/tmp", "--sandbox", "off",
-            "--pidfile", "/tmp/p",
+            "--name",
+            "vm1",
+            "--memory",
+            "1G",
+            "--cpus",
+            "2",
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            "x=1",
+            "--drive",
+            "id=d0,file=/tmp/a.qcow2,format=qcow2,readonly=on,werror=stop",
+            "--qmp",
+            "unix:/tmp/q.sock,server=on,wait=off",
+            "--qmp",
+            "tcp:127.0.0.1:4444,server,nowait",
+            "--serial",
+            "file:/tmp/s.log",
+            "--paused",
+            "--image-dir",
+            "/tmp",
+            "--sandbox",
+            "off",
+            "--pidfile",
+            "/tmp/p",
         ])
         .expect("valid");
         assert_eq!(cli.memory, 1 << 30);
@@ -321,7 +368,13 @@ mod tests {
         assert_eq!(cli.drive[0].format, ImageFormat::Qcow2);
         assert!(cli.drive[0].read_only);
         assert_eq!(cli.drive[0].werror, OnError::Stop);
-        assert_eq!(cli.qmp[1], QmpAddr::Tcp { host: "127.0.0.1".into(), port: 4444 });
+        assert_eq!(
+            cli.qmp[1],
+            QmpAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4444
+            }
+        );
         assert_eq!(cli.serial, Serial::File("/tmp/s.log".into()));
         assert!(!cli.sandbox);
     }
@@ -345,8 +398,13 @@ mod tests {
             let err = parse(args).expect_err("must fail");
             assert!(err.contains(needle), "{args:?}: {err}");
         }
-        let err = parse(&["--drive", "id=a,file=/x,format=raw", "--drive", "id=a,file=/y,format=raw"])
-            .expect_err("duplicate");
+        let err = parse(&[
+            "--drive",
+            "id=a,file=/x,format=raw",
+            "--drive",
+            "id=a,file=/y,format=raw",
+        ])
+        .expect_err("duplicate");
         assert!(err.contains("id=a"), "{err}");
     }
 }

@@ -39,15 +39,45 @@ const CAPABILITIES: &[&str] = &["oob"];
 
 /// Every command splitvmm implements; `query-commands` lists exactly these.
 pub const COMMANDS: &[CommandDef] = &[
-    CommandDef { name: "qmp_capabilities", args: &[Member::optional("enable", ArgType::List(&ArgType::Enum(CAPABILITIES)))] },
-    CommandDef { name: "query-version", args: &[] },
-    CommandDef { name: "query-commands", args: &[] },
-    CommandDef { name: "query-name", args: &[] },
-    CommandDef { name: "query-status", args: &[] },
-    CommandDef { name: "stop", args: &[] },
-    CommandDef { name: "cont", args: &[] },
-    CommandDef { name: "quit", args: &[] },
-    CommandDef { name: "query-block", args: &[] },
+    CommandDef {
+        name: "qmp_capabilities",
+        args: &[Member::optional(
+            "enable",
+            ArgType::List(&ArgType::Enum(CAPABILITIES)),
+        )],
+    },
+    CommandDef {
+        name: "query-version",
+        args: &[],
+    },
+    CommandDef {
+        name: "query-commands",
+        args: &[],
+    },
+    CommandDef {
+        name: "query-name",
+        args: &[],
+    },
+    CommandDef {
+        name: "query-status",
+        args: &[],
+    },
+    CommandDef {
+        name: "stop",
+        args: &[],
+    },
+    CommandDef {
+        name: "cont",
+        args: &[],
+    },
+    CommandDef {
+        name: "quit",
+        args: &[],
+    },
+    CommandDef {
+        name: "query-block",
+        args: &[],
+    },
 ];
 
 /// Handles one request value and renders the reply line.
@@ -100,7 +130,10 @@ async fn execute(
             if let Some(Value::Array(caps)) = args.get("enable") {
                 if !caps.is_empty() {
                     let names: Vec<&str> = caps.iter().filter_map(Value::as_str).collect();
-                    return Err(QmpError::generic(format!("Capability {} not available", names.join(", "))));
+                    return Err(QmpError::generic(format!(
+                        "Capability {} not available",
+                        names.join(", ")
+                    )));
                 }
             }
             session.negotiated.store(true, Ordering::Release);
@@ -143,9 +176,13 @@ async fn execute(
         }
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
             BlockReply::Block(info) => Ok(qapi_json(&info)),
-            other => Err(QmpError::generic(format!("block-proc: unexpected reply {other:?}"))),
+            other => Err(QmpError::generic(format!(
+                "block-proc: unexpected reply {other:?}"
+            ))),
         },
-        _ => Err(QmpError::command_not_found(format!("The command {name} has not been found"))),
+        _ => Err(QmpError::command_not_found(format!(
+            "The command {name} has not been found"
+        ))),
     }
 }
 

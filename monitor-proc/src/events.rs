@@ -20,7 +20,9 @@ pub struct EventBus {
 
 impl Default for EventBus {
     fn default() -> Self {
-        Self { tx: broadcast::channel(BACKLOG).0 }
+        Self {
+            tx: broadcast::channel(BACKLOG).0,
+        }
     }
 }
 

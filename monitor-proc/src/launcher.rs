@@ -33,12 +33,18 @@ struct Running {
 }
 
 /// Runs the launcher until the monitor says `Exit` or goes away. Never returns.
-pub fn run(chan: Channel, helpers: PathBuf, monitor: Pid) -> ! {
+pub fn run(chan: Channel, helpers: PathBuf, monitor: Pid, sandbox: bool) -> ! {
     // Die with the monitor. Set before checking, so a monitor that died in between is seen.
     // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number has no memory effects.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if nix::unistd::getppid() != monitor {
         std::process::exit(0);
+    }
+    if sandbox {
+        if let Err(e) = crate::sandbox::launcher_denylist().install("splitvmm launcher") {
+            eprintln!("splitvmm launcher: sandbox: {e}");
+            std::process::exit(1);
+        }
     }
     let mut children: Vec<Running> = Vec::new();
     let status = match serve(&chan, &helpers, &mut children) {
@@ -70,8 +76,13 @@ fn serve(chan: &Channel, helpers: &Path, children: &mut Vec<Running>) -> Result<
                 r => r.map_err(|e| IpcError::Io(e.into()))?,
             };
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            let exited: Vec<usize> =
-                fds.iter().skip(1).enumerate().filter(|(_, f)| ready(f)).map(|(i, _)| i).collect();
+            let exited: Vec<usize> = fds
+                .iter()
+                .skip(1)
+                .enumerate()
+                .filter(|(_, f)| ready(f))
+                .map(|(i, _)| i)
+                .collect();
             (fds.first().is_some_and(ready), exited)
         };
         // Report exits first: a monitor waiting for one must see it before anything else.
@@ -85,7 +96,14 @@ fn serve(chan: &Channel, helpers: &Path, children: &mut Vec<Running>) -> Result<
                     ExitStatus::Code(-1)
                 }
             };
-            chan.send(&LauncherMessage::Exited { kind: c.kind, pid: c.pid.as_raw(), status }, &[])?;
+            chan.send(
+                &LauncherMessage::Exited {
+                    kind: c.kind,
+                    pid: c.pid.as_raw(),
+                    status,
+                },
+                &[],
+            )?;
         }
         if !chan_ready {
             continue;
@@ -95,7 +113,11 @@ fn serve(chan: &Channel, helpers: &Path, children: &mut Vec<Running>) -> Result<
             r => r?,
         };
         match req.msg {
-            LaunchRequest::Spawn { kind, peer_link, sandbox } => {
+            LaunchRequest::Spawn {
+                kind,
+                peer_link,
+                sandbox,
+            } => {
                 let reply = match spawn(kind, peer_link, sandbox, helpers, req.fds) {
                     Ok(child) => {
                         let pid = child.pid.as_raw();
@@ -130,8 +152,19 @@ fn spawn(
     }
     let namespaces = match (sandbox, kind) {
         (false, _) => Namespaces::default(),
-        (true, ChildKind::Block) => Namespaces { pid: true, ipc: true, uts: true, ..Default::default() },
-        (true, ChildKind::Vmm) => Namespaces { pid: true, mount: true, net: true, ipc: true, uts: true },
+        (true, ChildKind::Block) => Namespaces {
+            pid: true,
+            ipc: true,
+            uts: true,
+            ..Default::default()
+        },
+        (true, ChildKind::Vmm) => Namespaces {
+            pid: true,
+            mount: true,
+            net: true,
+            ipc: true,
+            uts: true,
+        },
     };
     let env = ["RUST_LOG", "RUST_BACKTRACE"]
         .into_iter()
@@ -142,11 +175,26 @@ fn spawn(
     for n in 0..3 {
         // SAFETY: 0, 1 and 2 stay open for the launcher's whole life; borrowing one to dup it is sound.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
-        all.push((fd.try_clone_to_owned().map_err(|e| format!("dup stdio: {e}"))?, n));
+        all.push((
+            fd.try_clone_to_owned()
+                .map_err(|e| format!("dup stdio: {e}"))?,
+            n,
+        ));
     }
     all.extend(fds.into_iter().zip(3..));
     let fds = all;
-    let spec = SpawnSpec { exe: exe.clone(), args, env, fds, namespaces, death_signal: Signal::SIGKILL };
+    let spec = SpawnSpec {
+        exe: exe.clone(),
+        args,
+        env,
+        fds,
+        namespaces,
+        death_signal: Signal::SIGKILL,
+    };
     let child = jail::spawn(spec).map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    Ok(Running { kind, pid: child.pid, pidfd: child.pidfd })
+    Ok(Running {
+        kind,
+        pid: child.pid,
+        pidfd: child.pidfd,
+    })
 }

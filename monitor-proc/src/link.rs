@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
 use ipc::vmm::{VmmCall, VmmEvent, VmmMessage, VmmReply, VmmRequest};
@@ -87,7 +87,9 @@ pub struct RpcClient<P: Protocol> {
 
 impl<P: Protocol> std::fmt::Debug for RpcClient<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RpcClient").field("peer", &P::PEER).finish_non_exhaustive()
+        f.debug_struct("RpcClient")
+            .field("peer", &P::PEER)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,18 +100,36 @@ fn gone(peer: &str) -> QmpError {
 impl<P: Protocol> RpcClient<P> {
     /// Wraps a link whose handshake is done.
     pub fn new(chan: AsyncChannel) -> Arc<Self> {
-        Arc::new(Self { chan, next_id: AtomicU64::new(1), pending: Mutex::new(Some(HashMap::new())) })
+        Arc::new(Self {
+            chan,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(Some(HashMap::new())),
+        })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Option<HashMap<CallId, oneshot::Sender<Result<P::Reply, QmpError>>>>> {
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        Option<HashMap<CallId, oneshot::Sender<Result<P::Reply, QmpError>>>>,
+    > {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sends a request (with the descriptors it declares) and waits for its reply.
-    pub async fn call(&self, request: P::Request, fds: &[BorrowedFd<'_>]) -> Result<P::Reply, QmpError> {
+    pub async fn call(
+        &self,
+        request: P::Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<P::Reply, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending().as_mut().ok_or_else(|| gone(P::PEER))?.insert(id, tx);
+        self.pending()
+            .as_mut()
+            .ok_or_else(|| gone(P::PEER))?
+            .insert(id, tx);
         if let Err(e) = self.chan.send(&P::call(id, request), fds).await {
             if let Some(p) = self.pending().as_mut() {
                 p.remove(&id);

@@ -1,15 +1,27 @@
 //! The monitor's jail: host namespaces (it creates every runtime socket), no exec (the
-//! launcher alone may), and this seccomp allowlist.
+//! launcher alone may), and its seccomp allowlist; and the launcher's deny filter.
 
 use jail::seccomp::{allow, allow_if, arg_eq};
-use jail::{Policy, SeccompPolicy, base_runtime_policy};
+use jail::{DenyList, Policy, SeccompPolicy, base_runtime_policy};
 
 /// The monitor's syscalls beyond the base runtime's, each with why.
 pub fn seccomp_policy() -> SeccompPolicy {
     base_runtime_policy().union(&SeccompPolicy::new([
-        allow_if(libc::SYS_socket, &[arg_eq(0, libc::AF_UNIX)], "QMP sockets and socketpairs for the children"),
-        allow_if(libc::SYS_socket, &[arg_eq(0, libc::AF_INET)], "QMP over TCP"),
-        allow_if(libc::SYS_socket, &[arg_eq(0, libc::AF_INET6)], "QMP over TCP"),
+        allow_if(
+            libc::SYS_socket,
+            &[arg_eq(0, libc::AF_UNIX)],
+            "QMP sockets and socketpairs for the children",
+        ),
+        allow_if(
+            libc::SYS_socket,
+            &[arg_eq(0, libc::AF_INET)],
+            "QMP over TCP",
+        ),
+        allow_if(
+            libc::SYS_socket,
+            &[arg_eq(0, libc::AF_INET6)],
+            "QMP over TCP",
+        ),
         allow(libc::SYS_socketpair, "links to restarted children"),
         allow(libc::SYS_bind, "QMP listening sockets"),
         allow(libc::SYS_listen, "QMP listening sockets"),
@@ -18,9 +30,27 @@ pub fn seccomp_policy() -> SeccompPolicy {
         allow(libc::SYS_getpeername, "logging who connected"),
         allow(libc::SYS_setsockopt, "TCP_NODELAY on QMP connections"),
         allow(libc::SYS_getsockopt, "socket errors after connect"),
-        allow(libc::SYS_unlink, "remove the QMP sockets and the pidfile at exit"),
-        allow(libc::SYS_unlinkat, "remove the QMP sockets and the pidfile at exit"),
+        allow(
+            libc::SYS_unlink,
+            "remove the QMP sockets and the pidfile at exit",
+        ),
+        allow(
+            libc::SYS_unlinkat,
+            "remove the QMP sockets and the pidfile at exit",
+        ),
         allow(libc::SYS_wait4, "reap the launcher at exit"),
+        allow(
+            libc::SYS_rename,
+            "publish the pidfile once jailed (written before)",
+        ),
+        allow(
+            libc::SYS_renameat,
+            "publish the pidfile once jailed (written before)",
+        ),
+        allow(
+            libc::SYS_renameat2,
+            "publish the pidfile once jailed (written before)",
+        ),
     ]))
 }
 
@@ -28,7 +58,10 @@ pub fn seccomp_policy() -> SeccompPolicy {
 /// runtime's): it made them all.
 pub fn enter() -> Result<(), jail::JailError> {
     let keep_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let policy = Policy {
         name: "splitvmm",
@@ -39,4 +72,63 @@ pub fn enter() -> Result<(), jail::JailError> {
         seccomp: seccomp_policy(),
     };
     jail::enter(&policy).map(drop)
+}
+
+/// What neither the launcher nor any child it starts ever needs. The launcher keeps
+/// `execve`; each child narrows further with its own allowlist once it has started.
+pub fn launcher_denylist() -> DenyList {
+    use libc::*;
+    DenyList::new([
+        (SYS_ptrace, "no process inspects another"),
+        (SYS_process_vm_readv, "no process reads another's memory"),
+        (SYS_process_vm_writev, "no process writes another's memory"),
+        (
+            SYS_socket,
+            "the monitor creates every socket; the children only use those handed to them",
+        ),
+        (SYS_connect, "the monitor makes every connection"),
+        (SYS_bind, "the monitor binds every listening socket"),
+        (SYS_listen, "the monitor binds every listening socket"),
+        (SYS_setns, "nobody joins another namespace"),
+        (SYS_chroot, "the empty root is made with pivot_root"),
+        (
+            SYS_open_by_handle_at,
+            "a classic way out of a mount namespace",
+        ),
+        (SYS_name_to_handle_at, "goes with open_by_handle_at"),
+        (SYS_bpf, "no BPF beyond the seccomp filters"),
+        (SYS_perf_event_open, "no profiling interface"),
+        (
+            SYS_userfaultfd,
+            "a common exploitation primitive; guest memory is a memfd",
+        ),
+        (SYS_io_uring_setup, "io_uring runs syscalls past seccomp"),
+        (SYS_io_uring_enter, "io_uring runs syscalls past seccomp"),
+        (SYS_io_uring_register, "io_uring runs syscalls past seccomp"),
+        (SYS_keyctl, "no kernel keyrings"),
+        (SYS_add_key, "no kernel keyrings"),
+        (SYS_request_key, "no kernel keyrings"),
+        (SYS_kexec_load, "host administration"),
+        (SYS_kexec_file_load, "host administration"),
+        (SYS_init_module, "host administration"),
+        (SYS_finit_module, "host administration"),
+        (SYS_delete_module, "host administration"),
+        (SYS_reboot, "host administration"),
+        (SYS_swapon, "host administration"),
+        (SYS_swapoff, "host administration"),
+        (SYS_acct, "host administration"),
+        (SYS_settimeofday, "host administration"),
+        (SYS_clock_settime, "host administration"),
+        (SYS_clock_adjtime, "host administration"),
+        (SYS_adjtimex, "host administration"),
+        (SYS_syslog, "host administration"),
+        (SYS_quotactl, "host administration"),
+        (SYS_iopl, "no host port I/O"),
+        (SYS_ioperm, "no host port I/O"),
+        (SYS_fsopen, "the new mount API is not used"),
+        (SYS_fsmount, "the new mount API is not used"),
+        (SYS_move_mount, "the new mount API is not used"),
+        (SYS_open_tree, "the new mount API is not used"),
+        (SYS_personality, "no execution-domain tricks"),
+    ])
 }

@@ -37,8 +37,9 @@ impl Listener {
                 if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                     std::fs::remove_file(path)?;
                 }
-                let l = std::os::unix::net::UnixListener::bind(path)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+                let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                })?;
                 l.set_nonblocking(true)?;
                 Ok(Self::Unix(UnixListener::from_std(l)?, path.clone()))
             }
@@ -63,7 +64,10 @@ impl Listener {
     pub async fn serve(self, monitor: Arc<Monitor>, sessions: Sessions) {
         loop {
             let accepted = match &self {
-                Self::Unix(l, _) => l.accept().await.map(|(s, _)| sessions.start(s, monitor.clone())),
+                Self::Unix(l, _) => l
+                    .accept()
+                    .await
+                    .map(|(s, _)| sessions.start(s, monitor.clone())),
                 Self::Tcp(l) => l.accept().await.map(|(s, _)| {
                     let _ = s.set_nodelay(true);
                     sessions.start(s, monitor.clone())
@@ -86,7 +90,10 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(closing: watch::Receiver<bool>) -> Self {
-        Self { tasks: Arc::default(), closing }
+        Self {
+            tasks: Arc::default(),
+            closing,
+        }
     }
 
     fn start<S>(&self, stream: S, monitor: Arc<Monitor>)
@@ -123,7 +130,13 @@ where
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let state = SessionState::default();
     let events = monitor.events.subscribe();
-    let writer = tokio::spawn(writer(wr, rx, events, state.negotiated.clone(), closing.clone()));
+    let writer = tokio::spawn(writer(
+        wr,
+        rx,
+        events,
+        state.negotiated.clone(),
+        closing.clone(),
+    ));
     let _ = tx.send(wire::greeting(&commands::version()));
     let mut streamer = JsonStreamer::new(Limits::default());
     let mut buf = vec![0u8; 64 * 1024];

@@ -51,18 +51,31 @@ impl Monitor {
         runstate: RunState,
         shutdown: mpsc::UnboundedSender<ShutdownCause>,
     ) -> Self {
-        Self { name, events, block, vmm, runstate: Mutex::new(runstate), shutdown }
+        Self {
+            name,
+            events,
+            block,
+            vmm,
+            runstate: Mutex::new(runstate),
+            shutdown,
+        }
     }
 
     pub fn runstate(&self) -> RunState {
-        *self.runstate.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self
+            .runstate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records a new run state and emits STOP or RESUME when the guest stops or starts
     /// running, as QEMU does.
     pub fn set_runstate(&self, new: RunState) {
         let old = std::mem::replace(
-            &mut *self.runstate.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            &mut *self
+                .runstate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
             new,
         );
         match (old == RunState::Running, new == RunState::Running) {

@@ -73,12 +73,25 @@ impl Launcher {
                 }
             }
         });
-        Self { chan, spawned, exits }
+        Self {
+            chan,
+            spawned,
+            exits,
+        }
     }
 
-    async fn spawn(&mut self, kind: ChildKind, sandbox: bool, fds: &[OwnedFd]) -> Result<i32, SupervisorError> {
+    async fn spawn(
+        &mut self,
+        kind: ChildKind,
+        sandbox: bool,
+        fds: &[OwnedFd],
+    ) -> Result<i32, SupervisorError> {
         let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-        let req = LaunchRequest::Spawn { kind, peer_link: fds.len() == 2, sandbox };
+        let req = LaunchRequest::Spawn {
+            kind,
+            peer_link: fds.len() == 2,
+            sandbox,
+        };
         self.chan.send(&req, &borrowed).await?;
         match self.spawned.recv().await {
             Some(Ok(pid)) => Ok(pid),
@@ -96,8 +109,13 @@ fn describe(status: ExitStatus) -> (String, serde_json::Value) {
     match status {
         ExitStatus::Code(c) => (format!("exited with status {c}"), json!({ "exit-code": c })),
         ExitStatus::Signal(s) => {
-            let name = nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown");
-            (format!("was killed by signal {s} ({name})"), json!({ "signal": name, "signal-number": s }))
+            let name = nix::sys::signal::Signal::try_from(s)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown");
+            (
+                format!("was killed by signal {s} ({name})"),
+                json!({ "signal": name, "signal-number": s }),
+            )
         }
     }
 }
@@ -130,7 +148,14 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let started = start(&cli, &mut launcher, &mut children, &mut cleanup, shutdown_tx).await;
+    let started = start(
+        &cli,
+        &mut launcher,
+        &mut children,
+        &mut cleanup,
+        shutdown_tx,
+    )
+    .await;
     let (code, cause) = match started {
         Err(e) => {
             eprintln!("splitvmm: {e}");
@@ -153,10 +178,17 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
                     ShutdownCause::ChildDied
                 }
             };
-            monitor.set_runstate(RunState::Shutdown);
-            monitor.events.emit("SHUTDOWN", Some(json!({ "guest": false, "reason": cause.reason() })));
+            // Like QEMU's exit path: SHUTDOWN, and no STOP for the final stop.
+            monitor.events.emit(
+                "SHUTDOWN",
+                Some(json!({ "guest": false, "reason": cause.reason() })),
+            );
             stop_children(&monitor).await;
-            let code = if cause == ShutdownCause::ChildDied { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+            let code = if cause == ShutdownCause::ChildDied {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
             (code, Some(cause))
         }
     };
@@ -204,7 +236,11 @@ async fn start(
     }
     let pair = || Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")));
     let (block_mon, block_child) = pair()?;
-    let peer = if cli.kernel.is_some() { Some(pair()?) } else { None };
+    let peer = if cli.kernel.is_some() {
+        Some(pair()?)
+    } else {
+        None
+    };
 
     // block-proc first: vmm-proc asks it for the drives during its own set-up.
     let mut block_fds = vec![block_child.into_fd()];
@@ -213,7 +249,9 @@ async fn start(
         block_fds.push(block_end.into_fd());
         vmm_peer = Some(vmm_end.into_fd());
     }
-    let pid = launcher.spawn(ChildKind::Block, cli.sandbox, &block_fds).await?;
+    let pid = launcher
+        .spawn(ChildKind::Block, cli.sandbox, &block_fds)
+        .await?;
     children.0.push((ChildKind::Block, pid));
     drop(block_fds);
     let block = connect::<link::Block>(block_mon, Link::MonitorBlock).await?;
@@ -225,7 +263,11 @@ async fn start(
             .unwrap_or_else(|| PathBuf::from("."));
         image_dirs.push(dir);
     }
-    let config = BlockConfig { drives: cli.drive.clone(), image_dirs, sandbox: cli.sandbox };
+    let config = BlockConfig {
+        drives: cli.drive.clone(),
+        image_dirs,
+        sandbox: cli.sandbox,
+    };
     let events = EventBus::default();
     let reader = block.clone();
     tokio::spawn(async move {
@@ -234,7 +276,11 @@ async fn start(
     });
     match block.call(BlockRequest::Configure(config), &[]).await {
         Ok(BlockReply::Done) => {}
-        Ok(other) => return Err(SupervisorError::Start(format!("block-proc: unexpected reply {other:?}"))),
+        Ok(other) => {
+            return Err(SupervisorError::Start(format!(
+                "block-proc: unexpected reply {other:?}"
+            )));
+        }
         Err(e) => return Err(SupervisorError::Start(e.desc)),
     }
 
@@ -248,7 +294,9 @@ async fn start(
                 })?),
                 Kernel::Builtin(_) => None,
             };
-            let pid = launcher.spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd]).await?;
+            let pid = launcher
+                .spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd])
+                .await?;
             children.0.push((ChildKind::Vmm, pid));
             let vmm = connect::<link::Vmm>(vmm_mon, Link::MonitorVmm).await?;
             let config = VmmConfig {
@@ -295,20 +343,36 @@ async fn start(
             .map_err(|e| SupervisorError::Start(format!("vmm-proc: {}", e.desc)))?;
     }
 
-    if let Some(p) = &cli.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| SupervisorError::Start(format!("--pidfile {}: {e}", p.display())))?;
-        cleanup.add(p.clone());
-    }
+    // The pidfile says "ready": it appears (renamed into place, which needs no open)
+    // only once the monitor is jailed, just before the first client is accepted.
+    let pidfile = match &cli.pidfile {
+        Some(p) => {
+            let mut tmp = p.clone().into_os_string();
+            tmp.push(".tmp");
+            let tmp = PathBuf::from(tmp);
+            std::fs::write(&tmp, format!("{}\n", std::process::id()))
+                .map_err(|e| SupervisorError::Start(format!("--pidfile {}: {e}", p.display())))?;
+            Some((tmp, p))
+        }
+        None => None,
+    };
     if cli.sandbox {
         crate::sandbox::enter().map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
     } else {
         eprintln!("splitvmm: WARNING: --sandbox off: no process is confined. For debugging only.");
     }
+    if let Some((tmp, p)) = pidfile {
+        std::fs::rename(&tmp, p)
+            .map_err(|e| SupervisorError::Start(format!("--pidfile {}: {e}", p.display())))?;
+        cleanup.add(p.clone());
+    }
     Ok((monitor, listeners))
 }
 
-async fn connect<P: link::Protocol>(chan: Channel, which: Link) -> Result<Arc<RpcClient<P>>, SupervisorError> {
+async fn connect<P: link::Protocol>(
+    chan: Channel,
+    which: Link,
+) -> Result<Arc<RpcClient<P>>, SupervisorError> {
     let chan = AsyncChannel::new(chan).map_err(|e| SupervisorError::Start(e.to_string()))?;
     chan.handshake(which)
         .await
@@ -321,7 +385,11 @@ async fn stop_children(monitor: &Monitor) {
     if let Some(vmm) = &monitor.vmm {
         let _ = tokio::time::timeout(CHILD_EXIT_GRACE, vmm.call(VmmRequest::Shutdown, &[])).await;
     }
-    let _ = tokio::time::timeout(CHILD_EXIT_GRACE, monitor.block.call(BlockRequest::Shutdown, &[])).await;
+    let _ = tokio::time::timeout(
+        CHILD_EXIT_GRACE,
+        monitor.block.call(BlockRequest::Shutdown, &[]),
+    )
+    .await;
 }
 
 /// Waits for every child to be reaped, killing those that outstay the grace period.
@@ -333,8 +401,14 @@ async fn reap(launcher: &mut Launcher, children: &mut Children) {
             Ok(None) => break,
             Err(_) if !killed => {
                 for (kind, pid) in &children.0 {
-                    eprintln!("splitvmm: {} (pid {pid}) did not exit; killing it", kind.name());
-                    let _ = launcher.chan.send(&LaunchRequest::Kill { kind: *kind }, &[]).await;
+                    eprintln!(
+                        "splitvmm: {} (pid {pid}) did not exit; killing it",
+                        kind.name()
+                    );
+                    let _ = launcher
+                        .chan
+                        .send(&LaunchRequest::Kill { kind: *kind }, &[])
+                        .await;
                 }
                 killed = true;
             }

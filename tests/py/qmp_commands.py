@@ -36,10 +36,10 @@ async def next_event(qmp, name, timeout=10):
 async def main(sock, mode, drives):
     qmp = QMPClient("splitvmm-test")
     await qmp.connect(sock)  # greeting and qmp_capabilities, done by the library
-    greeting = qmp.greeting
-    check(greeting["QMP"]["version"]["qemu"] == {"major": 9, "minor": 2, "micro": 0},
-          f"greeting version {greeting}")
-    check(greeting["QMP"]["capabilities"] == [], f"greeting capabilities {greeting}")
+    greeting = qmp.greeting.QMP
+    check(greeting.version["qemu"] == {"major": 9, "minor": 2, "micro": 0},
+          f"greeting version {greeting.version}")
+    check(list(greeting.capabilities) == [], f"greeting capabilities {greeting.capabilities}")
 
     ver = await qmp.execute("query-version")
     check(ver["qemu"] == {"major": 9, "minor": 2, "micro": 0}, f"query-version {ver}")
@@ -87,8 +87,8 @@ async def main(sock, mode, drives):
         await qmp.execute("no-such-command")
         raise AssertionError("unknown command succeeded")
     except ExecuteError as e:
-        check(e.error.class_ == "CommandNotFound", f"class {e.error.class_}")
-        check(e.error.desc == "The command no-such-command has not been found", e.error.desc)
+        check(e.error_class == "CommandNotFound", f"class {e.error_class}")
+        check(str(e) == "The command no-such-command has not been found", str(e))
 
     await qmp.execute("quit")
     ev = await next_event(qmp, "SHUTDOWN")

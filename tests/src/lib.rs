@@ -15,12 +15,18 @@ use serde_json::Value;
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/debug/deps/<test> → target/debug
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// The repository root (for `tests/py`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 /// A scratch directory removed on drop.
@@ -58,21 +64,33 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{test}: /dev/kvm is missing, and CI is set");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: /dev/kvm is missing, and CI is set"
+    );
     eprintln!("SKIPPED {test}: /dev/kvm is missing");
     false
 }
 
 /// Runs a command to completion and checks it succeeded.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `qemu-img create -f FMT PATH SIZE`.
 pub fn qemu_img_create(fmt: &str, path: &Path, size: &str) {
-    run(Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(path).arg(size));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", fmt])
+        .arg(path)
+        .arg(size));
 }
 
 /// A running splitvmm with a QMP unix socket and a pidfile in its own scratch directory.
@@ -109,13 +127,26 @@ impl Splitvmm {
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
             .expect("start splitvmm");
-        let mut vm = Self { child, dir, qmp, pidfile, stderr };
+        let mut vm = Self {
+            child,
+            dir,
+            qmp,
+            pidfile,
+            stderr,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !vm.pidfile.exists() {
             if let Ok(Some(st)) = vm.child.try_wait() {
-                panic!("splitvmm exited during start-up ({st}): {}", vm.stderr_text());
+                panic!(
+                    "splitvmm exited during start-up ({st}): {}",
+                    vm.stderr_text()
+                );
             }
-            assert!(Instant::now() < deadline, "no pidfile after 30 s: {}", vm.stderr_text());
+            assert!(
+                Instant::now() < deadline,
+                "no pidfile after 30 s: {}",
+                vm.stderr_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         vm
@@ -136,7 +167,11 @@ impl Splitvmm {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
                 return st;
             }
-            assert!(Instant::now() < deadline, "splitvmm did not exit in {timeout:?}: {}", self.stderr_text());
+            assert!(
+                Instant::now() < deadline,
+                "splitvmm did not exit in {timeout:?}: {}",
+                self.stderr_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -178,17 +213,29 @@ pub struct RawQmp {
 impl RawQmp {
     /// Connects and reads the greeting.
     pub fn connect(path: &Path) -> Self {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-        let mut c = Self { reader: BufReader::new(s.try_clone().expect("clone")), writer: s };
+        let s =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut c = Self {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        };
         let greeting = c.read_raw_line();
-        assert!(greeting.ends_with("\r\n"), "greeting must end in CRLF: {greeting:?}");
+        assert!(
+            greeting.ends_with("\r\n"),
+            "greeting must end in CRLF: {greeting:?}"
+        );
         c
     }
 
     pub fn negotiate(&mut self) {
         let r = self.cmd(r#"{"execute": "qmp_capabilities"}"#);
-        assert_eq!(r["return"], serde_json::json!({}), "negotiation failed: {r}");
+        assert_eq!(
+            r["return"],
+            serde_json::json!({}),
+            "negotiation failed: {r}"
+        );
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -198,7 +245,10 @@ impl RawQmp {
     /// One line exactly as the server wrote it.
     pub fn read_raw_line(&mut self) -> String {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read from splitvmm");
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .expect("read from splitvmm");
         assert!(n > 0, "splitvmm closed the connection");
         line
     }

@@ -5,14 +5,27 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::{Splitvmm, TempDir, alive, descendants, kvm_or_skip, proc_name, proc_status_field, qemu_img_create};
+use tests::{
+    Splitvmm, TempDir, alive, descendants, kvm_or_skip, proc_name, proc_status_field,
+    qemu_img_create,
+};
 
 fn start_vm() -> Splitvmm {
     let dir = TempDir::new("procs");
     let img = dir.join("disk.raw");
     qemu_img_create("raw", &img, "1M");
     let drive = format!("id=disk0,file={},format=raw", img.display());
-    Splitvmm::start_in(dir, &["--kernel", "builtin:workload", "--memory", "64M", "--drive", &drive])
+    Splitvmm::start_in(
+        dir,
+        &[
+            "--kernel",
+            "builtin:workload",
+            "--memory",
+            "64M",
+            "--drive",
+            &drive,
+        ],
+    )
 }
 
 /// (name, pid) of the monitor and all its descendants.
@@ -24,7 +37,10 @@ fn tree(vm: &Splitvmm) -> Vec<(String, i32)> {
 }
 
 fn pid_of(tree: &[(String, i32)], name: &str) -> i32 {
-    tree.iter().find(|(n, _)| n == name).map(|t| t.1).unwrap_or_else(|| panic!("no {name} in {tree:?}"))
+    tree.iter()
+        .find(|(n, _)| n == name)
+        .map(|t| t.1)
+        .unwrap_or_else(|| panic!("no {name} in {tree:?}"))
 }
 
 #[test]
@@ -36,23 +52,58 @@ fn every_process_runs_under_its_seccomp_filter_and_namespaces() {
     let t = tree(&vm);
     assert_eq!(t.len(), 4, "monitor, launcher, block-proc, vmm-proc: {t:?}");
     for (name, pid) in &t {
-        assert_eq!(proc_status_field(*pid, "Seccomp").as_deref(), Some("2"), "{name} ({pid}) is not filtered");
-        assert_eq!(proc_status_field(*pid, "NoNewPrivs").as_deref(), Some("1"), "{name} ({pid}) lacks no_new_privs");
+        assert_eq!(
+            proc_status_field(*pid, "Seccomp").as_deref(),
+            Some("2"),
+            "{name} ({pid}) is not filtered"
+        );
+        assert_eq!(
+            proc_status_field(*pid, "NoNewPrivs").as_deref(),
+            Some("1"),
+            "{name} ({pid}) lacks no_new_privs"
+        );
     }
-    let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("ns link");
+    let ns = |pid: i32, kind: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("ns link")
+    };
     let me = std::process::id() as i32;
     let (block, vmm) = (pid_of(&t, "block-proc"), pid_of(&t, "vmm-proc"));
     for kind in ["pid", "ipc", "uts"] {
-        assert_ne!(ns(block, kind), ns(me, kind), "block-proc shares the {kind} namespace");
-        assert_ne!(ns(vmm, kind), ns(me, kind), "vmm-proc shares the {kind} namespace");
+        assert_ne!(
+            ns(block, kind),
+            ns(me, kind),
+            "block-proc shares the {kind} namespace"
+        );
+        assert_ne!(
+            ns(vmm, kind),
+            ns(me, kind),
+            "vmm-proc shares the {kind} namespace"
+        );
     }
-    assert_ne!(ns(vmm, "net"), ns(me, "net"), "vmm-proc shares the network namespace");
-    assert_ne!(ns(vmm, "mnt"), ns(me, "mnt"), "vmm-proc shares the mount namespace");
-    assert_eq!(ns(block, "net"), ns(me, "net"), "block-proc keeps the host network namespace");
+    assert_ne!(
+        ns(vmm, "net"),
+        ns(me, "net"),
+        "vmm-proc shares the network namespace"
+    );
+    assert_ne!(
+        ns(vmm, "mnt"),
+        ns(me, "mnt"),
+        "vmm-proc shares the mount namespace"
+    );
+    assert_eq!(
+        ns(block, "net"),
+        ns(me, "net"),
+        "block-proc keeps the host network namespace"
+    );
     // vmm-proc's root is empty.
-    let root: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/root")).expect("vmm root").collect();
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/root"))
+        .expect("vmm root")
+        .collect();
     assert!(root.is_empty(), "vmm-proc sees files at its root: {root:?}");
-    assert_eq!(proc_status_field(vmm, "NSpid").map(|s| s.split_whitespace().last().map(String::from)), Some(Some("1".into())));
+    assert_eq!(
+        proc_status_field(vmm, "NSpid").map(|s| s.split_whitespace().last().map(String::from)),
+        Some(Some("1".into()))
+    );
 }
 
 #[test]
@@ -65,15 +116,30 @@ fn query_block_is_answered_by_block_proc() {
     let block = pid_of(&tree(&vm), "block-proc");
     let mut c = vm.raw_qmp();
     let r = c.cmd(r#"{"execute": "query-block", "id": 1}"#);
-    assert_eq!(r["return"][0]["inserted"]["image"]["virtual-size"], json!(2 << 20), "{r}");
+    assert_eq!(
+        r["return"][0]["inserted"]["image"]["virtual-size"],
+        json!(2 << 20),
+        "{r}"
+    );
     // Freeze block-proc: query-block waits for it, while the monitor itself still answers.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(block), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(block),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
     c.send(br#"{"execute": "query-block", "id": 2}"#);
     let mut other = vm.raw_qmp();
     let r = other.cmd(r#"{"execute": "query-version", "id": 3}"#);
-    assert_eq!(r["id"], 3, "the monitor must answer while block-proc is frozen");
+    assert_eq!(
+        r["id"], 3,
+        "the monitor must answer while block-proc is frozen"
+    );
     std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(block), nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(block),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
     let r = c.reply();
     assert_eq!(r["id"], 2);
     assert_eq!(r["return"][0]["device"], "disk0", "{r}");
@@ -89,20 +155,37 @@ fn a_killed_block_proc_is_reported_and_everything_shuts_down() {
     let t = tree(&vm);
     let block = pid_of(&t, "block-proc");
     let mut c = vm.raw_qmp();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(block), nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(block),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
     let ev = c.read();
     assert_eq!(ev["event"], "__org.splitvmm_CHILD_EXITED", "{ev}");
-    assert_eq!(ev["data"], json!({"process": "block-proc", "pid": block, "signal": "SIGKILL", "signal-number": 9}));
+    assert_eq!(
+        ev["data"],
+        json!({"process": "block-proc", "pid": block, "signal": "SIGKILL", "signal-number": 9})
+    );
     let ev = c.read();
     assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
     assert_eq!(ev["data"], json!({"guest": false, "reason": "host-error"}));
     let status = vm.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(1), "{}", vm.stderr_text());
-    assert!(vm.stderr_text().contains(&format!("block-proc (pid {block}) was killed by signal 9 (SIGKILL)")), "{}", vm.stderr_text());
+    assert!(
+        vm.stderr_text().contains(&format!(
+            "block-proc (pid {block}) was killed by signal 9 (SIGKILL)"
+        )),
+        "{}",
+        vm.stderr_text()
+    );
     assert!(!vm.qmp.exists(), "socket left behind");
     let deadline = Instant::now() + Duration::from_secs(5);
     while t.iter().any(|(_, p)| alive(*p)) {
-        assert!(Instant::now() < deadline, "processes left behind: {:?}", t.iter().filter(|(_, p)| alive(*p)).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind: {:?}",
+            t.iter().filter(|(_, p)| alive(*p)).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -112,11 +195,19 @@ fn sigterm_shuts_down_cleanly() {
     let mut vm = Splitvmm::start(&[]);
     let t = tree(&vm);
     let mut c = vm.raw_qmp();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.pid()), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
     let ev = c.read();
     assert_eq!(ev["event"], "SHUTDOWN");
     assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
-    assert!(vm.wait_exit(Duration::from_secs(15)).success(), "{}", vm.stderr_text());
+    assert!(
+        vm.wait_exit(Duration::from_secs(15)).success(),
+        "{}",
+        vm.stderr_text()
+    );
     assert!(!vm.qmp.exists() && !vm.pidfile.exists());
     std::thread::sleep(Duration::from_millis(100));
     assert!(t.iter().all(|(_, p)| !alive(*p)), "left behind: {t:?}");
@@ -134,7 +225,11 @@ fn a_killed_monitor_takes_its_children_with_it() {
     let _ = vm.child.wait();
     let deadline = Instant::now() + Duration::from_secs(5);
     while t.iter().any(|(_, p)| alive(*p)) {
-        assert!(Instant::now() < deadline, "orphans: {:?}", t.iter().filter(|(_, p)| alive(*p)).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "orphans: {:?}",
+            t.iter().filter(|(_, p)| alive(*p)).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -40,7 +40,11 @@ fn run_scenario(extra: &[&str], mode: &str) {
         vm.stderr_text()
     );
     let status = vm.wait_exit(Duration::from_secs(15));
-    assert!(status.success(), "splitvmm exit after quit: {status}: {}", vm.stderr_text());
+    assert!(
+        status.success(),
+        "splitvmm exit after quit: {status}: {}",
+        vm.stderr_text()
+    );
     assert!(!vm.qmp.exists(), "the QMP socket was not removed");
     assert!(!vm.pidfile.exists(), "the pidfile was not removed");
 }

@@ -24,8 +24,17 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(config: VmmConfig, kernel: Option<OwnedFd>, drives: Vec<GuestDrive>) -> Self {
-        let state = if config.start_paused { RunState::Prelaunch } else { RunState::Running };
-        Self { config, _kernel: kernel, drives, state }
+        let state = if config.start_paused {
+            RunState::Prelaunch
+        } else {
+            RunState::Running
+        };
+        Self {
+            config,
+            _kernel: kernel,
+            drives,
+            state,
+        }
     }
 
     /// The transition a request asks for, if any, or QEMU's error for it.
@@ -35,7 +44,9 @@ impl Vm {
             (VmmRequest::Stop, _) => None,
             (VmmRequest::Cont, RunState::Paused | RunState::Prelaunch) => Some(RunState::Running),
             (VmmRequest::Cont, RunState::Shutdown) => {
-                return Err(QmpError::generic("Resetting the Virtual Machine is required"));
+                return Err(QmpError::generic(
+                    "Resetting the Virtual Machine is required",
+                ));
             }
             _ => None,
         })
@@ -57,10 +68,18 @@ impl Vm {
             };
             let result = match &call.request {
                 VmmRequest::QueryStatus => Ok(VmmReply::Status(self.state)),
-                VmmRequest::Configure(_) => Err(QmpError::generic("vmm-proc is already configured")),
+                VmmRequest::Configure(_) => {
+                    Err(QmpError::generic("vmm-proc is already configured"))
+                }
                 VmmRequest::Shutdown => {
                     self.state = RunState::Shutdown;
-                    monitor.send(&VmmMessage::Reply { id: call.id, result: Ok(VmmReply::Done) }, &[])?;
+                    monitor.send(
+                        &VmmMessage::Reply {
+                            id: call.id,
+                            result: Ok(VmmReply::Done),
+                        },
+                        &[],
+                    )?;
                     return Ok(());
                 }
                 VmmRequest::Stop | VmmRequest::Cont => match self.transition(&call.request) {
@@ -73,7 +92,13 @@ impl Vm {
                     Err(e) => Err(e),
                 },
             };
-            monitor.send(&VmmMessage::Reply { id: call.id, result }, &[])?;
+            monitor.send(
+                &VmmMessage::Reply {
+                    id: call.id,
+                    result,
+                },
+                &[],
+            )?;
         }
     }
 }

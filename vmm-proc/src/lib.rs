@@ -53,11 +53,22 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
     let reply = |result: Result<VmmReply, QmpError>| VmmMessage::Reply { id, result };
 
     block.handshake(Link::VmmBlock)?;
-    block.send(&VmmBlockCall { id: 1, request: VmmBlockRequest::ListDevices }, &[])?;
+    block.send(
+        &VmmBlockCall {
+            id: 1,
+            request: VmmBlockRequest::ListDevices,
+        },
+        &[],
+    )?;
     let drives = match block.recv::<VmmBlockReply>()?.msg {
-        VmmBlockReply { id: 1, result: Ok(VmmBlockAnswer::Devices(d)) } => d,
+        VmmBlockReply {
+            id: 1,
+            result: Ok(VmmBlockAnswer::Devices(d)),
+        } => d,
         VmmBlockReply { result: Err(e), .. } => return Err(Error::Block(e)),
-        VmmBlockReply { id, .. } => return Err(Error::Block(format!("answer to unknown request {id}"))),
+        VmmBlockReply { id, .. } => {
+            return Err(Error::Block(format!("answer to unknown request {id}")));
+        }
     };
     tracing::info!(?drives, "guest drives");
 
@@ -66,7 +77,10 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
         let mut keep = vec![monitor_fd, peer_fd];
         keep.extend(kernel.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
         if let Err(e) = sandbox::enter(&keep) {
-            monitor.send(&reply(Err(QmpError::generic(format!("vmm-proc sandbox: {e}")))), &[])?;
+            monitor.send(
+                &reply(Err(QmpError::generic(format!("vmm-proc sandbox: {e}")))),
+                &[],
+            )?;
             return Err(e.into());
         }
     }

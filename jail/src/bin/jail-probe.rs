@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let mode = args.first().map_or("", String::as_str);
     let result = match mode {
-        "openat" => openat(),
+        "socket" => socket(),
         "idle" => idle(),
         "landlock" => landlock(&args[1..]),
         "ns-report" => ns_report(),
@@ -54,11 +54,11 @@ fn policy(extra: Vec<Rule>) -> Policy {
     }
 }
 
-/// Jails itself without openat, then opens a file: SIGSYS must kill it.
-fn openat() -> Result {
+/// Jails itself without socket, then makes one: SIGSYS must kill it.
+fn socket() -> Result {
     let _ = jail::enter(&policy(Vec::new()))?;
-    let opened = fs::File::open("/etc/hostname");
-    Err(format!("openat returned {opened:?} instead of killing the process").into())
+    let made = std::net::UdpSocket::bind("127.0.0.1:0");
+    Err(format!("socket returned {made:?} instead of killing the process").into())
 }
 
 /// Jails itself (dropping capabilities as root), starts a thread (clone3 gets ENOSYS, glibc

@@ -21,10 +21,10 @@ pub mod json;
 pub mod schema;
 pub mod wire;
 
-pub use ipc::{ErrorClass, QmpError};
 pub use self::json::{JsonStreamer, Limits};
 pub use self::schema::{ArgType, Member, normalize, validate};
 pub use self::wire::{
     Request, RequestError, Timestamp, event, greeting, parse_request, response_err, response_ok,
     to_wire,
 };
+pub use ipc::{ErrorClass, QmpError};
