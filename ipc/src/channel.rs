@@ -48,8 +48,11 @@ fn send_frame(fd: RawFd, frame: &[u8], fds: &[RawFd], flags: MsgFlags) -> nix::R
     }
 }
 
+/// A frame's bytes and the descriptors that came with it.
+type Frame = (Vec<u8>, Vec<OwnedFd>);
+
 /// Receives one frame. `Ok(None)` means the peer closed the link.
-fn recv_frame(fd: RawFd, flags: MsgFlags) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, RecvError> {
+fn recv_frame(fd: RawFd, flags: MsgFlags) -> Result<Option<Frame>, RecvError> {
     let mut buf = vec![0u8; MAX_FRAME + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];

@@ -293,20 +293,18 @@ impl Cli {
                 return Err(format!("--drive id={}: duplicate drive id", d.id));
             }
         }
-        if let Some(name) = &self.name {
-            if name.is_empty() || name.contains(',') {
-                return Err(format!(
-                    "--name '{name}': must be non-empty and without ','"
-                ));
-            }
+        if let Some(name) = &self.name
+            && (name.is_empty() || name.contains(','))
+        {
+            return Err(format!(
+                "--name '{name}': must be non-empty and without ','"
+            ));
         }
-        if let Some(Kernel::Builtin(_)) = &self.kernel {
-            if let Some(initrd) = &self.initrd {
-                return Err(format!(
-                    "--initrd {}: a built-in kernel takes no initrd",
-                    initrd.display()
-                ));
-            }
+        if let (Some(Kernel::Builtin(_)), Some(initrd)) = (&self.kernel, &self.initrd) {
+            return Err(format!(
+                "--initrd {}: a built-in kernel takes no initrd",
+                initrd.display()
+            ));
         }
         if let Some(uri) = &self.incoming {
             return Err(format!(

@@ -127,14 +127,14 @@ async fn execute(
                 ));
             }
             // The schema admits only known capabilities; none of them is offered.
-            if let Some(Value::Array(caps)) = args.get("enable") {
-                if !caps.is_empty() {
-                    let names: Vec<&str> = caps.iter().filter_map(Value::as_str).collect();
-                    return Err(QmpError::generic(format!(
-                        "Capability {} not available",
-                        names.join(", ")
-                    )));
-                }
+            if let Some(Value::Array(caps)) = args.get("enable")
+                && !caps.is_empty()
+            {
+                let names: Vec<&str> = caps.iter().filter_map(Value::as_str).collect();
+                return Err(QmpError::generic(format!(
+                    "Capability {} not available",
+                    names.join(", ")
+                )));
             }
             session.negotiated.store(true, Ordering::Release);
             Ok(json!({}))

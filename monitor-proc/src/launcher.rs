@@ -40,11 +40,9 @@ pub fn run(chan: Channel, helpers: PathBuf, monitor: Pid, sandbox: bool) -> ! {
     if nix::unistd::getppid() != monitor {
         std::process::exit(0);
     }
-    if sandbox {
-        if let Err(e) = crate::sandbox::launcher_denylist().install("splitvmm launcher") {
-            eprintln!("splitvmm launcher: sandbox: {e}");
-            std::process::exit(1);
-        }
+    if sandbox && let Err(e) = crate::sandbox::launcher_denylist().install("splitvmm launcher") {
+        eprintln!("splitvmm launcher: sandbox: {e}");
+        std::process::exit(1);
     }
     let mut children: Vec<Running> = Vec::new();
     let status = match serve(&chan, &helpers, &mut children) {

@@ -75,7 +75,9 @@ impl Protocol for Vmm {
     }
 }
 
-type Pending<R> = Mutex<Option<HashMap<CallId, oneshot::Sender<Result<R, QmpError>>>>>;
+/// Callers waiting for their reply, by request id.
+type Waiters<R> = HashMap<CallId, oneshot::Sender<Result<R, QmpError>>>;
+type Pending<R> = Mutex<Option<Waiters<R>>>;
 
 /// The monitor's end of a link.
 pub struct RpcClient<P: Protocol> {
@@ -107,12 +109,7 @@ impl<P: Protocol> RpcClient<P> {
         })
     }
 
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        Option<HashMap<CallId, oneshot::Sender<Result<P::Reply, QmpError>>>>,
-    > {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Option<Waiters<P::Reply>>> {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

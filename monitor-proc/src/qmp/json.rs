@@ -24,8 +24,9 @@
 //!
 //! * **Lexical error** (a byte no token can contain, e.g. `@`, a control
 //!   character, `0xFF`, or a control character inside a string): exactly as
-//!   QEMU. One "JSON parse error, stray '...'" quoting the bad token so far;
-//!   the message being read is dropped; the lexer then skips input up to the
+//!   QEMU. One "JSON parse error, stray '...'" quoting the bad token so far
+//!   (as QEMU shows it: cut at a NUL byte, each invalid UTF-8 sequence as
+//!   U+FFFD); the message being read is dropped; the lexer then skips input up to the
 //!   next structural character (`{}[],:`), ASCII control character other
 //!   than `\t` (so a newline), or byte `0xFE`/`0xFF`, and resumes there with
 //!   a fresh message. Hence an ASCII control character other than `\t`, `\r`,
@@ -150,12 +151,34 @@ enum State {
 
 type Output = Vec<Result<Value, QmpError>>;
 
+/// Token buffer capacity kept between tokens.
+const KEEP_TOKEN_CAPACITY: usize = 64 << 10;
+
 fn parse_error(what: impl std::fmt::Display) -> QmpError {
     QmpError::generic(format!("JSON parse error, {what}"))
 }
 
-fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+/// Bytes as QEMU's JSON writer shows them: each invalid sequence (a bad
+/// lead byte and the continuation bytes it claims) becomes one U+FFFD.
+fn lossy(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some(&lead) = rest.first() {
+        let (c, len) = utf8_char(rest).unwrap_or_else(|| {
+            let claimed = match lead {
+                0xC0..=0xFD => lead.leading_ones() as usize - 1,
+                _ => 0,
+            };
+            let cont = rest.iter().skip(1).take(claimed);
+            (
+                '\u{FFFD}',
+                1 + cont.take_while(|&&b| b & 0xC0 == 0x80).count(),
+            )
+        });
+        out.push(c);
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    out
 }
 
 const fn is_structural(b: u8) -> bool {
@@ -186,9 +209,9 @@ fn num_step(n: Num, b: u8) -> NumStep {
         (Int | Frac, b'e' | b'E') => NumStep::Next(Exp),
         (Exp, b'+' | b'-') => NumStep::Next(ExpSign),
         (Exp | ExpSign | ExpDigits, b'0'..=b'9') => NumStep::Next(ExpDigits),
+        (Zero, b'0'..=b'9') | (Sign | Dot | Exp | ExpSign, _) => NumStep::Bad,
         (Zero | Int, _) => NumStep::End(Tok::Int),
         (Frac | ExpDigits, _) => NumStep::End(Tok::Float),
-        (Sign | Dot | Exp | ExpSign, _) => NumStep::Bad,
     }
 }
 
@@ -348,18 +371,23 @@ impl JsonStreamer {
         self.msg.parser = Parser::default();
     }
 
-    /// A byte that no token can contain at this point.
+    /// A byte that no token can contain at this point. QEMU quotes the token
+    /// as a C string, so a NUL byte (only ever the last one) is not shown.
     fn lex_error(&mut self, b: u8, out: &mut Output) -> usize {
         self.store(&[b]);
-        out.push(Err(parse_error(format_args!(
-            "stray '{}'",
-            lossy(&self.tok)
-        ))));
-        self.tok.clear();
-        self.tok_len = 0;
+        let text = self.tok.split(|&c| c == 0).next().unwrap_or_default();
+        out.push(Err(parse_error(format_args!("stray '{}'", lossy(text)))));
+        self.clear_token();
         self.msg = Message::default();
         self.lex = Lex::Recovery;
         1
+    }
+
+    /// Forgets the current token, releasing the buffer a huge one left behind.
+    fn clear_token(&mut self) {
+        self.tok.clear();
+        self.tok.shrink_to(KEEP_TOKEN_CAPACITY);
+        self.tok_len = 0;
     }
 
     /// A complete token: account for it, parse it, and end the message when
@@ -394,8 +422,7 @@ impl JsonStreamer {
         if let Some(desc) = limit {
             self.fail(desc, out);
         }
-        self.tok.clear();
-        self.tok_len = 0;
+        self.clear_token();
 
         let m = &self.msg;
         if (m.braces > 0 || m.brackets > 0) && m.braces >= 0 && m.brackets >= 0 {
@@ -603,10 +630,18 @@ fn utf8_char(b: &[u8]) -> Option<(char, usize)> {
     valid_char(u32::from(c)).map(|c| (c, len))
 }
 
-/// QEMU accepts Unicode scalar values except the 66 noncharacters.
+/// One of Unicode's 66 noncharacters, which QEMU neither reads nor writes.
+pub(super) fn is_noncharacter(cp: u32) -> bool {
+    (0xFDD0..=0xFDEF).contains(&cp) || cp & 0xFFFE == 0xFFFE
+}
+
+/// QEMU accepts Unicode scalar values except the noncharacters.
 fn valid_char(cp: u32) -> Option<char> {
-    let nonchar = (0xFDD0..=0xFDEF).contains(&cp) || cp & 0xFFFE == 0xFFFE;
-    if nonchar { None } else { char::from_u32(cp) }
+    if is_noncharacter(cp) {
+        None
+    } else {
+        char::from_u32(cp)
+    }
 }
 
 /// The escape at `tok[i]` (a backslash): the char and the bytes it spans.
@@ -656,6 +691,462 @@ fn unicode_escape(tok: &[u8], i: usize) -> Result<(char, usize), QmpError> {
                 "{} is not a valid Unicode character",
                 lossy(shown)
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    type Out = Vec<Result<Value, QmpError>>;
+
+    fn err(what: &str) -> Result<Value, QmpError> {
+        Err(parse_error(what))
+    }
+
+    fn whole(input: &[u8]) -> Out {
+        JsonStreamer::new(Limits::default()).feed(input)
+    }
+
+    fn chunked(s: &mut JsonStreamer, input: &[u8], size: usize) -> Out {
+        input.chunks(size).flat_map(|c| s.feed(c)).collect()
+    }
+
+    /// Feeds `input` whole, byte by byte and in odd chunks; all must agree.
+    fn run(input: &[u8]) -> Out {
+        let out = whole(input);
+        for size in [1, 3, 7] {
+            let mut s = JsonStreamer::new(Limits::default());
+            assert_eq!(chunked(&mut s, input, size), out, "chunks of {size}");
+        }
+        out
+    }
+
+    #[test]
+    fn measured_qemu_errors() {
+        let cases: &[(&[u8], &[&str])] = &[
+            (b"{\"execute\": }", &["expecting value"]),
+            (b"}", &["expecting value"]),
+            (b"@", &["stray '@'"]),
+            (b"{\"id\":tru}", &["invalid keyword 'tru'"]),
+            (b"{\"a\":1,\"a\":2}", &["duplicate key"]),
+            (b"\x01", &["stray '\u{1}'"]),
+            (
+                b"{\"execute\":\"a\x01b\"}",
+                &["stray '\"a\u{1}'", "expecting value"],
+            ),
+            (b"\"a\x01b\"", &["stray '\"a\u{1}'"]),
+            (b"\x00", &["stray ''"]),
+            (b"[\"ab\x00\"]", &["stray '\"ab'", "expecting value"]),
+            (b"\xc3\xa9", &["stray '\u{FFFD}'"]),
+            (b"\xff", &["stray '\u{FFFD}'"]),
+            // One U+FFFD per bad lead byte and the continuation bytes it claims.
+            (
+                b"'x\xf0\x8c]\xe0\x80\x80\xef\xbf\xbe\xc3\xa9\x80\x01",
+                &["stray ''x\u{FFFD}]\u{FFFD}\u{FFFD}\u{e9}\u{FFFD}\u{1}'"],
+            ),
+            (b"\"\xff\"", &["stray '\"\u{FFFD}'"]),
+            (b"'a\xfe'", &["stray ''a\u{FFFD}'"]),
+            // 0xFE/0xFF end recovery (and are stray themselves); digits do not.
+            (b"@x\xfe1 ", &["stray '@'", "stray '\u{FFFD}'"]),
+            (b"\"\xc3\"", &["invalid UTF-8 sequence in string"]),
+            (b"\"\xef\xbf\xbe\"", &["invalid UTF-8 sequence in string"]),
+            (
+                b"[\"\\uD800\"]",
+                &["\\uD800 is not a valid Unicode character"],
+            ),
+            (
+                b"[\"\\uDBFF\\uDFFF\"]",
+                &["\\uDBFF\\uDFFF is not a valid Unicode character"],
+            ),
+            (
+                b"[\"\\uD800\\u0041\"]",
+                &["\\uD800 is not a valid Unicode character"],
+            ),
+            (
+                b"[\"\\u12\"]",
+                &["\\u12\" is not a valid Unicode character"],
+            ),
+            (b"[\"\\u\"]", &["\\u\" is not a valid Unicode character"]),
+            (b"[\"\\x\"]", &["invalid escape sequence in string"]),
+            (b"01 ", &["stray '01'"]),
+            (b"-a", &["stray '-a'"]),
+            (b"- ", &["stray '- '"]),
+            (b"-}", &["stray '-}'"]),
+            (b"1.x", &["stray '1.x'"]),
+            (b"1e+x", &["stray '1e+x'"]),
+            (b"True", &["stray 'T'"]),
+            (b"{1:2}", &["key is not a string in object"]),
+            (b"{[1 2]:3}", &["expected separator in list"]),
+            (b"{\"a\" 1}", &["missing : in object pair"]),
+            (b"{\"a\":1 \"b\"}", &["expected separator in dict"]),
+            (b"[1 2]", &["expected separator in list"]),
+            (b"[1,]", &["expecting value"]),
+            (b"{\"a\":1,}", &["expecting value"]),
+            (b"{]", &["expecting value"]),
+            (b"[}", &["expecting value"]),
+            (
+                b"{\"a\": 1]}",
+                &["expected separator in dict", "expecting value"],
+            ),
+            (b"[{]}", &["expecting value"]),
+        ];
+        for (input, expected) in cases {
+            let expected: Out = expected.iter().map(|e| err(e)).collect();
+            assert_eq!(run(input), expected, "input {:?}", lossy(input));
+        }
+    }
+
+    #[test]
+    fn lexical_error_desc_keeps_raw_control_char() {
+        let out = whole(b"\x01");
+        let Some(Err(e)) = out.first() else {
+            panic!("no error: {out:?}")
+        };
+        assert_eq!(e.desc, "JSON parse error, stray '\u{1}'");
+        assert_eq!(e.class, super::super::ErrorClass::GenericError);
+    }
+
+    #[test]
+    fn values_and_qemu_extensions() {
+        let out = run(b"{'execute':'nope','id':'a\\'b\"c'}");
+        assert_eq!(out, vec![Ok(json!({"execute": "nope", "id": "a'b\"c"}))]);
+        let mut input = br#"["\u00e9\uD83D\uDE00\u0000\n\t\b\f\r\/\\\"", "\u00E9", ""#.to_vec();
+        input.extend_from_slice("é😀\", \"".as_bytes());
+        input.extend_from_slice(b"\xc0\x80\"]");
+        let out = run(&input);
+        assert_eq!(
+            out,
+            vec![Ok(json!(["é😀\0\n\t\u{8}\u{c}\r/\\\"", "é", "é😀", "\0"]))]
+        );
+        let out = run(b"{\"a\": [true, false, null, {}, []], \"b\": {\"c\": \"d\"}}");
+        assert_eq!(
+            out,
+            vec![Ok(
+                json!({"a": [true, false, null, {}, []], "b": {"c": "d"}})
+            )]
+        );
+        // Member order is preserved.
+        let out = run(b"{\"z\": 1, \"a\": 2}");
+        let keys: Vec<String> = match out.first() {
+            Some(Ok(Value::Object(m))) => m.keys().cloned().collect(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(keys, ["z", "a"]);
+    }
+
+    #[test]
+    fn numbers_keep_integer_width() {
+        let out = run(b"[0, -0, -1, 9223372036854775807, 9223372036854775808, \
+              18446744073709551615, 18446744073709551616, -9223372036854775809, \
+              1.5e3, 1E2, 0.5e-1, -2.5]");
+        let expected = json!([
+            0,
+            0,
+            -1,
+            i64::MAX,
+            9_223_372_036_854_775_808_u64,
+            u64::MAX,
+            18_446_744_073_709_551_616.0,
+            -9_223_372_036_854_775_809.0,
+            1500.0,
+            100.0,
+            0.05,
+            -2.5
+        ]);
+        assert_eq!(out, vec![Ok(expected)]);
+        // `0` cannot take an exponent: QEMU lexes `0e5` as 0, keyword e, 5.
+        assert_eq!(
+            run(b"0e5 "),
+            vec![Ok(json!(0)), err("invalid keyword 'e'"), Ok(json!(5))]
+        );
+        assert_eq!(run(b"[1e999]"), vec![err("number '1e999' out of range")]);
+    }
+
+    #[test]
+    fn messages_need_no_newline_and_scalars_wait_for_lookahead() {
+        let mut s = JsonStreamer::new(Limits::default());
+        let out = s.feed(b"{\"a\":1}{\"b\":2}[3]\"s\"'t' 4 true");
+        assert_eq!(
+            out,
+            vec![
+                Ok(json!({"a": 1})),
+                Ok(json!({"b": 2})),
+                Ok(json!([3])),
+                Ok(json!("s")),
+                Ok(json!("t")),
+                Ok(json!(4))
+            ]
+        );
+        assert_eq!(s.feed(b"\n"), vec![Ok(json!(true))]);
+        assert_eq!(s.feed(b"12"), vec![]);
+        assert_eq!(s.feed(b"3{}"), vec![Ok(json!(123)), Ok(json!({}))]);
+    }
+
+    #[test]
+    fn fragmentation_does_not_matter() {
+        let input = "{\"execute\": \"x\", \"arguments\": {\"s\": \"é😀\\u00e9\\ud83d\\ude00\", \
+                     \"n\": -12.5e-3, \"l\": [1, [2, {}]], 'q': 'it\\'s'}, \"id\": 1}\r\n\
+                     [1]\"two\" 3 nul true @ {\"ok\": null}\n";
+        let out = run(input.as_bytes());
+        assert_eq!(out.len(), 8, "{out:?}");
+        assert_eq!(out.get(1), Some(&Ok(json!([1]))));
+        assert_eq!(out.get(4), Some(&err("invalid keyword 'nul'")));
+        assert_eq!(out.get(5), Some(&Ok(json!(true))));
+        assert_eq!(out.get(6), Some(&err("stray '@'")));
+        assert_eq!(out.get(7), Some(&Ok(json!({"ok": null}))));
+    }
+
+    #[test]
+    fn lexical_errors_resume_at_next_token_like_qemu() {
+        assert_eq!(
+            run(b"{\"execute\": @}{\"execute\":\"x\"}"),
+            vec![
+                err("stray '@'"),
+                err("expecting value"),
+                Ok(json!({"execute": "x"}))
+            ]
+        );
+        // Recovery skips to a newline (not a tab), a structural char or 0xFE/0xFF.
+        assert_eq!(
+            run(b"@a\t\"x\" 5\n1 "),
+            vec![err("stray '@'"), Ok(json!(1))]
+        );
+        assert_eq!(
+            run(b"{\"a\": \xff{\"b\":1}"),
+            vec![err("stray '\u{FFFD}'"), Ok(json!({"b": 1}))]
+        );
+        // A control character resets a half-read message.
+        assert_eq!(
+            run(b"{\"execute\": \"x\", \"arguments\": {\x1b{\"execute\":\"y\"}"),
+            vec![err("stray '\u{1b}'"), Ok(json!({"execute": "y"}))]
+        );
+        // A pending grammar error is dropped by the reset, as QEMU never saw it.
+        assert_eq!(
+            run(b"{\"a\" 1, \x01 {\"ok\":1}"),
+            vec![err("stray '\u{1}'"), Ok(json!({"ok": 1}))]
+        );
+    }
+
+    #[test]
+    fn grammar_error_reported_once_at_message_end() {
+        let mut s = JsonStreamer::new(Limits::default());
+        assert_eq!(s.feed(b"{\"a\" 1, \"b\": [1, 2, {\"c\": 3}"), vec![]);
+        assert!(
+            s.msg.parser.stack.is_empty(),
+            "failed message is not stored"
+        );
+        assert_eq!(
+            s.feed(b"]}{\"ok\":1}"),
+            vec![err("missing : in object pair"), Ok(json!({"ok": 1}))]
+        );
+    }
+
+    fn small() -> JsonStreamer {
+        JsonStreamer::new(Limits {
+            max_message_bytes: 32,
+            max_tokens: 10,
+            max_depth: 3,
+        })
+    }
+
+    #[test]
+    fn default_limits_are_qemus() {
+        let l = Limits::default();
+        assert_eq!(
+            (l.max_message_bytes, l.max_tokens, l.max_depth),
+            (64 * 1024 * 1024, 2_097_152, 1024)
+        );
+    }
+
+    #[test]
+    fn size_limit_one_error_bounded_memory_and_recovery() {
+        let size = || err_plain("JSON token size limit exceeded");
+        let mut s = small();
+        // Token bytes + 1 may reach the limit but not exceed it, as in QEMU.
+        let fits = format!("\"{}\"", "a".repeat(29));
+        assert_eq!(s.feed(fits.as_bytes()), vec![Ok(json!("a".repeat(29)))]);
+        let over = format!("\"{}\"", "a".repeat(30));
+        assert_eq!(s.feed(over.as_bytes()), vec![size()]);
+
+        assert_eq!(s.feed(b"{\"s\": \""), vec![]);
+        let mut out = s.feed(&[b'a'; 100_000]);
+        assert!(s.tok.len() <= 32, "token buffer grew to {}", s.tok.len());
+        assert!(s.msg.parser.stack.is_empty());
+        out.extend(s.feed(b"\", \"t\": [1, 2]}{\"ok\":1}"));
+        assert_eq!(out, vec![size(), Ok(json!({"ok": 1}))]);
+    }
+
+    fn err_plain(desc: &str) -> Result<Value, QmpError> {
+        Err(QmpError::generic(desc))
+    }
+
+    #[test]
+    fn token_count_limit() {
+        let count = || err_plain("JSON token count limit exceeded");
+        let mut s = small();
+        assert_eq!(s.feed(b"[1,2,[[]]]"), vec![Ok(json!([1, 2, [[]]]))]);
+        assert_eq!(s.feed(b"[1,2,3,4,5]"), vec![count()]);
+        // Mid-message: one error, the rest of the message is skipped.
+        assert_eq!(
+            s.feed(b"[1,2,3,4,5,6,[7],8][9]"),
+            vec![count(), Ok(json!([9]))]
+        );
+        // A limit error replaces a pending grammar error, as in QEMU.
+        assert_eq!(s.feed(b"{\"a\" 1,2,3,4,5,6}"), vec![count()]);
+    }
+
+    #[test]
+    fn nesting_limit() {
+        let depth = || err_plain("JSON nesting depth limit exceeded");
+        let mut s = small();
+        assert_eq!(s.feed(b"[[[1]]]"), vec![Ok(json!([[[1]]]))]);
+        assert_eq!(s.feed(b"{\"a\":[[1]]}"), vec![Ok(json!({"a": [[1]]}))]);
+        assert_eq!(s.feed(b"[[[[1]]]][2]"), vec![depth(), Ok(json!([2]))]);
+        assert_eq!(s.feed(b"{\"a\":[[[1]]]}"), vec![depth()]);
+        // A lexical error still resets a discarded message at once.
+        assert_eq!(
+            s.feed(b"[[[[\x01[1]"),
+            vec![depth(), err("stray '\u{1}'"), Ok(json!([1]))]
+        );
+    }
+
+    fn nested(depth: usize, inner: &str) -> String {
+        format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn default_depth_matches_qemu() {
+        let depth = || err_plain("JSON nesting depth limit exceeded");
+        let out = whole(nested(1024, "1").as_bytes());
+        assert!(matches!(out.as_slice(), [Ok(Value::Array(_))]), "{out:?}");
+        assert_eq!(whole(nested(1025, "1").as_bytes()), vec![depth()]);
+        let in_object = |n| {
+            format!(
+                "{{\"execute\": \"x\", \"arguments\": {{\"a\": {}}}}}",
+                nested(n, "")
+            )
+        };
+        assert!(matches!(
+            whole(in_object(1022).as_bytes()).as_slice(),
+            [Ok(_)]
+        ));
+        assert_eq!(whole(in_object(1023).as_bytes()), vec![depth()]);
+        assert_eq!(whole(in_object(1024).as_bytes()), vec![depth()]);
+    }
+
+    #[test]
+    fn depth_100000_neither_overflows_nor_spews() {
+        let mut s = JsonStreamer::new(Limits::default());
+        let mut input = nested(100_000, "1");
+        input.push_str(&"{\"a\":".repeat(100_000));
+        input.push_str(&"}".repeat(100_000));
+        input.push_str("{\"execute\":\"x\"}");
+        let depth = || err_plain("JSON nesting depth limit exceeded");
+        assert_eq!(
+            chunked(&mut s, input.as_bytes(), 4096),
+            vec![depth(), depth(), Ok(json!({"execute": "x"}))]
+        );
+    }
+
+    #[test]
+    fn ten_megabyte_string_is_accepted() {
+        let big = "x".repeat(10 << 20);
+        let input = format!("{{\"execute\": \"e\", \"arguments\": {{\"s\": \"{big}\"}}}}");
+        let mut s = JsonStreamer::new(Limits::default());
+        let out = chunked(&mut s, input.as_bytes(), 64 << 10);
+        let [Ok(v)] = out.as_slice() else {
+            panic!("{} results", out.len())
+        };
+        assert_eq!(
+            v.pointer("/arguments/s")
+                .and_then(Value::as_str)
+                .map(str::len),
+            Some(10 << 20)
+        );
+        assert!(s.tok.capacity() <= KEEP_TOKEN_CAPACITY, "token buffer kept");
+    }
+
+    /// xorshift64*: deterministic pseudo-random numbers without dependencies.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics_and_always_resyncs() {
+        const SEEDS: &[&[u8]] = &[
+            b"{\"execute\": \"query-status\", \"id\": [1, 2.5e3, -0]}",
+            b"{'execute':'x','arguments':{'a':\"\\u00e9\\ud83d\\ude00\",'b':[true,null]}}",
+            b"[[[[\"\\\\\", {\"k\": false}]]]]",
+            "\"é😀\\'\\/\\b\"".as_bytes(),
+        ];
+        const ALPHABET: &[u8] =
+            b"{}[],:\"'\\-+.0123456789eEtruefalsn \t\r\nu@\x01\x7f\xc3\xa9\xff\xf0\x9f";
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..3000 {
+            let mut input: Vec<u8> = if round % 2 == 0 {
+                let len = rng.below(120);
+                (0..len)
+                    .map(|_| match rng.below(8) {
+                        0 => rng.next().to_le_bytes().first().copied().unwrap_or(0),
+                        _ => ALPHABET
+                            .get(rng.below(ALPHABET.len()))
+                            .copied()
+                            .unwrap_or(b' '),
+                    })
+                    .collect()
+            } else {
+                SEEDS
+                    .get(rng.below(SEEDS.len()))
+                    .copied()
+                    .unwrap_or_default()
+                    .to_vec()
+            };
+            for _ in 0..rng.below(4) {
+                let at = rng.below(input.len() + 1);
+                let byte = ALPHABET
+                    .get(rng.below(ALPHABET.len()))
+                    .copied()
+                    .unwrap_or(b'x');
+                match rng.below(3) {
+                    0 if at < input.len() => {
+                        input.remove(at);
+                    }
+                    1 if at < input.len() => {
+                        if let Some(b) = input.get_mut(at) {
+                            *b = byte;
+                        }
+                    }
+                    _ => input.insert(at, byte),
+                }
+            }
+            let limits = if round % 3 == 0 {
+                Limits {
+                    max_message_bytes: 24,
+                    max_tokens: 6,
+                    max_depth: 2,
+                }
+            } else {
+                Limits::default()
+            };
+            let mut a = JsonStreamer::new(limits);
+            let mut b = JsonStreamer::new(limits);
+            let out = a.feed(&input);
+            assert_eq!(chunked(&mut b, &input, 1 + rng.below(5)), out, "{input:?}");
+            // A control character always brings the reader back.
+            let tail = a.feed(b"\x01{\"ok\":1}");
+            assert_eq!(tail.last(), Some(&Ok(json!({"ok": 1}))), "{input:?}");
         }
     }
 }

@@ -210,3 +210,336 @@ fn check_value(v: &Value, ty: &ArgType, full: &str, bare: &str) -> Result<(), Qm
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ErrorClass;
+    use super::*;
+    use serde_json::json;
+
+    fn check(args: Value, members: &[Member]) -> Result<(), String> {
+        let Value::Object(args) = args else {
+            panic!("not an object: {args}")
+        };
+        validate(&args, members).map_err(|e| {
+            assert_eq!(e.class, ErrorClass::GenericError);
+            e.desc
+        })
+    }
+
+    fn fails(members: &[Member], cases: &[(Value, &str)]) {
+        for (args, desc) in cases {
+            assert_eq!(
+                check(args.clone(), members),
+                Err((*desc).to_owned()),
+                "{args}"
+            );
+        }
+    }
+
+    const QMP_CAPABILITIES: &[Member] = &[Member::optional(
+        "enable",
+        ArgType::List(&ArgType::Enum(&["oob"])),
+    )];
+
+    #[test]
+    fn qmp_capabilities_as_measured() {
+        assert_eq!(check(json!({}), QMP_CAPABILITIES), Ok(()));
+        assert_eq!(check(json!({"enable": []}), QMP_CAPABILITIES), Ok(()));
+        assert_eq!(check(json!({"enable": ["oob"]}), QMP_CAPABILITIES), Ok(()));
+        fails(
+            QMP_CAPABILITIES,
+            &[
+                (
+                    json!({"enable": "oob"}),
+                    "Invalid parameter type for 'enable', expected: array",
+                ),
+                (
+                    json!({"enable": null}),
+                    "Invalid parameter type for 'enable', expected: array",
+                ),
+                (
+                    json!({"enable": ["foo"]}),
+                    "Parameter 'null' does not accept value 'foo'",
+                ),
+                (
+                    json!({"enable": ["oob", 1]}),
+                    "Invalid parameter type for 'enable[1]', expected: string",
+                ),
+                (json!({"x": 1}), "Parameter 'x' is unexpected"),
+            ],
+        );
+        fails(&[], &[(json!({"x": 1}), "Parameter 'x' is unexpected")]);
+        assert_eq!(check(json!({}), &[]), Ok(()));
+    }
+
+    const SET_SPEED: &[Member] = &[
+        Member::required("device", ArgType::Str),
+        Member::required("speed", ArgType::Int),
+    ];
+
+    #[test]
+    fn schema_order_first_error_wins() {
+        fails(
+            SET_SPEED,
+            &[
+                (json!({"speed": "x"}), "Parameter 'device' is missing"),
+                (
+                    json!({"device": "d", "speed": 1.0}),
+                    "Invalid parameter type for 'speed', expected: integer",
+                ),
+                (
+                    json!({"device": "d", "speed": u64::MAX}),
+                    "Invalid parameter type for 'speed', expected: integer",
+                ),
+                (
+                    json!({"bogus": 1, "device": "d", "speed": null}),
+                    "Invalid parameter type for 'speed', expected: integer",
+                ),
+                (
+                    json!({"b": 1, "a": 2, "device": "d", "speed": 1}),
+                    "Parameter 'b' is unexpected",
+                ),
+                (
+                    json!({"device": 1}),
+                    "Invalid parameter type for 'device', expected: string",
+                ),
+            ],
+        );
+        assert_eq!(
+            check(json!({"speed": -5, "device": "d"}), SET_SPEED),
+            Ok(())
+        );
+    }
+
+    const UNIX: &[Member] = &[Member::required("path", ArgType::Str)];
+    const ADDR: &[Member] = &[
+        Member::required("type", ArgType::Enum(&["inet", "unix"])),
+        Member::required("data", ArgType::Struct(UNIX)),
+    ];
+    /// nbd-server-start as QEMU 10 visits it (base members first).
+    const NBD_SERVER_START: &[Member] = &[
+        Member::optional("tls-creds", ArgType::Str),
+        Member::optional("tls-authz", ArgType::Str),
+        Member::optional("max-connections", ArgType::UInt32),
+        Member::required("addr", ArgType::Struct(ADDR)),
+    ];
+
+    #[test]
+    fn nested_names_as_measured() {
+        let addr = |data: Value| json!({"type": "unix", "data": data});
+        fails(
+            NBD_SERVER_START,
+            &[
+                (
+                    json!({"addr": addr(json!({"path": 1}))}),
+                    "Invalid parameter type for 'addr.data.path', expected: string",
+                ),
+                (
+                    json!({"addr": addr(json!({"zz": 1}))}),
+                    "Parameter 'addr.data.path' is missing",
+                ),
+                (
+                    json!({"addr": addr(json!({"path": "/p", "zz": 1}))}),
+                    "Parameter 'addr.data.zz' is unexpected",
+                ),
+                (
+                    json!({"addr": addr(json!({"path": "/p", "zz": 1})), "max-connections": -1}),
+                    "Parameter 'max-connections' expects uint32_t",
+                ),
+                (
+                    json!({"addr": addr(json!({"path": "/p"})), "max-connections": "x"}),
+                    "Parameter 'max-connections' expects uint64",
+                ),
+                (
+                    json!({"addr": addr(json!({"path": "/p"})), "max-connections": 1.0}),
+                    "Parameter 'max-connections' expects uint64",
+                ),
+                (
+                    json!({"addr": addr(json!({"path": "/p"})), "max-connections": 4_294_967_296_u64}),
+                    "Parameter 'max-connections' expects uint32_t",
+                ),
+                (
+                    json!({"addr": addr(json!({"path": "/p"})), "tls-creds": null}),
+                    "Invalid parameter type for 'tls-creds', expected: string",
+                ),
+                // Enum and range errors name the bare member, as QEMU does.
+                (
+                    json!({"addr": {"type": "bogus", "data": {"path": "/p"}}}),
+                    "Parameter 'type' does not accept value 'bogus'",
+                ),
+                (
+                    json!({"addr": "x"}),
+                    "Invalid parameter type for 'addr', expected: object",
+                ),
+            ],
+        );
+        let ok = json!({"addr": addr(json!({"path": "/p"})), "max-connections": 4_294_967_295_u64});
+        assert_eq!(check(ok, NBD_SERVER_START), Ok(()));
+    }
+
+    const INNER: &[Member] = &[Member::required("x", ArgType::Int)];
+    const ITEM: &[Member] = &[
+        Member::required("path", ArgType::Str),
+        Member::optional("n", ArgType::UInt16),
+    ];
+    const NESTED: &[Member] = &[
+        Member::required("a", ArgType::Struct(INNER)),
+        Member::required("b", ArgType::Int),
+        Member::optional("items", ArgType::List(&ArgType::Struct(ITEM))),
+        Member::optional("grid", ArgType::List(&ArgType::List(&ArgType::UInt32))),
+    ];
+
+    #[test]
+    fn unexpected_members_after_declared_ones_per_struct() {
+        fails(
+            NESTED,
+            &[
+                // The nested struct is checked completely before 'b'.
+                (
+                    json!({"a": {"x": 1, "zz": 1}}),
+                    "Parameter 'a.zz' is unexpected",
+                ),
+                (json!({"zz": 1, "a": {"x": 1}}), "Parameter 'b' is missing"),
+                (json!({"a": {}, "b": 1}), "Parameter 'a.x' is missing"),
+                (
+                    json!({"a": {"x": 1}, "b": 1, "items": [{"path": "p"}, {}]}),
+                    "Parameter 'items[1].path' is missing",
+                ),
+                (
+                    json!({"a": {"x": 1}, "b": 1, "items": [{"path": "p", "q": 1}]}),
+                    "Parameter 'items[0].q' is unexpected",
+                ),
+                (
+                    json!({"a": {"x": 1}, "b": 1, "items": [{"path": "p", "n": 65536}]}),
+                    "Parameter 'n' expects uint16_t",
+                ),
+                (
+                    json!({"a": {"x": 1}, "b": 1, "items": [7]}),
+                    "Invalid parameter type for 'items[0]', expected: object",
+                ),
+                (
+                    json!({"a": {"x": 1}, "b": 1, "grid": [[1], [2, "x"]]}),
+                    "Parameter 'grid[1][1]' expects uint64",
+                ),
+                (
+                    json!({"a": {"x": 1}, "b": 1, "grid": [[1, 4_294_967_296_u64]]}),
+                    "Parameter 'null' expects uint32_t",
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn scalar_types() {
+        let one = |ty: ArgType, v: Value| check(json!({"v": v}), &[Member::required("v", ty)]);
+        let bad = |ty: ArgType, v: Value, desc: &str| {
+            assert_eq!(one(ty, v.clone()), Err(desc.into()), "{ty:?} {v}")
+        };
+        let ok = |ty: ArgType, v: Value| assert_eq!(one(ty, v.clone()), Ok(()), "{ty:?} {v}");
+        let ty_err = |t: &str| format!("Invalid parameter type for 'v', expected: {t}");
+        for (ty, lo, hi, name) in [
+            (ArgType::Int8, -128_i64, 127_i64, "int8_t"),
+            (ArgType::Int16, -32768, 32767, "int16_t"),
+            (ArgType::Int32, -2_147_483_648, 2_147_483_647, "int32_t"),
+        ] {
+            ok(ty, json!(lo));
+            ok(ty, json!(hi));
+            bad(ty, json!(lo - 1), &format!("Parameter 'v' expects {name}"));
+            bad(ty, json!(hi + 1), &format!("Parameter 'v' expects {name}"));
+            bad(ty, json!("1"), &ty_err("integer"));
+            bad(ty, json!(1.0), &ty_err("integer"));
+        }
+        for (ty, hi, name) in [
+            (ArgType::UInt8, 255_i64, "uint8_t"),
+            (ArgType::UInt16, 65535, "uint16_t"),
+            (ArgType::UInt32, 4_294_967_295, "uint32_t"),
+        ] {
+            ok(ty, json!(0));
+            ok(ty, json!(hi));
+            bad(ty, json!(hi + 1), &format!("Parameter 'v' expects {name}"));
+            bad(ty, json!(-1), &format!("Parameter 'v' expects {name}"));
+            bad(ty, json!(true), "Parameter 'v' expects uint64");
+        }
+        for ty in [ArgType::UInt64, ArgType::Size] {
+            ok(ty, json!(u64::MAX));
+            ok(ty, json!(-1));
+            ok(ty, json!(i64::MIN));
+            bad(ty, json!(1.5), "Parameter 'v' expects uint64");
+            bad(
+                ty,
+                json!(18_446_744_073_709_551_616.0),
+                "Parameter 'v' expects uint64",
+            );
+            bad(ty, json!("1"), "Parameter 'v' expects uint64");
+            bad(ty, Value::Null, "Parameter 'v' expects uint64");
+        }
+        ok(ArgType::Int, json!(i64::MIN));
+        bad(ArgType::Int, json!(1.5), &ty_err("integer"));
+        for v in [json!(1), json!(-1.5), json!(u64::MAX)] {
+            ok(ArgType::Number, v);
+        }
+        bad(ArgType::Number, json!("1"), &ty_err("number"));
+        ok(ArgType::Bool, json!(false));
+        bad(ArgType::Bool, json!("true"), &ty_err("boolean"));
+        bad(ArgType::Bool, json!(0), &ty_err("boolean"));
+        ok(ArgType::Str, json!(""));
+        bad(ArgType::Str, json!([]), &ty_err("string"));
+        bad(ArgType::Enum(&["a"]), json!(1), &ty_err("string"));
+        bad(
+            ArgType::Enum(&["a"]),
+            json!("A"),
+            "Parameter 'v' does not accept value 'A'",
+        );
+        for v in [Value::Null, json!({"deep": [1]}), json!("s")] {
+            ok(ArgType::Any, v);
+        }
+        bad(ArgType::List(&ArgType::Any), json!({}), &ty_err("array"));
+        // Optional members are still type-checked when present, even as null.
+        let opt = [Member::optional("v", ArgType::Int)];
+        assert_eq!(check(json!({"v": null}), &opt), Err(ty_err("integer")));
+        let any = [Member::optional("v", ArgType::Any)];
+        assert_eq!(check(json!({"v": null}), &any), Ok(()));
+    }
+
+    #[test]
+    fn normalize_wraps_negative_uint64_for_serde() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Args {
+            size: u64,
+            speed: i64,
+            items: Vec<Item>,
+        }
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Item {
+            granularity: Option<u64>,
+        }
+        const ITEM: &[Member] = &[Member::optional("granularity", ArgType::Size)];
+        const ARGS: &[Member] = &[
+            Member::required("size", ArgType::UInt64),
+            Member::required("speed", ArgType::Int),
+            Member::required("items", ArgType::List(&ArgType::Struct(ITEM))),
+        ];
+        let Value::Object(mut args) =
+            json!({"size": -1, "speed": -1, "items": [{"granularity": -2}, {}]})
+        else {
+            panic!()
+        };
+        assert_eq!(validate(&args, ARGS), Ok(()));
+        normalize(&mut args, ARGS);
+        let parsed: Result<Args, _> = serde_json::from_value(Value::Object(args));
+        assert_eq!(
+            parsed.ok(),
+            Some(Args {
+                size: u64::MAX,
+                speed: -1,
+                items: vec![
+                    Item {
+                        granularity: Some(u64::MAX - 1)
+                    },
+                    Item { granularity: None }
+                ],
+            })
+        );
+    }
+}
