@@ -103,7 +103,11 @@ impl Sessions {
         let closing = self.closing.clone();
         let tasks = self.tasks.clone();
         tokio::spawn(async move {
-            tasks.lock().await.spawn(session(stream, monitor, closing));
+            let mut tasks = tasks.lock().await;
+            // Forget the sessions that have ended, so a long life of short connections
+            // does not pile them up.
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(session(stream, monitor, closing));
         });
     }
 
