@@ -1,10 +1,16 @@
 //! block-proc: the process that owns every disk image (DESIGN.md §5).
 //!
+//! - [`device`]: the block-device interface the NBD server and the guest path use;
+//! - [`block`]: image formats (raw, qcow2 on imago), backing chains, locking, creation;
+//! - [`nbd`]: the NBD server;
 //! - [`drives`]: the images opened for `--drive`, and what `query-block` says of them;
 //! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
 //! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
 
+pub mod block;
+pub mod device;
 pub mod drives;
+pub mod nbd;
 pub mod sandbox;
 pub mod service;
 

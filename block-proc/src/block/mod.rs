@@ -1,0 +1,1 @@
+//! The block layer (in progress).

@@ -1,0 +1,60 @@
+//! The interface between block-proc's block layer and its users (the NBD server, the guest
+//! data path, later the block jobs): a block device with QEMU-like semantics.
+//!
+//! **Acknowledgement rule (DESIGN.md §3).** When `write`, `write_zeroes` or `discard`
+//! returns `Ok`, the data and every piece of image metadata it depends on (qcow2 L2 and
+//! refcount updates) have been written to the kernel: killing block-proc right after loses
+//! nothing that was acknowledged. Only `flush` (and `fua`) make them durable against a host
+//! crash (fsync). Implementations may share one metadata write-back among concurrent
+//! requests (group commit), but must not acknowledge before it.
+
+use std::future::Future;
+use std::io;
+
+/// One run of the allocation map, as `qemu-img map` and NBD `base:allocation` see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub length: u64,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// The range has data (or a zero marker) in this image or a backing image; `false` is a
+    /// hole all the way down the chain.
+    pub data: bool,
+    /// The range is allocated in the top image itself (not only in a backing image).
+    pub allocated_here: bool,
+}
+
+/// A block device. Offsets and lengths are bytes; callers check them against `size()`
+/// first (out-of-range requests are the caller's error to report, per its protocol).
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&self, buf: &mut [u8], offset: u64) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Writes `buf` at `offset`; with `fua`, durable when it returns.
+    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes `[offset, offset+length)` read as zeroes; `may_unmap` allows freeing the space.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        may_unmap: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Drops the data of `[offset, offset+length)` if the format can (content unspecified).
+    fn discard(&self, offset: u64, length: u64) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes every acknowledged write durable (fsync).
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The allocation map of `[offset, offset+length)`: contiguous extents covering at least
+    /// the first byte, at most `length` bytes in all.
+    fn block_status(&self, offset: u64, length: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+}
