@@ -3,11 +3,13 @@
 //! - [`device`]: the block-device interface the NBD server and the guest path use;
 //! - [`block`]: image formats (raw, qcow2 on imago), backing chains, locking, creation;
 //! - [`nbd`]: the NBD server;
+//! - [`commands`]: the QMP commands block-proc executes;
 //! - [`drives`]: the images opened for `--drive`, and what `query-block` says of them;
 //! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
 //! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
 
 pub mod block;
+pub mod commands;
 pub mod device;
 pub mod drives;
 pub mod nbd;

@@ -29,8 +29,8 @@ pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> R
 
 async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Error> {
     loop {
-        let call = match monitor.recv::<BlockCall>().await {
-            Ok(r) => r.msg,
+        let (call, fds) = match monitor.recv::<BlockCall>().await {
+            Ok(r) => (r.msg, r.fds),
             Err(IpcError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
@@ -39,6 +39,12 @@ async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Err
             BlockRequest::Shutdown => (Ok(BlockReply::Done), true),
             BlockRequest::Configure(_) => (
                 Err(QmpError::generic("block-proc is already configured")),
+                false,
+            ),
+            BlockRequest::Qmp { command, arguments, .. } => (
+                crate::commands::execute(drives, &command, &arguments, fds)
+                    .await
+                    .map(BlockReply::Json),
                 false,
             ),
         };

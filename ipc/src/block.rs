@@ -9,6 +9,9 @@
 //!   ◄──────────── BlockMessage::Reply{id}
 //!   BlockCall{id, QueryBlock} ──────────►
 //!   ◄──────────── BlockMessage::Reply{id, Block([..])}
+//!   BlockCall{id, Qmp{command, arguments}} [+ fds] ─►
+//!   ◄──────────── BlockMessage::Event{name, data}   (any time)
+//!   ◄──────────── BlockMessage::Reply{id, Json(return)}
 //!   BlockCall{id, Shutdown} ────────────►   flush, close, reply, exit
 //! ```
 //!
@@ -27,7 +30,14 @@ pub struct BlockCall {
     pub request: BlockRequest,
 }
 
-impl Message for BlockCall {}
+impl Message for BlockCall {
+    fn fd_count(&self) -> usize {
+        match &self.request {
+            BlockRequest::Qmp { fds, .. } => usize::from(*fds),
+            _ => 0,
+        }
+    }
+}
 
 /// What the monitor asks of block-proc.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,6 +47,11 @@ pub enum BlockRequest {
     Configure(BlockConfig),
     /// `query-block`.
     QueryBlock,
+    /// A QMP command block-proc executes (blockdev-*, nbd-*, block-export-*, ...). The
+    /// monitor has checked the arguments against the command's schema; block-proc decodes
+    /// them into its typed structures. Descriptors the monitor made for the command (an NBD
+    /// listening socket, an NBD client connection) travel with it, `fds` of them.
+    Qmp { command: String, arguments: String, fds: u8 },
     /// Close everything and exit.
     Shutdown,
 }
@@ -95,6 +110,8 @@ pub enum BlockMessage {
         id: CallId,
         result: Result<BlockReply, QmpError>,
     },
+    /// A QMP event to emit (e.g. `BLOCK_EXPORT_DELETED`); `data` is a JSON object, if any.
+    Event { name: String, data: Option<String> },
 }
 
 impl Message for BlockMessage {}
@@ -104,6 +121,8 @@ impl Message for BlockMessage {}
 pub enum BlockReply {
     Done,
     Block(Vec<BlockInfo>),
+    /// A QMP command's return value, as JSON.
+    Json(String),
 }
 
 /// QAPI `BlockInfo`. Optional members are `None` when absent; they travel as such because

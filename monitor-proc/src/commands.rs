@@ -11,6 +11,7 @@ use ipc::vmm::{VmmReply, VmmRequest};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use crate::block_commands::{self as bc, NbdListener};
 use crate::qmp::schema::{ArgType, Member, validate};
 use crate::qmp::wire::{self, Request};
 use crate::server::SessionState;
@@ -28,56 +29,56 @@ pub fn version() -> Value {
     })
 }
 
-/// A command and its arguments, in QAPI schema order.
+/// Who answers a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The monitor itself.
+    Monitor,
+    /// block-proc, after the monitor checked the arguments.
+    Block,
+}
+
+/// A command, its arguments in QAPI schema order, and who answers it. `args: None` means
+/// the schema depends on the arguments (a flat union: `blockdev-add`).
 #[derive(Debug)]
 pub struct CommandDef {
     pub name: &'static str,
-    pub args: &'static [Member],
+    pub args: Option<&'static [Member]>,
+    pub route: Route,
 }
 
 const CAPABILITIES: &[&str] = &["oob"];
 
+const fn monitor(name: &'static str, args: &'static [Member]) -> CommandDef {
+    CommandDef { name, args: Some(args), route: Route::Monitor }
+}
+
+const fn block(name: &'static str, args: &'static [Member]) -> CommandDef {
+    CommandDef { name, args: Some(args), route: Route::Block }
+}
+
 /// Every command splitvmm implements; `query-commands` lists exactly these.
 pub const COMMANDS: &[CommandDef] = &[
-    CommandDef {
-        name: "qmp_capabilities",
-        args: &[Member::optional(
-            "enable",
-            ArgType::List(&ArgType::Enum(CAPABILITIES)),
-        )],
-    },
-    CommandDef {
-        name: "query-version",
-        args: &[],
-    },
-    CommandDef {
-        name: "query-commands",
-        args: &[],
-    },
-    CommandDef {
-        name: "query-name",
-        args: &[],
-    },
-    CommandDef {
-        name: "query-status",
-        args: &[],
-    },
-    CommandDef {
-        name: "stop",
-        args: &[],
-    },
-    CommandDef {
-        name: "cont",
-        args: &[],
-    },
-    CommandDef {
-        name: "quit",
-        args: &[],
-    },
-    CommandDef {
-        name: "query-block",
-        args: &[],
-    },
+    monitor("qmp_capabilities", &[Member::optional("enable", ArgType::List(&ArgType::Enum(CAPABILITIES)))]),
+    monitor("query-version", &[]),
+    monitor("query-commands", &[]),
+    monitor("query-name", &[]),
+    monitor("query-status", &[]),
+    monitor("stop", &[]),
+    monitor("cont", &[]),
+    monitor("quit", &[]),
+    monitor("query-block", &[]),
+    CommandDef { name: "blockdev-add", args: None, route: Route::Block },
+    block("blockdev-del", bc::BLOCKDEV_DEL),
+    block("query-named-block-nodes", bc::QUERY_NAMED_BLOCK_NODES),
+    block("block_resize", bc::BLOCK_RESIZE),
+    monitor("nbd-server-start", bc::NBD_SERVER_START),
+    block("nbd-server-add", bc::NBD_SERVER_ADD),
+    block("nbd-server-remove", bc::NBD_SERVER_REMOVE),
+    monitor("nbd-server-stop", &[]),
+    block("block-export-add", bc::BLOCK_EXPORT_ADD),
+    block("block-export-del", bc::BLOCK_EXPORT_DEL),
+    block("query-block-exports", &[]),
 ];
 
 /// Handles one request value and renders the reply line.
@@ -109,8 +110,12 @@ async fn run(monitor: &Monitor, session: &SessionState, req: &Request) -> Result
             )));
         }
     };
-    validate(&req.arguments, def.args)?;
-    execute(monitor, session, def.name, &req.arguments).await
+    let members = def.args.unwrap_or_else(|| bc::blockdev_add_members(&req.arguments));
+    validate(&req.arguments, members)?;
+    match def.route {
+        Route::Monitor => execute(monitor, session, def.name, &req.arguments).await,
+        Route::Block => forward(monitor, def.name, &req.arguments, None).await,
+    }
 }
 
 async fn execute(
@@ -174,6 +179,26 @@ async fn execute(
             monitor.request_shutdown(ShutdownCause::Quit);
             Ok(json!({}))
         }
+        "nbd-server-start" => {
+            let (listener, path) = monitor.nbd.bind(args)?;
+            let mut rest = args.clone();
+            rest.remove("addr");
+            match forward(monitor, name, &rest, Some(listener)).await {
+                Ok(v) => {
+                    monitor.nbd.started(path);
+                    Ok(v)
+                }
+                Err(e) => {
+                    NbdListener::abandon(path);
+                    Err(e)
+                }
+            }
+        }
+        "nbd-server-stop" => {
+            let v = forward(monitor, name, args, None).await?;
+            monitor.nbd.stopped();
+            Ok(v)
+        }
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
             BlockReply::Block(info) => Ok(qapi_json(&info)),
             other => Err(QmpError::generic(format!(
@@ -183,6 +208,27 @@ async fn execute(
         _ => Err(QmpError::command_not_found(format!(
             "The command {name} has not been found"
         ))),
+    }
+}
+
+/// Has block-proc execute a command whose arguments passed the schema, with the descriptor
+/// the monitor made for it, if any.
+async fn forward(
+    monitor: &Monitor,
+    name: &str,
+    args: &Map<String, Value>,
+    fd: Option<std::os::fd::OwnedFd>,
+) -> Result<Value, QmpError> {
+    let request = BlockRequest::Qmp {
+        command: name.to_string(),
+        arguments: Value::Object(args.clone()).to_string(),
+        fds: u8::from(fd.is_some()),
+    };
+    let fds: Vec<_> = fd.iter().map(std::os::fd::AsFd::as_fd).collect();
+    match monitor.block.call(request, &fds).await? {
+        BlockReply::Json(text) => serde_json::from_str(&text)
+            .map_err(|e| QmpError::generic(format!("block-proc answered {name} with bad JSON: {e}"))),
+        other => Err(QmpError::generic(format!("block-proc: unexpected reply {other:?}"))),
     }
 }
 

@@ -7,9 +7,11 @@
 //! - [`link`]: requests and events over the IPC links to the children;
 //! - [`qmp`]: the QMP wire protocol (JSON stream, request checks, argument schema);
 //! - [`server`]: QMP sockets and client sessions;
-//! - [`commands`]: the command table and handlers;
+//! - [`commands`]: the command table and handlers; [`block_commands`]: the block and NBD
+//!   commands' schemas and their monitor-side work (sockets);
 //! - [`events`], [`state`], [`signals`], [`sandbox`].
 
+pub mod block_commands;
 pub mod cli;
 pub mod commands;
 pub mod events;

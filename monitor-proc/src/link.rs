@@ -42,7 +42,8 @@ impl Protocol for Block {
     type Request = BlockRequest;
     type Call = BlockCall;
     type Reply = BlockReply;
-    type Event = std::convert::Infallible;
+    /// A QMP event: its name and its data as JSON text.
+    type Event = (String, Option<String>);
     type Incoming = BlockMessage;
     fn call(id: CallId, request: BlockRequest) -> BlockCall {
         BlockCall { id, request }
@@ -50,6 +51,7 @@ impl Protocol for Block {
     fn split(msg: BlockMessage) -> Incoming<BlockReply, Self::Event> {
         match msg {
             BlockMessage::Reply { id, result } => Incoming::Reply(id, result),
+            BlockMessage::Event { name, data } => Incoming::Event((name, data)),
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct Monitor {
     pub events: EventBus,
     pub block: Arc<RpcClient<link::Block>>,
     pub vmm: Option<Arc<RpcClient<link::Vmm>>>,
+    /// The NBD server's listening socket, which the monitor made.
+    pub nbd: crate::block_commands::NbdListener,
     runstate: Mutex<RunState>,
     shutdown: mpsc::UnboundedSender<ShutdownCause>,
 }
@@ -56,6 +58,7 @@ impl Monitor {
             events,
             block,
             vmm,
+            nbd: Default::default(),
             runstate: Mutex::new(runstate),
             shutdown,
         }

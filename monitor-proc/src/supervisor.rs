@@ -184,6 +184,7 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
                 Some(json!({ "guest": false, "reason": cause.reason() })),
             );
             stop_children(&monitor).await;
+            monitor.nbd.stopped();
             let code = if cause == ShutdownCause::ChildDied {
                 ExitCode::FAILURE
             } else {
@@ -270,8 +271,20 @@ async fn start(
     };
     let events = EventBus::default();
     let reader = block.clone();
+    let bus = events.clone();
     tokio::spawn(async move {
-        let e = reader.read_loop(|never| match never {}).await;
+        let e = reader
+            .read_loop(|(name, data)| {
+                let data = data.and_then(|d| match serde_json::from_str(&d) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::warn!("block-proc sent event {name} with bad data: {e}");
+                        None
+                    }
+                });
+                bus.emit(&name, data);
+            })
+            .await;
         tracing::debug!("block-proc link closed: {e}");
     });
     match block.call(BlockRequest::Configure(config), &[]).await {
