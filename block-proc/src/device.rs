@@ -38,7 +38,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn read(&self, buf: &mut [u8], offset: u64) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Writes `buf` at `offset`; with `fua`, durable when it returns.
-    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
+    fn write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Makes `[offset, offset+length)` read as zeroes; `may_unmap` allows freeing the space.
     fn write_zeroes(
@@ -56,5 +61,81 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// The allocation map of `[offset, offset+length)`: contiguous extents covering at least
     /// the first byte, at most `length` bytes in all.
-    fn block_status(&self, offset: u64, length: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+}
+
+/// Devices for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io;
+    use std::sync::Mutex;
+
+    use super::{BlockDevice, Extent};
+
+    /// An in-memory device: every byte is data.
+    #[derive(Debug)]
+    pub struct MemDevice {
+        pub bytes: Mutex<Vec<u8>>,
+        pub read_only: bool,
+    }
+
+    impl MemDevice {
+        pub fn new(size: usize, read_only: bool) -> Self {
+            Self {
+                bytes: Mutex::new(vec![0; size]),
+                read_only,
+            }
+        }
+
+        fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+            let start = usize::try_from(offset).map_err(io::Error::other)?;
+            let end = start + usize::try_from(len).map_err(io::Error::other)?;
+            if end > self.size() as usize {
+                return Err(io::Error::other("out of range"));
+            }
+            Ok(start..end)
+        }
+    }
+
+    impl BlockDevice for MemDevice {
+        fn size(&self) -> u64 {
+            self.bytes.lock().expect("lock").len() as u64
+        }
+        fn read_only(&self) -> bool {
+            self.read_only
+        }
+        async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let r = self.range(offset, buf.len() as u64)?;
+            buf.copy_from_slice(&self.bytes.lock().expect("lock")[r]);
+            Ok(())
+        }
+        async fn write(&self, buf: &[u8], offset: u64, _fua: bool) -> io::Result<()> {
+            let r = self.range(offset, buf.len() as u64)?;
+            self.bytes.lock().expect("lock")[r].copy_from_slice(buf);
+            Ok(())
+        }
+        async fn write_zeroes(&self, offset: u64, length: u64, _may_unmap: bool) -> io::Result<()> {
+            let r = self.range(offset, length)?;
+            self.bytes.lock().expect("lock")[r].fill(0);
+            Ok(())
+        }
+        async fn discard(&self, offset: u64, length: u64) -> io::Result<()> {
+            self.write_zeroes(offset, length, true).await
+        }
+        async fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        async fn block_status(&self, _offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                length,
+                zero: false,
+                data: true,
+                allocated_here: true,
+            }])
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! - [`block`]: image formats (raw, qcow2 on imago), backing chains, locking, creation;
 //! - [`nbd`]: the NBD server;
 //! - [`commands`]: the QMP commands block-proc executes;
+//! - [`guest`]: the guest's disk data path (vmm-proc's requests, straight into guest RAM);
 //! - [`drives`]: the images opened for `--drive`, and what `query-block` says of them;
 //! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
 //! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
@@ -12,6 +13,7 @@ pub mod block;
 pub mod commands;
 pub mod device;
 pub mod drives;
+pub mod guest;
 pub mod nbd;
 pub mod sandbox;
 pub mod service;

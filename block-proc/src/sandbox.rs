@@ -17,6 +17,12 @@ pub fn seccomp_policy() -> SeccompPolicy {
             &[arg_eq(0, libc::AF_UNIX)],
             "tokio's I/O driver makes an unnamed AF_UNIX pair for its signal driver; it reaches nothing",
         ),
+        allow_if(
+            libc::SYS_fcntl,
+            &[arg_eq(1, libc::F_GET_SEALS)],
+            "check that the guest memory memfd is sealed against shrinking",
+        ),
+        allow(libc::SYS_accept4, "NBD clients, on the listening socket the monitor handed over"),
         allow(libc::SYS_pread64, "read image data and headers"),
         allow(libc::SYS_pwrite64, "write image data and metadata"),
         allow(libc::SYS_fsync, "make writes durable on flush"),

@@ -3,7 +3,9 @@
 //! closes that link, and block-proc goes on serving the monitor.
 
 use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
-use ipc::vmm_block::{VmmBlockAnswer, VmmBlockCall, VmmBlockReply, VmmBlockRequest};
+use ipc::vmm_block::{
+    BlockToVmm, IoCompletion, IoStatus, VmmBlockAnswer, VmmBlockRequest, VmmToBlock,
+};
 use ipc::{AsyncChannel, Channel, IpcError, Link, QmpError};
 
 use crate::Error;
@@ -41,7 +43,9 @@ async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Err
                 Err(QmpError::generic("block-proc is already configured")),
                 false,
             ),
-            BlockRequest::Qmp { command, arguments, .. } => (
+            BlockRequest::Qmp {
+                command, arguments, ..
+            } => (
                 crate::commands::execute(drives, &command, &arguments, fds)
                     .await
                     .map(BlockReply::Json),
@@ -67,17 +71,27 @@ async fn serve_guest(peer: Channel, drives: &Drives) -> Result<std::convert::Inf
     let peer = AsyncChannel::new(peer)?;
     peer.handshake(Link::VmmBlock).await?;
     loop {
-        let call = peer.recv::<VmmBlockCall>().await?.msg;
-        let result = match call.request {
-            VmmBlockRequest::ListDevices => Ok(VmmBlockAnswer::Devices(drives.guest_drives())),
-        };
-        peer.send(
-            &VmmBlockReply {
-                id: call.id,
-                result,
+        let reply = match peer.recv::<VmmToBlock>().await?.msg {
+            VmmToBlock::Call {
+                id,
+                request: VmmBlockRequest::ListDevices,
+            } => BlockToVmm::Reply {
+                id,
+                result: Ok(VmmBlockAnswer::Devices(drives.guest_drives())),
             },
-            &[],
-        )
-        .await?;
+            VmmToBlock::Call { id, .. } => BlockToVmm::Reply {
+                id,
+                result: Err("guest I/O is not served yet".into()),
+            },
+            VmmToBlock::Submit(reqs) => BlockToVmm::Completed(
+                reqs.iter()
+                    .map(|r| IoCompletion {
+                        tag: r.tag,
+                        status: IoStatus::IoErr,
+                    })
+                    .collect(),
+            ),
+        };
+        peer.send(&reply, &[]).await?;
     }
 }

@@ -11,7 +11,7 @@ pub mod sandbox;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use ipc::vmm::{VmmCall, VmmMessage, VmmReply, VmmRequest};
-use ipc::vmm_block::{VmmBlockAnswer, VmmBlockCall, VmmBlockReply, VmmBlockRequest};
+use ipc::vmm_block::{BlockToVmm, VmmBlockAnswer, VmmBlockRequest, VmmToBlock};
 use ipc::{Channel, Link, QmpError};
 
 /// Why vmm-proc stopped.
@@ -54,21 +54,19 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
 
     block.handshake(Link::VmmBlock)?;
     block.send(
-        &VmmBlockCall {
+        &VmmToBlock::Call {
             id: 1,
             request: VmmBlockRequest::ListDevices,
         },
         &[],
     )?;
-    let drives = match block.recv::<VmmBlockReply>()?.msg {
-        VmmBlockReply {
+    let drives = match block.recv::<BlockToVmm>()?.msg {
+        BlockToVmm::Reply {
             id: 1,
             result: Ok(VmmBlockAnswer::Devices(d)),
         } => d,
-        VmmBlockReply { result: Err(e), .. } => return Err(Error::Block(e)),
-        VmmBlockReply { id, .. } => {
-            return Err(Error::Block(format!("answer to unknown request {id}")));
-        }
+        BlockToVmm::Reply { result: Err(e), .. } => return Err(Error::Block(e)),
+        other => return Err(Error::Block(format!("unexpected answer {other:?}"))),
     };
     tracing::info!(?drives, "guest drives");
 

@@ -1,0 +1,615 @@
+//! The guest's disk data path, block-proc side (DESIGN.md §3): vmm-proc hands over the
+//! guest's RAM once (a memfd), then submits batches of virtio-blk requests whose segments
+//! are guest-physical ranges. Data moves between the image and that mapping directly.
+//!
+//! vmm-proc may be compromised. Every segment is checked against the guest memory size and
+//! every sector range against the device size, with overflow-checked arithmetic; a request
+//! that fails a check completes with `IoErr` and touches nothing. The memfd must be sealed
+//! against shrinking, so a hostile peer cannot truncate it under the mapping (SIGBUS).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use ipc::vmm_block::{
+    BlockToVmm, GuestDrive, ID_BYTES, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH,
+    MAX_REQUEST_BYTES, MAX_SEGMENTS, Segment, VmmBlockAnswer, VmmBlockRequest, VmmToBlock,
+};
+use ipc::{AsyncChannel, IpcError, Link};
+
+use crate::device::BlockDevice;
+
+const SECTOR: u64 = 512;
+
+/// The guest's RAM, mapped shared.
+#[derive(Debug)]
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    size: u64,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this struct for its whole life; the
+// pointer is only turned into slices inside bounds, and concurrent access from several
+// threads (or the guest) can only tear the bytes moved, never corrupt this process's state.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; `&GuestMemory` hands out nothing but bounds-checked raw ranges.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps `size` bytes of `fd`, after checking the memfd is that large and sealed
+    /// against shrinking.
+    pub fn map(fd: OwnedFd, size: u64) -> Result<Self, String> {
+        if size == 0 {
+            return Err("guest memory of size 0".into());
+        }
+        // SAFETY: F_GET_SEALS only reads the descriptor's seals.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err("guest memory must be a memfd sealed against shrinking".into());
+        }
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("fstat guest memory: {e}"))?;
+        if u64::try_from(st.st_size).map_or(true, |len| len < size) {
+            return Err(format!("guest memory is {} bytes, not {size}", st.st_size));
+        }
+        let len = usize::try_from(size).map_err(|_| "guest memory too large".to_string())?;
+        // SAFETY: a fresh shared mapping of a file we hold, no fixed address; the result is
+        // checked below before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap guest memory: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or("mmap returned null")?;
+        Ok(Self {
+            base,
+            size,
+            _fd: fd,
+        })
+    }
+
+    /// The bytes of `seg`, if they lie inside guest memory.
+    ///
+    /// # Safety
+    /// The caller must not hold two overlapping slices at once where one is mutable. The
+    /// guest may change the bytes at any time; callers only copy them.
+    unsafe fn range(&self, seg: Segment) -> Option<&mut [u8]> {
+        let end = seg.gpa.checked_add(u64::from(seg.len))?;
+        if seg.len == 0 || end > self.size {
+            return None;
+        }
+        let start = usize::try_from(seg.gpa).ok()?;
+        // SAFETY: [gpa, gpa+len) is inside the mapping (checked above); the caller upholds
+        // the aliasing rule.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), seg.len as usize)
+        })
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no slice outlives `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size as usize) };
+    }
+}
+
+/// A drive as the guest path serves it.
+#[derive(Debug)]
+pub struct GuestDevice<D> {
+    pub id: String,
+    pub device: Arc<D>,
+}
+
+/// Serves vmm-proc's link until it closes or sends something broken.
+pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<D>>) -> IpcError {
+    let peer = Arc::new(peer);
+    if let Err(e) = peer.handshake(Link::VmmBlock).await {
+        return e;
+    }
+    let devices: Arc<[GuestDevice<D>]> = devices.into();
+    let mut memory: Option<Arc<GuestMemory>> = None;
+    loop {
+        let received = match peer.recv::<VmmToBlock>().await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let reply = match received.msg {
+            VmmToBlock::Call {
+                id,
+                request: VmmBlockRequest::ListDevices,
+            } => {
+                let list = devices
+                    .iter()
+                    .map(|d| GuestDrive {
+                        id: d.id.clone(),
+                        size_bytes: d.device.size(),
+                        read_only: d.device.read_only(),
+                    })
+                    .collect();
+                BlockToVmm::Reply {
+                    id,
+                    result: Ok(VmmBlockAnswer::Devices(list)),
+                }
+            }
+            VmmToBlock::Call {
+                id,
+                request: VmmBlockRequest::SetMemory { size },
+            } => {
+                let result = match (memory.is_some(), received.fds.into_iter().next()) {
+                    (true, _) => Err("guest memory is already set".to_string()),
+                    (false, None) => Err("no memfd".to_string()),
+                    (false, Some(fd)) => GuestMemory::map(fd, size).map(|m| {
+                        memory = Some(Arc::new(m));
+                        VmmBlockAnswer::Done
+                    }),
+                };
+                BlockToVmm::Reply { id, result }
+            }
+            VmmToBlock::Submit(batch) => {
+                submit(&peer, &devices, memory.as_ref(), batch);
+                continue;
+            }
+        };
+        if let Err(e) = peer.send(&reply, &[]).await {
+            return e;
+        }
+    }
+}
+
+/// Starts every request of a batch; each completes on its own.
+fn submit<D: BlockDevice>(
+    peer: &Arc<AsyncChannel>,
+    devices: &Arc<[GuestDevice<D>]>,
+    memory: Option<&Arc<GuestMemory>>,
+    batch: Vec<IoRequest>,
+) {
+    let oversized = batch.len() > MAX_BATCH;
+    for req in batch {
+        let (peer, devices, memory) = (peer.clone(), devices.clone(), memory.cloned());
+        tokio::spawn(async move {
+            let status = match (oversized, memory) {
+                (false, Some(mem)) => execute(&devices, &mem, &req).await,
+                _ => IoStatus::IoErr,
+            };
+            let done = BlockToVmm::Completed(vec![IoCompletion {
+                tag: req.tag,
+                status,
+            }]);
+            if let Err(e) = peer.send(&done, &[]).await {
+                tracing::debug!("cannot complete request {}: {e}", req.tag);
+            }
+        });
+    }
+}
+
+/// Byte range `[sector*512, +len)` if it lies inside a device of `size` bytes.
+fn byte_range(sector: u64, len: u64, size: u64) -> Option<u64> {
+    let start = sector.checked_mul(SECTOR)?;
+    (start.checked_add(len)? <= size).then_some(start)
+}
+
+async fn execute<D: BlockDevice>(
+    devices: &[GuestDevice<D>],
+    mem: &GuestMemory,
+    req: &IoRequest,
+) -> IoStatus {
+    let Some(dev) = devices.get(usize::from(req.device)) else {
+        return IoStatus::IoErr;
+    };
+    let device = &dev.device;
+    if req.segments.len() > MAX_SEGMENTS {
+        return IoStatus::IoErr;
+    }
+    let total: u64 = req.segments.iter().map(|s| u64::from(s.len)).sum();
+    let writes = matches!(
+        req.op,
+        IoOp::Write | IoOp::Discard(_) | IoOp::WriteZeroes { .. }
+    );
+    if writes && device.read_only() {
+        return IoStatus::IoErr;
+    }
+    let result = match &req.op {
+        IoOp::Read | IoOp::Write => {
+            let Some(mut offset) = byte_range(req.sector, total, device.size()) else {
+                return IoStatus::IoErr;
+            };
+            if total > MAX_REQUEST_BYTES {
+                return IoStatus::IoErr;
+            }
+            // Check every segment before touching any.
+            // SAFETY: the slices are only checked here, not kept.
+            if req
+                .segments
+                .iter()
+                .any(|s| unsafe { mem.range(*s) }.is_none())
+            {
+                return IoStatus::IoErr;
+            }
+            let mut r = Ok(());
+            for seg in &req.segments {
+                // SAFETY: one slice at a time; checked above to be inside guest memory.
+                let Some(buf) = (unsafe { mem.range(*seg) }) else {
+                    return IoStatus::IoErr;
+                };
+                r = if req.op == IoOp::Read {
+                    device.read(buf, offset).await
+                } else {
+                    device.write(buf, offset, false).await
+                };
+                if r.is_err() {
+                    break;
+                }
+                offset += u64::from(seg.len);
+            }
+            r
+        }
+        IoOp::Flush => device.flush().await,
+        IoOp::Discard(ranges) | IoOp::WriteZeroes { ranges, .. } => {
+            let mut checked = Vec::with_capacity(ranges.len());
+            for &(sector, count) in ranges {
+                let len = u64::from(count) * SECTOR;
+                match byte_range(sector, len, device.size()) {
+                    Some(start) if len > 0 => checked.push((start, len)),
+                    _ => return IoStatus::IoErr,
+                }
+            }
+            let mut r = Ok(());
+            for (start, len) in checked {
+                r = match &req.op {
+                    IoOp::WriteZeroes { unmap, .. } => {
+                        device.write_zeroes(start, len, *unmap).await
+                    }
+                    _ => device.discard(start, len).await,
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
+        }
+        IoOp::GetId => {
+            let mut id = dev.id.as_bytes().to_vec();
+            id.resize(ID_BYTES as usize, 0);
+            let mut rest = id.as_slice();
+            for seg in &req.segments {
+                // SAFETY: one slice at a time, inside guest memory (checked by `range`).
+                let Some(buf) = (unsafe { mem.range(*seg) }) else {
+                    return IoStatus::IoErr;
+                };
+                let n = buf.len().min(rest.len());
+                let (now, later) = rest.split_at(n);
+                if let Some(b) = buf.get_mut(..n) {
+                    b.copy_from_slice(now);
+                }
+                rest = later;
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => IoStatus::Ok,
+        Err(e) => {
+            tracing::warn!("guest I/O on {} failed: {e}", dev.id);
+            IoStatus::IoErr
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A test peer plays vmm-proc, well-behaved and hostile.
+    use std::os::fd::{AsFd, FromRawFd};
+
+    use ipc::Channel;
+    use ipc::vmm_block::{
+        BlockToVmm, IoOp, IoRequest, IoStatus, Segment, VmmBlockRequest, VmmToBlock,
+    };
+
+    use super::*;
+    use crate::device::testing::MemDevice;
+
+    const MEM: u64 = 1 << 20;
+
+    fn memfd(size: u64, seal: bool) -> OwnedFd {
+        let name = c"guest-ram";
+        // SAFETY: memfd_create with a valid C string; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::unistd::ftruncate(&fd, size as i64).expect("ftruncate");
+        if seal {
+            // SAFETY: F_ADD_SEALS on our own memfd.
+            assert_eq!(
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+                0
+            );
+        }
+        fd
+    }
+
+    fn pwrite(fd: &OwnedFd, data: &[u8], off: u64) {
+        nix::sys::uio::pwrite(fd, data, off as i64).expect("pwrite");
+    }
+
+    fn pread(fd: &OwnedFd, len: usize, off: u64) -> Vec<u8> {
+        let mut v = vec![0; len];
+        nix::sys::uio::pread(fd, &mut v, off as i64).expect("pread");
+        v
+    }
+
+    struct Peer {
+        chan: AsyncChannel,
+        next: u64,
+    }
+
+    impl Peer {
+        async fn call(
+            &mut self,
+            request: VmmBlockRequest,
+            fd: Option<&OwnedFd>,
+        ) -> Result<VmmBlockAnswer, String> {
+            self.next += 1;
+            let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+            self.chan
+                .send(
+                    &VmmToBlock::Call {
+                        id: self.next,
+                        request,
+                    },
+                    &fds,
+                )
+                .await
+                .expect("send");
+            match self.chan.recv::<BlockToVmm>().await.expect("recv").msg {
+                BlockToVmm::Reply { id, result } => {
+                    assert_eq!(id, self.next);
+                    result
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+
+        /// Submits requests and returns their statuses by tag.
+        async fn io(&mut self, reqs: Vec<IoRequest>) -> std::collections::HashMap<u64, IoStatus> {
+            let n = reqs.len();
+            self.chan
+                .send(&VmmToBlock::Submit(reqs), &[])
+                .await
+                .expect("submit");
+            let mut done = std::collections::HashMap::new();
+            while done.len() < n {
+                match self
+                    .chan
+                    .recv::<BlockToVmm>()
+                    .await
+                    .expect("completion")
+                    .msg
+                {
+                    BlockToVmm::Completed(c) => {
+                        done.extend(c.into_iter().map(|c| (c.tag, c.status)))
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            done
+        }
+    }
+
+    fn req(tag: u64, device: u16, op: IoOp, sector: u64, segments: &[(u64, u32)]) -> IoRequest {
+        let segments = segments
+            .iter()
+            .map(|&(gpa, len)| Segment { gpa, len })
+            .collect();
+        IoRequest {
+            tag,
+            device,
+            op,
+            sector,
+            segments,
+        }
+    }
+
+    async fn setup(
+        devices: Vec<(&str, Arc<MemDevice>)>,
+    ) -> (Peer, tokio::task::JoinHandle<IpcError>) {
+        let (a, b) = Channel::pair().expect("pair");
+        let devices = devices
+            .into_iter()
+            .map(|(id, device)| GuestDevice {
+                id: id.into(),
+                device,
+            })
+            .collect();
+        let server = tokio::spawn(serve(AsyncChannel::new(b).expect("b"), devices));
+        let chan = AsyncChannel::new(a).expect("a");
+        chan.handshake(Link::VmmBlock).await.expect("handshake");
+        (Peer { chan, next: 0 }, server)
+    }
+
+    #[tokio::test]
+    async fn reads_and_writes_go_straight_between_guest_memory_and_the_device() {
+        let disk = Arc::new(MemDevice::new(64 << 10, false));
+        let (mut peer, _server) = setup(vec![("disk0", disk.clone())]).await;
+        match peer.call(VmmBlockRequest::ListDevices, None).await {
+            Ok(VmmBlockAnswer::Devices(d)) => {
+                assert_eq!(
+                    (d[0].id.as_str(), d[0].size_bytes, d[0].read_only),
+                    ("disk0", 64 << 10, false)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let ram = memfd(MEM, true);
+        assert!(matches!(
+            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&ram))
+                .await,
+            Ok(VmmBlockAnswer::Done)
+        ));
+        // Guest write: two segments from guest memory land contiguously at sector 2.
+        pwrite(&ram, &[0xaa; 512], 0x1000);
+        pwrite(&ram, &[0xbb; 1024], 0x8000);
+        let st = peer
+            .io(vec![req(
+                1,
+                0,
+                IoOp::Write,
+                2,
+                &[(0x1000, 512), (0x8000, 1024)],
+            )])
+            .await;
+        assert_eq!(st[&1], IoStatus::Ok);
+        {
+            let bytes = disk.bytes.lock().expect("lock");
+            assert!(bytes[1024..1536].iter().all(|&b| b == 0xaa));
+            assert!(bytes[1536..2560].iter().all(|&b| b == 0xbb));
+        }
+        // Guest read back into another place, plus get-id, flush and write-zeroes in one batch.
+        let st = peer
+            .io(vec![
+                req(2, 0, IoOp::Read, 2, &[(0x20000, 1536)]),
+                req(3, 0, IoOp::GetId, 0, &[(0x30000, 20)]),
+                req(4, 0, IoOp::Flush, 0, &[]),
+                req(
+                    5,
+                    0,
+                    IoOp::WriteZeroes {
+                        ranges: vec![(100, 4)],
+                        unmap: true,
+                    },
+                    0,
+                    &[],
+                ),
+            ])
+            .await;
+        assert!(st.values().all(|s| *s == IoStatus::Ok), "{st:?}");
+        let back = pread(&ram, 1536, 0x20000);
+        assert!(back[..512].iter().all(|&b| b == 0xaa) && back[512..].iter().all(|&b| b == 0xbb));
+        assert_eq!(&pread(&ram, 20, 0x30000)[..6], b"disk0\0");
+    }
+
+    #[tokio::test]
+    async fn hostile_requests_get_an_error_status_and_touch_nothing() {
+        let disk = Arc::new(MemDevice::new(64 << 10, false));
+        let ro = Arc::new(MemDevice::new(4096, true));
+        let (mut peer, _server) = setup(vec![("disk0", disk.clone()), ("ro", ro.clone())]).await;
+        // I/O before the memory is set fails.
+        assert_eq!(
+            peer.io(vec![req(1, 0, IoOp::Read, 0, &[(0, 512)])]).await[&1],
+            IoStatus::IoErr
+        );
+        // Unsealed memory, or memory larger than the memfd, is refused.
+        let loose = memfd(MEM, false);
+        assert!(
+            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&loose))
+                .await
+                .is_err()
+        );
+        let small = memfd(MEM, true);
+        assert!(
+            peer.call(VmmBlockRequest::SetMemory { size: MEM * 2 }, Some(&small))
+                .await
+                .is_err()
+        );
+        let ram = memfd(MEM, true);
+        pwrite(&ram, &[0x55; 4096], 0);
+        assert!(
+            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&ram))
+                .await
+                .is_ok()
+        );
+        assert!(
+            peer.call(
+                VmmBlockRequest::SetMemory { size: MEM },
+                Some(&memfd(MEM, true))
+            )
+            .await
+            .is_err(),
+            "memory set twice"
+        );
+        let hostile = vec![
+            req(10, 0, IoOp::Read, 0, &[(MEM - 100, 512)]), // segment past guest memory
+            req(11, 0, IoOp::Read, 0, &[(u64::MAX - 10, 512)]), // gpa overflow
+            req(12, 0, IoOp::Write, 127, &[(0, 1024)]),     // past the device end
+            req(13, 0, IoOp::Write, u64::MAX / 256, &[(0, 512)]), // sector overflow
+            req(14, 1, IoOp::Write, 0, &[(0, 512)]),        // read-only device
+            req(15, 7, IoOp::Read, 0, &[(0, 512)]),         // no such device
+            req(16, 0, IoOp::Read, 0, &[(0, 0)]),           // empty segment
+            req(17, 0, IoOp::Discard(vec![(120, 100)]), 0, &[]), // discard past the end
+            req(
+                18,
+                1,
+                IoOp::WriteZeroes {
+                    ranges: vec![(0, 1)],
+                    unmap: false,
+                },
+                0,
+                &[],
+            ),
+            req(19, 0, IoOp::Write, 0, &vec![(0, 1); MAX_SEGMENTS + 1]),
+            // A valid first segment and an invalid second: nothing may be written.
+            req(20, 0, IoOp::Write, 0, &[(0, 512), (MEM, 512)]),
+        ];
+        let st = peer.io(hostile).await;
+        for tag in 10..=20 {
+            assert_eq!(st[&tag], IoStatus::IoErr, "request {tag}");
+        }
+        assert!(
+            disk.bytes.lock().expect("lock").iter().all(|&b| b == 0),
+            "the device was written"
+        );
+        assert!(
+            ro.bytes.lock().expect("lock").iter().all(|&b| b == 0),
+            "the read-only device was written"
+        );
+        // An oversized batch fails as a whole; a good request still works afterwards.
+        let many: Vec<_> = (0..=MAX_BATCH as u64)
+            .map(|t| req(100 + t, 0, IoOp::Flush, 0, &[]))
+            .collect();
+        assert!(peer.io(many).await.values().all(|s| *s == IoStatus::IoErr));
+        assert_eq!(
+            peer.io(vec![req(1000, 0, IoOp::Write, 0, &[(0, 512)])])
+                .await[&1000],
+            IoStatus::Ok
+        );
+    }
+
+    #[tokio::test]
+    async fn a_garbage_frame_drops_the_link_and_block_proc_goes_on() {
+        let disk = Arc::new(MemDevice::new(4096, false));
+        let (a, b) = Channel::pair().expect("pair");
+        let server = tokio::spawn(serve(
+            AsyncChannel::new(b).expect("b"),
+            vec![GuestDevice {
+                id: "d".into(),
+                device: disk,
+            }],
+        ));
+        let raw = a.into_fd();
+        let hello = ipc::codec::encode(&ipc::Hello::new(Link::VmmBlock)).expect("hello");
+        nix::sys::socket::send(raw.as_raw_fd(), &hello, nix::sys::socket::MsgFlags::empty())
+            .expect("send");
+        nix::sys::socket::send(
+            raw.as_raw_fd(),
+            &[0xff; 40],
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .expect("send");
+        let err = server.await.expect("join");
+        assert!(matches!(err, IpcError::Codec(_)), "{err}");
+    }
+}
