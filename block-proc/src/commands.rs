@@ -1,23 +1,394 @@
-//! The QMP commands block-proc executes. The monitor has checked each command's arguments
-//! against its schema; here they are decoded into typed structures and run against the
-//! block state. Replies and errors are QEMU's.
+//! The QMP commands block-proc executes, and the state they act on. The monitor has checked
+//! each command's arguments against its schema; here they are decoded into typed
+//! structures and run. Results, errors and events are QEMU's.
 
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 
 use ipc::QmpError;
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
+use crate::block::Node;
+use crate::device::BlockDevice;
 use crate::drives::Drives;
+use crate::nbd::{Export, NbdListener, NbdServer, NbdServerConfig, RemoveMode};
 
-/// Runs `command` with its JSON `arguments` and the descriptors that came with it; returns
-/// the QMP return value as JSON text.
-pub async fn execute(
-    _drives: &Drives,
-    command: &str,
-    arguments: &str,
-    _fds: Vec<OwnedFd>,
-) -> Result<String, QmpError> {
-    let _args: Map<String, Value> = serde_json::from_str(arguments)
-        .map_err(|e| QmpError::generic(format!("{command}: bad arguments from the monitor: {e}")))?;
-    Err(QmpError::command_not_found(format!("The command {command} has not been found")))
+/// NBD's limit on names and descriptions (`NBD_MAX_STRING_SIZE`).
+const NBD_MAX_STRING: usize = 4096;
+
+/// An export, by its QMP id.
+#[derive(Debug, Clone)]
+struct ExportEntry {
+    /// The NBD export name.
+    name: String,
+    node_name: String,
+}
+
+#[derive(Debug, Default)]
+struct Nbd {
+    server: Option<Arc<NbdServer<Node>>>,
+    exports: BTreeMap<String, ExportEntry>,
+    /// Export names whose BLOCK_EXPORT_DELETED was already sent by the command that
+    /// deleted them (so the server's later notice is not sent twice).
+    reported: HashSet<String>,
+}
+
+/// What block-proc's commands act on.
+#[derive(Debug)]
+pub struct State {
+    pub drives: Drives,
+    nbd: Mutex<Nbd>,
+    events: mpsc::UnboundedSender<(String, Option<String>)>,
+}
+
+fn args<T: DeserializeOwned>(command: &str, arguments: &str) -> Result<T, QmpError> {
+    serde_json::from_str(arguments).map_err(|e| {
+        QmpError::generic(format!(
+            "{command}: arguments the schema let through do not decode: {e}"
+        ))
+    })
+}
+
+/// QEMU's `id_wellformed`: a letter, then letters, digits, '-', '.', '_'.
+fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct NbdServerStart {
+    max_connections: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct NbdServerAdd {
+    device: String,
+    name: Option<String>,
+    description: Option<String>,
+    writable: Option<bool>,
+    bitmap: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct BlockExportAdd {
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
+    node_name: String,
+    writable: Option<bool>,
+    name: Option<String>,
+    description: Option<String>,
+    bitmaps: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+struct ExportRemove {
+    #[serde(alias = "id")]
+    name: String,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct BlockResize {
+    device: Option<String>,
+    node_name: Option<String>,
+    size: i64,
+}
+
+impl State {
+    pub fn new(drives: Drives, events: mpsc::UnboundedSender<(String, Option<String>)>) -> Self {
+        Self {
+            drives,
+            nbd: Mutex::default(),
+            events,
+        }
+    }
+
+    fn nbd(&self) -> std::sync::MutexGuard<'_, Nbd> {
+        self.nbd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        let _ = self.events.send((name.to_string(), Some(data.to_string())));
+    }
+
+    /// The node a device id or node name designates, with its node name.
+    fn lookup(
+        &self,
+        device: Option<&str>,
+        node_name: Option<&str>,
+    ) -> Result<(String, Arc<Node>), QmpError> {
+        for d in &self.drives.drives {
+            if device == Some(d.config.id.as_str()) || node_name == Some(d.node_name.as_str()) {
+                return Ok((d.node_name.clone(), d.node.clone()));
+            }
+        }
+        Err(QmpError::generic(format!(
+            "Cannot find device='{}' nor node-name='{}'",
+            device.unwrap_or_default(),
+            node_name.unwrap_or_default()
+        )))
+    }
+
+    /// Runs `command` with its JSON `arguments` and the descriptors that came with it;
+    /// returns the QMP return value as JSON text.
+    pub async fn execute(
+        self: &Arc<Self>,
+        command: &str,
+        arguments: &str,
+        fds: Vec<OwnedFd>,
+    ) -> Result<String, QmpError> {
+        let ret = match command {
+            "nbd-server-start" => self.nbd_server_start(args(command, arguments)?, fds)?,
+            "nbd-server-stop" => self.nbd_server_stop().await?,
+            "nbd-server-add" => self.nbd_server_add(args(command, arguments)?)?,
+            "block-export-add" => self.block_export_add(args(command, arguments)?)?,
+            "nbd-server-remove" | "block-export-del" => {
+                self.export_remove(args(command, arguments)?)?
+            }
+            "query-block-exports" => self.query_block_exports(),
+            "query-named-block-nodes" => self.query_named_block_nodes(),
+            "block_resize" => self.block_resize(args(command, arguments)?).await?,
+            _ => {
+                return Err(QmpError::command_not_found(format!(
+                    "The command {command} has not been found"
+                )));
+            }
+        };
+        Ok(ret.to_string())
+    }
+
+    fn nbd_server_start(
+        self: &Arc<Self>,
+        a: NbdServerStart,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Value, QmpError> {
+        if self.nbd().server.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        let fd = fds
+            .into_iter()
+            .next()
+            .ok_or_else(|| QmpError::generic("nbd-server-start: no listening socket"))?;
+        let listener = NbdListener::from_fd(fd).map_err(|e| QmpError::generic(e.to_string()))?;
+        let config = NbdServerConfig {
+            max_connections: a.max_connections.unwrap_or(0),
+            ..Default::default()
+        };
+        let (server, mut deleted) = NbdServer::new(config);
+        self.nbd().server = Some(server.clone());
+        let serving = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serving.serve(listener).await {
+                tracing::warn!("NBD server: {e}");
+            }
+        });
+        // Exports that go away later (their last client left after a removal).
+        let state = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(name) = deleted.recv().await {
+                let Some(state) = state.upgrade() else { break };
+                state.export_gone(&name);
+            }
+        });
+        Ok(json!({}))
+    }
+
+    /// An export is really gone: forget it and say so (once).
+    fn export_gone(&self, name: &str) {
+        let id = {
+            let mut nbd = self.nbd();
+            if nbd.reported.remove(name) {
+                return;
+            }
+            let id = nbd
+                .exports
+                .iter()
+                .find(|(_, e)| e.name == name)
+                .map(|(id, _)| id.clone());
+            if let Some(id) = &id {
+                nbd.exports.remove(id);
+            }
+            id
+        };
+        if let Some(id) = id {
+            self.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+        }
+    }
+
+    async fn nbd_server_stop(&self) -> Result<Value, QmpError> {
+        let server = self
+            .nbd()
+            .server
+            .take()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        server.stop().await;
+        let exports = std::mem::take(&mut self.nbd().exports);
+        let mut nbd = self.nbd();
+        for (id, e) in exports {
+            nbd.reported.insert(e.name);
+            self.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+        }
+        Ok(json!({}))
+    }
+
+    fn add_export(
+        &self,
+        id: String,
+        name: String,
+        node_name: String,
+        node: Arc<Node>,
+        writable: bool,
+        description: Option<String>,
+    ) -> Result<Value, QmpError> {
+        let mut nbd = self.nbd();
+        if nbd.exports.contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        let server = nbd
+            .server
+            .clone()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        if name.len() > NBD_MAX_STRING {
+            return Err(QmpError::generic(format!("export name '{name}' too long")));
+        }
+        if description
+            .as_ref()
+            .is_some_and(|d| d.len() > NBD_MAX_STRING)
+        {
+            return Err(QmpError::generic(format!(
+                "description '{}' too long",
+                description.unwrap_or_default()
+            )));
+        }
+        server
+            .add_export(Export {
+                name: name.clone(),
+                description,
+                device: node,
+                writable,
+            })
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        nbd.reported.remove(&name);
+        nbd.exports.insert(id, ExportEntry { name, node_name });
+        Ok(json!({}))
+    }
+
+    fn nbd_server_add(&self, a: NbdServerAdd) -> Result<Value, QmpError> {
+        let (node_name, node) = self.lookup(Some(&a.device), Some(&a.device))?;
+        let name = a.name.unwrap_or_else(|| a.device.clone());
+        if !id_wellformed(&name) {
+            return Err(QmpError::generic("Invalid block export id"));
+        }
+        if let Some(bitmap) = a.bitmap {
+            return Err(QmpError::generic(format!("Bitmap '{bitmap}' is not found")));
+        }
+        // nbd-server-add makes a read-only node's export read-only without complaint.
+        let writable = a.writable.unwrap_or(false) && !node.read_only();
+        self.add_export(name.clone(), name, node_name, node, writable, a.description)
+    }
+
+    fn block_export_add(&self, a: BlockExportAdd) -> Result<Value, QmpError> {
+        if a.kind != "nbd" {
+            return Err(QmpError::generic(format!(
+                "Block export type '{}' is not supported",
+                a.kind
+            )));
+        }
+        if !id_wellformed(&a.id) {
+            return Err(QmpError::generic("Invalid block export id"));
+        }
+        if self.nbd().exports.contains_key(&a.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                a.id
+            )));
+        }
+        let (node_name, node) = self.lookup(None, Some(&a.node_name))?;
+        let writable = a.writable.unwrap_or(false);
+        if writable && node.read_only() {
+            return Err(QmpError::generic(
+                "Cannot export read-only node as writable",
+            ));
+        }
+        if let Some(b) = a.bitmaps.as_ref().and_then(|b| b.first()) {
+            return Err(QmpError::generic(format!(
+                "Bitmap '{}' is not found",
+                b.as_str().unwrap_or_default()
+            )));
+        }
+        let name = a.name.unwrap_or_else(|| a.node_name.clone());
+        self.add_export(a.id, name, node_name, node, writable, a.description)
+    }
+
+    fn export_remove(&self, a: ExportRemove) -> Result<Value, QmpError> {
+        let mode = match a.mode.as_deref() {
+            Some("hard") => RemoveMode::Hard,
+            _ => RemoveMode::Safe,
+        };
+        let (server, entry) = {
+            let nbd = self.nbd();
+            let entry = nbd.exports.get(&a.name).cloned();
+            (nbd.server.clone(), entry)
+        };
+        let (Some(server), Some(entry)) = (server, entry) else {
+            return Err(QmpError::generic(format!(
+                "Export '{}' is not found",
+                a.name
+            )));
+        };
+        server
+            .remove_export(&entry.name, mode)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        // Gone at once (no client held it): report it before the command returns, as QEMU.
+        if !server.exports().iter().any(|e| e.name == entry.name) {
+            let mut nbd = self.nbd();
+            nbd.exports.remove(&a.name);
+            nbd.reported.insert(entry.name);
+            self.emit("BLOCK_EXPORT_DELETED", json!({ "id": a.name }));
+        }
+        Ok(json!({}))
+    }
+
+    fn query_block_exports(&self) -> Value {
+        let nbd = self.nbd();
+        let live = nbd.server.as_ref().map(|s| s.exports()).unwrap_or_default();
+        nbd.exports
+            .iter()
+            .map(|(id, e)| {
+                let shutting_down = live.iter().find(|x| x.name == e.name).is_some_and(|x| x.shutting_down);
+                json!({ "id": id, "type": "nbd", "node-name": e.node_name, "shutting-down": shutting_down })
+            })
+            .collect()
+    }
+
+    fn query_named_block_nodes(&self) -> Value {
+        let infos: Vec<_> = self.drives.drives.iter().map(|d| d.device_info()).collect();
+        ipc::common::qapi_json(&infos)
+    }
+
+    async fn block_resize(&self, a: BlockResize) -> Result<Value, QmpError> {
+        let (_, node) = self.lookup(a.device.as_deref(), a.node_name.as_deref())?;
+        let size = u64::try_from(a.size)
+            .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
+        if node.read_only() {
+            return Err(QmpError::generic("Cannot resize a read-only node"));
+        }
+        node.resize(size)
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not resize: {e}")))?;
+        Ok(json!({}))
+    }
 }

@@ -79,22 +79,19 @@ impl GuestMemory {
         })
     }
 
-    /// The bytes of `seg`, if they lie inside guest memory.
-    ///
-    /// # Safety
-    /// The caller must not hold two overlapping slices at once where one is mutable. The
-    /// guest may change the bytes at any time; callers only copy them.
-    unsafe fn range(&self, seg: Segment) -> Option<&mut [u8]> {
+    /// The bytes of `seg`, if they lie inside guest memory, as a raw slice: turning it into
+    /// a reference is the caller's (unsafe) business. The guest may change the bytes at any
+    /// time; callers only copy them, one range at a time.
+    fn range(&self, seg: Segment) -> Option<NonNull<[u8]>> {
         let end = seg.gpa.checked_add(u64::from(seg.len))?;
         if seg.len == 0 || end > self.size {
             return None;
         }
         let start = usize::try_from(seg.gpa).ok()?;
-        // SAFETY: [gpa, gpa+len) is inside the mapping (checked above); the caller upholds
-        // the aliasing rule.
-        Some(unsafe {
-            std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), seg.len as usize)
-        })
+        // SAFETY: [gpa, gpa+len) lies inside the mapping (checked above), so the offset
+        // pointer stays within the same allocation.
+        let ptr = unsafe { self.base.as_ptr().add(start) };
+        NonNull::new(std::ptr::slice_from_raw_parts_mut(ptr, seg.len as usize))
     }
 }
 
@@ -229,18 +226,14 @@ async fn execute<D: BlockDevice>(
                 return IoStatus::IoErr;
             }
             // Check every segment before touching any.
-            // SAFETY: the slices are only checked here, not kept.
-            if req
-                .segments
-                .iter()
-                .any(|s| unsafe { mem.range(*s) }.is_none())
-            {
+            if req.segments.iter().any(|s| mem.range(*s).is_none()) {
                 return IoStatus::IoErr;
             }
             let mut r = Ok(());
             for seg in &req.segments {
-                // SAFETY: one slice at a time; checked above to be inside guest memory.
-                let Some(buf) = (unsafe { mem.range(*seg) }) else {
+                // SAFETY: inside the live guest mapping (`range` checked it); the only reference to
+                // it in this request, for this iteration only.
+                let Some(buf) = mem.range(*seg).map(|p| unsafe { &mut *p.as_ptr() }) else {
                     return IoStatus::IoErr;
                 };
                 r = if req.op == IoOp::Read {
@@ -284,8 +277,9 @@ async fn execute<D: BlockDevice>(
             id.resize(ID_BYTES as usize, 0);
             let mut rest = id.as_slice();
             for seg in &req.segments {
-                // SAFETY: one slice at a time, inside guest memory (checked by `range`).
-                let Some(buf) = (unsafe { mem.range(*seg) }) else {
+                // SAFETY: inside the live guest mapping (`range` checked it); the only reference to
+                // it in this request, for this iteration only.
+                let Some(buf) = mem.range(*seg).map(|p| unsafe { &mut *p.as_ptr() }) else {
                     return IoStatus::IoErr;
                 };
                 let n = buf.len().min(rest.len());
@@ -334,10 +328,9 @@ mod tests {
         nix::unistd::ftruncate(&fd, size as i64).expect("ftruncate");
         if seal {
             // SAFETY: F_ADD_SEALS on our own memfd.
-            assert_eq!(
-                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-                0
-            );
+            let sealed =
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+            assert_eq!(sealed, 0);
         }
         fd
     }

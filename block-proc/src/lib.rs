@@ -63,7 +63,8 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
         id: first.id,
         result,
     };
-    let drives = match drives::Drives::open(&config, peer.is_some()) {
+    // Still single-threaded (the jail needs that): drive the opens without a runtime.
+    let drives = match block_on(drives::Drives::open(&config, peer.is_some())) {
         Ok(d) => d,
         Err(e) => {
             monitor.send(&reply(Err(e.clone())), &[])?;
@@ -71,11 +72,9 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
         }
     };
     if config.sandbox {
-        let keep = [monitor_fd]
-            .into_iter()
-            .chain(peer_fd)
-            .chain(drives.raw_fds())
-            .collect();
+        // Everything open now is ours: the launcher closed the rest at spawn.
+        let keep =
+            jail::current_fds().map_err(|e| Error::Setup(format!("listing descriptors: {e}")))?;
         if let Err(e) = sandbox::enter(&config.image_dirs, keep) {
             monitor.send(
                 &reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))),
@@ -85,10 +84,33 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
         }
     }
     monitor.send(&reply(Ok(BlockReply::Done)), &[])?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Multi-threaded: the block layer runs imago's blocking calls with `block_in_place`.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_io()
         .enable_time()
         .build()
         .map_err(Error::Runtime)?;
     rt.block_on(service::serve(monitor, peer, drives))
+}
+
+/// Runs a future to completion on this thread, without a runtime. For start-up, before the
+/// jail: the block layer's calls complete without waiting on I/O readiness (imago runs in
+/// its synchronous mode), so a parked thread is woken by the future itself at most.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::sync::Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }

@@ -1,35 +1,58 @@
-//! The requests block-proc answers: the monitor's (configuration, queries, shutdown) and
-//! vmm-proc's (the guest's disks). vmm-proc may be compromised: a broken frame from it
-//! closes that link, and block-proc goes on serving the monitor.
+//! The requests block-proc answers: the monitor's (configuration, queries, QMP commands,
+//! shutdown) and vmm-proc's (the guest's disks), and the events it sends the monitor.
+//! vmm-proc may be compromised: a broken frame from it closes that link, and block-proc
+//! goes on serving the monitor.
+
+use std::sync::Arc;
 
 use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
-use ipc::vmm_block::{
-    BlockToVmm, IoCompletion, IoStatus, VmmBlockAnswer, VmmBlockRequest, VmmToBlock,
-};
-use ipc::{AsyncChannel, Channel, IpcError, Link, QmpError};
+use ipc::{AsyncChannel, Channel, IpcError, QmpError};
+use tokio::sync::mpsc;
 
 use crate::Error;
+use crate::commands::State;
+use crate::device::BlockDevice;
 use crate::drives::Drives;
 
 /// Serves both links until the monitor asks for shutdown or closes its link.
 pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> Result<(), Error> {
-    let monitor = AsyncChannel::new(monitor).map_err(ipc::IpcError::Io)?;
-    let drives = std::rc::Rc::new(drives);
-    let local = tokio::task::LocalSet::new();
+    let monitor = Arc::new(AsyncChannel::new(monitor).map_err(IpcError::Io)?);
     if let Some(peer) = peer {
-        let drives = drives.clone();
-        local.spawn_local(async move {
-            match serve_guest(peer, &drives).await {
-                Err(IpcError::Closed) => tracing::debug!("vmm-proc closed its link"),
-                Err(e) => tracing::warn!("vmm-proc link dropped: {e}"),
-                Ok(never) => match never {},
+        let peer = AsyncChannel::new(peer).map_err(IpcError::Io)?;
+        let devices = drives.guest_devices();
+        tokio::spawn(async move {
+            match crate::guest::serve(peer, devices).await {
+                IpcError::Closed => tracing::debug!("vmm-proc closed its link"),
+                e => tracing::warn!("vmm-proc link dropped: {e}"),
             }
         });
     }
-    local.run_until(serve_monitor(monitor, &drives)).await
+    let (events, mut rx) = mpsc::unbounded_channel::<(String, Option<String>)>();
+    let sender = monitor.clone();
+    tokio::spawn(async move {
+        while let Some((name, data)) = rx.recv().await {
+            if sender
+                .send(&BlockMessage::Event { name, data }, &[])
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let state = Arc::new(State::new(drives, events));
+    let result = serve_monitor(&monitor, &state).await;
+    // Acknowledged writes are already in the kernel; this writes back whatever else the
+    // images cache and makes it durable.
+    for d in &state.drives.drives {
+        if let Err(e) = d.node.flush().await {
+            tracing::warn!("flushing {} at exit: {e}", d.config.id);
+        }
+    }
+    result
 }
 
-async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Error> {
+async fn serve_monitor(monitor: &AsyncChannel, state: &Arc<State>) -> Result<(), Error> {
     loop {
         let (call, fds) = match monitor.recv::<BlockCall>().await {
             Ok(r) => (r.msg, r.fds),
@@ -37,7 +60,7 @@ async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Err
             Err(e) => return Err(e.into()),
         };
         let (result, exit) = match call.request {
-            BlockRequest::QueryBlock => (Ok(BlockReply::Block(drives.query_block())), false),
+            BlockRequest::QueryBlock => (Ok(BlockReply::Block(state.drives.query_block())), false),
             BlockRequest::Shutdown => (Ok(BlockReply::Done), true),
             BlockRequest::Configure(_) => (
                 Err(QmpError::generic("block-proc is already configured")),
@@ -46,7 +69,8 @@ async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Err
             BlockRequest::Qmp {
                 command, arguments, ..
             } => (
-                crate::commands::execute(drives, &command, &arguments, fds)
+                state
+                    .execute(&command, &arguments, fds)
                     .await
                     .map(BlockReply::Json),
                 false,
@@ -64,34 +88,5 @@ async fn serve_monitor(monitor: AsyncChannel, drives: &Drives) -> Result<(), Err
         if exit {
             return Ok(());
         }
-    }
-}
-
-async fn serve_guest(peer: Channel, drives: &Drives) -> Result<std::convert::Infallible, IpcError> {
-    let peer = AsyncChannel::new(peer)?;
-    peer.handshake(Link::VmmBlock).await?;
-    loop {
-        let reply = match peer.recv::<VmmToBlock>().await?.msg {
-            VmmToBlock::Call {
-                id,
-                request: VmmBlockRequest::ListDevices,
-            } => BlockToVmm::Reply {
-                id,
-                result: Ok(VmmBlockAnswer::Devices(drives.guest_drives())),
-            },
-            VmmToBlock::Call { id, .. } => BlockToVmm::Reply {
-                id,
-                result: Err("guest I/O is not served yet".into()),
-            },
-            VmmToBlock::Submit(reqs) => BlockToVmm::Completed(
-                reqs.iter()
-                    .map(|r| IoCompletion {
-                        tag: r.tag,
-                        status: IoStatus::IoErr,
-                    })
-                    .collect(),
-            ),
-        };
-        peer.send(&reply, &[]).await?;
     }
 }

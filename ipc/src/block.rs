@@ -51,7 +51,11 @@ pub enum BlockRequest {
     /// monitor has checked the arguments against the command's schema; block-proc decodes
     /// them into its typed structures. Descriptors the monitor made for the command (an NBD
     /// listening socket, an NBD client connection) travel with it, `fds` of them.
-    Qmp { command: String, arguments: String, fds: u8 },
+    Qmp {
+        command: String,
+        arguments: String,
+        fds: u8,
+    },
     /// Close everything and exit.
     Shutdown,
 }
@@ -187,8 +191,45 @@ pub struct ImageInfo {
     pub cluster_size: Option<u64>,
     #[serde(rename = "backing-filename")]
     pub backing_filename: Option<String>,
+    #[serde(rename = "full-backing-filename")]
+    pub full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename-format")]
+    pub backing_filename_format: Option<String>,
+    #[serde(rename = "format-specific")]
+    pub format_specific: Option<ImageInfoSpecific>,
     #[serde(rename = "backing-image")]
     pub backing_image: Option<Box<ImageInfo>>,
+}
+
+/// QAPI `ImageInfoSpecific`: a union on `type` with its members under `data`
+/// (`{"type": "qcow2", "data": {...}}`). Of the formats splitvmm opens only qcow2 has such
+/// members, so this is a plain struct (`type` is always "qcow2"): bincode cannot decode
+/// serde's tagged enums.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfoSpecific {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: ImageInfoSpecificQcow2,
+}
+
+/// QAPI `ImageInfoSpecificQCow2`. v2 images (`compat` "0.10") have none of the optional
+/// members but `data-file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfoSpecificQcow2 {
+    pub compat: String,
+    #[serde(rename = "data-file")]
+    pub data_file: Option<String>,
+    #[serde(rename = "data-file-raw")]
+    pub data_file_raw: Option<bool>,
+    #[serde(rename = "extended-l2")]
+    pub extended_l2: Option<bool>,
+    #[serde(rename = "lazy-refcounts")]
+    pub lazy_refcounts: Option<bool>,
+    pub corrupt: Option<bool>,
+    #[serde(rename = "refcount-bits")]
+    pub refcount_bits: u64,
+    #[serde(rename = "compression-type")]
+    pub compression_type: String,
 }
 
 /// QAPI `BlockdevCacheInfo`.

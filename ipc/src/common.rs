@@ -82,3 +82,22 @@ impl RunState {
         }
     }
 }
+
+/// Renders a typed answer as QAPI JSON. IPC types keep absent optional members as `None`
+/// (the codec is not self-describing, so they cannot be skipped there); QAPI has no null
+/// for them, so object members that are null are dropped.
+pub fn qapi_json<T: Serialize>(v: &T) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.retain(|_, x| !x.is_null());
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+    strip(&mut v);
+    v
+}

@@ -287,3 +287,15 @@ fn drop_capabilities() -> Result<(), JailError> {
     }
     Ok(())
 }
+
+/// Every descriptor this process has open now (for `Policy::keep_fds` in a process that
+/// owns all of its descriptors, e.g. one that was spawned with only the ones it needs).
+pub fn current_fds() -> io::Result<Vec<RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        if let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            fds.push(fd);
+        }
+    }
+    Ok(fds)
+}

@@ -48,7 +48,7 @@ pub(crate) fn install(name: &'static str) -> Result<(), JailError> {
     Ok(())
 }
 
-extern "C" fn on_sigsys(_signo: c_int, info: *mut libc::siginfo_t, _context: *mut c_void) {
+extern "C" fn on_sigsys(_signo: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
     // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t, whose head SigsysInfo mirrors
     // (checked above to fit inside it); `_syscall` is meaningful when si_code is SYS_SECCOMP.
     let (code, nr) = unsafe {
@@ -70,21 +70,36 @@ extern "C" fn on_sigsys(_signo: c_int, info: *mut libc::siginfo_t, _context: *mu
         // failed log write changes nothing.
         unsafe { libc::write(2, line.as_ptr().cast(), len + 1) };
     }
-    // SAFETY: async-signal-safe syscalls on local, initialised values. SIGSYS goes back to its
-    // default action (terminate with core), is unblocked (the kernel blocked it while this
-    // handler runs), and is re-raised on this thread, so the whole process dies by SIGSYS.
+    // SAFETY: async-signal-safe syscalls on local, initialised values, and a read of the
+    // register snapshot the kernel passed for this signal (SA_SIGINFO: a valid ucontext_t).
+    //
+    // SIGSYS goes back to its default action (terminate with core) and is unblocked (the
+    // kernel blocked it while this handler runs). Then the very same syscall, with the same
+    // arguments, is made again: the filter traps it again, and the kernel's forced SIGSYS
+    // with the default action kills the process. Re-raising with tgkill would not do: a
+    // process that is PID 1 of its namespace (block-proc, vmm-proc) ignores default-action
+    // signals it sends itself, but not the kernel's forced ones. Should the call somehow
+    // pass, the process exits with 128 + SIGSYS.
     unsafe {
         libc::signal(libc::SIGSYS, libc::SIG_DFL);
         let mut set: libc::sigset_t = mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGSYS);
         libc::sigprocmask(libc::SIG_UNBLOCK, &set, ptr::null_mut());
-        libc::syscall(
-            libc::SYS_tgkill,
-            libc::c_long::from(libc::getpid()),
-            libc::syscall(libc::SYS_gettid),
-            libc::c_long::from(libc::SIGSYS),
-        );
+        if code == SYS_SECCOMP && !context.is_null() {
+            let regs = &(*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+            let arg = |r: c_int| regs.get(r as usize).copied().unwrap_or(0);
+            libc::syscall(
+                libc::c_long::from(nr),
+                arg(libc::REG_RDI),
+                arg(libc::REG_RSI),
+                arg(libc::REG_RDX),
+                arg(libc::REG_R10),
+                arg(libc::REG_R8),
+                arg(libc::REG_R9),
+            );
+        }
+        libc::syscall(libc::SYS_exit_group, libc::c_long::from(128 + libc::SIGSYS));
     }
 }
 

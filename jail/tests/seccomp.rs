@@ -51,3 +51,42 @@ fn jailed_process_shows_seccomp_mode_2_and_keeps_threads() {
     let status = child.wait().expect("wait for the probe");
     assert!(status.success(), "{status:?}");
 }
+
+/// As PID 1 of a PID namespace (block-proc's and vmm-proc's place), a process ignores
+/// default-action signals it sends itself; a forbidden syscall must kill it all the same.
+#[test]
+fn forbidden_syscall_kills_pid_1_of_a_pid_namespace() {
+    if !common::can_run(
+        nix::unistd::geteuid().is_root(),
+        "root (to create namespaces)",
+    ) {
+        return;
+    }
+    let (mut err_read, err_write) = std::io::pipe().expect("pipe");
+    let spec = jail::SpawnSpec {
+        exe: common::PROBE.into(),
+        args: vec!["socket".into()],
+        env: Vec::new(),
+        fds: vec![(std::os::fd::OwnedFd::from(err_write), 2)],
+        namespaces: jail::Namespaces {
+            pid: true,
+            ..Default::default()
+        },
+        death_signal: nix::sys::signal::Signal::SIGKILL,
+    };
+    let child = jail::spawn(spec).expect("spawn");
+    let status = nix::sys::wait::waitpid(child.pid, None).expect("wait");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut err_read, &mut stderr).expect("stderr");
+    assert!(
+        matches!(
+            status,
+            nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _)
+        ),
+        "{status:?}, stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("jail-probe: seccomp: forbidden syscall 41\n"),
+        "stderr: {stderr}"
+    );
+}

@@ -11,81 +11,8 @@ use serde_json::{Map, Value};
 
 use crate::qmp::schema::{ArgType, Member};
 
-const ON_OFF_AUTO: &[&str] = &["auto", "on", "off"];
-const DRIVERS: &[&str] = &["file", "raw", "qcow2", "nbd"];
 const EXPORT_MODES: &[&str] = &["safe", "hard"];
 
-/// `BlockdevOptionsBase`, the members every driver takes, in schema order.
-macro_rules! blockdev_base {
-    ($($variant:expr),* $(,)?) => {
-        &[
-            Member::required("driver", ArgType::Enum(DRIVERS)),
-            Member::optional("node-name", ArgType::Str),
-            Member::optional("discard", ArgType::Enum(&["ignore", "unmap"])),
-            Member::optional("cache", ArgType::Struct(&[
-                Member::optional("direct", ArgType::Bool),
-                Member::optional("no-flush", ArgType::Bool),
-            ])),
-            Member::optional("read-only", ArgType::Bool),
-            Member::optional("auto-read-only", ArgType::Bool),
-            Member::optional("force-share", ArgType::Bool),
-            Member::optional("detect-zeroes", ArgType::Enum(&["off", "on", "unmap"])),
-            $($variant),*
-        ]
-    };
-}
-
-const BLOCKDEV_FILE: &[Member] = blockdev_base!(
-    Member::required("filename", ArgType::Str),
-    Member::optional("pr-manager", ArgType::Str),
-    Member::optional("locking", ArgType::Enum(ON_OFF_AUTO)),
-    Member::optional("aio", ArgType::Enum(&["threads", "native", "io_uring"])),
-    Member::optional("aio-max-batch", ArgType::Int),
-    Member::optional("drop-cache", ArgType::Bool),
-    Member::optional("x-check-cache-dropped", ArgType::Bool),
-);
-const BLOCKDEV_RAW: &[Member] = blockdev_base!(
-    // BlockdevRef: a node name or a nested definition, checked by block-proc.
-    Member::required("file", ArgType::Any),
-    Member::optional("offset", ArgType::Int),
-    Member::optional("size", ArgType::Int),
-);
-const BLOCKDEV_QCOW2: &[Member] = blockdev_base!(
-    Member::required("file", ArgType::Any),
-    // BlockdevRefOrNull.
-    Member::optional("backing", ArgType::Any),
-    Member::optional("lazy-refcounts", ArgType::Bool),
-    Member::optional("pass-discard-request", ArgType::Bool),
-    Member::optional("pass-discard-snapshot", ArgType::Bool),
-    Member::optional("pass-discard-other", ArgType::Bool),
-    Member::optional("discard-no-unref", ArgType::Bool),
-    Member::optional("cache-size", ArgType::Int),
-    Member::optional("l2-cache-size", ArgType::Int),
-    Member::optional("l2-cache-entry-size", ArgType::Int),
-    Member::optional("refcount-cache-size", ArgType::Int),
-    Member::optional("cache-clean-interval", ArgType::Int),
-);
-const BLOCKDEV_NBD: &[Member] = blockdev_base!(
-    Member::required("server", ArgType::Any),
-    Member::optional("export", ArgType::Str),
-    Member::optional("reconnect-delay", ArgType::UInt32),
-    Member::optional("open-timeout", ArgType::UInt32),
-);
-const BLOCKDEV_DRIVER_ONLY: &[Member] = blockdev_base!();
-
-/// The members of `blockdev-add` for the driver the arguments name (QEMU's flat union: the
-/// base members, then the variant's). An unknown driver fails on the `driver` member itself.
-pub fn blockdev_add_members(args: &Map<String, Value>) -> &'static [Member] {
-    match args.get("driver").and_then(Value::as_str) {
-        Some("file") => BLOCKDEV_FILE,
-        Some("raw") => BLOCKDEV_RAW,
-        Some("qcow2") => BLOCKDEV_QCOW2,
-        Some("nbd") => BLOCKDEV_NBD,
-        _ => BLOCKDEV_DRIVER_ONLY,
-    }
-}
-
-pub const BLOCKDEV_DEL: &[Member] = &[Member::required("node-name", ArgType::Str)];
 pub const QUERY_NAMED_BLOCK_NODES: &[Member] = &[Member::optional("flat", ArgType::Bool)];
 pub const BLOCK_RESIZE: &[Member] = &[
     Member::optional("device", ArgType::Str),
@@ -117,7 +44,10 @@ pub const NBD_SERVER_REMOVE: &[Member] = &[
     Member::optional("mode", ArgType::Enum(EXPORT_MODES)),
 ];
 pub const BLOCK_EXPORT_ADD: &[Member] = &[
-    Member::required("type", ArgType::Enum(&["nbd", "vhost-user-blk", "fuse", "vduse-blk"])),
+    Member::required(
+        "type",
+        ArgType::Enum(&["nbd", "vhost-user-blk", "fuse", "vduse-blk"]),
+    ),
     Member::required("id", ArgType::Str),
     Member::optional("fixed-iothread", ArgType::Bool),
     Member::optional("iothread", ArgType::Str),
@@ -142,13 +72,19 @@ pub struct NbdListener {
     running: Mutex<Option<Option<std::path::PathBuf>>>,
 }
 
-fn data_str<'a>(data: &'a Map<String, Value>, key: &str, prefix: &str) -> Result<&'a str, QmpError> {
+fn data_str<'a>(
+    data: &'a Map<String, Value>,
+    key: &str,
+    prefix: &str,
+) -> Result<&'a str, QmpError> {
     match data.get(key) {
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(QmpError::generic(format!(
             "Invalid parameter type for '{prefix}{key}', expected: string"
         ))),
-        None => Err(QmpError::generic(format!("Parameter '{prefix}{key}' is missing"))),
+        None => Err(QmpError::generic(format!(
+            "Parameter '{prefix}{key}' is missing"
+        ))),
     }
 }
 
@@ -159,36 +95,72 @@ impl NbdListener {
     ///
     /// [`started`]: Self::started
     /// [`abandon`]: Self::abandon
-    pub fn bind(&self, args: &Map<String, Value>) -> Result<(OwnedFd, Option<std::path::PathBuf>), QmpError> {
+    pub fn bind(
+        &self,
+        args: &Map<String, Value>,
+    ) -> Result<(OwnedFd, Option<std::path::PathBuf>), QmpError> {
         if self.lock().is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
         if args.contains_key("tls-creds") || args.contains_key("tls-authz") {
-            let id = args.get("tls-creds").and_then(Value::as_str).unwrap_or_default();
-            return Err(QmpError::generic(format!("No TLS credentials with id '{id}'")));
+            let id = args
+                .get("tls-creds")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{id}'"
+            )));
         }
-        let addr = args.get("addr").and_then(Value::as_object).cloned().unwrap_or_default();
+        let addr = args
+            .get("addr")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         let data = match addr.get("data") {
             Some(Value::Object(d)) => d.clone(),
-            _ => return Err(QmpError::generic("Invalid parameter type for 'addr.data', expected: object")),
+            _ => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'addr.data', expected: object",
+                ));
+            }
         };
         match addr.get("type").and_then(Value::as_str) {
             Some("unix") => {
-                for key in data.keys().filter(|k| !matches!(k.as_str(), "path" | "abstract" | "tight")) {
-                    return Err(QmpError::generic(format!("Parameter 'addr.data.{key}' is unexpected")));
+                if let Some(key) = data
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "path" | "abstract" | "tight"))
+                {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'addr.data.{key}' is unexpected"
+                    )));
                 }
                 let path = std::path::PathBuf::from(data_str(&data, "path", "addr.data.")?);
                 // QEMU unlinks the path before binding.
                 let _ = std::fs::remove_file(&path);
                 let l = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
-                    QmpError::generic(format!("Failed to bind socket to {}: {}", path.display(), os_text(&e)))
+                    QmpError::generic(format!(
+                        "Failed to bind socket to {}: {}",
+                        path.display(),
+                        os_text(&e)
+                    ))
                 })?;
                 Ok((l.into(), Some(path)))
             }
             Some("inet") => {
-                const INET: &[&str] = &["host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp"];
-                for key in data.keys().filter(|k| !INET.contains(&k.as_str())) {
-                    return Err(QmpError::generic(format!("Parameter 'addr.data.{key}' is unexpected")));
+                const INET: &[&str] = &[
+                    "host",
+                    "port",
+                    "numeric",
+                    "to",
+                    "ipv4",
+                    "ipv6",
+                    "keep-alive",
+                    "mptcp",
+                ];
+                if let Some(key) = data.keys().find(|k| !INET.contains(&k.as_str())) {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'addr.data.{key}' is unexpected"
+                    )));
                 }
                 let host = data_str(&data, "host", "addr.data.")?;
                 let port = data_str(&data, "port", "addr.data.")?;
@@ -196,8 +168,9 @@ impl NbdListener {
                     QmpError::generic(format!("address resolution failed for {host}:{port}: Servname not supported for ai_socktype"))
                 })?;
                 let host = host.trim_start_matches('[').trim_end_matches(']');
-                let l = std::net::TcpListener::bind((host, num))
-                    .map_err(|e| QmpError::generic(format!("Failed to bind socket: {}", os_text(&e))))?;
+                let l = std::net::TcpListener::bind((host, num)).map_err(|e| {
+                    QmpError::generic(format!("Failed to bind socket: {}", os_text(&e)))
+                })?;
                 Ok((l.into(), None))
             }
             Some(other) => Err(QmpError::generic(format!(
@@ -208,7 +181,9 @@ impl NbdListener {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Option<std::path::PathBuf>>> {
-        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// block-proc took the socket: the server runs.

@@ -8,7 +8,6 @@ use ipc::QmpError;
 use ipc::block::{BlockReply, BlockRequest};
 use ipc::common::RunState;
 use ipc::vmm::{VmmReply, VmmRequest};
-use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::block_commands::{self as bc, NbdListener};
@@ -38,28 +37,41 @@ pub enum Route {
     Block,
 }
 
-/// A command, its arguments in QAPI schema order, and who answers it. `args: None` means
-/// the schema depends on the arguments (a flat union: `blockdev-add`).
+/// A command, its arguments in QAPI schema order, and who answers it.
 #[derive(Debug)]
 pub struct CommandDef {
     pub name: &'static str,
-    pub args: Option<&'static [Member]>,
+    pub args: &'static [Member],
     pub route: Route,
 }
 
 const CAPABILITIES: &[&str] = &["oob"];
 
 const fn monitor(name: &'static str, args: &'static [Member]) -> CommandDef {
-    CommandDef { name, args: Some(args), route: Route::Monitor }
+    CommandDef {
+        name,
+        args,
+        route: Route::Monitor,
+    }
 }
 
 const fn block(name: &'static str, args: &'static [Member]) -> CommandDef {
-    CommandDef { name, args: Some(args), route: Route::Block }
+    CommandDef {
+        name,
+        args,
+        route: Route::Block,
+    }
 }
 
 /// Every command splitvmm implements; `query-commands` lists exactly these.
 pub const COMMANDS: &[CommandDef] = &[
-    monitor("qmp_capabilities", &[Member::optional("enable", ArgType::List(&ArgType::Enum(CAPABILITIES)))]),
+    monitor(
+        "qmp_capabilities",
+        &[Member::optional(
+            "enable",
+            ArgType::List(&ArgType::Enum(CAPABILITIES)),
+        )],
+    ),
     monitor("query-version", &[]),
     monitor("query-commands", &[]),
     monitor("query-name", &[]),
@@ -68,8 +80,6 @@ pub const COMMANDS: &[CommandDef] = &[
     monitor("cont", &[]),
     monitor("quit", &[]),
     monitor("query-block", &[]),
-    CommandDef { name: "blockdev-add", args: None, route: Route::Block },
-    block("blockdev-del", bc::BLOCKDEV_DEL),
     block("query-named-block-nodes", bc::QUERY_NAMED_BLOCK_NODES),
     block("block_resize", bc::BLOCK_RESIZE),
     monitor("nbd-server-start", bc::NBD_SERVER_START),
@@ -110,8 +120,7 @@ async fn run(monitor: &Monitor, session: &SessionState, req: &Request) -> Result
             )));
         }
     };
-    let members = def.args.unwrap_or_else(|| bc::blockdev_add_members(&req.arguments));
-    validate(&req.arguments, members)?;
+    validate(&req.arguments, def.args)?;
     match def.route {
         Route::Monitor => execute(monitor, session, def.name, &req.arguments).await,
         Route::Block => forward(monitor, def.name, &req.arguments, None).await,
@@ -200,7 +209,7 @@ async fn execute(
             Ok(v)
         }
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
-            BlockReply::Block(info) => Ok(qapi_json(&info)),
+            BlockReply::Block(info) => Ok(ipc::common::qapi_json(&info)),
             other => Err(QmpError::generic(format!(
                 "block-proc: unexpected reply {other:?}"
             ))),
@@ -226,27 +235,11 @@ async fn forward(
     };
     let fds: Vec<_> = fd.iter().map(std::os::fd::AsFd::as_fd).collect();
     match monitor.block.call(request, &fds).await? {
-        BlockReply::Json(text) => serde_json::from_str(&text)
-            .map_err(|e| QmpError::generic(format!("block-proc answered {name} with bad JSON: {e}"))),
-        other => Err(QmpError::generic(format!("block-proc: unexpected reply {other:?}"))),
+        BlockReply::Json(text) => serde_json::from_str(&text).map_err(|e| {
+            QmpError::generic(format!("block-proc answered {name} with bad JSON: {e}"))
+        }),
+        other => Err(QmpError::generic(format!(
+            "block-proc: unexpected reply {other:?}"
+        ))),
     }
-}
-
-/// Renders a typed IPC answer as QAPI JSON. IPC types keep absent optional members as
-/// `None` (the codec is not self-describing, so they cannot be skipped there); QAPI has no
-/// null for them, so object members that are null are dropped here.
-pub fn qapi_json<T: Serialize>(v: &T) -> Value {
-    fn strip(v: &mut Value) {
-        match v {
-            Value::Object(m) => {
-                m.retain(|_, x| !x.is_null());
-                m.values_mut().for_each(strip);
-            }
-            Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    let mut v = serde_json::to_value(v).unwrap_or(Value::Null);
-    strip(&mut v);
-    v
 }

@@ -57,12 +57,10 @@ pub fn seccomp_policy() -> SeccompPolicy {
 /// Enters the jail. The monitor keeps every descriptor it has (sockets, links, the
 /// runtime's): it made them all.
 pub fn enter() -> Result<(), jail::JailError> {
-    let keep_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let keep_fds = jail::current_fds().map_err(|e| jail::JailError::Enter {
+        step: "listing /proc/self/fd".into(),
+        source: e,
+    })?;
     let policy = Policy {
         name: "splitvmm",
         keep_fds,

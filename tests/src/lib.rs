@@ -208,6 +208,8 @@ impl Drop for Splitvmm {
 pub struct RawQmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Events read while waiting for a reply, for [`RawQmp::event`].
+    events: std::collections::VecDeque<Value>,
 }
 
 impl RawQmp {
@@ -220,6 +222,7 @@ impl RawQmp {
         let mut c = Self {
             reader: BufReader::new(s.try_clone().expect("clone")),
             writer: s,
+            events: Default::default(),
         };
         let greeting = c.read_raw_line();
         assert!(
@@ -259,13 +262,14 @@ impl RawQmp {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
     }
 
-    /// The next reply, skipping events.
+    /// The next reply; events read on the way are kept for [`RawQmp::event`].
     pub fn reply(&mut self) -> Value {
         loop {
             let v = self.read();
             if v.get("event").is_none() {
                 return v;
             }
+            self.events.push_back(v);
         }
     }
 
@@ -310,4 +314,67 @@ pub fn proc_status_field(pid: i32, field: &str) -> Option<String> {
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     proc_status_field(pid, "State").is_some_and(|s| !s.starts_with('Z'))
+}
+
+/// Runs a command and returns its output, whatever its status.
+pub fn output(cmd: &mut Command) -> std::process::Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// `qemu-io -c CMD... IMAGE` (image opened with `-f FMT`), checked to succeed.
+pub fn qemu_io(fmt: &str, image: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(c.arg(image));
+    assert!(
+        !out.contains("error") && !out.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {out}"
+    );
+    out
+}
+
+impl RawQmp {
+    /// Executes a command and returns its `return` value, failing the test on an error.
+    pub fn ok(&mut self, execute: &str, arguments: Value) -> Value {
+        let r = self.exec(execute, arguments.clone());
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("{execute} {arguments} failed: {r}"),
+        }
+    }
+
+    /// Executes a command and returns the reply (return or error).
+    pub fn exec(&mut self, execute: &str, arguments: Value) -> Value {
+        let msg = serde_json::json!({ "execute": execute, "arguments": arguments });
+        self.cmd(&msg.to_string())
+    }
+
+    /// Executes a command expected to fail; returns (class, desc).
+    pub fn err(&mut self, execute: &str, arguments: Value) -> (String, String) {
+        let r = self.exec(execute, arguments.clone());
+        let e = r
+            .get("error")
+            .unwrap_or_else(|| panic!("{execute} {arguments} succeeded: {r}"));
+        (
+            e["class"].as_str().unwrap_or_default().into(),
+            e["desc"].as_str().unwrap_or_default().into(),
+        )
+    }
+
+    /// Reads messages until an event named `name` arrives; returns it.
+    pub fn event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i).unwrap_or_default();
+        }
+        loop {
+            let v = self.read();
+            if v.get("event").and_then(Value::as_str) == Some(name) {
+                return v;
+            }
+        }
+    }
 }

@@ -240,9 +240,17 @@ fn sandbox_off_runs_unconfined_and_says_so() {
     let t = tree(&vm);
     assert_eq!(t.len(), 3, "monitor, launcher, block-proc: {t:?}");
     for (name, pid) in &t {
-        assert_eq!(proc_status_field(*pid, "Seccomp").as_deref(), Some("0"), "{name} is filtered");
+        assert_eq!(
+            proc_status_field(*pid, "Seccomp").as_deref(),
+            Some("0"),
+            "{name} is filtered"
+        );
     }
-    assert!(vm.stderr_text().contains("WARNING: --sandbox off"), "{}", vm.stderr_text());
+    assert!(
+        vm.stderr_text().contains("WARNING: --sandbox off"),
+        "{}",
+        vm.stderr_text()
+    );
     let mut c = vm.raw_qmp();
     assert_eq!(c.cmd(r#"{"execute": "quit"}"#)["return"], json!({}));
     assert!(vm.wait_exit(Duration::from_secs(15)).success());

@@ -1,0 +1,196 @@
+//! The acknowledgement rule: a child process writes chunks through a `Node` (several tasks
+//! at once, copy-on-write over a backing file, new L2 tables and refcount blocks all the
+//! time) and logs each acknowledged chunk; it is SIGKILLed at a random point. Then
+//! `qemu-img check` must find no corruption (leaks are allowed) and every logged chunk must
+//! be in the image.
+//!
+//! The child is this test binary, running the ignored test [`crash_child`] with the image
+//! and log named in the environment.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ipc::block::ImageFormat;
+
+use super::*;
+
+const ENV_IMG: &str = "SPLITVMM_BLOCK_CRASH_IMG";
+const ENV_LOG: &str = "SPLITVMM_BLOCK_CRASH_LOG";
+const ENV_DIR: &str = "SPLITVMM_BLOCK_CRASH_DIR";
+
+const CHUNKS: u64 = 3000;
+const CHUNK_LEN: u64 = 3000;
+const TASKS: u64 = 6;
+const SIZE: u64 = 1 << 30;
+const BACKING_BYTE: u8 = 0xaa;
+
+/// Where chunk `i` goes: spread over the image (new L2 tables every 2 MiB with 4 KiB
+/// clusters, new refcount blocks every 8 MiB), unaligned, so each write copies the rest of
+/// its clusters from the backing file.
+fn chunk_offset(i: u64) -> u64 {
+    (i * ((1 << 20) + 4096 * 3 + 700)) % (SIZE - (1 << 20))
+}
+
+fn chunk_byte(i: u64) -> u8 {
+    (i % 250 + 1) as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "helper: runs in a child process of acknowledged_writes_survive_sigkill"]
+async fn crash_child() {
+    let (Ok(img), Ok(log), Ok(dir)) = (
+        std::env::var(ENV_IMG),
+        std::env::var(ENV_LOG),
+        std::env::var(ENV_DIR),
+    ) else {
+        return;
+    };
+    let dirs = vec![PathBuf::from(dir)];
+    let node = Node::open(OpenOptions::new(img, ImageFormat::Qcow2, &dirs))
+        .await
+        .expect("child: open");
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(log)
+        .expect("child: log");
+    let log = Arc::new(log);
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let node = node.clone();
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < CHUNKS {
+                let buf = vec![chunk_byte(i); CHUNK_LEN as usize];
+                node.write(&buf, chunk_offset(i), false)
+                    .await
+                    .expect("child: write");
+                // One write(2) per line: the line is in the log file (page cache) when it
+                // returns, and survives SIGKILL.
+                (&*log)
+                    .write_all(format!("{i}\n").as_bytes())
+                    .expect("child: log");
+                i += TASKS;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("child: join");
+    }
+    // Wait to be killed.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let mut rng = Rng::new(seed("acknowledged_writes_survive_sigkill"));
+    let dir = TempDir::new("crash");
+    let base = dir.file("base.raw");
+    ok(
+        "qemu-img",
+        &["create", "-f", "raw", &base, &SIZE.to_string()],
+    );
+    // Backing data only where chunks go (keeps the file small).
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&base)
+            .expect("open base");
+        for i in 0..CHUNKS {
+            let start = (chunk_offset(i) & !4095).saturating_sub(4096);
+            std::os::unix::fs::FileExt::write_all_at(&f, &[BACKING_BYTE; 20480], start)
+                .expect("fill base");
+        }
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    for round in 0..3 {
+        let img = dir.file(&format!("top{round}.qcow2"));
+        let log = dir.file(&format!("acks{round}.log"));
+        std::fs::write(&log, b"").expect("log");
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                &img,
+            ],
+        );
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "block::tests::crash::crash_child",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(ENV_IMG, &img)
+            .env(ENV_LOG, &log)
+            .env(ENV_DIR, dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn child");
+        // Kill after a random number of acknowledgements, plus a random few hundred µs.
+        let kill_after = 1 + rng.below(CHUNKS * 9 / 10);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let acked = std::fs::read_to_string(&log)
+                .map(|s| s.lines().count())
+                .unwrap_or(0);
+            if acked as u64 >= kill_after {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("child exited early ({status}):\n{err}");
+            }
+            assert!(Instant::now() < deadline, "child too slow: {acked} acks");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(500)));
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+
+        let acked: Vec<u64> = std::fs::read_to_string(&log)
+            .expect("read log")
+            .lines()
+            .map(|l| l.parse().expect("log line"))
+            .collect();
+        eprintln!(
+            "round {round}: killed after {} acknowledged chunks",
+            acked.len()
+        );
+        assert!(acked.len() as u64 >= kill_after);
+        qemu_check(&img, "qcow2");
+        let data = qemu_contents(&img, "qcow2");
+        for &i in &acked {
+            let off = chunk_offset(i) as usize;
+            let chunk = &data[off..off + CHUNK_LEN as usize];
+            assert!(
+                chunk.iter().all(|b| *b == chunk_byte(i)),
+                "round {round}: acknowledged chunk {i} at {off:#x} is not in the image"
+            );
+            // Copy-on-write kept the backing data around it.
+            if off > 0 {
+                assert_eq!(data[off - 1], BACKING_BYTE, "chunk {i}: byte before");
+            }
+            assert_eq!(
+                data[off + CHUNK_LEN as usize],
+                BACKING_BYTE,
+                "chunk {i}: byte after"
+            );
+        }
+    }
+}
