@@ -6,6 +6,7 @@
 //! so background noise hits both alike. Results are printed as a table and, with `--json`,
 //! as one JSON object of named metrics.
 
+mod nbd;
 mod qmp;
 
 use clap::{Parser, Subcommand};
@@ -31,12 +32,22 @@ enum Which {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
+    /// nbdcopy throughput through splitvmm vs qemu-storage-daemon vs qemu-nbd.
+    Nbd {
+        /// Image size in GiB.
+        #[arg(long, default_value_t = 2)]
+        size: u64,
+        /// Rounds (each runs every contender once).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match args.which {
         Which::Qmp { seconds, rounds } => qmp::run(seconds, rounds),
+        Which::Nbd { size, rounds } => return nbd_report(size, rounds, args.json),
     };
     match result {
         Ok(report) => {
@@ -99,5 +110,45 @@ impl Report {
             "ratio": self.ratio(),
         })
         .to_string()
+    }
+}
+
+/// Runs the NBD benchmark and prints one report per format and direction, splitvmm against
+/// qemu-storage-daemon and against qemu-nbd.
+fn nbd_report(size: u64, rounds: u32, json: bool) -> std::process::ExitCode {
+    match nbd::run_all(size, rounds) {
+        Ok(all) => {
+            for (label, f) in all {
+                let [ours, qsd, qnbd] = f.per_contender;
+                for (other, name) in [(qsd, "qemu-storage-daemon"), (qnbd, "qemu-nbd")] {
+                    let report = Report {
+                        name: "",
+                        unit: "MiB/s",
+                        splitvmm: ours.clone(),
+                        qemu: other,
+                        qemu_name: name,
+                    };
+                    println!(
+                        "{label}\n{}",
+                        report.table().split_once('\n').map_or("", |t| t.1)
+                    );
+                    if json {
+                        println!(
+                            "{}",
+                            report.json().replacen(
+                                "\"benchmark\":\"\"",
+                                &format!("\"benchmark\":\"{label} vs {name}\""),
+                                1
+                            )
+                        );
+                    }
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
