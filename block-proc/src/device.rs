@@ -18,8 +18,8 @@ pub struct Extent {
     pub length: u64,
     /// The range reads as zeroes.
     pub zero: bool,
-    /// The range has data (or a zero marker) in this image or a backing image; `false` is a
-    /// hole all the way down the chain.
+    /// The range has data in this image or a backing image. A qcow2 zero cluster is not data
+    /// (as `qemu-img map` and NBD report it); `false` with `zero` is a hole or zero marker.
     pub data: bool,
     /// The range is allocated in the top image itself (not only in a backing image).
     pub allocated_here: bool,

@@ -24,6 +24,8 @@ use imago::storage::PreallocateMode;
 use imago::storage::drivers::CommonStorageHelper;
 use nix::unistd::Whence;
 
+use super::order::MetadataOrder;
+
 /// Offset of the qcow2 `incompatible_features` field (big-endian u64).
 const INCOMPAT_OFFSET: u64 = 72;
 
@@ -38,6 +40,8 @@ pub struct ImageFile {
     name: String,
     /// qcow2 incompatible-feature bits to hide from reads of the header.
     hide_incompat: u64,
+    /// For the metadata file of a writable qcow2 image: refcounts before pointers.
+    order: Option<MetadataOrder>,
 }
 
 impl ImageFile {
@@ -54,7 +58,15 @@ impl ImageFile {
             aux,
             name: name.to_string(),
             hide_incompat: 0,
+            order: None,
         })
+    }
+
+    /// Makes writes of qcow2 table pointers wait for the refcounts they depend on
+    /// ([`MetadataOrder`]). For the image file of a writable qcow2 image.
+    pub fn order_metadata_writes(&mut self) -> io::Result<()> {
+        self.order = Some(MetadataOrder::new(&self.aux)?);
+        Ok(())
     }
 
     /// Hides the given qcow2 incompatible-feature bits from reads of the image header.
@@ -185,6 +197,22 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        if let Some(order) = &self.order
+            && order.touches(offset, bufv.len())
+        {
+            let len =
+                usize::try_from(bufv.len()).map_err(|_| io::Error::other("write too large"))?;
+            let mut data = vec![0u8; len];
+            bufv.copy_into_slice(&mut data);
+            order.pointer_write(&self.aux, offset, &data, || {
+                // SAFETY: our caller upholds `pure_writev`'s contract and we pass its request
+                // on unchanged.
+                unsafe { self.inner.pure_writev(bufv, offset) }
+            })?;
+            #[cfg(test)]
+            super::order::test_hook::fire(&self.name);
+            return Ok(());
+        }
         // SAFETY: our caller upholds `pure_writev`'s contract and we pass it on unchanged.
         unsafe { self.inner.pure_writev(bufv, offset) }
     }

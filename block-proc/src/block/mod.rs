@@ -9,6 +9,7 @@
 //! - [`file`]: the storage object under every image (imago's `File` plus a descriptor for
 //!   locks, holes and `fallocate`);
 //! - [`commit`]: group commit of qcow2 metadata, for the acknowledgement rule;
+//! - [`order`]: the refcount-before-pointer write order imago misses, kept at the file;
 //! - [`error`]: errors, worded as QEMU words them.
 //!
 //! imago is built in its synchronous mode: its async mode's format driver futures are not
@@ -24,6 +25,7 @@ pub mod gate;
 pub mod header;
 pub mod lock;
 pub mod node;
+pub mod order;
 
 #[cfg(test)]
 mod tests;

@@ -18,7 +18,9 @@
 //!   are written back to the file (imago `flush`, no fsync) before `Ok` is returned;
 //!   concurrent writers share one write-back ([`GroupCommit`]). `flush()` adds an fsync,
 //!   and so does `fua`.
-//! - **`block_status`** walks imago's shallow mappings down the chain and asks the file
+//!   imago writes some table pointers before the refcounts they depend on; the image
+//!   file's storage object puts those refcounts on disk first ([`super::order`]).
+//! - **`block_status`** walks imago's shallow mappings down the chain and asks raw files
 //!   for holes (`SEEK_DATA`), which is what `qemu-img map` reports.
 
 use std::fs;
@@ -243,6 +245,10 @@ impl Node {
                 }
                 if read_only {
                     storage.hide_incompatible(hidden);
+                } else {
+                    storage
+                        .order_metadata_writes()
+                        .map_err(|e| Error::open(filename, &e))?;
                 }
                 let (backing_fa, backing_node) = match backing {
                     BackingSpec::None => (None, None),
@@ -480,7 +486,14 @@ impl Node {
         }
         fa.flush()?;
         let file = self.file.try_clone()?;
-        let storage = ImageFile::new(file, &self.filename, !self.read_only)?;
+        let mut storage = ImageFile::new(file, &self.filename, !self.read_only)?;
+        if self.read_only {
+            storage.hide_incompatible(
+                h.incompatible & (header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT),
+            );
+        } else {
+            storage.order_metadata_writes()?;
+        }
         let qcow2: Qcow2Image = Qcow2::builder(storage)
             .write(!self.read_only)
             .backing(backing)

@@ -240,3 +240,26 @@ fn path_combine_is_qemus() {
     assert_eq!(path_combine("d/top.qcow2", "/abs/base"), "/abs/base");
     assert_eq!(path_combine("./top", "x"), "./x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_with_sub_byte_refcounts_open_read_only_only() {
+    let dir = TempDir::new("refbits");
+    let img = dir.file("r1.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", "refcount_bits=1", &img, "1M"],
+    );
+    qemu_io(&img, "qcow2", &["write -P 6 0 4k"]);
+    let e = open_err(&img, ImageFormat::Qcow2, false, &dir.dirs()).await;
+    assert!(
+        e.contains("refcount_bits=1 cannot be opened read/write"),
+        "{e}"
+    );
+    let node = open(&img, ImageFormat::Qcow2, true, &dir).await;
+    assert_eq!(read_all(&node).await[4095], 6);
+    let e = open_err(&img, ImageFormat::Qcow2, true, &[]).await;
+    assert!(
+        e.contains("outside the allowed directories"),
+        "no directories allow nothing: {e}"
+    );
+}

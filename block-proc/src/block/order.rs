@@ -1,0 +1,349 @@
+//! [`MetadataOrder`]: the one qcow2 write-ordering rule imago 0.2.6 misses, enforced at the
+//! storage layer, so that killing block-proc at any instant leaves an image `qemu-img
+//! check` finds no error in (leaks aside).
+//!
+//! imago allocates clusters by raising their refcount in its refcount-block *cache*; its
+//! caches then write refcount blocks before the L2 tables that use new clusters. But three
+//! kinds of pointer it writes straight to the file, without writing the refcount blocks
+//! first (QEMU flushes its refcount cache before each of them):
+//!
+//! 1. an L1 entry pointing to a newly allocated L2 table;
+//! 2. the header's L1 table pointer, when the L1 table grows into new clusters;
+//! 3. a refcount-table entry pointing to a new refcount block whose own refcount lives in
+//!    another (cached) refcount block.
+//!
+//! A crash between such a write and imago's next cache flush leaves a cluster in use with
+//! refcount 0 on disk (`ERROR cluster N refcount=0 reference=1`), which a later allocation
+//! could hand out again. The block layer cannot make imago flush in the middle of its own
+//! call, but it sees every write to the image file ([`super::file::ImageFile`]): before a
+//! write reaches the L1 table, the header's table pointers or the refcount table, this
+//! module finds the clusters the write newly points to and, if their refcount on disk is
+//! still 0, writes 1 into the refcount block on disk (2 to 8 bytes, just that entry). imago's
+//! cache holds the same value for them (it has just allocated them), so its later write of
+//! the whole block agrees. Freeing needs nothing: imago clears pointers before it lowers
+//! refcounts.
+//!
+//! Refcount widths below 8 bits would need a read-modify-write of a byte shared with other
+//! entries imago may be writing at the same time; images with such widths are not opened
+//! for writing (see [`MetadataOrder::new`]).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Offset bits of an L1 entry.
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Offset bits of a refcount-table entry.
+const RT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// The header bytes that hold the table pointers (the v2 header).
+const HEADER_FIELDS: u64 = 72;
+
+/// Where the tables are, as the header on disk says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    cluster_bits: u32,
+    refcount_order: u32,
+    l1_offset: u64,
+    l1_entries: u64,
+    rt_offset: u64,
+    rt_clusters: u64,
+}
+
+impl Geometry {
+    fn parse(h: &[u8], refcount_order: u32) -> Self {
+        let be32 = |o: usize| {
+            h.get(o..o + 4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_be_bytes)
+        };
+        let be64 = |o: usize| {
+            h.get(o..o + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes)
+        };
+        Self {
+            cluster_bits: be32(20),
+            refcount_order,
+            l1_entries: u64::from(be32(36)),
+            l1_offset: be64(40),
+            rt_offset: be64(48),
+            rt_clusters: u64::from(be32(56)),
+        }
+    }
+
+    fn rb_bits(&self) -> u32 {
+        self.cluster_bits + 3 - self.refcount_order
+    }
+
+    fn rt_entries(&self) -> u64 {
+        (self.rt_clusters << self.cluster_bits) / 8
+    }
+}
+
+/// Keeps pointer writes behind the refcounts they depend on. See the module documentation.
+#[derive(Debug)]
+pub struct MetadataOrder {
+    /// The table regions, for a cheap check on every write.
+    l1: (AtomicU64, AtomicU64),
+    rt: (AtomicU64, AtomicU64),
+    /// The full geometry; held across a pointer write and its refcount fix-ups.
+    geometry: Mutex<Geometry>,
+}
+
+fn overlaps(offset: u64, len: u64, start: u64, end: u64) -> bool {
+    offset < end && start < offset.saturating_add(len)
+}
+
+fn read_exact(file: &fs::File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset)
+}
+
+impl MetadataOrder {
+    /// Reads the table geometry from the qcow2 header in `file`. Refuses refcount widths
+    /// below 8 bits.
+    pub fn new(file: &fs::File) -> io::Result<Self> {
+        let mut h = [0u8; 104];
+        read_exact(file, &mut h[..HEADER_FIELDS as usize], 0)?;
+        let version = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let refcount_order = if version >= 3 {
+            read_exact(file, &mut h[96..100], 96)?;
+            u32::from_be_bytes([h[96], h[97], h[98], h[99]])
+        } else {
+            4
+        };
+        if refcount_order < 3 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "qcow2 images with refcount_bits={} cannot be opened read/write",
+                    1u32 << refcount_order
+                ),
+            ));
+        }
+        let g = Geometry::parse(&h, refcount_order);
+        let this = Self {
+            l1: (AtomicU64::new(0), AtomicU64::new(0)),
+            rt: (AtomicU64::new(0), AtomicU64::new(0)),
+            geometry: Mutex::new(g),
+        };
+        this.publish(&g);
+        Ok(this)
+    }
+
+    fn publish(&self, g: &Geometry) {
+        self.l1.0.store(g.l1_offset, Ordering::Release);
+        self.l1
+            .1
+            .store(g.l1_offset + g.l1_entries * 8, Ordering::Release);
+        self.rt.0.store(g.rt_offset, Ordering::Release);
+        self.rt.1.store(
+            g.rt_offset + (g.rt_clusters << g.cluster_bits),
+            Ordering::Release,
+        );
+    }
+
+    /// Whether a write of `len` bytes at `offset` touches a pointer region.
+    pub fn touches(&self, offset: u64, len: u64) -> bool {
+        offset < HEADER_FIELDS
+            || overlaps(
+                offset,
+                len,
+                self.l1.0.load(Ordering::Acquire),
+                self.l1.1.load(Ordering::Acquire),
+            )
+            || overlaps(
+                offset,
+                len,
+                self.rt.0.load(Ordering::Acquire),
+                self.rt.1.load(Ordering::Acquire),
+            )
+    }
+
+    /// Performs `write` (which writes `data` at `offset` to `file`) after making sure every
+    /// cluster `data` newly points to has a refcount on disk.
+    pub fn pointer_write(
+        &self,
+        file: &fs::File,
+        offset: u64,
+        data: &[u8],
+        write: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut g = self.geometry.lock().unwrap_or_else(|p| p.into_inner());
+        let len = data.len() as u64;
+        let mut new_geometry = *g;
+
+        if offset < HEADER_FIELDS {
+            let mut h = [0u8; HEADER_FIELDS as usize];
+            read_exact(file, &mut h, 0)?;
+            for (i, b) in data.iter().enumerate() {
+                if let Some(slot) = h.get_mut((offset + i as u64) as usize) {
+                    *slot = *b;
+                }
+            }
+            new_geometry = Geometry::parse(&h, g.refcount_order);
+            let cs = 1u64 << g.cluster_bits;
+            if new_geometry.l1_offset != g.l1_offset || new_geometry.l1_entries > g.l1_entries {
+                let end = new_geometry.l1_offset + new_geometry.l1_entries * 8;
+                let mut c = new_geometry.l1_offset >> g.cluster_bits;
+                while (c << g.cluster_bits) < end {
+                    ensure_refcount(file, &new_geometry, c, None)?;
+                    c += 1;
+                }
+            }
+            if new_geometry.rt_offset != g.rt_offset || new_geometry.rt_clusters != g.rt_clusters {
+                for i in 0..new_geometry.rt_clusters {
+                    ensure_refcount(file, &new_geometry, (new_geometry.rt_offset / cs) + i, None)?;
+                }
+            }
+        }
+
+        let (l1_start, l1_end) = (g.l1_offset, g.l1_offset + g.l1_entries * 8);
+        if overlaps(offset, len, l1_start, l1_end) {
+            for (_, new, old) in changed_entries(file, offset, data, l1_start, l1_end)? {
+                let (new, old) = (new & L1_OFFSET_MASK, old & L1_OFFSET_MASK);
+                if new != 0 && new != old {
+                    ensure_refcount(file, &g, new >> g.cluster_bits, None)?;
+                }
+            }
+        }
+
+        let (rt_start, rt_end) = (g.rt_offset, g.rt_offset + (g.rt_clusters << g.cluster_bits));
+        if overlaps(offset, len, rt_start, rt_end) {
+            for (index, new, old) in changed_entries(file, offset, data, rt_start, rt_end)? {
+                let (new, old) = (new & RT_OFFSET_MASK, old & RT_OFFSET_MASK);
+                if new == 0 || new == old {
+                    continue;
+                }
+                let cluster = new >> g.cluster_bits;
+                // A refcount block that covers itself holds its own refcount.
+                if cluster >> g.rb_bits() == index {
+                    continue;
+                }
+                ensure_refcount(file, &g, cluster, Some((offset, data)))?;
+            }
+        }
+
+        write()?;
+        if new_geometry != *g {
+            *g = new_geometry;
+            self.publish(&g);
+        }
+        Ok(())
+    }
+}
+
+/// `(index, new value, old value)` of each 8-byte table entry (table at `start..end`) that
+/// `data`, to be written at `offset`, covers completely.
+fn changed_entries(
+    file: &fs::File,
+    offset: u64,
+    data: &[u8],
+    start: u64,
+    end: u64,
+) -> io::Result<Vec<(u64, u64, u64)>> {
+    let from = offset.max(start);
+    let to = (offset + data.len() as u64).min(end);
+    let mut old = vec![0u8; (to - from) as usize];
+    // The table may end beyond the end of the file while it is being extended.
+    let _ = file.read_at(&mut old, from)?;
+    let mut out = Vec::new();
+    let mut pos = from.next_multiple_of(8).max(start);
+    while pos + 8 <= to {
+        let d = (pos - offset) as usize;
+        let o = (pos - from) as usize;
+        let new = data
+            .get(d..d + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        let prev = old
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        out.push(((pos - start) / 8, new, prev));
+        pos += 8;
+    }
+    Ok(out)
+}
+
+/// Makes the on-disk refcount of `cluster` at least 1. `pending` is a refcount-table write
+/// about to happen (`offset`, bytes), whose entries count as already on disk.
+fn ensure_refcount(
+    file: &fs::File,
+    g: &Geometry,
+    cluster: u64,
+    pending: Option<(u64, &[u8])>,
+) -> io::Result<()> {
+    let rb_bits = g.rb_bits();
+    let rt_index = cluster >> rb_bits;
+    let rb_index = cluster & ((1 << rb_bits) - 1);
+    if rt_index >= g.rt_entries() {
+        return Err(io::Error::other(format!(
+            "qcow2: cluster {cluster} is beyond the refcount table"
+        )));
+    }
+    let entry_at = g.rt_offset + rt_index * 8;
+    let mut e = [0u8; 8];
+    let from_pending = pending.and_then(|(off, data)| {
+        let i = entry_at.checked_sub(off)? as usize;
+        data.get(i..i + 8).and_then(|b| b.try_into().ok())
+    });
+    match from_pending {
+        Some(b) => e = b,
+        None => read_exact(file, &mut e, entry_at)?,
+    }
+    let rb_offset = u64::from_be_bytes(e) & RT_OFFSET_MASK;
+    if rb_offset == 0 {
+        return Err(io::Error::other(format!(
+            "qcow2: no refcount block for cluster {cluster}"
+        )));
+    }
+    let width = 1usize << (g.refcount_order - 3);
+    let at = rb_offset + rb_index * width as u64;
+    let mut cur = [0u8; 8];
+    let cur = &mut cur[..width];
+    read_exact(file, cur, at)?;
+    if cur.iter().all(|b| *b == 0) {
+        if let Some(last) = cur.last_mut() {
+            *last = 1;
+        }
+        file.write_all_at(cur, at)?;
+    }
+    Ok(())
+}
+
+/// Tests: a function called after every pointer write to a given image file, to look at
+/// what a crash right then would leave.
+#[cfg(test)]
+pub mod test_hook {
+    use std::sync::Mutex;
+
+    type Hook = Box<dyn Fn() + Send>;
+
+    static HOOKS: Mutex<Vec<(String, Hook)>> = Mutex::new(Vec::new());
+
+    /// Calls `f` after each pointer write to the image opened under `name`.
+    pub fn register(name: &str, f: impl Fn() + Send + 'static) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.to_string(), Box::new(f)));
+    }
+
+    pub fn unregister(name: &str) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(n, _)| n != name);
+    }
+
+    pub(crate) fn fire(name: &str) {
+        let hooks = HOOKS.lock().unwrap_or_else(|p| p.into_inner());
+        for (n, f) in hooks.iter() {
+            if n == name {
+                f();
+            }
+        }
+    }
+}
