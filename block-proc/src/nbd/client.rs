@@ -551,7 +551,6 @@ impl NbdClient {
         } else {
             None
         };
-        let cookie = sh.next_cookie.fetch_add(1, Ordering::Relaxed);
         let wait = match kind {
             CMD_READ => Kind::Read {
                 offset,
@@ -561,16 +560,21 @@ impl NbdClient {
             _ => Kind::Plain,
         };
         let rx = {
-            let mut p = sh.lock();
-            if let Some(reason) = &p.dead {
-                return Err(closed_error(reason));
-            }
-            let (tx, rx) = oneshot::channel();
-            p.waiters.insert(cookie, Waiter { kind: wait, tx });
-            rx
-        };
-        {
             let mut w = sh.writer.lock().await;
+            // Registered only now, so that a caller giving up while queueing for the writer
+            // leaves nothing behind; from here on, giving up half-way through the send
+            // breaks the connection (the guard), and giving up later leaves a waiter that the
+            // reply removes.
+            let cookie = sh.next_cookie.fetch_add(1, Ordering::Relaxed);
+            let rx = {
+                let mut p = sh.lock();
+                if let Some(reason) = &p.dead {
+                    return Err(closed_error(reason));
+                }
+                let (tx, rx) = oneshot::channel();
+                p.waiters.insert(cookie, Waiter { kind: wait, tx });
+                rx
+            };
             let mut guard = SendGuard {
                 shared: sh,
                 armed: true,
@@ -596,7 +600,8 @@ impl NbdClient {
                 sh.fail(format!("sending a request: {e}"));
                 return Err(e);
             }
-        }
+            rx
+        };
         rx.await.map_err(|_| closed_error("reply lost"))?
     }
 

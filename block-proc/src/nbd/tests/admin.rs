@@ -105,6 +105,7 @@ async fn remove_safe_refuses_while_in_use_and_hard_disconnects() {
 async fn hard_removal_completes_when_running_requests_have() {
     let mut dev = MemDevice::new(MIB);
     dev.slow_read = Some((0, Duration::from_millis(600)));
+    dev.fill(0, &[1u8; 4096]); // data, so that the read reaches the device
     let (e, dev) = export("a", dev, true);
     let mut t = TestServer::start(NbdServerConfig::default(), vec![e]).await;
     let client = Arc::new(
@@ -118,9 +119,12 @@ async fn hard_removal_completes_when_running_requests_have() {
         let mut buf = vec![0u8; 4096];
         c.read(&mut buf, 0).await
     });
-    while dev.reads_started.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    within(5, async {
+        while dev.reads_started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 
     t.server.remove_export("a", RemoveMode::Hard).unwrap();
     // Shutting down: listed as such, not available to new clients, not removable twice.

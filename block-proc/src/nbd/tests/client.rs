@@ -288,3 +288,151 @@ async fn client_against_this_server() {
     c.disconnect().await.unwrap();
     t.wait_no_connections().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_survives_requests_given_up_by_their_callers() {
+    let mut dev = MemDevice::new(MIB);
+    dev.slow_read = Some((0, Duration::from_millis(300)));
+    dev.fill(0, &pattern(8192, 3));
+    let (e, _dev) = export("a", dev, false);
+    let t = TestServer::start(NbdServerConfig::default(), vec![e]).await;
+    let c = NbdClient::connect(t.unix_stream().await, "a")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    // Given up after being sent: its late reply must be absorbed.
+    let slow = tokio::time::timeout(Duration::from_millis(50), c.read(&mut buf, 0)).await;
+    assert!(slow.is_err());
+    c.read(&mut buf, 4096).await.unwrap();
+    assert!(buf == pattern(8192, 3)[4096..]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    c.read(&mut buf, 4096).await.unwrap();
+    assert!(buf == pattern(8192, 3)[4096..]);
+    c.disconnect().await.unwrap();
+}
+
+/// A fake server: negotiates (structured replies or not, no meta context, a 1 MiB
+/// export), then answers the first request with `reply` (given the request).
+async fn lying_server(
+    structured: bool,
+    go_reply: Option<Vec<u8>>,
+    reply: impl FnOnce(Request) -> Vec<u8> + Send + 'static,
+) -> (tokio::net::UnixStream, JoinHandle<()>) {
+    let (client_end, mut s) = tokio::net::UnixStream::pair().unwrap();
+    let task = tokio::spawn(async move {
+        let mut hello = NBDMAGIC.to_be_bytes().to_vec();
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&hello).await.unwrap();
+        let _flags = s.read_u32().await.unwrap();
+        loop {
+            let mut h = [0u8; 16];
+            if s.read_exact(&mut h).await.is_err() {
+                return;
+            }
+            let (opt, len) = decode_option_header(&h).unwrap();
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).await.unwrap();
+            let mut out = Vec::new();
+            match opt {
+                OPT_STRUCTURED_REPLY if structured => put_option_reply(&mut out, opt, REP_ACK, &[]),
+                OPT_GO => {
+                    if let Some(r) = go_reply {
+                        s.write_all(&r).await.unwrap();
+                        return;
+                    }
+                    let mut i = INFO_EXPORT.to_be_bytes().to_vec();
+                    i.extend_from_slice(&MIB.to_be_bytes());
+                    i.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH).to_be_bytes());
+                    put_option_reply(&mut out, opt, REP_INFO, &i);
+                    put_option_reply(&mut out, opt, REP_ACK, &[]);
+                    s.write_all(&out).await.unwrap();
+                    break;
+                }
+                _ => put_option_reply(&mut out, opt, REP_ERR_UNSUP, &[]),
+            }
+            s.write_all(&out).await.unwrap();
+        }
+        let mut h = [0u8; REQUEST_LEN];
+        s.read_exact(&mut h).await.unwrap();
+        let req = Request::decode(&h).unwrap();
+        let _ = s.write_all(&reply(req)).await;
+        // Keep the connection open until the client closes it.
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    });
+    (client_end, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_lying_server() {
+    // An option reply claiming a gigabyte: refused before allocating it.
+    let mut huge = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+    huge.extend_from_slice(&OPT_GO.to_be_bytes());
+    huge.extend_from_slice(&REP_INFO.to_be_bytes());
+    huge.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    let (s, _t) = lying_server(false, Some(huge), |_| Vec::new()).await;
+    let e = within(5, NbdClient::connect(s, "x")).await.unwrap_err();
+    assert!(e.to_string().contains("option reply of"), "{e}");
+
+    type Lie = fn(Request) -> Vec<u8>;
+    let lies: [(bool, Lie, &str); 4] = [
+        (
+            false,
+            |req| {
+                let mut b = Vec::new();
+                put_simple_reply(&mut b, 0, req.cookie + 1);
+                b
+            },
+            "unknown cookie",
+        ),
+        (
+            true,
+            |req| {
+                // Claims 4 GiB of data for a 4 KiB read.
+                let mut b = Vec::new();
+                put_chunk_header(
+                    &mut b,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    u32::MAX,
+                );
+                b.extend_from_slice(&req.offset.to_be_bytes());
+                b
+            },
+            "outside the request",
+        ),
+        (
+            true,
+            |req| {
+                // Success without covering the request.
+                let mut b = Vec::new();
+                put_chunk_header(
+                    &mut b,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_HOLE,
+                    req.cookie,
+                    12,
+                );
+                b.extend_from_slice(&req.offset.to_be_bytes());
+                b.extend_from_slice(&1024u32.to_be_bytes());
+                b
+            },
+            "does not cover",
+        ),
+        (
+            false,
+            |_| b"this is not an NBD reply".to_vec(),
+            "bad reply magic",
+        ),
+    ];
+    for (structured, lie, what) in lies {
+        let (s, _t) = lying_server(structured, None, lie).await;
+        let c = within(5, NbdClient::connect(s, "x")).await.unwrap();
+        assert_eq!(c.info().structured, structured);
+        let mut buf = vec![0u8; 4096];
+        let e = within(5, c.read(&mut buf, 0)).await.unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+}

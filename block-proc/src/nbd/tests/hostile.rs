@@ -285,16 +285,16 @@ async fn hostile_handshakes_are_dropped_and_others_still_served() {
     assert!(r.closed_within(2).await);
     still_serves(&t.sock, "ro").await;
 
-    // An absurd option length: dropped at once, nothing allocated or drained.
-    let mut r = Raw::hello(&t.sock).await;
+    // An absurd option length: dropped at once (not at the handshake timeout, 10 s on this
+    // other server), nothing allocated or drained.
+    let (t10, _, _) = two_exports(NbdServerConfig::default()).await;
+    let mut r = Raw::hello(&t10.sock).await;
     let mut h = IHAVEOPT.to_be_bytes().to_vec();
     h.extend_from_slice(&OPT_GO.to_be_bytes());
     h.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
     r.send(&h).await;
-    let t0 = Instant::now();
-    assert!(r.closed_within(2).await);
-    assert!(t0.elapsed() < Duration::from_millis(250));
-    still_serves(&t.sock, "ro").await;
+    assert!(r.closed_within(5).await);
+    still_serves(&t10.sock, "ro").await;
 
     // EXPORT_NAME of an unknown export cannot be answered: dropped.
     let mut r = Raw::hello(&t.sock).await;

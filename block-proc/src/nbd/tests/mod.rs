@@ -368,6 +368,12 @@ pub async fn run_ok(program: &str, args: &[&str]) -> String {
         "{program} {} failed:\n{stdout}\n{stderr}",
         args.join(" ")
     );
+    let lower = stderr.to_lowercase();
+    assert!(
+        !lower.contains("warn") && !lower.contains("error"),
+        "{program} {} complained:\n{stderr}",
+        args.join(" ")
+    );
     stdout
 }
 
