@@ -152,3 +152,18 @@ fn nbd_report(size: u64, rounds: u32, json: bool) -> std::process::ExitCode {
         }
     }
 }
+
+/// Waits until a server listens on `sock` (30 s at most), failing early if it exits.
+pub fn wait_for(sock: &std::path::Path, child: &mut std::process::Child) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("server exited early: {st}"));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{} never listened", sock.display()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}

@@ -6,7 +6,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use crate::wait_for;
+use std::time::Instant;
 
 /// One server exporting one image as `disk` on a unix socket.
 struct Server {
@@ -19,20 +21,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn wait_for(sock: &Path, child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(sock).is_err() {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("server exited early: {st}"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} never listened", sock.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {

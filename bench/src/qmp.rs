@@ -5,7 +5,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use crate::wait_for;
+use std::time::Instant;
 
 use crate::Report;
 
@@ -20,20 +22,6 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
     }
-}
-
-fn wait_for(sock: &Path, child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(sock).is_err() {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("server exited early: {st}"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} never listened", sock.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 fn start_splitvmm(dir: &Path) -> Result<Server, String> {
