@@ -149,15 +149,14 @@ fn killing_block_proc_during_nbd_writes_loses_no_acknowledged_write_and_corrupts
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let check = Command::new("qemu-img")
-            .args(["check", "-f", "qcow2", &image])
-            .output()
-            .expect("qemu-img check");
+        let check = qemu_img_check(&image);
         let code = check.status.code();
         assert!(
             code == Some(0) || code == Some(3),
-            "round {round} (seed {seed}): qemu-img check found corruption:\n{}",
-            String::from_utf8_lossy(&check.stdout)
+            "round {round} (seed {seed}): qemu-img check exited {code:?}:\n{}{}\nprocesses holding the image: {:?}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr),
+            holders(&image)
         );
         let raw = dir.join("now.raw");
         run(Command::new("qemu-img")
@@ -206,4 +205,47 @@ fn killing_block_proc_during_nbd_writes_loses_no_acknowledged_write_and_corrupts
             expected.insert(slot, got.to_vec());
         }
     }
+}
+
+/// `qemu-img check`, retried for up to 2 s while another process still holds the image's
+/// lock (a process that was killed may take a moment to be gone entirely). Any other
+/// outcome is returned at once.
+fn qemu_img_check(image: &str) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2", image])
+            .output()
+            .expect("qemu-img check");
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        if !locked || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The processes that have `path` open, for a failure message.
+fn holders(path: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        if fds
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|t| t.to_str() == Some(path))
+        {
+            found.push((pid, proc_name(pid).unwrap_or_default()));
+        }
+    }
+    found
 }
