@@ -53,13 +53,6 @@ fn args<T: DeserializeOwned>(command: &str, arguments: &str) -> Result<T, QmpErr
     })
 }
 
-/// QEMU's `id_wellformed`: a letter, then letters, digits, '-', '.', '_'.
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct NbdServerStart {
@@ -289,7 +282,7 @@ impl State {
     fn nbd_server_add(&self, a: NbdServerAdd) -> Result<Value, QmpError> {
         let (node_name, node) = self.lookup(Some(&a.device), Some(&a.device))?;
         let name = a.name.unwrap_or_else(|| a.device.clone());
-        if !id_wellformed(&name) {
+        if !ipc::common::id_wellformed(&name) {
             return Err(QmpError::generic("Invalid block export id"));
         }
         if let Some(bitmap) = a.bitmap {
@@ -307,7 +300,7 @@ impl State {
                 a.kind
             )));
         }
-        if !id_wellformed(&a.id) {
+        if !ipc::common::id_wellformed(&a.id) {
             return Err(QmpError::generic("Invalid block export id"));
         }
         if self.nbd().exports.contains_key(&a.id) {

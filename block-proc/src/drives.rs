@@ -10,7 +10,6 @@ use ipc::QmpError;
 use ipc::block::{
     BlockConfig, BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, DriveConfig, IoStatus,
 };
-use ipc::vmm_block::GuestDrive;
 
 use crate::block::{Backing, Node, OpenOptions};
 use crate::device::BlockDevice;
@@ -56,26 +55,9 @@ impl Drives {
         Ok(Self { drives, attached })
     }
 
-    /// The drive with this id.
-    pub fn find(&self, id: &str) -> Option<&Drive> {
-        self.drives.iter().find(|d| d.config.id == id)
-    }
-
     /// `query-block`.
     pub fn query_block(&self) -> Vec<BlockInfo> {
         self.drives.iter().map(|d| d.info(self.attached)).collect()
-    }
-
-    /// The drives as the guest-facing side sees them.
-    pub fn guest_drives(&self) -> Vec<GuestDrive> {
-        self.drives
-            .iter()
-            .map(|d| GuestDrive {
-                id: d.config.id.clone(),
-                size_bytes: d.node.size(),
-                read_only: d.node.read_only(),
-            })
-            .collect()
     }
 
     /// The drives for the guest data path.

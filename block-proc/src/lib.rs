@@ -18,7 +18,7 @@ pub mod nbd;
 pub mod sandbox;
 pub mod service;
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
 use ipc::{Channel, Link, QmpError};
@@ -38,22 +38,13 @@ pub enum Error {
     Runtime(std::io::Error),
 }
 
-/// Takes ownership of a descriptor the launcher placed for us.
-fn adopt(fd: RawFd) -> Result<OwnedFd, Error> {
-    // SAFETY: F_GETFD only reads the descriptor's flags; it fails if fd is not open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(Error::BadFd(fd));
-    }
-    // SAFETY: the descriptor is open (checked above) and was handed to this process by the
-    // launcher for this purpose alone; nothing else in the process refers to it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Configures block-proc from the monitor's first request, enters the jail, then serves
 /// both links until the monitor says `Shutdown` or goes away.
 pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
-    let monitor = Channel::from_fd(adopt(monitor_fd)?);
-    let peer = peer_fd.map(adopt).transpose()?.map(Channel::from_fd);
+    let monitor = Channel::from_inherited(monitor_fd).ok_or(Error::BadFd(monitor_fd))?;
+    let peer = peer_fd
+        .map(|fd| Channel::from_inherited(fd).ok_or(Error::BadFd(fd)))
+        .transpose()?;
     monitor.handshake(Link::MonitorBlock)?;
     let first = monitor.recv::<BlockCall>()?.msg;
     let BlockRequest::Configure(config) = first.request else {

@@ -143,6 +143,19 @@ impl Channel {
         Channel { fd }
     }
 
+    /// Takes over a link the launcher placed in this process at descriptor `fd` (its number
+    /// came on the command line). `None` if no such descriptor is open.
+    pub fn from_inherited(fd: RawFd) -> Option<Self> {
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails if `fd` is not open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return None;
+        }
+        // SAFETY: the descriptor is open (checked above) and was handed to this process by
+        // the launcher for this link alone; nothing else in the process refers to it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Some(Channel { fd })
+    }
+
     /// Gives the socket back, e.g. to pass it to a child.
     pub fn into_fd(self) -> OwnedFd {
         self.fd

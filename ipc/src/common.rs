@@ -57,6 +57,24 @@ impl QmpError {
     }
 }
 
+/// QEMU's `id_wellformed`, the rule for device ids, node names and export ids: a letter,
+/// then letters, digits, '-', '.' and '_'.
+pub fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// An OS error the way QEMU words it ("No such file or directory"), without Rust's
+/// " (os error N)" suffix.
+pub fn os_error_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 /// QEMU's `RunState`, as far as splitvmm reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunState {
@@ -65,8 +83,6 @@ pub enum RunState {
     Running,
     Paused,
     Shutdown,
-    InMigrate,
-    PostMigrate,
 }
 
 impl RunState {
@@ -77,8 +93,6 @@ impl RunState {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::Shutdown => "shutdown",
-            Self::InMigrate => "inmigrate",
-            Self::PostMigrate => "postmigrate",
         }
     }
 }

@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 use ipc::QmpError;
+use ipc::common::os_error_text;
 use serde_json::{Map, Value};
 
 use crate::qmp::schema::{ArgType, Member};
@@ -141,7 +142,7 @@ impl NbdListener {
                     QmpError::generic(format!(
                         "Failed to bind socket to {}: {}",
                         path.display(),
-                        os_text(&e)
+                        os_error_text(&e)
                     ))
                 })?;
                 Ok((l.into(), Some(path)))
@@ -169,7 +170,7 @@ impl NbdListener {
                 })?;
                 let host = host.trim_start_matches('[').trim_end_matches(']');
                 let l = std::net::TcpListener::bind((host, num)).map_err(|e| {
-                    QmpError::generic(format!("Failed to bind socket: {}", os_text(&e)))
+                    QmpError::generic(format!("Failed to bind socket: {}", os_error_text(&e)))
                 })?;
                 Ok((l.into(), None))
             }
@@ -209,10 +210,4 @@ impl NbdListener {
             None => false,
         }
     }
-}
-
-/// An OS error as QEMU words it ("Address already in use"), without Rust's suffix.
-fn os_text(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    s.split(" (os error").next().unwrap_or_default().to_string()
 }

@@ -157,13 +157,6 @@ fn options(s: &str) -> impl Iterator<Item = (&str, &str)> {
         .map(|kv| kv.split_once('=').unwrap_or((kv, "on")))
 }
 
-/// QEMU's rule for ids: a letter, then letters, digits, '-', '.', '_'.
-pub fn valid_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "yes" | "true" => Ok(true),
@@ -189,7 +182,7 @@ fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     let (mut read_only, mut werror, mut rerror) = (false, OnError::Enospc, OnError::Report);
     for (k, v) in options(s) {
         match k {
-            "id" if valid_id(v) => id = Some(v.to_string()),
+            "id" if ipc::common::id_wellformed(v) => id = Some(v.to_string()),
             "id" => {
                 return Err(format!(
                     "id={v}: ids start with a letter and contain only letters, digits, '-', '.', '_'"

@@ -8,7 +8,7 @@
 pub mod control;
 pub mod sandbox;
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 use ipc::vmm::{VmmCall, VmmMessage, VmmReply, VmmRequest};
 use ipc::vmm_block::{BlockToVmm, VmmBlockAnswer, VmmBlockRequest, VmmToBlock};
@@ -29,21 +29,11 @@ pub enum Error {
     Sandbox(#[from] jail::JailError),
 }
 
-fn adopt(fd: RawFd) -> Result<OwnedFd, Error> {
-    // SAFETY: F_GETFD only reads the descriptor's flags; it fails if fd is not open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(Error::BadFd(fd));
-    }
-    // SAFETY: the descriptor is open (checked above) and was handed to this process by the
-    // launcher for this purpose alone; nothing else in the process refers to it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Sets up from the monitor's first request, enters the jail, then serves the monitor
 /// until `Shutdown` or until it goes away.
 pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
-    let monitor = Channel::from_fd(adopt(monitor_fd)?);
-    let block = Channel::from_fd(adopt(peer_fd)?);
+    let monitor = Channel::from_inherited(monitor_fd).ok_or(Error::BadFd(monitor_fd))?;
+    let block = Channel::from_inherited(peer_fd).ok_or(Error::BadFd(peer_fd))?;
     monitor.handshake(Link::MonitorVmm)?;
     let first = monitor.recv::<VmmCall>()?;
     let VmmRequest::Configure(config) = first.msg.request else {

@@ -55,7 +55,7 @@ impl Error {
     pub fn open(name: &str, e: &io::Error) -> Self {
         Self::Open {
             name: name.to_string(),
-            reason: os_reason(e),
+            reason: ipc::common::os_error_text(e),
         }
     }
 
@@ -67,7 +67,7 @@ impl Error {
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
-        Self::Other(os_reason(&e))
+        Self::Other(ipc::common::os_error_text(&e))
     }
 }
 
@@ -80,15 +80,5 @@ impl From<Error> for io::Error {
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e.to_string())
-    }
-}
-
-/// An OS error the way QEMU words it ("No such file or directory"), without Rust's
-/// " (os error N)" suffix.
-pub fn os_reason(e: &io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
