@@ -13,14 +13,28 @@ apt_install() {
 # Plain bookworm has QEMU 7.2; 10.x comes from bookworm-backports. Never install
 # qemu-system-x86 from plain bookworm: it would replace qemu-utils 10 with 7.2.
 qemu_major() { qemu-img --version 2>/dev/null | sed -n 's/^qemu-img version \([0-9]*\)\..*/\1/p'; }
-major=$(qemu_major || true)
-if [ -z "$major" ] || [ "$major" -lt 10 ] || ! command -v qemu-storage-daemon >/dev/null; then
-    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+enable_backports() {
+    grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && return
+    # Enable the suite in the existing Debian entry (deb822), else add a one-line list.
+    if grep -qs '^Suites: bookworm bookworm-updates$' /etc/apt/sources.list.d/debian.sources; then
+        sed -i 's/^Suites: bookworm bookworm-updates$/Suites: bookworm bookworm-updates bookworm-backports/' \
+            /etc/apt/sources.list.d/debian.sources
+    else
         echo "deb http://deb.debian.org/debian bookworm-backports main" \
             > /etc/apt/sources.list.d/bookworm-backports.list
-        apt_updated=
     fi
+    apt_updated=
+}
+major=$(qemu_major || true)
+if [ -z "$major" ] || [ "$major" -lt 10 ] || ! command -v qemu-storage-daemon >/dev/null; then
+    enable_backports
     apt_install -t bookworm-backports qemu-utils
+fi
+# qemu-system-x86 10.x (same suite): the rival VMM in benchmarks and the software-emulated
+# host of the nested Linux boot test.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    enable_backports
+    apt_install -t bookworm-backports qemu-system-x86
 fi
 
 # Independent NBD peers.
