@@ -83,6 +83,8 @@ pub enum RunState {
     Running,
     Paused,
     Shutdown,
+    /// The guest crashed; only `system_reset` brings it back.
+    GuestPanicked,
 }
 
 impl RunState {
@@ -93,6 +95,7 @@ impl RunState {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::Shutdown => "shutdown",
+            Self::GuestPanicked => "guest-panicked",
         }
     }
 }

@@ -4,13 +4,18 @@
 //! monitor                              vmm-proc
 //!   Hello ──────────────────────────────►
 //!   ◄────────────────────────────── Hello
-//!   VmmCall{id, Configure} [+ kernel fd] ►   set up, enter the jail
+//!   VmmCall{id, Configure}               set up the VM, enter the jail
+//!     + /dev/kvm [+ serial] [+ kernel] ─►
 //!   ◄───────────── VmmMessage::Reply{id}
-//!   VmmCall{id, Stop | Cont} ───────────►
-//!   ◄── VmmMessage::Event(RunState{..})      (STOP / RESUME on the QMP side)
+//!   VmmCall{id, Stop | Cont | SystemReset} ►
+//!   ◄── VmmMessage::Event(RunState | Reset)  (STOP / RESUME / RESET on the QMP side)
 //!   ◄───────────── VmmMessage::Reply{id}
+//!   ◄── VmmMessage::Event(GuestShutdown | Reset | GuestPanicked)   (the guest did it)
 //!   VmmCall{id, Shutdown} ──────────────►   stop, reply, exit
 //! ```
+//!
+//! Events always precede the reply to the request that caused them, so a QMP client sees
+//! STOP before `stop` returns, as with QEMU.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,10 +32,9 @@ pub struct VmmCall {
 impl Message for VmmCall {
     fn fd_count(&self) -> usize {
         match &self.request {
-            VmmRequest::Configure(VmmConfig {
-                kernel: KernelImage::File,
-                ..
-            }) => 1,
+            VmmRequest::Configure(c) => {
+                1 + usize::from(c.serial) + usize::from(c.kernel == KernelImage::File)
+            }
             _ => 0,
         }
     }
@@ -39,11 +43,14 @@ impl Message for VmmCall {
 /// What the monitor asks of vmm-proc.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum VmmRequest {
-    /// First request: the VM's configuration. A kernel file travels as a descriptor.
+    /// First request: the VM's configuration. Descriptors travel with it in this order:
+    /// `/dev/kvm`, the serial output (if `serial`), the kernel file (if `KernelImage::File`).
     Configure(VmmConfig),
     QueryStatus,
     Stop,
     Cont,
+    /// QMP `system_reset`: reset the machine and reload the guest.
+    SystemReset,
     /// Stop the vCPUs and exit.
     Shutdown,
 }
@@ -67,6 +74,8 @@ pub struct VmmConfig {
     /// `--paused`: stay in `prelaunch` until `cont`.
     pub start_paused: bool,
     pub sandbox: bool,
+    /// Whether a serial output descriptor travels with the message (`--serial null`: no).
+    pub serial: bool,
 }
 
 /// vmm-proc to monitor.
@@ -93,4 +102,12 @@ pub enum VmmReply {
 pub enum VmmEvent {
     /// The run state changed (the monitor emits STOP or RESUME).
     RunState(RunState),
+    /// The machine was reset: by the guest (i8042 reset) or by `system_reset`.
+    Reset { guest: bool },
+    /// The guest powered off by writing `code` to the debug-exit port (0 means PASS).
+    /// The vCPUs are stopped; the monitor shuts splitvmm down.
+    GuestShutdown { code: u32 },
+    /// The guest crashed (triple fault, KVM internal error, failed entry); the vCPUs are
+    /// stopped and the run state becomes `guest-panicked` right after.
+    GuestPanicked,
 }

@@ -78,6 +78,7 @@ pub const COMMANDS: &[CommandDef] = &[
     monitor("query-status", &[]),
     monitor("stop", &[]),
     monitor("cont", &[]),
+    monitor("system_reset", &[]),
     monitor("quit", &[]),
     monitor("query-block", &[]),
     block("query-named-block-nodes", bc::QUERY_NAMED_BLOCK_NODES),
@@ -181,6 +182,20 @@ async fn execute(
                     vmm.call(request, &[]).await?;
                 }
                 None => monitor.set_runstate(target),
+            }
+            Ok(json!({}))
+        }
+        "system_reset" => {
+            match &monitor.vmm {
+                // vmm-proc reports RESET (and a run-state change) before it answers.
+                Some(vmm) => {
+                    vmm.call(VmmRequest::SystemReset, &[]).await?;
+                }
+                // No guest to reset: only the event, as for stop and cont.
+                None => monitor.events.emit(
+                    "RESET",
+                    Some(json!({ "guest": false, "reason": "host-qmp-system-reset" })),
+                ),
             }
             Ok(json!({}))
         }

@@ -18,6 +18,8 @@ pub enum ShutdownCause {
     Signal,
     /// A child process died.
     ChildDied,
+    /// The guest powered off through the debug-exit port with this value (0 = PASS).
+    GuestShutdown(u32),
 }
 
 impl ShutdownCause {
@@ -27,7 +29,19 @@ impl ShutdownCause {
             Self::Quit => "host-qmp-quit",
             Self::Signal => "host-signal",
             Self::ChildDied => "host-error",
+            Self::GuestShutdown(_) => "guest-shutdown",
         }
+    }
+
+    /// The SHUTDOWN event's `guest` member: whether the guest asked for it.
+    pub fn guest(self) -> bool {
+        matches!(self, Self::GuestShutdown(_))
+    }
+
+    /// Whether splitvmm exits with status 0: after `quit` or a signal, and after a guest
+    /// that powered off with the debug-exit value 0 (PASS).
+    pub fn success(self) -> bool {
+        matches!(self, Self::Quit | Self::Signal | Self::GuestShutdown(0))
     }
 }
 

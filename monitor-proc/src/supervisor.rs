@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
-use crate::cli::{Cli, Kernel};
+use crate::cli::{Cli, Kernel, Serial};
 use crate::events::{EventBus, VENDOR_PREFIX};
 use crate::link::{self, RpcClient};
 use crate::server::{Listener, Sessions};
@@ -181,14 +181,14 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
             // Like QEMU's exit path: SHUTDOWN, and no STOP for the final stop.
             monitor.events.emit(
                 "SHUTDOWN",
-                Some(json!({ "guest": false, "reason": cause.reason() })),
+                Some(json!({ "guest": cause.guest(), "reason": cause.reason() })),
             );
             stop_children(&monitor).await;
             monitor.nbd.stopped();
-            let code = if cause == ShutdownCause::ChildDied {
-                ExitCode::FAILURE
-            } else {
+            let code = if cause.success() {
                 ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             };
             (code, Some(cause))
         }
@@ -301,12 +301,20 @@ async fn start(
     let vmm = match (&cli.kernel, vmm_peer) {
         (Some(kernel), Some(peer_fd)) => {
             let (vmm_mon, vmm_child) = pair()?;
-            let kernel_file = match kernel {
-                Kernel::File(p) => Some(std::fs::File::open(p).map_err(|e| {
-                    SupervisorError::Start(format!("--kernel {}: {e}", p.display()))
-                })?),
-                Kernel::Builtin(_) => None,
-            };
+            // vmm-proc opens nothing: the monitor opens what it needs, before any jail.
+            let mut fds: Vec<OwnedFd> = vec![open_kvm()?];
+            if let Some(serial) = open_serial(&cli.serial)? {
+                fds.push(serial);
+            }
+            if let Kernel::File(p) = kernel {
+                fds.push(
+                    std::fs::File::open(p)
+                        .map_err(|e| {
+                            SupervisorError::Start(format!("--kernel {}: {e}", p.display()))
+                        })?
+                        .into(),
+                );
+            }
             let pid = launcher
                 .spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd])
                 .await?;
@@ -322,11 +330,12 @@ async fn start(
                 cmdline: cli.append.clone(),
                 start_paused: cli.paused,
                 sandbox: cli.sandbox,
+                serial: cli.serial != Serial::Null,
             };
             if cli.paused {
                 runstate = RunState::Prelaunch;
             }
-            Some((vmm, config, kernel_file))
+            Some((vmm, config, fds))
         }
         _ => None,
     };
@@ -339,18 +348,14 @@ async fn start(
         runstate,
         shutdown,
     ));
-    if let Some((vmm, config, kernel_file)) = vmm {
+    if let Some((vmm, config, fds)) = vmm {
         let reader = vmm.clone();
         let m = monitor.clone();
         tokio::spawn(async move {
-            let e = reader
-                .read_loop(|ev| match ev {
-                    VmmEvent::RunState(s) => m.set_runstate(s),
-                })
-                .await;
+            let e = reader.read_loop(|ev| vmm_event(&m, ev)).await;
             tracing::debug!("vmm-proc link closed: {e}");
         });
-        let fds: Vec<_> = kernel_file.iter().map(AsFd::as_fd).collect();
+        let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
         vmm.call(VmmRequest::Configure(config), &fds)
             .await
             .map_err(|e| SupervisorError::Start(format!("vmm-proc: {}", e.desc)))?;
@@ -380,6 +385,58 @@ async fn start(
         cleanup.add(p.clone());
     }
     Ok((monitor, listeners))
+}
+
+/// Turns what vmm-proc reports into QMP events and state.
+fn vmm_event(m: &Monitor, ev: VmmEvent) {
+    match ev {
+        VmmEvent::RunState(s) => m.set_runstate(s),
+        VmmEvent::Reset { guest } => {
+            let reason = if guest {
+                "guest-reset"
+            } else {
+                "host-qmp-system-reset"
+            };
+            m.events
+                .emit("RESET", Some(json!({ "guest": guest, "reason": reason })));
+        }
+        VmmEvent::GuestShutdown { code } => m.request_shutdown(ShutdownCause::GuestShutdown(code)),
+        // QEMU's order: GUEST_PANICKED, then STOP with the run state change that follows.
+        VmmEvent::GuestPanicked => m
+            .events
+            .emit("GUEST_PANICKED", Some(json!({ "action": "pause" }))),
+    }
+}
+
+/// `/dev/kvm`, opened for vmm-proc (which creates the VM itself).
+fn open_kvm() -> Result<OwnedFd, SupervisorError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(OwnedFd::from)
+        .map_err(|e| {
+            SupervisorError::Start(format!(
+                "Could not access KVM kernel module: {}",
+                ipc::common::os_error_text(&e)
+            ))
+        })
+}
+
+/// Where the guest's serial output goes, opened here (vmm-proc never opens a path).
+/// `file:` truncates, as QEMU's file chardev does.
+fn open_serial(serial: &Serial) -> Result<Option<OwnedFd>, SupervisorError> {
+    match serial {
+        Serial::Null => Ok(None),
+        Serial::Stdio => std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Some)
+            .map_err(|e| SupervisorError::Start(format!("--serial stdio: {e}"))),
+        Serial::File(p) => std::fs::File::create(p)
+            .map(|f| Some(f.into()))
+            .map_err(|e| SupervisorError::Start(format!("--serial file:{}: {e}", p.display()))),
+    }
 }
 
 async fn connect<P: link::Protocol>(

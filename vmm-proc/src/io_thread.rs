@@ -1,0 +1,414 @@
+//! The I/O thread: one epoll loop serving every disk's queues and the link to block-proc.
+//!
+//! - A queue's ioeventfd fires → pop every available chain, answer the invalid ones at
+//!   once, and send the rest to block-proc as batched `Submit`s whose segments point into
+//!   guest memory.
+//! - block-proc's `Completed` → write each status byte, put the chain on the used ring,
+//!   interrupt the guest through the disk's irqfd if it asked for interrupts.
+//! - Commands from the controller: pause (stop taking requests, answer once every request
+//!   in flight has completed), resume, reset the devices, exit.
+//!
+//! Every request stays in the in-flight table until block-proc answers it, whatever the
+//! run state; a completion for a device reset since is dropped (the guest forgot it).
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ipc::vmm_block::{BlockToVmm, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
+use ipc::{Channel, IpcError, MAX_FRAME};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::blk::{Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
+use crate::virtio::mmio::BlkDevice;
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_BLOCK: u64 = 1;
+const TOKEN_QUEUES: u64 = 2;
+/// A bound on the encoded size of one request without its segments, and per segment
+/// (bincode varints: at most 10 bytes for a u64, 5 for a u32).
+const REQUEST_OVERHEAD: usize = 128;
+const SEGMENT_SIZE: usize = 16;
+
+/// What the controller asks of the I/O thread.
+#[derive(Debug)]
+pub enum IoCommand {
+    /// Take no new requests; answer once nothing is in flight.
+    Pause(Sender<()>),
+    Resume,
+    /// Reset every device (the VM is paused and drained); answer when done.
+    Reset(Sender<()>),
+    Exit,
+}
+
+/// A disk queue's notifier.
+#[derive(Debug)]
+pub struct QueueEvent {
+    pub disk: usize,
+    pub queue: usize,
+    pub event: EventFd,
+}
+
+/// A request block-proc has not answered yet.
+#[derive(Debug)]
+struct InFlight {
+    disk: usize,
+    queue: usize,
+    generation: u64,
+    head: u16,
+    status_gpa: u64,
+    used_len: u32,
+    bytes: u64,
+    op: OpKind,
+    started: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    Other,
+}
+
+/// The I/O thread's state.
+#[derive(Debug)]
+pub struct IoThread {
+    epoll: Epoll,
+    block: Channel,
+    block_alive: bool,
+    disks: Vec<Arc<Mutex<BlkDevice>>>,
+    queues: Vec<QueueEvent>,
+    wake: EventFd,
+    commands: Receiver<IoCommand>,
+    in_flight: HashMap<u64, InFlight>,
+    next_tag: u64,
+    paused: bool,
+    drain_waiters: Vec<Sender<()>>,
+}
+
+fn lock(d: &Mutex<BlkDevice>) -> MutexGuard<'_, BlkDevice> {
+    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl IoThread {
+    /// Sets up the loop (paused: the VM starts paused). `wake` is written whenever a
+    /// command is sent.
+    pub fn new(
+        block: Channel,
+        disks: Vec<Arc<Mutex<BlkDevice>>>,
+        queues: Vec<QueueEvent>,
+        wake: EventFd,
+        commands: Receiver<IoCommand>,
+    ) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(wake.as_raw_fd(), TOKEN_WAKE)?;
+        add(block.as_fd_raw(), TOKEN_BLOCK)?;
+        for (i, q) in queues.iter().enumerate() {
+            add(q.event.as_raw_fd(), TOKEN_QUEUES + i as u64)?;
+        }
+        Ok(Self {
+            epoll,
+            block,
+            block_alive: true,
+            disks,
+            queues,
+            wake,
+            commands,
+            in_flight: HashMap::new(),
+            next_tag: 1,
+            paused: true,
+            drain_waiters: Vec::new(),
+        })
+    }
+
+    /// Runs until `Exit` or until the controller goes away.
+    pub fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("I/O thread: epoll: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                        if !self.commands() {
+                            return;
+                        }
+                    }
+                    TOKEN_BLOCK => self.on_block_message(),
+                    t => {
+                        let i = (t - TOKEN_QUEUES) as usize;
+                        if let Some(q) = self.queues.get(i) {
+                            let _ = q.event.read();
+                            if !self.paused {
+                                let (disk, queue) = (q.disk, q.queue);
+                                self.process_queue(disk, queue);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles queued commands; `false` means exit.
+    fn commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(IoCommand::Pause(done)) => {
+                    self.paused = true;
+                    self.drain_waiters.push(done);
+                    self.answer_drained();
+                }
+                Ok(IoCommand::Resume) => {
+                    self.paused = false;
+                    // Notifications that came while paused were swallowed: look at every
+                    // queue once.
+                    let all: Vec<(usize, usize)> =
+                        self.queues.iter().map(|q| (q.disk, q.queue)).collect();
+                    for (d, q) in all {
+                        self.process_queue(d, q);
+                    }
+                }
+                Ok(IoCommand::Reset(done)) => {
+                    for d in &self.disks {
+                        lock(d).reset();
+                    }
+                    let _ = done.send(());
+                }
+                Ok(IoCommand::Exit) => return false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn answer_drained(&mut self) {
+        if self.in_flight.is_empty() {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn process_queue(&mut self, disk: usize, queue: usize) {
+        let Some(dev) = self.disks.get(disk).cloned() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        {
+            let mut d = lock(&dev);
+            let generation = d.generation();
+            let parsed = d.pop_requests(queue);
+            let mut answered = false;
+            for p in parsed {
+                match p {
+                    Parsed::Submit(req) => {
+                        let tag = self.next_tag;
+                        self.next_tag += 1;
+                        batch.push(self.track(tag, disk, queue, generation, req));
+                    }
+                    Parsed::Answer {
+                        head,
+                        status_gpa,
+                        status,
+                    } => {
+                        d.stats.invalid_ops += 1;
+                        d.complete(queue, head, Some((status_gpa, status)), 1);
+                        answered = true;
+                    }
+                    Parsed::Drop { head } => {
+                        d.stats.invalid_ops += 1;
+                        d.complete(queue, head, None, 0);
+                        answered = true;
+                    }
+                }
+            }
+            if answered {
+                d.signal_used(queue);
+            }
+        }
+        self.submit(batch);
+    }
+
+    /// Records a request as in flight and builds its message.
+    fn track(
+        &mut self,
+        tag: u64,
+        disk: usize,
+        queue: usize,
+        generation: u64,
+        r: Request,
+    ) -> IoRequest {
+        let op = match &r.op {
+            IoOp::Read => OpKind::Read,
+            IoOp::Write => OpKind::Write,
+            IoOp::Flush => OpKind::Flush,
+            IoOp::Discard(_) | IoOp::WriteZeroes { .. } => OpKind::Discard,
+            IoOp::GetId => OpKind::Other,
+        };
+        self.in_flight.insert(
+            tag,
+            InFlight {
+                disk,
+                queue,
+                generation,
+                head: r.head,
+                status_gpa: r.status_gpa,
+                used_len: r.used_len,
+                bytes: r.bytes,
+                op,
+                started: Instant::now(),
+            },
+        );
+        IoRequest {
+            tag,
+            device: disk as u16,
+            op: r.op,
+            sector: r.sector,
+            segments: r.segments,
+        }
+    }
+
+    /// Sends requests in batches that fit a frame. If block-proc is gone they stay in
+    /// flight (a restarted block-proc could be handed them again).
+    fn submit(&mut self, requests: Vec<IoRequest>) {
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for r in requests {
+            let cost = REQUEST_OVERHEAD + SEGMENT_SIZE * r.segments.len();
+            if !batch.is_empty() && (size + cost > MAX_FRAME - 1024 || batch.len() == MAX_BATCH) {
+                self.send(std::mem::take(&mut batch));
+                size = 0;
+            }
+            size += cost;
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            self.send(batch);
+        }
+    }
+
+    fn send(&mut self, batch: Vec<IoRequest>) {
+        if !self.block_alive {
+            tracing::warn!("block-proc is gone: {} requests wait", batch.len());
+            return;
+        }
+        if let Err(e) = self.block.send(&VmmToBlock::Submit(batch), &[]) {
+            tracing::error!("cannot send guest I/O to block-proc: {e}");
+            self.block_lost();
+        }
+    }
+
+    fn block_lost(&mut self) {
+        self.block_alive = false;
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.block.as_fd_raw(),
+            EpollEvent::default(),
+        );
+    }
+
+    fn on_block_message(&mut self) {
+        match self.block.recv::<BlockToVmm>() {
+            Ok(r) => match r.msg {
+                BlockToVmm::Completed(done) => self.complete(done),
+                BlockToVmm::Reply { id, .. } => {
+                    tracing::warn!("block-proc answered unknown call {id}");
+                }
+            },
+            Err(IpcError::Closed) => {
+                tracing::error!(
+                    "block-proc closed the data path; {} guest requests in flight",
+                    self.in_flight.len()
+                );
+                self.block_lost();
+            }
+            Err(e) => {
+                tracing::error!("data path from block-proc broken: {e}");
+                self.block_lost();
+            }
+        }
+    }
+
+    fn complete(&mut self, done: Vec<IoCompletion>) {
+        let mut touched: Vec<(usize, usize)> = Vec::new();
+        for c in done {
+            let Some(f) = self.in_flight.remove(&c.tag) else {
+                tracing::warn!("block-proc completed unknown request {}", c.tag);
+                continue;
+            };
+            let Some(dev) = self.disks.get(f.disk) else {
+                continue;
+            };
+            let mut d = lock(dev);
+            if d.generation() != f.generation {
+                continue; // the device was reset meanwhile
+            }
+            let (status, used) = match c.status {
+                IoStatus::Ok => (S_OK, f.used_len),
+                IoStatus::IoErr => (S_IOERR, 1),
+                IoStatus::Unsupported => (S_UNSUPP, 1),
+            };
+            let ns = f.started.elapsed().as_nanos() as u64;
+            let s = &mut d.stats;
+            match (f.op, c.status) {
+                (_, IoStatus::IoErr | IoStatus::Unsupported) => s.failed_ops += 1,
+                (OpKind::Read, _) => {
+                    (s.rd_ops, s.rd_bytes, s.rd_ns) =
+                        (s.rd_ops + 1, s.rd_bytes + f.bytes, s.rd_ns + ns)
+                }
+                (OpKind::Write, _) => {
+                    (s.wr_ops, s.wr_bytes, s.wr_ns) =
+                        (s.wr_ops + 1, s.wr_bytes + f.bytes, s.wr_ns + ns)
+                }
+                (OpKind::Flush, _) => {
+                    (s.flush_ops, s.flush_ns) = (s.flush_ops + 1, s.flush_ns + ns)
+                }
+                (OpKind::Discard, _) => {
+                    (s.discard_ops, s.discard_ns) = (s.discard_ops + 1, s.discard_ns + ns)
+                }
+                (OpKind::Other, _) => {}
+            }
+            d.complete(f.queue, f.head, Some((f.status_gpa, status)), used);
+            if !touched.contains(&(f.disk, f.queue)) {
+                touched.push((f.disk, f.queue));
+            }
+        }
+        for (disk, queue) in touched {
+            if let Some(dev) = self.disks.get(disk) {
+                lock(dev).signal_used(queue);
+            }
+        }
+        self.answer_drained();
+    }
+}
+
+/// Raw descriptor of a channel, for epoll.
+trait AsFdRaw {
+    fn as_fd_raw(&self) -> i32;
+}
+
+impl AsFdRaw for Channel {
+    fn as_fd_raw(&self) -> i32 {
+        std::os::fd::AsFd::as_fd(self).as_raw_fd()
+    }
+}
