@@ -51,6 +51,8 @@ pub enum VmmRequest {
     Cont,
     /// QMP `system_reset`: reset the machine and reload the guest.
     SystemReset,
+    /// The guest disks' I/O counters (`query-blockstats`).
+    QueryBlockStats,
     /// Stop the vCPUs and exit.
     Shutdown,
 }
@@ -95,6 +97,34 @@ impl Message for VmmMessage {}
 pub enum VmmReply {
     Done,
     Status(RunState),
+    BlockStats(Vec<DiskStats>),
+}
+
+/// One guest disk's I/O counters, as QEMU accounts them for `query-blockstats`:
+/// write-zeroes counts as a write, discard as an unmap; requests the device refused as
+/// malformed are `invalid`, requests the image failed are `failed` (their latency still
+/// counts in the total time, QEMU's `account_failed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub id: String,
+    pub rd: OpStats,
+    pub wr: OpStats,
+    pub flush: OpStats,
+    pub unmap: OpStats,
+    /// The end of the furthest write, in bytes.
+    pub wr_highest_offset: u64,
+    /// Nanoseconds since the last completed request, if there was one.
+    pub idle_ns: Option<u64>,
+}
+
+/// The counters of one kind of request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpStats {
+    pub operations: u64,
+    pub bytes: u64,
+    pub total_time_ns: u64,
+    pub failed: u64,
+    pub invalid: u64,
 }
 
 /// Things vmm-proc reports unasked.

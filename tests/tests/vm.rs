@@ -543,3 +543,71 @@ fn a_linux_kernel_is_refused_clearly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn query_blockstats_counts_what_the_guest_did() {
+    if !kvm_or_skip("query_blockstats_counts_what_the_guest_did") {
+        return;
+    }
+    let dir = TempDir::new("vm-stats");
+    let img = dir.join("disk0.qcow2");
+    qemu_img_create("qcow2", &img, "1M");
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, F_FLUSH);
+    let a = g.alloc(&guest::pattern(1, 0), BLOCK);
+    let b = g.alloc(&guest::pattern(1, 1), BLOCK);
+    let back = g.zeroed(2 * BLOCK as usize, BLOCK);
+    let ok = [
+        disk.request(&mut g, 0, T_OUT, 0, &[(a, BLOCK as u32)]),
+        disk.request(&mut g, 0, T_OUT, 24, &[(b, BLOCK as u32)]),
+        disk.request(&mut g, 0, T_FLUSH, 0, &[]),
+    ];
+    disk.submit(&mut g, 0, 0);
+    let read = disk.request(&mut g, 0, T_IN, 0, &[(back, 2 * BLOCK as u32)]);
+    // Past the end of the 1 MiB disk: an invalid read.
+    let invalid = disk.request(&mut g, 0, T_IN, 2048, &[(back, 512)]);
+    disk.submit(&mut g, 0, 0);
+    for s in ok.into_iter().chain([read]) {
+        g.expect8(0, s, S_OK);
+    }
+    g.expect8(0, invalid, S_IOERR);
+    g.print(0, "done\r\n");
+    g.idle(0);
+    let drive = format!("id=disk0,file={},format=qcow2", img.display());
+    let (vm, mut qmp) = boot(dir, &g, 1, &[drive]);
+    let before = qmp.ok("query-blockstats", json!({}));
+    assert_eq!(before[0]["device"], "disk0");
+    assert_eq!(before[0]["stats"]["wr_operations"], 0);
+    assert!(before[0]["stats"].get("idle_time_ns").is_none(), "{before}");
+    cont(&mut qmp);
+    wait_for_text(&serial(&vm), Duration::from_secs(20), |t| t == "done\r\n");
+    let all = qmp.ok("query-blockstats", json!({}));
+    let s = &all[0]["stats"];
+    let counts = json!({
+        "wr_operations": s["wr_operations"], "wr_bytes": s["wr_bytes"],
+        "rd_operations": s["rd_operations"], "rd_bytes": s["rd_bytes"],
+        "flush_operations": s["flush_operations"],
+        "invalid_rd_operations": s["invalid_rd_operations"],
+        "failed_rd_operations": s["failed_rd_operations"],
+        "wr_highest_offset": s["wr_highest_offset"],
+    });
+    assert_eq!(
+        counts,
+        json!({
+            "wr_operations": 2, "wr_bytes": 8192, "rd_operations": 1, "rd_bytes": 8192,
+            "flush_operations": 1, "invalid_rd_operations": 1, "failed_rd_operations": 0,
+            "wr_highest_offset": 24 * 512 + 4096,
+        }),
+        "{all}"
+    );
+    assert!(s["rd_total_time_ns"].as_u64() > Some(0), "{all}");
+    assert!(s["idle_time_ns"].as_u64().is_some(), "{all}");
+    assert!(all[0]["node-name"].as_str().is_some(), "{all}");
+    let nodes = qmp.ok("query-blockstats", json!({ "query-nodes": true }));
+    assert!(nodes[0].get("device").is_none(), "{nodes}");
+    assert_eq!(nodes[0]["node-name"], all[0]["node-name"]);
+    assert_eq!(nodes[0]["stats"]["wr_operations"], 0);
+    assert_eq!(nodes[0]["stats"]["wr_highest_offset"], 24 * 512 + 4096);
+    let (class, _) = qmp.err("query-blockstats", json!({ "query-nodes": "yes" }));
+    assert_eq!(class, "GenericError");
+}

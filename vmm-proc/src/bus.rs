@@ -91,6 +91,17 @@ impl Bus {
         }
     }
 
+    /// Every disk's I/O counters.
+    pub fn disk_stats(&self) -> Vec<ipc::vmm::DiskStats> {
+        self.disks
+            .iter()
+            .map(|d| {
+                let d = lock(d);
+                d.stats.report(&d.drive.id)
+            })
+            .collect()
+    }
+
     /// Starts the boot timer (when the vCPUs first run).
     pub fn start_boot_timer(&self) {
         lock(&self.started).get_or_insert_with(Instant::now);

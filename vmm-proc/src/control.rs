@@ -172,6 +172,7 @@ impl Vm {
                 }
             },
             VmmRequest::SystemReset => self.reset(false).map(|()| VmmReply::Done),
+            VmmRequest::QueryBlockStats => Ok(VmmReply::BlockStats(self.bus.disk_stats())),
             VmmRequest::Shutdown => {
                 self.pause_all();
                 self.monitor.send(

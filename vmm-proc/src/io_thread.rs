@@ -17,12 +17,12 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use ipc::vmm_block::{BlockToVmm, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
+use ipc::vmm_block::{BlockToVmm, IoCompletion, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
 use ipc::{Channel, IpcError, MAX_FRAME};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::virtio::blk::{Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
+use crate::virtio::blk::{Acct, Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
 use crate::virtio::mmio::BlkDevice;
 
 const TOKEN_WAKE: u64 = 0;
@@ -61,18 +61,10 @@ struct InFlight {
     head: u16,
     status_gpa: u64,
     used_len: u32,
+    acct: Acct,
     bytes: u64,
-    op: OpKind,
+    end: u64,
     started: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OpKind {
-    Read,
-    Write,
-    Flush,
-    Discard,
-    Other,
 }
 
 /// The I/O thread's state.
@@ -230,13 +222,15 @@ impl IoThread {
                         head,
                         status_gpa,
                         status,
+                        acct,
                     } => {
-                        d.stats.invalid_ops += 1;
+                        if let Some(s) = d.stats.of(acct) {
+                            s.invalid += 1;
+                        }
                         d.complete(queue, head, Some((status_gpa, status)), 1);
                         answered = true;
                     }
                     Parsed::Drop { head } => {
-                        d.stats.invalid_ops += 1;
                         d.complete(queue, head, None, 0);
                         answered = true;
                     }
@@ -258,13 +252,6 @@ impl IoThread {
         generation: u64,
         r: Request,
     ) -> IoRequest {
-        let op = match &r.op {
-            IoOp::Read => OpKind::Read,
-            IoOp::Write => OpKind::Write,
-            IoOp::Flush => OpKind::Flush,
-            IoOp::Discard(_) | IoOp::WriteZeroes { .. } => OpKind::Discard,
-            IoOp::GetId => OpKind::Other,
-        };
         self.in_flight.insert(
             tag,
             InFlight {
@@ -274,8 +261,9 @@ impl IoThread {
                 head: r.head,
                 status_gpa: r.status_gpa,
                 used_len: r.used_len,
+                acct: r.acct,
                 bytes: r.bytes,
-                op,
+                end: r.end,
                 started: Instant::now(),
             },
         );
@@ -368,25 +356,21 @@ impl IoThread {
                 IoStatus::IoErr => (S_IOERR, 1),
                 IoStatus::Unsupported => (S_UNSUPP, 1),
             };
-            let ns = f.started.elapsed().as_nanos() as u64;
-            let s = &mut d.stats;
-            match (f.op, c.status) {
-                (_, IoStatus::IoErr | IoStatus::Unsupported) => s.failed_ops += 1,
-                (OpKind::Read, _) => {
-                    (s.rd_ops, s.rd_bytes, s.rd_ns) =
-                        (s.rd_ops + 1, s.rd_bytes + f.bytes, s.rd_ns + ns)
+            let ns = u64::try_from(f.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let stats = &mut d.stats;
+            stats.last_io = Some(Instant::now());
+            if let Some(s) = stats.of(f.acct) {
+                // Failed requests' latency counts too (QEMU's account_failed).
+                s.total_time_ns += ns;
+                if c.status == IoStatus::Ok {
+                    s.operations += 1;
+                    s.bytes += f.bytes;
+                } else {
+                    s.failed += 1;
                 }
-                (OpKind::Write, _) => {
-                    (s.wr_ops, s.wr_bytes, s.wr_ns) =
-                        (s.wr_ops + 1, s.wr_bytes + f.bytes, s.wr_ns + ns)
-                }
-                (OpKind::Flush, _) => {
-                    (s.flush_ops, s.flush_ns) = (s.flush_ops + 1, s.flush_ns + ns)
-                }
-                (OpKind::Discard, _) => {
-                    (s.discard_ops, s.discard_ns) = (s.discard_ops + 1, s.discard_ns + ns)
-                }
-                (OpKind::Other, _) => {}
+            }
+            if c.status == IoStatus::Ok {
+                stats.wr_highest_offset = stats.wr_highest_offset.max(f.end);
             }
             d.complete(f.queue, f.head, Some((f.status_gpa, status)), used);
             if !touched.contains(&(f.disk, f.queue)) {

@@ -50,6 +50,17 @@ pub struct DiskInfo {
     pub ram_size: u64,
 }
 
+/// Which `query-blockstats` counters a request belongs to (QEMU's accounting:
+/// write-zeroes is a write, discard an unmap, get-id nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acct {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+    None,
+}
+
 /// A request ready for block-proc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -60,19 +71,24 @@ pub struct Request {
     pub segments: Vec<Segment>,
     /// Bytes the device writes into the chain on success (data and status).
     pub used_len: u32,
-    /// Bytes of data moved, for statistics.
+    pub acct: Acct,
+    /// Bytes read, written, zeroed or discarded, for statistics.
     pub bytes: u64,
+    /// For writes: the byte offset just past the last byte written.
+    pub end: u64,
 }
 
 /// The outcome for one chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     Submit(Request),
-    /// Answer at once with this status byte.
+    /// Answer at once with this status byte; `acct` says which counter of invalid
+    /// requests it adds to (`Acct::None` for unsupported ones).
     Answer {
         head: u16,
         status_gpa: u64,
         status: u8,
+        acct: Acct,
     },
     /// No usable status byte: return the chain with length 0.
     Drop {
@@ -121,24 +137,34 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
     if !in_ram(&(status_gpa, 1)) {
         return Parsed::Drop { head };
     }
+    let unreadable = out_of_order || !readable.iter().chain(&writable).all(in_ram);
+    let header = gather(mem, &readable, HEADER).filter(|_| !unreadable);
+    let kind = header
+        .as_ref()
+        .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+    let acct = match kind {
+        Some(T_IN) => Acct::Read,
+        Some(T_OUT | T_WRITE_ZEROES) => Acct::Write,
+        Some(T_FLUSH) => Acct::Flush,
+        Some(T_DISCARD) => Acct::Unmap,
+        _ => Acct::None,
+    };
+    // Refused requests count as invalid ones of their kind; unsupported ones nowhere.
     let answer = |status| Parsed::Answer {
         head,
         status_gpa,
         status,
+        acct: if status == S_IOERR { acct } else { Acct::None },
     };
-    if out_of_order || !readable.iter().chain(&writable).all(in_ram) {
-        return answer(S_IOERR);
-    }
-    let Some(header) = gather(mem, &readable, HEADER) else {
+    let (Some(header), Some(kind)) = (header, kind) else {
         return answer(S_IOERR);
     };
-    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
     let data_out = skip(&readable, HEADER);
     let total = |r: &[(u64, u32)]| r.iter().map(|s| u64::from(s.1)).sum::<u64>();
-    let submit = |op, sector, data: &[(u64, u32)], used_len, bytes| {
+    let submit = |op, sector: u64, data: &[(u64, u32)], used_len, bytes: u64, end: u64| {
         Parsed::Submit(Request {
             head,
             status_gpa,
@@ -149,7 +175,9 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
                 .map(|&(gpa, len)| Segment { gpa, len })
                 .collect(),
             used_len,
+            acct,
             bytes,
+            end,
         })
     };
     let in_disk = |sector: u64, sectors: u64| {
@@ -174,21 +202,21 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
             if bad {
                 return answer(S_IOERR);
             }
-            let (op, used) = if kind == T_IN {
-                (IoOp::Read, len as u32 + 1)
+            let (op, used, end) = if kind == T_IN {
+                (IoOp::Read, len as u32 + 1, 0)
             } else {
-                (IoOp::Write, 1)
+                (IoOp::Write, 1, sector * SECTOR + len)
             };
-            submit(op, sector, data, used, len)
+            submit(op, sector, data, used, len, end)
         }
-        T_FLUSH => submit(IoOp::Flush, 0, &[], 1, 0),
+        T_FLUSH => submit(IoOp::Flush, 0, &[], 1, 0, 0),
         T_GET_ID => {
             let id = take(&data_in, u64::from(ID_BYTES));
             let len = total(&id);
             if !data_out.is_empty() || len == 0 {
                 return answer(S_IOERR);
             }
-            submit(IoOp::GetId, 0, &id, len as u32 + 1, 0)
+            submit(IoOp::GetId, 0, &id, len as u32 + 1, 0, 0)
         }
         T_DISCARD | T_WRITE_ZEROES => {
             let feature = if kind == T_DISCARD {
@@ -213,6 +241,7 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
             };
             let mut ranges = Vec::new();
             let mut unmap = true;
+            let mut bytes = 0u64;
             for r in raw.chunks_exact(RANGE_SIZE as usize) {
                 let mut s = [0u8; 8];
                 s.copy_from_slice(&r[..8]);
@@ -228,14 +257,21 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
                     return answer(S_IOERR);
                 }
                 unmap &= flags & WZ_UNMAP != 0;
+                bytes += u64::from(count) * SECTOR;
                 ranges.push((start, count));
             }
-            let op = if kind == T_DISCARD {
-                IoOp::Discard(ranges)
+            let (op, end) = if kind == T_DISCARD {
+                (IoOp::Discard(ranges), 0)
             } else {
-                IoOp::WriteZeroes { ranges, unmap }
+                // The furthest byte zeroed counts as the end of a write.
+                let end = ranges
+                    .iter()
+                    .map(|&(s, n)| (s + u64::from(n)) * SECTOR)
+                    .max()
+                    .unwrap_or(0);
+                (IoOp::WriteZeroes { ranges, unmap }, end)
             };
-            submit(op, 0, &[], 1, 0)
+            submit(op, 0, &[], 1, bytes, end)
         }
         _ => answer(S_UNSUPP),
     }

@@ -8,13 +8,15 @@
 //! that still reaches [`BlkDevice::write`] is forwarded to the same eventfd.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use ipc::vmm::{DiskStats, OpStats};
 use ipc::vmm_block::GuestDrive;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::blk::{self, DiskInfo, MAX_RANGES, Parsed, SECTOR};
+use super::blk::{self, Acct, DiskInfo, MAX_RANGES, Parsed, SECTOR};
 use super::features::*;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -63,20 +65,43 @@ mod reg {
 }
 
 /// Per-device I/O counters (`query-blockstats`).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Stats {
-    pub rd_ops: u64,
-    pub wr_ops: u64,
-    pub flush_ops: u64,
-    pub discard_ops: u64,
-    pub rd_bytes: u64,
-    pub wr_bytes: u64,
-    pub rd_ns: u64,
-    pub wr_ns: u64,
-    pub flush_ns: u64,
-    pub discard_ns: u64,
-    pub failed_ops: u64,
-    pub invalid_ops: u64,
+    pub rd: OpStats,
+    pub wr: OpStats,
+    pub flush: OpStats,
+    pub unmap: OpStats,
+    pub wr_highest_offset: u64,
+    /// When the last request completed.
+    pub last_io: Option<Instant>,
+}
+
+impl Stats {
+    /// The counters of `acct`, if it has any.
+    pub fn of(&mut self, acct: Acct) -> Option<&mut OpStats> {
+        match acct {
+            Acct::Read => Some(&mut self.rd),
+            Acct::Write => Some(&mut self.wr),
+            Acct::Flush => Some(&mut self.flush),
+            Acct::Unmap => Some(&mut self.unmap),
+            Acct::None => None,
+        }
+    }
+
+    /// The counters as `query-blockstats` reports them for disk `id`.
+    pub fn report(&self, id: &str) -> DiskStats {
+        DiskStats {
+            id: id.to_string(),
+            rd: self.rd,
+            wr: self.wr,
+            flush: self.flush,
+            unmap: self.unmap,
+            wr_highest_offset: self.wr_highest_offset,
+            idle_ns: self
+                .last_io
+                .map(|t| u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+        }
+    }
 }
 
 /// A virtio-blk device.
