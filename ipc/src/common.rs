@@ -85,6 +85,8 @@ pub enum RunState {
     Shutdown,
     /// The guest crashed; only `system_reset` brings it back.
     GuestPanicked,
+    /// Stopped by a disk error under `werror`/`rerror=stop` (or `enospc`); `cont` retries.
+    IoError,
 }
 
 impl RunState {
@@ -96,6 +98,7 @@ impl RunState {
             Self::Paused => "paused",
             Self::Shutdown => "shutdown",
             Self::GuestPanicked => "guest-panicked",
+            Self::IoError => "io-error",
         }
     }
 }

@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::block::OnError;
 use crate::common::RunState;
 use crate::{CallId, Message, QmpError};
 
@@ -78,6 +79,16 @@ pub struct VmmConfig {
     pub sandbox: bool,
     /// Whether a serial output descriptor travels with the message (`--serial null`: no).
     pub serial: bool,
+    /// Each drive's `werror=` and `rerror=`, by drive id.
+    pub error_policies: Vec<ErrorPolicy>,
+}
+
+/// What a guest disk does when a request fails (`--drive werror=W,rerror=R`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorPolicy {
+    pub id: String,
+    pub werror: OnError,
+    pub rerror: OnError,
 }
 
 /// vmm-proc to monitor.
@@ -140,4 +151,51 @@ pub enum VmmEvent {
     /// The guest crashed (triple fault, KVM internal error, failed entry); the vCPUs are
     /// stopped and the run state becomes `guest-panicked` right after.
     GuestPanicked,
+    /// A guest disk request failed (QMP `BLOCK_IO_ERROR`). With `action` stop the run state
+    /// becomes `io-error` right after, and `cont` retries the request.
+    BlockIoError(BlockIoError),
+}
+
+/// A failed guest disk request and what was done about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockIoError {
+    pub device: String,
+    /// The disk's index (its place among the guest's virtio devices).
+    pub index: u16,
+    pub write: bool,
+    pub action: ErrorAction,
+    /// Whether the error was ENOSPC.
+    pub nospace: bool,
+    /// Whether the drive keeps an I/O status (its policy can stop the VM); QEMU reports
+    /// `nospace` only for those.
+    pub io_status: bool,
+}
+
+/// QAPI `BlockErrorAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorAction {
+    Ignore,
+    Report,
+    Stop,
+}
+
+impl ErrorAction {
+    /// What `policy` does with an error (`nospace`: it was ENOSPC).
+    pub fn of(policy: OnError, nospace: bool) -> Self {
+        match policy {
+            OnError::Report => Self::Report,
+            OnError::Ignore => Self::Ignore,
+            OnError::Stop => Self::Stop,
+            OnError::Enospc if nospace => Self::Stop,
+            OnError::Enospc => Self::Report,
+        }
+    }
+
+    pub fn as_qapi_str(self) -> &'static str {
+        match self {
+            Self::Ignore => "ignore",
+            Self::Report => "report",
+            Self::Stop => "stop",
+        }
+    }
 }

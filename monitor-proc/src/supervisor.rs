@@ -16,7 +16,7 @@ use std::time::Duration;
 use ipc::block::{BlockConfig, BlockReply, BlockRequest};
 use ipc::common::RunState;
 use ipc::launcher::{ChildKind, ExitStatus, LaunchRequest, LauncherMessage};
-use ipc::vmm::{KernelImage, VmmConfig, VmmEvent, VmmRequest};
+use ipc::vmm::{ErrorPolicy, KernelImage, VmmConfig, VmmEvent, VmmRequest};
 use ipc::{AsyncChannel, Channel, IpcError, Link};
 use nix::unistd::Pid;
 use serde_json::json;
@@ -331,6 +331,15 @@ async fn start(
                 start_paused: cli.paused,
                 sandbox: cli.sandbox,
                 serial: cli.serial != Serial::Null,
+                error_policies: cli
+                    .drive
+                    .iter()
+                    .map(|d| ErrorPolicy {
+                        id: d.id.clone(),
+                        werror: d.werror,
+                        rerror: d.rerror,
+                    })
+                    .collect(),
             };
             if cli.paused {
                 runstate = RunState::Prelaunch;
@@ -405,6 +414,25 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
         VmmEvent::GuestPanicked => m
             .events
             .emit("GUEST_PANICKED", Some(json!({ "action": "pause" }))),
+        // Likewise BLOCK_IO_ERROR, then STOP when the action stops the VM.
+        VmmEvent::BlockIoError(e) => {
+            let mut data = json!({
+                "qom-path": format!("/machine/peripheral-anon/device[{}]/virtio-backend", e.index),
+                "device": e.device,
+                "operation": if e.write { "write" } else { "read" },
+                "action": e.action.as_qapi_str(),
+            });
+            if e.io_status {
+                data["nospace"] = e.nospace.into();
+            }
+            data["reason"] = if e.nospace {
+                "No space left on device"
+            } else {
+                "Input/output error"
+            }
+            .into();
+            m.events.emit("BLOCK_IO_ERROR", Some(data));
+        }
     }
 }
 

@@ -611,3 +611,136 @@ fn query_blockstats_counts_what_the_guest_did() {
     let (class, _) = qmp.err("query-blockstats", json!({ "query-nodes": "yes" }));
     assert_eq!(class, "GenericError");
 }
+
+/// A guest that writes one block at 512 KiB, reads it back and compares: fails at the
+/// write while the test has shrunk the disk under it.
+fn write_past_a_shrink_guest() -> Guest {
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, 0);
+    let data = g.alloc(&guest::pattern(5, 128), BLOCK);
+    let back = g.zeroed(BLOCK as usize, BLOCK);
+    let w = disk.request(&mut g, 0, T_OUT, 1024, &[(data, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.print(0, "written\r\n");
+    let r = disk.request(&mut g, 0, T_IN, 1024, &[(back, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.expect8(0, w, S_OK);
+    g.expect8(0, r, S_OK);
+    g.expect_same(0, data, back, BLOCK);
+    g.pass(0);
+    g
+}
+
+#[test]
+fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
+    if !kvm_or_skip("werror_stop_pauses_in_io_error_and_cont_retries_the_write") {
+        return;
+    }
+    let dir = TempDir::new("vm-werror");
+    let img = dir.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let drive = format!(
+        "id=disk0,file={},format=raw,werror=stop,rerror=stop",
+        img.display()
+    );
+    let (mut vm, mut qmp) = boot(dir, &write_past_a_shrink_guest(), 1, &[drive]);
+    qmp.ok(
+        "block_resize",
+        json!({ "device": "disk0", "size": 256 << 10 }),
+    );
+    cont(&mut qmp);
+    let ev = qmp.event("BLOCK_IO_ERROR");
+    assert_eq!(
+        ev["data"],
+        json!({
+            "qom-path": "/machine/peripheral-anon/device[0]/virtio-backend",
+            "device": "disk0", "operation": "write", "action": "stop",
+            "nospace": false, "reason": "Input/output error",
+        })
+    );
+    qmp.event("STOP");
+    assert_eq!(
+        status_of(&mut qmp),
+        json!({ "running": false, "status": "io-error" })
+    );
+    assert!(
+        !std::fs::read_to_string(serial(&vm))
+            .unwrap_or_default()
+            .contains("written"),
+        "the guest saw its failed write complete"
+    );
+    qmp.ok(
+        "block_resize",
+        json!({ "device": "disk0", "size": 1 << 20 }),
+    );
+    cont(&mut qmp);
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let bytes = std::fs::read(&img).expect("image");
+    assert_eq!(
+        bytes[512 << 10..(512 << 10) + 4096],
+        guest::pattern(5, 128)[..]
+    );
+}
+
+#[test]
+fn werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error() {
+    if !kvm_or_skip("werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error") {
+        return;
+    }
+    let dir = TempDir::new("vm-report");
+    let img = dir.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let drive = format!(
+        "id=disk0,file={},format=raw,werror=report,rerror=ignore",
+        img.display()
+    );
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, 0);
+    let buf = g.zeroed(BLOCK as usize, BLOCK);
+    let w = disk.request(&mut g, 0, T_OUT, 1024, &[(buf, BLOCK as u32)]);
+    let r = disk.request(&mut g, 0, T_IN, 1024, &[(buf, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.expect8(0, w, S_IOERR);
+    g.expect8(0, r, S_OK);
+    g.pass(0);
+    let (mut vm, mut qmp) = boot(dir, &g, 1, &[drive]);
+    qmp.ok(
+        "block_resize",
+        json!({ "device": "disk0", "size": 256 << 10 }),
+    );
+    cont(&mut qmp);
+    let mut actions = Vec::new();
+    for _ in 0..2 {
+        let ev = qmp.event("BLOCK_IO_ERROR");
+        assert!(ev["data"].get("nospace").is_none(), "{ev}");
+        actions.push((
+            ev["data"]["operation"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            ev["data"]["action"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ));
+    }
+    actions.sort();
+    assert_eq!(
+        actions,
+        [
+            ("read".into(), "ignore".into()),
+            ("write".into(), "report".into())
+        ]
+    );
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+}

@@ -46,6 +46,8 @@ pub enum Input {
     /// The monitor's link closed or broke.
     MonitorGone(IpcError),
     Guest(usize, GuestEvent),
+    /// A guest disk request failed (from the I/O thread).
+    BlockIoError(ipc::vmm::BlockIoError),
 }
 
 /// What a reset restores.
@@ -128,6 +130,11 @@ impl Vm {
                         break Err(e);
                     }
                 }
+                Ok(Input::BlockIoError(e)) => {
+                    if let Err(e) = self.block_io_error(e) {
+                        break Err(e);
+                    }
+                }
                 Ok(Input::MonitorGone(IpcError::Closed)) | Err(_) => break Ok(()),
                 Ok(Input::MonitorGone(e)) => break Err(e),
             }
@@ -165,7 +172,8 @@ impl Vm {
                     "Resetting the Virtual Machine is required",
                 )),
                 RunState::Running => Ok(VmmReply::Done),
-                RunState::Paused | RunState::Prelaunch => {
+                // From io-error, resuming retries the requests that failed.
+                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
                     self.resume_all();
                     self.set_state(RunState::Running)?;
                     Ok(VmmReply::Done)
@@ -225,6 +233,18 @@ impl Vm {
                 self.set_state(RunState::GuestPanicked)
             }
         }
+    }
+
+    /// A disk request failed: BLOCK_IO_ERROR, and with `stop` the VM stops in `io-error`
+    /// (QEMU's order: the event, then STOP).
+    fn block_io_error(&mut self, e: ipc::vmm::BlockIoError) -> Result<(), IpcError> {
+        let stop = e.action == ipc::vmm::ErrorAction::Stop;
+        self.event(VmmEvent::BlockIoError(e))?;
+        if stop && self.state == RunState::Running {
+            self.pause_all();
+            self.set_state(RunState::IoError)?;
+        }
+        Ok(())
     }
 
     /// Resets the machine: devices, memory image, vCPUs. A running VM keeps running;

@@ -10,6 +10,11 @@
 //!
 //! Every request stays in the in-flight table until block-proc answers it, whatever the
 //! run state; a completion for a device reset since is dropped (the guest forgot it).
+//!
+//! A failed request follows its disk's `werror`/`rerror`: `report` answers IOERR, `ignore`
+//! answers OK, `stop` (and `enospc` on ENOSPC) keeps the request aside and asks the
+//! controller to stop the VM; it is sent again when the VM resumes. Each failure is
+//! reported to the controller (QMP `BLOCK_IO_ERROR`).
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -22,6 +27,10 @@ use ipc::{Channel, IpcError, MAX_FRAME};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use ipc::block::OnError;
+use ipc::vmm::{BlockIoError, ErrorAction};
+
+use crate::control::Input;
 use crate::virtio::blk::{Acct, Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
 use crate::virtio::mmio::BlkDevice;
 
@@ -65,6 +74,8 @@ struct InFlight {
     bytes: u64,
     end: u64,
     started: Instant,
+    /// The request as sent, to send it again after a `stop` error.
+    request: IoRequest,
 }
 
 /// The I/O thread's state.
@@ -81,6 +92,10 @@ pub struct IoThread {
     next_tag: u64,
     paused: bool,
     drain_waiters: Vec<Sender<()>>,
+    /// Requests that failed under a `stop` policy, sent again at resume.
+    held: Vec<(u64, InFlight)>,
+    /// The controller, told about failed requests.
+    controller: Sender<Input>,
 }
 
 fn lock(d: &Mutex<BlkDevice>) -> MutexGuard<'_, BlkDevice> {
@@ -96,6 +111,7 @@ impl IoThread {
         queues: Vec<QueueEvent>,
         wake: EventFd,
         commands: Receiver<IoCommand>,
+        controller: Sender<Input>,
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let add = |fd: i32, token: u64| {
@@ -122,6 +138,8 @@ impl IoThread {
             next_tag: 1,
             paused: true,
             drain_waiters: Vec::new(),
+            held: Vec::new(),
+            controller,
         })
     }
 
@@ -172,6 +190,7 @@ impl IoThread {
                 }
                 Ok(IoCommand::Resume) => {
                     self.paused = false;
+                    self.retry_held();
                     // Notifications that came while paused were swallowed: look at every
                     // queue once.
                     let all: Vec<(usize, usize)> =
@@ -181,6 +200,8 @@ impl IoThread {
                     }
                 }
                 Ok(IoCommand::Reset(done)) => {
+                    // The devices forget their requests, those held back included.
+                    self.held.clear();
                     for d in &self.disks {
                         lock(d).reset();
                     }
@@ -252,6 +273,13 @@ impl IoThread {
         generation: u64,
         r: Request,
     ) -> IoRequest {
+        let request = IoRequest {
+            tag,
+            device: disk as u16,
+            op: r.op,
+            sector: r.sector,
+            segments: r.segments,
+        };
         self.in_flight.insert(
             tag,
             InFlight {
@@ -265,15 +293,21 @@ impl IoThread {
                 bytes: r.bytes,
                 end: r.end,
                 started: Instant::now(),
+                request: request.clone(),
             },
         );
-        IoRequest {
-            tag,
-            device: disk as u16,
-            op: r.op,
-            sector: r.sector,
-            segments: r.segments,
+        request
+    }
+
+    /// Sends the requests held back by a `stop` error again.
+    fn retry_held(&mut self) {
+        let mut again = Vec::new();
+        for (tag, mut f) in self.held.drain(..) {
+            f.started = Instant::now();
+            again.push(f.request.clone());
+            self.in_flight.insert(tag, f);
         }
+        self.submit(again);
     }
 
     /// Sends requests in batches that fit a frame. If block-proc is gone they stay in
@@ -351,25 +385,49 @@ impl IoThread {
             if d.generation() != f.generation {
                 continue; // the device was reset meanwhile
             }
-            let (status, used) = match c.status {
-                IoStatus::Ok => (S_OK, f.used_len),
-                IoStatus::IoErr => (S_IOERR, 1),
-                IoStatus::Unsupported => (S_UNSUPP, 1),
+            let failed = matches!(c.status, IoStatus::IoErr | IoStatus::NoSpace);
+            let action = failed.then(|| {
+                let write = !matches!(f.acct, Acct::Read | Acct::None);
+                let nospace = c.status == IoStatus::NoSpace;
+                let policy = if write { d.werror } else { d.rerror };
+                let action = ErrorAction::of(policy, nospace);
+                let stops = matches!(policy, OnError::Stop | OnError::Enospc);
+                let _ = self.controller.send(Input::BlockIoError(BlockIoError {
+                    device: d.drive.id.clone(),
+                    index: f.disk as u16,
+                    write,
+                    action,
+                    nospace,
+                    io_status: stops,
+                }));
+                action
+            });
+            if action == Some(ErrorAction::Stop) {
+                drop(d);
+                self.held.push((c.tag, f));
+                continue;
+            }
+            let (status, used) = match (c.status, action) {
+                (IoStatus::Ok, _) | (_, Some(ErrorAction::Ignore)) => (S_OK, f.used_len),
+                (IoStatus::Unsupported, _) => (S_UNSUPP, 1),
+                (IoStatus::IoErr | IoStatus::NoSpace, _) => (S_IOERR, 1),
             };
+            // An ignored error counts as done, as in QEMU.
+            let succeeded = status == S_OK;
             let ns = u64::try_from(f.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             let stats = &mut d.stats;
             stats.last_io = Some(Instant::now());
             if let Some(s) = stats.of(f.acct) {
                 // Failed requests' latency counts too (QEMU's account_failed).
                 s.total_time_ns += ns;
-                if c.status == IoStatus::Ok {
+                if succeeded {
                     s.operations += 1;
                     s.bytes += f.bytes;
                 } else {
                     s.failed += 1;
                 }
             }
-            if c.status == IoStatus::Ok {
+            if succeeded {
                 stats.wr_highest_offset = stats.wr_highest_offset.max(f.end);
             }
             d.complete(f.queue, f.head, Some((f.status_gpa, status)), used);

@@ -198,8 +198,16 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
             });
             notify.push(clone);
         }
-        let dev = BlkDevice::new(i, drive, ram.mem.clone(), ram.size, irqfd(irq)?, notify)
+        let policy = config
+            .error_policies
+            .iter()
+            .find(|p| p.id == drive.id)
+            .cloned();
+        let mut dev = BlkDevice::new(i, drive, ram.mem.clone(), ram.size, irqfd(irq)?, notify)
             .map_err(|e| format!("disk {i}: {e}"))?;
+        if let Some(p) = policy {
+            (dev.werror, dev.rerror) = (p.werror, p.rerror);
+        }
         disks.push(Arc::new(Mutex::new(dev)));
     }
     let uart = Serial::new(
@@ -297,6 +305,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
         b.queue_events,
         io_wake.try_clone().map_err(|e| format!("eventfd: {e}"))?,
         io_rx,
+        inputs_tx.clone(),
     )
     .map_err(|e| format!("I/O thread: {e}"))?;
     let io_thread = std::thread::Builder::new()

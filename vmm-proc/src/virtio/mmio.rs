@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use ipc::block::OnError;
 use ipc::vmm::{DiskStats, OpStats};
 use ipc::vmm_block::GuestDrive;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -126,6 +127,10 @@ pub struct BlkDevice {
     notify: Vec<EventFd>,
     config: Vec<u8>,
     pub stats: Stats,
+    /// What a failed write (or flush, discard, write-zeroes) does.
+    pub werror: OnError,
+    /// What a failed read does.
+    pub rerror: OnError,
 }
 
 impl BlkDevice {
@@ -177,6 +182,8 @@ impl BlkDevice {
             notify,
             config,
             stats: Stats::default(),
+            werror: OnError::Enospc,
+            rerror: OnError::Report,
         })
     }
 
