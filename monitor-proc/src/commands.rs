@@ -83,6 +83,7 @@ pub const COMMANDS: &[CommandDef] = &[
     monitor("quit", &[]),
     monitor("query-block", &[]),
     monitor("query-blockstats", vm_commands::QUERY_BLOCKSTATS),
+    monitor("query-cpus-fast", &[]),
     block("query-named-block-nodes", bc::QUERY_NAMED_BLOCK_NODES),
     block("block_resize", bc::BLOCK_RESIZE),
     monitor("nbd-server-start", bc::NBD_SERVER_START),
@@ -230,6 +231,7 @@ async fn execute(
             Ok(v)
         }
         "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
+        "query-cpus-fast" => vm_commands::query_cpus_fast(monitor).await,
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
             BlockReply::Block(info) => Ok(ipc::common::qapi_json(&info)),
             other => Err(QmpError::generic(format!(

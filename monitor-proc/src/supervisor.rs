@@ -26,7 +26,7 @@ use crate::cli::{Cli, Kernel, Serial};
 use crate::events::{EventBus, VENDOR_PREFIX};
 use crate::link::{self, RpcClient};
 use crate::server::{Listener, Sessions};
-use crate::state::{Monitor, ShutdownCause};
+use crate::state::{Monitor, ShutdownCause, ThreadQuery};
 
 /// How long a child gets to exit after being asked before it is killed.
 const CHILD_EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -41,11 +41,12 @@ pub enum SupervisorError {
 }
 
 /// The launcher's end as the supervisor sees it: spawn replies come back in order on one
-/// queue, exits on another.
+/// queue, exits on another, thread lists on a third (for [`ThreadQuery`]).
 struct Launcher {
     chan: Arc<AsyncChannel>,
     spawned: mpsc::UnboundedReceiver<Result<i32, String>>,
     exits: mpsc::UnboundedReceiver<(ChildKind, i32, ExitStatus)>,
+    threads: Option<mpsc::UnboundedReceiver<Vec<(String, i32)>>>,
 }
 
 impl Launcher {
@@ -53,6 +54,7 @@ impl Launcher {
         let chan = Arc::new(chan);
         let (spawn_tx, spawned) = mpsc::unbounded_channel();
         let (exit_tx, exits) = mpsc::unbounded_channel();
+        let (threads_tx, threads) = mpsc::unbounded_channel();
         let reader = chan.clone();
         tokio::spawn(async move {
             loop {
@@ -66,6 +68,9 @@ impl Launcher {
                     Ok(LauncherMessage::Exited { kind, pid, status }) => {
                         let _ = exit_tx.send((kind, pid, status));
                     }
+                    Ok(LauncherMessage::Threads { threads }) => {
+                        let _ = threads_tx.send(threads);
+                    }
                     Err(e) => {
                         tracing::debug!("launcher link closed: {e}");
                         break;
@@ -77,7 +82,13 @@ impl Launcher {
             chan,
             spawned,
             exits,
+            threads: Some(threads),
         }
+    }
+
+    /// The handle QMP commands use to ask for a child's threads (once).
+    fn thread_query(&mut self) -> Option<ThreadQuery> {
+        Some(ThreadQuery::new(self.chan.clone(), self.threads.take()?))
     }
 
     async fn spawn(
@@ -349,14 +360,17 @@ async fn start(
         _ => None,
     };
 
-    let monitor = Arc::new(Monitor::new(
+    let mut monitor = Monitor::new(
         cli.name.clone(),
         events,
         block,
         vmm.as_ref().map(|v| v.0.clone()),
         runstate,
         shutdown,
-    ));
+    );
+    monitor.cpus = if vmm.is_some() { cli.cpus } else { 0 };
+    monitor.threads = launcher.thread_query();
+    let monitor = Arc::new(monitor);
     if let Some((vmm, config, fds)) = vmm {
         let reader = vmm.clone();
         let m = monitor.clone();

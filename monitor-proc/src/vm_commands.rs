@@ -1,12 +1,16 @@
-//! QMP commands about the guest's devices that combine two processes' answers:
-//! `query-blockstats` takes the drives (and their node names) from block-proc and the
-//! guest disks' counters from vmm-proc, which does the accounting as QEMU's virtio-blk
-//! does.
+//! QMP commands about the guest that combine two processes' answers:
+//! - `query-blockstats` takes the drives (and their node names) from block-proc and the
+//!   guest disks' counters from vmm-proc, which does the accounting as QEMU's virtio-blk
+//!   does;
+//! - `query-cpus-fast` takes the vCPU threads' host ids from the launcher (vmm-proc's own
+//!   pid namespace hides them from it, and the jailed monitor cannot read `/proc`).
 
 use ipc::QmpError;
 use ipc::block::{BlockReply, BlockRequest};
 use ipc::vmm::{DiskStats, VmmReply, VmmRequest};
 use serde_json::{Map, Value, json};
+
+use ipc::launcher::ChildKind;
 
 use crate::qmp::schema::{ArgType, Member};
 use crate::state::Monitor;
@@ -115,4 +119,33 @@ fn stats_json(s: &DiskStats) -> Value {
         m.insert("timed_stats".into(), json!([]));
     }
     v
+}
+
+/// `query-cpus-fast`: QEMU's `CpuInfoFast` per vCPU, with the default topology QEMU uses
+/// for `-smp N` (one socket of N cores); `[]` without a guest.
+pub async fn query_cpus_fast(monitor: &Monitor) -> Result<Value, QmpError> {
+    if monitor.cpus == 0 {
+        return Ok(json!([]));
+    }
+    let threads = match &monitor.threads {
+        Some(q) => q.threads(ChildKind::Vmm).await?,
+        None => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for i in 0..monitor.cpus {
+        let name = format!("vcpu{i}");
+        let tid = threads
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| QmpError::generic(format!("vCPU {i} has no thread")))?;
+        out.push(json!({
+            "cpu-index": i,
+            "qom-path": format!("/machine/unattached/device[{i}]"),
+            "thread-id": tid,
+            "props": { "socket-id": 0, "core-id": i, "thread-id": 0 },
+            "target": "x86_64",
+        }));
+    }
+    Ok(Value::Array(out))
 }

@@ -744,3 +744,38 @@ fn werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error() {
         vm.stderr_text()
     );
 }
+
+#[test]
+fn query_cpus_fast_names_each_vcpu_thread_by_its_host_id() {
+    if !kvm_or_skip("query_cpus_fast_names_each_vcpu_thread_by_its_host_id") {
+        return;
+    }
+    let mut g = Guest::new(2);
+    g.idle(0);
+    g.idle(1);
+    let (vm, mut qmp) = boot(TempDir::new("vm-cpus"), &g, 2, &[]);
+    let cpus = qmp.ok("query-cpus-fast", json!({}));
+    let vmm = tests::descendants(vm.pid())
+        .into_iter()
+        .find(|&p| tests::proc_name(p).as_deref() == Some("vmm-proc"))
+        .expect("vmm-proc runs");
+    assert_eq!(cpus.as_array().map(Vec::len), Some(2), "{cpus}");
+    for (i, cpu) in cpus.as_array().into_iter().flatten().enumerate() {
+        assert_eq!(cpu["cpu-index"], i);
+        assert_eq!(cpu["target"], "x86_64");
+        assert_eq!(
+            cpu["props"],
+            json!({ "socket-id": 0, "core-id": i, "thread-id": 0 })
+        );
+        let tid = cpu["thread-id"].as_i64().expect("thread-id");
+        let comm = std::fs::read_to_string(format!("/proc/{vmm}/task/{tid}/comm"))
+            .unwrap_or_else(|e| panic!("thread {tid} is not vmm-proc's: {e}"));
+        assert_eq!(comm.trim_end(), format!("vcpu{i}"));
+    }
+}
+
+#[test]
+fn query_cpus_fast_is_empty_without_a_guest() {
+    let vm = Splitvmm::start(&[]);
+    assert_eq!(vm.raw_qmp().ok("query-cpus-fast", json!({})), json!([]));
+}
