@@ -84,8 +84,11 @@ fn detect(tsc_khz: Option<u64>) -> (u64, Source) {
 const PIT_HZ: u64 = 1_193_182;
 /// PIT ticks to measure over (50 ms).
 const PIT_TICKS: u64 = PIT_HZ / 20;
-/// Samples before giving up on a PIT that does not count.
-const PIT_MAX_SAMPLES: u32 = 20_000;
+/// Identical samples in a row that mean the PIT does not count (or is absent: 0xffff).
+/// A counting PIT changes between any two samples more than a microsecond apart.
+const PIT_STUCK_SAMPLES: u32 = 1_000;
+/// Samples before giving up altogether.
+const PIT_MAX_SAMPLES: u32 = 10_000_000;
 
 /// PIT channel 0's current count (latched).
 fn pit_count() -> u16 {
@@ -104,9 +107,17 @@ fn pit_calibrate() -> Option<u64> {
     outb(0x40, 0);
     let mut last = pit_count();
     let start = rdtsc();
-    let mut ticks = 0u64;
+    let (mut ticks, mut same) = (0u64, 0u32);
     for _ in 0..PIT_MAX_SAMPLES {
         let now = pit_count();
+        if now == last {
+            same += 1;
+            if same == PIT_STUCK_SAMPLES {
+                return None;
+            }
+            continue;
+        }
+        same = 0;
         ticks += u64::from(last.wrapping_sub(now));
         last = now;
         if ticks >= PIT_TICKS {

@@ -171,7 +171,9 @@ fn other_vcpu(vcpu: usize) -> ! {
 fn run_program(vcpu: usize, setup: &'static setup::Setup) {
     let result = programs::run(&programs::Ctx { vcpu, setup });
     if let Err(Fail(why)) = &result {
-        say!(vcpu, "error: {why}");
+        if setup.vcpus > 1 {
+            say!(vcpu, "error: {why}");
+        }
         let _ = FIRST_FAILURE.compare_exchange(usize::MAX, vcpu, Ordering::AcqRel, Ordering::Relaxed);
     }
     *RESULTS[vcpu].lock() = Some(result);

@@ -100,9 +100,14 @@ impl Buffers {
         }
     }
 
-    /// Guest-physical address of buffer `i`, for the device.
-    fn addr(&self, i: usize) -> u64 {
-        assert!(i < self.count, "buffer {i} of {}", self.count);
+    /// Guest-physical address of buffer `i`, for a request of `len` bytes.
+    fn addr(&self, i: usize, len: u64) -> u64 {
+        assert!(
+            i < self.count && len <= self.len,
+            "{len} bytes in buffer {i}: there are {} of {} bytes",
+            self.count,
+            self.len
+        );
         self.base + i as u64 * self.len
     }
 
@@ -112,7 +117,7 @@ impl Buffers {
         // SAFETY: the buffer lies in this vCPU's area, which only this (sole) `Buffers`
         // hands out, one slice at a time; no request is in flight on it (see above).
         unsafe {
-            core::slice::from_raw_parts_mut((self.addr(i) + b * BLOCK) as *mut u8, BLOCK_SIZE)
+            core::slice::from_raw_parts_mut((self.addr(i, 0) + b * BLOCK) as *mut u8, BLOCK_SIZE)
         }
     }
 }
@@ -151,8 +156,10 @@ impl Stats {
 /// Request buffers each vCPU needs: (count, bytes each).
 pub fn buffers(cfg: &Config) -> (usize, u64) {
     match cfg.program {
-        Program::Write | Program::Verify => (DEPTH, CHUNK_BLOCKS * BLOCK),
-        Program::WriteVerifyLoop => (DEPTH, BLOCK),
+        // write-verify-loop writes single blocks but verifies with sweeps at the end.
+        Program::Write | Program::Verify | Program::WriteVerifyLoop => {
+            (DEPTH, CHUNK_BLOCKS * BLOCK)
+        }
         Program::Bench => ((cfg.qd as usize).min(MAX_SLOTS), cfg.bs),
         Program::Dirty | Program::Idle => (0, 0),
     }
@@ -202,7 +209,7 @@ fn mismatch(disk: &DiskInfo, want: Stamp, m: Mismatch) -> Result<(), Fail> {
             s.generation,
             want.seed,
             if s.seed == want.seed && s.off == off && s.generation < g {
-                " (an acknowledged write was lost)"
+                " (an older generation: a lost write?)"
             } else {
                 ""
             }
@@ -245,7 +252,7 @@ fn sweep(
                         each((next + b) * BLOCK, bufs.block(n, b))?;
                     }
                 }
-                q.submit(n, op, next * (BLOCK / 512), bufs.addr(n), (count * BLOCK) as u32);
+                q.submit(n, op, next * (BLOCK / 512), bufs.addr(n, count * BLOCK), (count * BLOCK) as u32);
                 batch[n] = (next, count);
                 next += count;
                 n += 1;
@@ -393,11 +400,11 @@ fn write_verify_loop(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
                 for (i, b) in picked.iter().take(n).enumerate() {
                     let sector = (first + b) * (BLOCK / 512);
                     if read_back {
-                        q.submit(i, Op::Read, sector, bufs.addr(i), BLOCK as u32);
+                        q.submit(i, Op::Read, sector, bufs.addr(i, BLOCK), BLOCK as u32);
                     } else {
                         let generation = u64::from(records[*b as usize]) + 1;
                         stamp(*b, generation).fill(bufs.block(i, 0));
-                        q.submit(i, Op::Write, sector, bufs.addr(i), BLOCK as u32);
+                        q.submit(i, Op::Write, sector, bufs.addr(i, BLOCK), BLOCK as u32);
                     }
                 }
                 q.kick();
@@ -600,7 +607,7 @@ fn bench(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
             let start = clock::now();
             let stop = start.saturating_add(clock::ms_ticks(ms));
             for slot in 0..qd {
-                q.submit(slot, op, next(), bufs.addr(slot), len);
+                q.submit(slot, op, next(), bufs.addr(slot, bs), len);
             }
             q.kick();
             let mut done = 0u64;
@@ -611,7 +618,7 @@ fn bench(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
                     let slot = r?.slot;
                     done += 1;
                     if clock::now() < stop {
-                        q.submit(slot, op, next(), bufs.addr(slot), len);
+                        q.submit(slot, op, next(), bufs.addr(slot, bs), len);
                         refilled = true;
                     }
                     d = q.poll();

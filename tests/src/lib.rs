@@ -72,6 +72,26 @@ pub fn kvm_or_skip(test: &str) -> bool {
     false
 }
 
+/// Whether `qemu-system-x86_64` can run. Without it tests may skip only outside CI, and
+/// say so.
+pub fn qemu_system_or_skip(test: &str) -> bool {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: qemu-system-x86_64 is missing, and CI is set"
+    );
+    eprintln!("SKIPPED {test}: qemu-system-x86_64 is missing");
+    false
+}
+
 /// Runs a command to completion and checks it succeeded.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd
