@@ -87,12 +87,15 @@ fn can_run(test: &str, accel: Accel) -> bool {
     qemu_system_or_skip(test) && (matches!(accel, Accel::Tcg) || kvm_or_skip(test))
 }
 
+/// Disk images, each with whether it is read-only.
+type Disks<'a> = &'a [(&'a Path, bool)];
+
 /// Boots the guest with one virtio-blk device per `(image, readonly)` and `append`.
 fn boot(
     dir: &TempDir,
     elf: &Path,
     accel: Accel,
-    disks: &[(&Path, bool)],
+    disks: Disks<'_>,
     append: &str,
     legacy_mmio: bool,
 ) -> Run {
@@ -380,7 +383,7 @@ fn bad_input_ends_in_a_fail_line_not_a_hang() {
     let (dir, elf) = scratch("guest-bad");
     let disk = raw_image(&dir, "disk.raw", 4 << 20);
     let ro = raw_image(&dir, "ro.raw", 4 << 20);
-    let cases: [(&[(&Path, bool)], &str, bool, &str); 6] = [
+    let cases: [(Disks<'_>, &str, bool, &str); 6] = [
         (
             &[],
             "run=fly",
