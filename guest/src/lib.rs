@@ -5,11 +5,12 @@
 //! This library is the host side of it: [`WORKLOAD_ELF`] is the program itself, built
 //! from `workload/` by `build.rs`, and the modules below are the logic the guest and host
 //! tests share, compiled into both from the same files: the block [`pattern`], the
-//! [`cmdline`] and the [`abi`] numbers.
+//! [`cmdline`], the [`abi`] numbers and the vCPUs' [`sync`] primitives.
 
 pub mod abi;
 pub mod cmdline;
 pub mod pattern;
+pub mod sync;
 
 /// The workload guest: a static ELF64 executable linked at 1 MiB, with a PVH note.
 pub static WORKLOAD_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workload.elf"));

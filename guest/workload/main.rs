@@ -4,8 +4,8 @@
 //! the program on its share; vCPU 0 waits for all of them and prints the final line.
 //!
 //! Built by `build.rs` with rustc for `x86_64-unknown-linux-gnu`, `#![no_std]`, no
-//! start files, its own linker script. `abi`, `cmdline` and `pattern` are the same files
-//! as the host library's.
+//! start files, its own linker script. `abi`, `cmdline`, `pattern` and `sync` are the same
+//! files as the host library's.
 
 #![no_std]
 #![no_main]
@@ -24,6 +24,8 @@ mod cmdline;
 #[allow(dead_code)]
 #[path = "../src/pattern.rs"]
 mod pattern;
+#[path = "../src/sync.rs"]
+mod sync;
 
 mod arch;
 mod blk;
@@ -34,7 +36,6 @@ mod entry;
 mod mem;
 mod programs;
 mod setup;
-mod sync;
 mod virtio;
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};

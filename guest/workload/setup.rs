@@ -57,7 +57,7 @@ impl Setup {
     pub fn queue(&self, disk: &DiskInfo, vcpu: usize) -> Result<SpinGuard<'static, Option<BlkQueue>>, Fail> {
         let q = disk.queue_of(vcpu);
         let deadline = clock::Deadline::after_ms(2 * blk::REQUEST_TIMEOUT_MS);
-        match QUEUES[disk.index * MAX_VCPUS + q].lock_until(&deadline) {
+        match QUEUES[disk.index * MAX_VCPUS + q].lock_until(|| deadline.passed()) {
             Some(g) if g.is_some() => Ok(g),
             Some(_) => fail!("disk {} has no queue {q}", disk.index),
             None => fail!(
