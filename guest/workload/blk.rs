@@ -175,7 +175,8 @@ impl BlkQueue {
             self.q.set_desc(d, hdr, 16, false, Some(d + 2));
         } else {
             self.q.set_desc(d, hdr, 16, false, Some(d + 1));
-            self.q.set_desc(d + 1, buf, len, op == Op::Read, Some(d + 2));
+            self.q
+                .set_desc(d + 1, buf, len, op == Op::Read, Some(d + 2));
         }
         self.q.set_desc(d + 2, status, 1, true, None);
         self.q.push(d);
@@ -203,7 +204,11 @@ impl BlkQueue {
 
     fn finish(&mut self, id: u32) -> Result<Done, Fail> {
         let slot = (id / 3) as usize;
-        let busy = self.busy.get(slot).copied().filter(|_| id.is_multiple_of(3));
+        let busy = self
+            .busy
+            .get(slot)
+            .copied()
+            .filter(|_| id.is_multiple_of(3));
         let Some((op, sector)) = busy.and_then(|b| Some((Op::from_code(b.op)?, b.sector))) else {
             return fail!(
                 "disk {} queue {}: device returned id {id}, which is no request in flight",
@@ -214,7 +219,9 @@ impl BlkQueue {
         self.busy[slot] = FREE;
         // SAFETY: the slot's status byte, written by the device before it returned the
         // chain (we acquired the used index).
-        let status = unsafe { core::ptr::read_volatile((self.headers + 32 * slot as u64 + 16) as *const u8) };
+        let status = unsafe {
+            core::ptr::read_volatile((self.headers + 32 * slot as u64 + 16) as *const u8)
+        };
         let what = match status {
             S_OK => return Ok(Done { slot }),
             S_IOERR => "I/O error",
@@ -280,7 +287,11 @@ pub fn setup(
     if sectors == 0 {
         return fail!("disk {index} at {base:#x}: capacity 0");
     }
-    let blk_size = if features & F_BLK_SIZE != 0 { blk_size } else { 512 };
+    let blk_size = if features & F_BLK_SIZE != 0 {
+        blk_size
+    } else {
+        512
+    };
     if !blk_size.is_power_of_two() || !(512..=4096).contains(&blk_size) {
         return fail!(
             "disk {index} at {base:#x}: block size {blk_size}; the guest handles 512 to 4096"

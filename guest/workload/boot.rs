@@ -47,7 +47,9 @@ pub fn read(addr: u64) -> Result<StartInfo, Fail> {
     let info = checked(addr, 56, "hvm_start_info")?;
     let magic = read_u32(info);
     if magic != HVM_START_MAGIC {
-        return fail!("hvm_start_info at {addr:#x}: magic {magic:#x}, expected {HVM_START_MAGIC:#x}");
+        return fail!(
+            "hvm_start_info at {addr:#x}: magic {magic:#x}, expected {HVM_START_MAGIC:#x}"
+        );
     }
     let version = read_u32(info + 4);
     let cmdline_paddr = read_u64(info + 24);

@@ -118,7 +118,11 @@ pub fn end(pass: bool, args: fmt::Arguments<'_>) -> ! {
         write_line(line.as_str());
         outl(
             DEBUG_EXIT_PORT,
-            if pass { DEBUG_EXIT_PASS } else { DEBUG_EXIT_FAIL },
+            if pass {
+                DEBUG_EXIT_PASS
+            } else {
+                DEBUG_EXIT_FAIL
+            },
         );
     }
     // The VMM stops the VM on the debug-exit write; nothing is left to do until then.

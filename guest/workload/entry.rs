@@ -213,6 +213,8 @@ pub fn vcpu_of_stack(sp: u64) -> Option<usize> {
 pub fn stack_pointer() -> u64 {
     let sp: u64;
     // SAFETY: reads rsp only.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
     sp
 }

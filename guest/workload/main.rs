@@ -162,7 +162,11 @@ fn other_vcpu(vcpu: usize) -> ! {
     };
     if vcpu >= setup.vcpus {
         // More vCPUs run than rdx said: vCPU 0 does not wait for this one.
-        say!(vcpu, "vCPU {vcpu} is past the vCPU count {}; idle", setup.vcpus);
+        say!(
+            vcpu,
+            "vCPU {vcpu} is past the vCPU count {}; idle",
+            setup.vcpus
+        );
         park();
     }
     run_program(vcpu, setup);
@@ -175,7 +179,8 @@ fn run_program(vcpu: usize, setup: &'static setup::Setup) {
         if setup.vcpus > 1 {
             say!(vcpu, "error: {why}");
         }
-        let _ = FIRST_FAILURE.compare_exchange(usize::MAX, vcpu, Ordering::AcqRel, Ordering::Relaxed);
+        let _ =
+            FIRST_FAILURE.compare_exchange(usize::MAX, vcpu, Ordering::AcqRel, Ordering::Relaxed);
     }
     *RESULTS[vcpu].lock() = Some(result);
     FINISHED.fetch_add(1, Ordering::AcqRel);

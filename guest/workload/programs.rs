@@ -113,7 +113,11 @@ impl Buffers {
 
     /// Block `b` (4 KiB) of buffer `i`.
     fn block(&mut self, i: usize, b: u64) -> &mut [u8] {
-        assert!((b + 1) * BLOCK <= self.len, "block {b} past buffer of {}", self.len);
+        assert!(
+            (b + 1) * BLOCK <= self.len,
+            "block {b} past buffer of {}",
+            self.len
+        );
         // SAFETY: the buffer lies in this vCPU's area, which only this (sole) `Buffers`
         // hands out, one slice at a time; no request is in flight on it (see above).
         unsafe {
@@ -252,7 +256,13 @@ fn sweep(
                         each((next + b) * BLOCK, bufs.block(n, b))?;
                     }
                 }
-                q.submit(n, op, next * (BLOCK / 512), bufs.addr(n, count * BLOCK), (count * BLOCK) as u32);
+                q.submit(
+                    n,
+                    op,
+                    next * (BLOCK / 512),
+                    bufs.addr(n, count * BLOCK),
+                    (count * BLOCK) as u32,
+                );
                 batch[n] = (next, count);
                 next += count;
                 n += 1;
@@ -308,7 +318,11 @@ fn write(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
             bytes >> 10,
             range.0 * BLOCK,
             Secs(ticks),
-            Rate { amount: bytes, unit: 1_000_000, ticks }
+            Rate {
+                amount: bytes,
+                unit: 1_000_000,
+                ticks
+            }
         );
         stats.written += bytes;
     }
@@ -338,7 +352,11 @@ fn verify(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
             bytes >> 10,
             range.0 * BLOCK,
             Secs(ticks),
-            Rate { amount: bytes, unit: 1_000_000, ticks }
+            Rate {
+                amount: bytes,
+                unit: 1_000_000,
+                ticks
+            }
         );
         stats.read += bytes;
     }
@@ -396,6 +414,9 @@ fn write_verify_loop(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
             } else {
                 pick(&mut rng, blocks, |_| true)
             };
+            if n == 0 {
+                continue;
+            }
             with_queue(ctx, disk, |q| {
                 for (i, b) in picked.iter().take(n).enumerate() {
                     let sector = (first + b) * (BLOCK / 512);
@@ -443,19 +464,26 @@ fn write_verify_loop(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
         let (first, end) = ctx.block_share(disk);
         let records = &*records[disk.index];
         let mut checked = 0u64;
-        sweep(ctx, bufs, disk, Op::Read, (first, end), &mut |off, block| {
-            let g = records[(off / BLOCK - first) as usize];
-            if g == 0 {
-                return Ok(());
-            }
-            checked += 1;
-            let want = Stamp {
-                seed,
-                off,
-                generation: u64::from(g),
-            };
-            want.check(block).or_else(|m| mismatch(disk, want, m))
-        })?;
+        sweep(
+            ctx,
+            bufs,
+            disk,
+            Op::Read,
+            (first, end),
+            &mut |off, block| {
+                let g = records[(off / BLOCK - first) as usize];
+                if g == 0 {
+                    return Ok(());
+                }
+                checked += 1;
+                let want = Stamp {
+                    seed,
+                    off,
+                    generation: u64::from(g),
+                };
+                want.check(block).or_else(|m| mismatch(disk, want, m))
+            },
+        )?;
         say!(
             ctx.vcpu,
             "write-verify-loop: disk {}: all {checked} written blocks verified",
@@ -486,7 +514,7 @@ fn dirty(ctx: &Ctx<'_>) -> Result<Stats, Fail> {
             "dirty: {r} pages/s asked, {pages} pages here: pages repeat within a second"
         );
     }
-    let deadline = Deadline::after_secs(cfg.seconds);
+    let deadline = Deadline::after_secs(cfg.duration());
     let start = clock::now();
     let hz = u128::from(clock::hz());
     let mut report = Deadline::after_ms(DIRTY_PROGRESS_MS);
@@ -494,10 +522,8 @@ fn dirty(ctx: &Ctx<'_>) -> Result<Stats, Fail> {
     while !deadline.passed() {
         ctx.stop_if_aborted()?;
         let due = match rate_pages {
-            Some(r) => {
-                u64::try_from(u128::from(r) * u128::from(clock::now() - start) / hz)
-                    .unwrap_or(u64::MAX)
-            }
+            Some(r) => u64::try_from(u128::from(r) * u128::from(clock::now() - start) / hz)
+                .unwrap_or(u64::MAX),
             None => done + 1024,
         };
         if done >= due {
@@ -536,7 +562,11 @@ fn dirty(ctx: &Ctx<'_>) -> Result<Stats, Fail> {
                 ctx.vcpu,
                 "dirty: {}: {done} pages, {} MiB/s",
                 Secs(ticks),
-                Rate { amount: done * PAGE, unit: 1 << 20, ticks }
+                Rate {
+                    amount: done * PAGE,
+                    unit: 1 << 20,
+                    ticks
+                }
             );
             report = Deadline::after_ms(DIRTY_PROGRESS_MS);
         }
@@ -549,7 +579,7 @@ fn dirty(ctx: &Ctx<'_>) -> Result<Stats, Fail> {
 }
 
 fn idle(ctx: &Ctx<'_>) -> Result<Stats, Fail> {
-    let deadline = Deadline::after_secs(ctx.cfg().seconds);
+    let deadline = Deadline::after_secs(ctx.cfg().duration());
     while !deadline.passed() {
         ctx.stop_if_aborted()?;
         for _ in 0..1000 {
@@ -634,8 +664,16 @@ fn bench(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
             "bench: disk {}: {requests} requests in {}: {} IOPS, {} MB/s",
             disk.index,
             Secs(ticks),
-            Rate { amount: requests, unit: 1, ticks },
-            Rate { amount: requests * bs, unit: 1_000_000, ticks }
+            Rate {
+                amount: requests,
+                unit: 1,
+                ticks
+            },
+            Rate {
+                amount: requests * bs,
+                unit: 1_000_000,
+                ticks
+            }
         );
         stats.requests += requests;
         stats.ticks += ticks;
@@ -661,7 +699,11 @@ impl fmt::Display for Summary<'_> {
         let disks = self.setup.disks().count();
         let vcpus = self.setup.vcpus;
         let ticks = t.ticks;
-        let mb_s = |amount| Rate { amount, unit: 1_000_000, ticks };
+        let mb_s = |amount| Rate {
+            amount,
+            unit: 1_000_000,
+            ticks,
+        };
         write!(f, "{}", cfg.program.name())?;
         match cfg.program {
             Program::Write => write!(
@@ -699,13 +741,21 @@ impl fmt::Display for Summary<'_> {
                     ": {} pages in {}, {} MiB/s",
                     t.pages,
                     Secs(ticks),
-                    Rate { amount: t.pages * PAGE, unit: 1 << 20, ticks }
+                    Rate {
+                        amount: t.pages * PAGE,
+                        unit: 1 << 20,
+                        ticks
+                    }
                 )?;
                 match cfg.rate {
                     Some(r) => write!(
                         f,
                         " (asked {} MiB/s, {vcpus} vCPU(s))",
-                        Rate { amount: r, unit: 1 << 20, ticks: clock::hz() }
+                        Rate {
+                            amount: r,
+                            unit: 1 << 20,
+                            ticks: clock::hz()
+                        }
                     ),
                     None => write!(f, " (as fast as it goes, {vcpus} vCPU(s))"),
                 }
@@ -718,7 +768,11 @@ impl fmt::Display for Summary<'_> {
                 cfg.mode.name(),
                 cfg.bs,
                 cfg.qd,
-                Rate { amount: t.requests, unit: 1, ticks },
+                Rate {
+                    amount: t.requests,
+                    unit: 1,
+                    ticks
+                },
                 mb_s(t.read + t.written),
                 t.requests,
                 Secs(ticks)

@@ -54,7 +54,11 @@ impl Setup {
 
     /// The queue vCPU `vcpu` uses on `disk`, locked (waiting for another vCPU sharing it
     /// at most twice the request timeout).
-    pub fn queue(&self, disk: &DiskInfo, vcpu: usize) -> Result<SpinGuard<'static, Option<BlkQueue>>, Fail> {
+    pub fn queue(
+        &self,
+        disk: &DiskInfo,
+        vcpu: usize,
+    ) -> Result<SpinGuard<'static, Option<BlkQueue>>, Fail> {
         let q = disk.queue_of(vcpu);
         let deadline = clock::Deadline::after_ms(2 * blk::REQUEST_TIMEOUT_MS);
         match QUEUES[disk.index * MAX_VCPUS + q].lock_until(|| deadline.passed()) {
@@ -109,7 +113,11 @@ pub fn run(start_info: u64, vcpus: usize) -> Result<Setup, Fail> {
             DEVICE_ID_BLOCK => {}
             0 => return fail!("virtio-mmio at {:#x}: no device behind it (id 0)", d.base),
             id => {
-                say!(0, "virtio-mmio at {:#x}: device id {id}, not a block device; skipped", d.base);
+                say!(
+                    0,
+                    "virtio-mmio at {:#x}: device id {id}, not a block device; skipped",
+                    d.base
+                );
                 continue;
             }
         }

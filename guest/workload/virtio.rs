@@ -93,7 +93,10 @@ impl Transport {
     pub fn probe(&self) -> Result<u32, Fail> {
         let magic = self.read(reg::MAGIC);
         if magic != MAGIC {
-            return fail!("virtio-mmio at {:#x}: magic {magic:#x}, not \"virt\"", self.base);
+            return fail!(
+                "virtio-mmio at {:#x}: magic {magic:#x}, not \"virt\"",
+                self.base
+            );
         }
         match self.read(reg::VERSION) {
             2 => Ok(self.read(reg::DEVICE_ID)),
@@ -294,8 +297,19 @@ impl Queue {
     }
 
     /// Writes descriptor `i`. `device_writes`: the device writes the buffer (a read).
-    pub fn set_desc(&mut self, i: u16, addr: u64, len: u32, device_writes: bool, next: Option<u16>) {
-        assert!(i < self.size, "descriptor {i} past queue size {}", self.size);
+    pub fn set_desc(
+        &mut self,
+        i: u16,
+        addr: u64,
+        len: u32,
+        device_writes: bool,
+        next: Option<u16>,
+    ) {
+        assert!(
+            i < self.size,
+            "descriptor {i} past queue size {}",
+            self.size
+        );
         let mut flags = if device_writes { DESC_F_WRITE } else { 0 };
         if next.is_some() {
             flags |= DESC_F_NEXT;
