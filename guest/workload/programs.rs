@@ -175,8 +175,8 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Stats, Fail> {
     // SAFETY: the only `Buffers` of this vCPU; `run` is called once per vCPU.
     let bufs = &mut unsafe { Buffers::new(ctx.area()) };
     let mut stats = match ctx.cfg().program {
-        Program::Write => write(ctx, bufs)?,
-        Program::Verify => verify(ctx, bufs)?,
+        Program::Write => write_or_verify(ctx, bufs, Op::Write)?,
+        Program::Verify => write_or_verify(ctx, bufs, Op::Read)?,
         Program::WriteVerifyLoop => write_verify_loop(ctx, bufs)?,
         Program::Dirty => dirty(ctx)?,
         Program::Idle => idle(ctx)?,
@@ -291,29 +291,36 @@ fn flush(ctx: &Ctx<'_>, disk: &DiskInfo) -> Result<(), Fail> {
     })
 }
 
-fn write(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
+/// `write` (`op` Write: fills every block of the share with generation `gen`, then
+/// flushes) and `verify` (`op` Read: checks every block), on every disk.
+fn write_or_verify(ctx: &Ctx<'_>, bufs: &mut Buffers, op: Op) -> Result<Stats, Fail> {
     let cfg = ctx.cfg();
     let mut stats = Stats::default();
     for disk in ctx.setup.disks() {
         let range = ctx.block_share(disk);
         let t = clock::now();
-        sweep(ctx, bufs, disk, Op::Write, range, &mut |off, block| {
-            Stamp {
+        sweep(ctx, bufs, disk, op, range, &mut |off, block| {
+            let want = Stamp {
                 seed: cfg.seed,
                 off,
                 generation: cfg.generation,
+            };
+            if op == Op::Write {
+                want.fill(block);
+                Ok(())
+            } else {
+                want.check(block).or_else(|m| mismatch(disk, want, m))
             }
-            .fill(block);
-            Ok(())
         })?;
-        if disk.flush {
+        if op == Op::Write && disk.flush {
             flush(ctx, disk)?;
         }
         let bytes = (range.1 - range.0) * BLOCK;
         let ticks = clock::now() - t;
         say!(
             ctx.vcpu,
-            "write: disk {}: {} KiB at {:#x} in {} ({} MB/s)",
+            "{}: disk {}: {} KiB at {:#x} in {} ({} MB/s)",
+            cfg.program.name(),
             disk.index,
             bytes >> 10,
             range.0 * BLOCK,
@@ -324,41 +331,11 @@ fn write(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
                 ticks
             }
         );
-        stats.written += bytes;
-    }
-    Ok(stats)
-}
-
-fn verify(ctx: &Ctx<'_>, bufs: &mut Buffers) -> Result<Stats, Fail> {
-    let cfg = ctx.cfg();
-    let mut stats = Stats::default();
-    for disk in ctx.setup.disks() {
-        let range = ctx.block_share(disk);
-        let t = clock::now();
-        sweep(ctx, bufs, disk, Op::Read, range, &mut |off, block| {
-            let want = Stamp {
-                seed: cfg.seed,
-                off,
-                generation: cfg.generation,
-            };
-            want.check(block).or_else(|m| mismatch(disk, want, m))
-        })?;
-        let bytes = (range.1 - range.0) * BLOCK;
-        let ticks = clock::now() - t;
-        say!(
-            ctx.vcpu,
-            "verify: disk {}: {} KiB at {:#x} in {} ({} MB/s)",
-            disk.index,
-            bytes >> 10,
-            range.0 * BLOCK,
-            Secs(ticks),
-            Rate {
-                amount: bytes,
-                unit: 1_000_000,
-                ticks
-            }
-        );
-        stats.read += bytes;
+        if op == Op::Write {
+            stats.written += bytes;
+        } else {
+            stats.read += bytes;
+        }
     }
     Ok(stats)
 }

@@ -198,23 +198,17 @@ fn write_then_verify(accel: Accel, test: &str) {
     let (dir, elf) = scratch("guest-write");
     let disk = raw_image(&dir, "disk.raw", 32 << 20);
     let bytes = 16u64 << 20;
+    let run = |append| boot(&dir, &elf, accel, &[(&disk, false)], append, false);
 
-    let run = boot(
-        &dir,
-        &elf,
-        accel,
-        &[(&disk, false)],
-        "run=write seed=7 bytes=16M gen=3",
-        false,
-    );
-    let summary = run.passed();
+    let written = run("run=write seed=7 bytes=16M gen=3");
+    let summary = written.passed();
     assert!(
         summary.starts_with("write seed=7 gen=3: 16384 KiB"),
         "{summary}"
     );
     eprintln!(
         "{test}: QEMU ({accel:?}) spawn to first 0xe9 write: {:?}",
-        run.boot.expect("boot timer seen")
+        written.boot.expect("boot timer seen")
     );
 
     let image = std::fs::read(&disk).expect("read image");
@@ -228,42 +222,22 @@ fn write_then_verify(accel: Accel, test: &str) {
         "the guest wrote past bytes="
     );
 
-    let run = boot(
-        &dir,
-        &elf,
-        accel,
-        &[(&disk, false)],
-        "run=verify seed=7 bytes=16M gen=3",
-        false,
-    );
+    let summary = run("run=verify seed=7 bytes=16M gen=3");
     assert!(
-        run.passed()
+        summary
+            .passed()
             .starts_with("verify seed=7 gen=3: 16384 KiB verified")
     );
 
     // verify really looks: another seed or generation fails, naming what it found.
-    let run = boot(
-        &dir,
-        &elf,
-        accel,
-        &[(&disk, false)],
-        "run=verify seed=8 bytes=16M gen=3",
-        false,
-    );
-    let why = run.failed();
+    let other_seed = run("run=verify seed=8 bytes=16M gen=3");
+    let why = other_seed.failed();
     assert!(
         why.contains("block at 0x0: holds seed 7") && why.contains("expected seed 8"),
         "{why}"
     );
-    let run = boot(
-        &dir,
-        &elf,
-        accel,
-        &[(&disk, false)],
-        "run=verify seed=7 bytes=16M gen=4",
-        false,
-    );
-    let why = run.failed();
+    let newer_generation = run("run=verify seed=7 bytes=16M gen=4");
+    let why = newer_generation.failed();
     assert!(
         why.contains("generation 3, expected seed 7 generation 4"),
         "{why}"
