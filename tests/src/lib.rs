@@ -60,18 +60,34 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether tests that need `/dev/kvm` can run. Without it they may skip only outside CI,
-/// and say so.
-pub fn kvm_or_skip(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
+/// Whether `what`, which `test` needs, is `present`. Without it the test may skip only
+/// outside CI, and says so.
+fn present_or_skip(test: &str, what: &str, present: bool) -> bool {
+    if present {
         return true;
     }
     assert!(
         std::env::var_os("CI").is_none(),
-        "{test}: /dev/kvm is missing, and CI is set"
+        "{test}: {what} is missing, and CI is set"
     );
-    eprintln!("SKIPPED {test}: /dev/kvm is missing");
+    eprintln!("SKIPPED {test}: {what} is missing");
     false
+}
+
+/// Whether tests that need `/dev/kvm` can run; without it they skip (outside CI only).
+pub fn kvm_or_skip(test: &str) -> bool {
+    present_or_skip(test, "/dev/kvm", Path::new("/dev/kvm").exists())
+}
+
+/// Whether `qemu-system-x86_64` can run; without it tests skip (outside CI only).
+pub fn qemu_system_or_skip(test: &str) -> bool {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    present_or_skip(test, "qemu-system-x86_64", found)
 }
 
 /// Runs a command to completion and checks it succeeded.
