@@ -189,7 +189,7 @@ impl Guest {
         if !data.is_empty() {
             segments.push((DATA_BASE, &data, data.len() as u64));
         }
-        vmm_proc::builtin::static_elf(CODE_BASE, &segments)
+        vmm_proc::loader::testing::static_elf(CODE_BASE, &segments)
     }
 
     /// Writes the ELF to `path` (for `--kernel PATH`).

@@ -124,7 +124,9 @@ struct Built {
 /// The guest image's bytes.
 fn kernel_bytes(config: &VmmConfig, file: Option<OwnedFd>) -> Result<Vec<u8>, String> {
     match (&config.kernel, file) {
-        (KernelImage::Builtin(name), _) => builtin::image(name).map_err(|e| e.to_string()),
+        (KernelImage::Builtin(name), _) => builtin::image(name)
+            .map(<[u8]>::to_vec)
+            .map_err(|e| e.to_string()),
         (KernelImage::File, Some(fd)) => {
             let mut bytes = Vec::new();
             std::io::Read::read_to_end(&mut File::from(fd), &mut bytes)

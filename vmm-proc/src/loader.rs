@@ -233,7 +233,7 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin::static_elf;
+    use crate::loader::testing::{static_elf, static_elf_with_note};
     use vm_memory::GuestMemoryMmap;
 
     const RAM: u64 = 4 << 20;
@@ -318,11 +318,76 @@ mod tests {
         note.extend_from_slice(&0x100u32.to_le_bytes());
         note.extend_from_slice(b"Linux\0\0\0");
         note.extend_from_slice(&[1, 2, 3, 4]);
-        let elf =
-            crate::builtin::static_elf_with_note(0x10_0000, &[(0x10_0000, &[0x90], 1)], &note);
+        let elf = static_elf_with_note(0x10_0000, &[(0x10_0000, &[0x90], 1)], &note);
         assert_eq!(
             Image::parse(&elf, RAM).expect_err("vmlinux"),
             LoadError::Linux
         );
+    }
+}
+
+/// ELF images made from machine code: the smallest static executables the loader accepts,
+/// for tests that boot hand-assembled guests.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing {
+    /// A static ELF64 x86_64 executable entered at `entry`, with one `PT_LOAD` segment per
+    /// `(address, bytes, memory size)` (bytes past the data are zero).
+    pub fn static_elf(entry: u64, segments: &[(u64, &[u8], u64)]) -> Vec<u8> {
+        elf(entry, segments, None)
+    }
+
+    /// [`static_elf`] with a `PT_NOTE` segment holding `notes`.
+    pub fn static_elf_with_note(
+        entry: u64,
+        segments: &[(u64, &[u8], u64)],
+        notes: &[u8],
+    ) -> Vec<u8> {
+        elf(entry, segments, Some(notes))
+    }
+
+    fn elf(entry: u64, segments: &[(u64, &[u8], u64)], notes: Option<&[u8]>) -> Vec<u8> {
+        const EHDR: usize = 64;
+        const PHDR: usize = 56;
+        let phnum = segments.len() + usize::from(notes.is_some());
+        let mut out = Vec::new();
+        out.extend_from_slice(b"\x7fELF");
+        out.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, SysV
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        out.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&entry.to_le_bytes());
+        out.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+        out.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        out.extend_from_slice(&(EHDR as u16).to_le_bytes());
+        out.extend_from_slice(&(PHDR as u16).to_le_bytes());
+        out.extend_from_slice(&(phnum as u16).to_le_bytes());
+        out.extend_from_slice(&[0; 6]); // no section headers
+        let mut data_at = (EHDR + PHDR * phnum) as u64;
+        let mut phdr = |out: &mut Vec<u8>, kind: u32, addr: u64, len: u64, mem: u64| {
+            out.extend_from_slice(&kind.to_le_bytes());
+            out.extend_from_slice(&7u32.to_le_bytes()); // rwx
+            out.extend_from_slice(&data_at.to_le_bytes());
+            out.extend_from_slice(&addr.to_le_bytes());
+            out.extend_from_slice(&addr.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&mem.to_le_bytes());
+            out.extend_from_slice(&16u64.to_le_bytes());
+            data_at += len;
+        };
+        for &(addr, bytes, mem) in segments {
+            phdr(&mut out, 1, addr, bytes.len() as u64, mem);
+        }
+        if let Some(n) = notes {
+            phdr(&mut out, 4, 0, n.len() as u64, n.len() as u64);
+        }
+        for &(_, bytes, _) in segments {
+            out.extend_from_slice(bytes);
+        }
+        if let Some(n) = notes {
+            out.extend_from_slice(n);
+        }
+        out
     }
 }
