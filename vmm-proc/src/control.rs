@@ -182,7 +182,8 @@ impl Vm {
             VmmRequest::SystemReset => self.reset(false).map(|()| VmmReply::Done),
             VmmRequest::QueryBlockStats => Ok(VmmReply::BlockStats(self.bus.disk_stats())),
             VmmRequest::Shutdown => {
-                self.pause_all();
+                // Threads first: the I/O thread must be gone before block-proc is.
+                self.exit();
                 self.monitor.send(
                     &VmmMessage::Reply {
                         id: call.id,
@@ -342,8 +343,11 @@ impl Vm {
         got.into_iter().enumerate().collect()
     }
 
-    /// Ends the vCPU and I/O threads.
+    /// Ends the vCPU and I/O threads (once).
     fn exit(&mut self) {
+        if self.io_thread.is_none() {
+            return;
+        }
         for v in &self.vcpus {
             v.send(VcpuEvent::Exit);
         }

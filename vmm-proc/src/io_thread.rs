@@ -17,7 +17,7 @@
 //! reported to the controller (QMP `BLOCK_IO_ERROR`).
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -122,7 +122,7 @@ impl IoThread {
             )
         };
         add(wake.as_raw_fd(), TOKEN_WAKE)?;
-        add(block.as_fd_raw(), TOKEN_BLOCK)?;
+        add(block.as_fd().as_raw_fd(), TOKEN_BLOCK)?;
         for (i, q) in queues.iter().enumerate() {
             add(q.event.as_raw_fd(), TOKEN_QUEUES + i as u64)?;
         }
@@ -344,7 +344,7 @@ impl IoThread {
         self.block_alive = false;
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
-            self.block.as_fd_raw(),
+            self.block.as_fd().as_raw_fd(),
             EpollEvent::default(),
         );
     }
@@ -357,10 +357,14 @@ impl IoThread {
                     tracing::warn!("block-proc answered unknown call {id}");
                 }
             },
+            Err(IpcError::Closed) if self.in_flight.is_empty() && self.held.is_empty() => {
+                tracing::debug!("block-proc closed the data path");
+                self.block_lost();
+            }
             Err(IpcError::Closed) => {
                 tracing::error!(
                     "block-proc closed the data path; {} guest requests in flight",
-                    self.in_flight.len()
+                    self.in_flight.len() + self.held.len()
                 );
                 self.block_lost();
             }
@@ -441,16 +445,5 @@ impl IoThread {
             }
         }
         self.answer_drained();
-    }
-}
-
-/// Raw descriptor of a channel, for epoll.
-trait AsFdRaw {
-    fn as_fd_raw(&self) -> i32;
-}
-
-impl AsFdRaw for Channel {
-    fn as_fd_raw(&self) -> i32 {
-        std::os::fd::AsFd::as_fd(self).as_raw_fd()
     }
 }

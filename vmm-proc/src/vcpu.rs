@@ -236,7 +236,7 @@ impl Vcpu {
 
     fn run_once(&mut self) -> Next {
         let index = self.index;
-        let bus = self.bus.clone();
+        let bus = &self.bus;
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => match bus.pio_write(port, data) {
                 PioAction::None => Next::Continue,
