@@ -65,6 +65,9 @@ pub enum Error {
 
 /// The offset of `QueueNotify` in a virtio-mmio window.
 const QUEUE_NOTIFY: u64 = 0x50;
+/// The most queues a disk offers (each needs an eventfd; the workload guest runs on at
+/// most 16 vCPUs, and with fewer queues than vCPUs it shares queue 0).
+const MAX_QUEUES: usize = 16;
 
 /// Sets up from the monitor's first request, enters the jail, then runs the VM and serves
 /// the monitor until `Shutdown` or until it goes away.
@@ -186,7 +189,8 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
     for (i, drive) in drives.into_iter().enumerate() {
         let (base, irq) = virtio_slot(i).ok_or("too many drives")?;
         let mut notify = Vec::new();
-        for q in 0..usize::from(config.cpus) {
+        // One queue per vCPU (VIRTIO_BLK_F_MQ), as many as the workload guest uses at most.
+        for q in 0..usize::from(config.cpus).min(MAX_QUEUES) {
             let e = efd()?;
             machine
                 .vm
