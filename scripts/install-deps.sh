@@ -51,3 +51,5 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 # ACPI tools (iasl): the unit tests disassemble the ACPI tables the Linux loader writes
 # (vmm-proc/src/linux/acpi.rs) and check the result.
 command -v iasl >/dev/null || apt_install acpica-tools
+# lz4: scripts/nested-assets.sh unpacks the cloud kernel's vmlinux (ELF, PVH) with it.
+command -v lz4 >/dev/null || apt_install lz4
