@@ -265,10 +265,13 @@ where
             )?
         }
         KernelKind::Elf64 { entry, .. } => {
+            // No setup header in an ELF: the fields a bzImage would bring that the kernel
+            // looks at, as other VMMs fill them.
             let hdr = setup_header {
                 boot_flag: 0xaa55,
                 header: u32::from_le_bytes(*b"HdrS"),
                 kernel_alignment: 0x100_0000,
+                cmdline_size: cmdline.len() as u32,
                 ..Default::default()
             };
             write_boot_params(mem, hdr, initrd_range.as_ref(), tables.rsdp_addr, &e820)?;
