@@ -23,6 +23,9 @@ cache=${SPLITVMM_NESTED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/splitvmm/nested}
 mkdir -p "$cache/debs"
 log() { echo "nested-assets: $*" >&2; }
 die() { log "$*"; exit 1; }
+# One builder at a time (tests run in parallel, worktrees share the cache).
+exec 9>"$cache/lock"
+flock 9
 
 # --- Which packages ------------------------------------------------------------------------
 # The newest 6.1 version of a meta package (bookworm's kernel; backports' 6.12 is skipped),

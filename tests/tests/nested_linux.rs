@@ -299,10 +299,10 @@ struct L2Run {
 
 /// Boots L1 once and has it run each of `runners` in turn, then checks every run.
 fn nested_session(test: &str, runners: &[L2Runner]) {
+    let _one = ONE_L1.lock().unwrap_or_else(|e| e.into_inner());
     let Some(assets) = assets_or_skip(test) else {
         return;
     };
-    let _one = ONE_L1.lock().unwrap_or_else(|e| e.into_inner());
     let work = TempDir::new("nested");
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
