@@ -6,6 +6,7 @@
 //! It opens nothing: everything it uses arrives as a descriptor.
 
 pub mod control;
+pub mod linux;
 pub mod sandbox;
 
 use std::os::fd::RawFd;
