@@ -47,3 +47,9 @@ python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q 'qemu.qmp>
 # Rust's formatter and linter (part of the toolchain; installed if the toolchain allows).
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+# ACPI tools (iasl): the unit tests disassemble the ACPI tables the Linux loader writes
+# (vmm-proc/src/linux/acpi.rs) and check the result.
+command -v iasl >/dev/null || apt_install acpica-tools
+# lz4: scripts/nested-assets.sh unpacks the cloud kernel's vmlinux (ELF, PVH) with it.
+command -v lz4 >/dev/null || apt_install lz4

@@ -4,6 +4,7 @@
 //! - [`machine`]: the KVM VM and vCPUs, made from the `/dev/kvm` descriptor;
 //! - [`memory`]: guest RAM, a sealed memfd shared with block-proc;
 //! - [`loader`], [`boot`], [`builtin`]: the guest image and its direct 64-bit entry;
+//! - [`linux`]: the Linux loader (not wired to `--kernel` yet: see docs/linux-guests.md);
 //! - [`vcpu`]: one thread per vCPU; [`bus`]: what their exits reach (UART, i8042 reset,
 //!   debug exit, boot timer, virtio-mmio);
 //! - [`virtio`]: virtio-blk devices; [`io_thread`]: their queues and the data path to
@@ -20,6 +21,7 @@ pub mod bus;
 pub mod control;
 pub mod io_thread;
 pub mod layout;
+pub mod linux;
 pub mod loader;
 pub mod machine;
 pub mod memory;
