@@ -296,7 +296,11 @@ async fn execute<D: BlockDevice>(
         Ok(()) => IoStatus::Ok,
         Err(e) => {
             tracing::warn!("guest I/O on {} failed: {e}", dev.id);
-            IoStatus::IoErr
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                IoStatus::NoSpace
+            } else {
+                IoStatus::IoErr
+            }
         }
     }
 }

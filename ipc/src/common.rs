@@ -83,6 +83,10 @@ pub enum RunState {
     Running,
     Paused,
     Shutdown,
+    /// The guest crashed; only `system_reset` brings it back.
+    GuestPanicked,
+    /// Stopped by a disk error under `werror`/`rerror=stop` (or `enospc`); `cont` retries.
+    IoError,
 }
 
 impl RunState {
@@ -93,6 +97,8 @@ impl RunState {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::Shutdown => "shutdown",
+            Self::GuestPanicked => "guest-panicked",
+            Self::IoError => "io-error",
         }
     }
 }

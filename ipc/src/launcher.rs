@@ -47,6 +47,10 @@ pub enum LaunchRequest {
     },
     /// Kill a child with SIGKILL (its exit is reported as usual).
     Kill { kind: ChildKind },
+    /// The threads of the running child of `kind`, as the host sees them (answered by
+    /// `Threads`; the monitor cannot read `/proc` once jailed, the child's own pid
+    /// namespace hides host thread ids).
+    Threads { kind: ChildKind },
     /// Kill whatever is left, reap it, and exit.
     Exit,
 }
@@ -84,6 +88,11 @@ pub enum LauncherMessage {
         kind: ChildKind,
         pid: i32,
         status: ExitStatus,
+    },
+    /// Answer to `Threads`: each thread's name (`comm`) and host thread id; empty if no
+    /// such child runs.
+    Threads {
+        threads: Vec<(String, i32)>,
     },
 }
 

@@ -4,16 +4,22 @@
 //! monitor                              vmm-proc
 //!   Hello ──────────────────────────────►
 //!   ◄────────────────────────────── Hello
-//!   VmmCall{id, Configure} [+ kernel fd] ►   set up, enter the jail
+//!   VmmCall{id, Configure}               set up the VM, enter the jail
+//!     + /dev/kvm [+ serial] [+ kernel] ─►
 //!   ◄───────────── VmmMessage::Reply{id}
-//!   VmmCall{id, Stop | Cont} ───────────►
-//!   ◄── VmmMessage::Event(RunState{..})      (STOP / RESUME on the QMP side)
+//!   VmmCall{id, Stop | Cont | SystemReset} ►
+//!   ◄── VmmMessage::Event(RunState | Reset)  (STOP / RESUME / RESET on the QMP side)
 //!   ◄───────────── VmmMessage::Reply{id}
+//!   ◄── VmmMessage::Event(GuestShutdown | Reset | GuestPanicked)   (the guest did it)
 //!   VmmCall{id, Shutdown} ──────────────►   stop, reply, exit
 //! ```
+//!
+//! Events always precede the reply to the request that caused them, so a QMP client sees
+//! STOP before `stop` returns, as with QEMU.
 
 use serde::{Deserialize, Serialize};
 
+use crate::block::OnError;
 use crate::common::RunState;
 use crate::{CallId, Message, QmpError};
 
@@ -27,10 +33,9 @@ pub struct VmmCall {
 impl Message for VmmCall {
     fn fd_count(&self) -> usize {
         match &self.request {
-            VmmRequest::Configure(VmmConfig {
-                kernel: KernelImage::File,
-                ..
-            }) => 1,
+            VmmRequest::Configure(c) => {
+                1 + usize::from(c.serial) + usize::from(c.kernel == KernelImage::File)
+            }
             _ => 0,
         }
     }
@@ -39,11 +44,16 @@ impl Message for VmmCall {
 /// What the monitor asks of vmm-proc.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum VmmRequest {
-    /// First request: the VM's configuration. A kernel file travels as a descriptor.
+    /// First request: the VM's configuration. Descriptors travel with it in this order:
+    /// `/dev/kvm`, the serial output (if `serial`), the kernel file (if `KernelImage::File`).
     Configure(VmmConfig),
     QueryStatus,
     Stop,
     Cont,
+    /// QMP `system_reset`: reset the machine and reload the guest.
+    SystemReset,
+    /// The guest disks' I/O counters (`query-blockstats`).
+    QueryBlockStats,
     /// Stop the vCPUs and exit.
     Shutdown,
 }
@@ -67,6 +77,18 @@ pub struct VmmConfig {
     /// `--paused`: stay in `prelaunch` until `cont`.
     pub start_paused: bool,
     pub sandbox: bool,
+    /// Whether a serial output descriptor travels with the message (`--serial null`: no).
+    pub serial: bool,
+    /// Each drive's `werror=` and `rerror=`, by drive id.
+    pub error_policies: Vec<ErrorPolicy>,
+}
+
+/// What a guest disk does when a request fails (`--drive werror=W,rerror=R`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorPolicy {
+    pub id: String,
+    pub werror: OnError,
+    pub rerror: OnError,
 }
 
 /// vmm-proc to monitor.
@@ -86,6 +108,34 @@ impl Message for VmmMessage {}
 pub enum VmmReply {
     Done,
     Status(RunState),
+    BlockStats(Vec<DiskStats>),
+}
+
+/// One guest disk's I/O counters, as QEMU accounts them for `query-blockstats`:
+/// write-zeroes counts as a write, discard as an unmap; requests the device refused as
+/// malformed are `invalid`, requests the image failed are `failed` (their latency still
+/// counts in the total time, QEMU's `account_failed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub id: String,
+    pub rd: OpStats,
+    pub wr: OpStats,
+    pub flush: OpStats,
+    pub unmap: OpStats,
+    /// The end of the furthest write, in bytes.
+    pub wr_highest_offset: u64,
+    /// Nanoseconds since the last completed request, if there was one.
+    pub idle_ns: Option<u64>,
+}
+
+/// The counters of one kind of request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpStats {
+    pub operations: u64,
+    pub bytes: u64,
+    pub total_time_ns: u64,
+    pub failed: u64,
+    pub invalid: u64,
 }
 
 /// Things vmm-proc reports unasked.
@@ -93,4 +143,59 @@ pub enum VmmReply {
 pub enum VmmEvent {
     /// The run state changed (the monitor emits STOP or RESUME).
     RunState(RunState),
+    /// The machine was reset: by the guest (i8042 reset) or by `system_reset`.
+    Reset { guest: bool },
+    /// The guest powered off by writing `code` to the debug-exit port (0 means PASS).
+    /// The vCPUs are stopped; the monitor shuts splitvmm down.
+    GuestShutdown { code: u32 },
+    /// The guest crashed (triple fault, KVM internal error, failed entry); the vCPUs are
+    /// stopped and the run state becomes `guest-panicked` right after.
+    GuestPanicked,
+    /// A guest disk request failed (QMP `BLOCK_IO_ERROR`). With `action` stop the run state
+    /// becomes `io-error` right after, and `cont` retries the request.
+    BlockIoError(BlockIoError),
+}
+
+/// A failed guest disk request and what was done about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockIoError {
+    pub device: String,
+    /// The disk's index (its place among the guest's virtio devices).
+    pub index: u16,
+    pub write: bool,
+    pub action: ErrorAction,
+    /// Whether the error was ENOSPC.
+    pub nospace: bool,
+    /// Whether the drive keeps an I/O status (its policy can stop the VM); QEMU reports
+    /// `nospace` only for those.
+    pub io_status: bool,
+}
+
+/// QAPI `BlockErrorAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorAction {
+    Ignore,
+    Report,
+    Stop,
+}
+
+impl ErrorAction {
+    /// What `policy` does with an error (`nospace`: it was ENOSPC).
+    pub fn of(policy: OnError, nospace: bool) -> Self {
+        match policy {
+            OnError::Report => Self::Report,
+            OnError::Ignore => Self::Ignore,
+            OnError::Stop => Self::Stop,
+            OnError::Enospc if nospace => Self::Stop,
+            OnError::Enospc => Self::Report,
+        }
+    }
+
+    pub fn as_qapi_str(self) -> &'static str {
+        match self {
+            Self::Ignore => "ignore",
+            Self::Report => "report",
+            Self::Stop => "stop",
+        }
+    }
 }

@@ -101,12 +101,15 @@ pub struct IoRequest {
     pub segments: Vec<Segment>,
 }
 
-/// virtio-blk's status byte.
+/// How a request ended (virtio-blk's status byte, with ENOSPC told apart so vmm-proc can
+/// apply `werror=enospc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IoStatus {
     Ok,
     IoErr,
     Unsupported,
+    /// The image ran out of space (ENOSPC); the guest sees an I/O error.
+    NoSpace,
 }
 
 /// A finished request.

@@ -15,6 +15,7 @@ use crate::qmp::schema::{ArgType, Member, validate};
 use crate::qmp::wire::{self, Request};
 use crate::server::SessionState;
 use crate::state::{Monitor, ShutdownCause};
+use crate::vm_commands;
 
 /// The QMP dialect splitvmm follows (see docs/qmp.md): QEMU 9.2's.
 pub const DIALECT: (u32, u32, u32) = (9, 2, 0);
@@ -78,8 +79,11 @@ pub const COMMANDS: &[CommandDef] = &[
     monitor("query-status", &[]),
     monitor("stop", &[]),
     monitor("cont", &[]),
+    monitor("system_reset", &[]),
     monitor("quit", &[]),
     monitor("query-block", &[]),
+    monitor("query-blockstats", vm_commands::QUERY_BLOCKSTATS),
+    monitor("query-cpus-fast", &[]),
     block("query-named-block-nodes", bc::QUERY_NAMED_BLOCK_NODES),
     block("block_resize", bc::BLOCK_RESIZE),
     monitor("nbd-server-start", bc::NBD_SERVER_START),
@@ -163,7 +167,11 @@ async fn execute(
             let state = match &monitor.vmm {
                 Some(vmm) => match vmm.call(VmmRequest::QueryStatus, &[]).await? {
                     VmmReply::Status(s) => s,
-                    VmmReply::Done => monitor.runstate(),
+                    other => {
+                        return Err(QmpError::generic(format!(
+                            "vmm-proc: unexpected reply {other:?}"
+                        )));
+                    }
                 },
                 None => monitor.runstate(),
             };
@@ -181,6 +189,20 @@ async fn execute(
                     vmm.call(request, &[]).await?;
                 }
                 None => monitor.set_runstate(target),
+            }
+            Ok(json!({}))
+        }
+        "system_reset" => {
+            match &monitor.vmm {
+                // vmm-proc reports RESET (and a run-state change) before it answers.
+                Some(vmm) => {
+                    vmm.call(VmmRequest::SystemReset, &[]).await?;
+                }
+                // No guest to reset: only the event, as for stop and cont.
+                None => monitor.events.emit(
+                    "RESET",
+                    Some(json!({ "guest": false, "reason": "host-qmp-system-reset" })),
+                ),
             }
             Ok(json!({}))
         }
@@ -208,6 +230,8 @@ async fn execute(
             monitor.nbd.stopped();
             Ok(v)
         }
+        "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
+        "query-cpus-fast" => vm_commands::query_cpus_fast(monitor).await,
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
             BlockReply::Block(info) => Ok(ipc::common::qapi_json(&info)),
             other => Err(QmpError::generic(format!(

@@ -131,9 +131,30 @@ fn serve(chan: &Channel, helpers: &Path, children: &mut Vec<Running>) -> Result<
                     let _ = kill(c.pid, Signal::SIGKILL);
                 }
             }
+            LaunchRequest::Threads { kind } => {
+                let threads = children
+                    .iter()
+                    .find(|c| c.kind == kind)
+                    .map(|c| threads_of(c.pid))
+                    .unwrap_or_default();
+                chan.send(&LauncherMessage::Threads { threads }, &[])?;
+            }
             LaunchRequest::Exit => return Ok(()),
         }
     }
+}
+
+/// The threads of process `pid`: name and host thread id, from `/proc/PID/task`.
+fn threads_of(pid: Pid) -> Vec<(String, i32)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let tid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+        Some((comm.trim_end().to_string(), tid))
+    })
+    .collect()
 }
 
 fn spawn(

@@ -8,7 +8,8 @@
 //! - [`qmp`]: the QMP wire protocol (JSON stream, request checks, argument schema);
 //! - [`server`]: QMP sockets and client sessions;
 //! - [`commands`]: the command table and handlers; [`block_commands`]: the block and NBD
-//!   commands' schemas and their monitor-side work (sockets);
+//!   commands' schemas and their monitor-side work (sockets); [`vm_commands`]: commands
+//!   that combine block-proc's and vmm-proc's answers (`query-blockstats`);
 //! - [`events`], [`state`], [`signals`], [`sandbox`].
 
 pub mod block_commands;
@@ -23,3 +24,4 @@ pub mod server;
 pub mod signals;
 pub mod state;
 pub mod supervisor;
+pub mod vm_commands;

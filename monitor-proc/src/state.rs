@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use ipc::common::RunState;
+use ipc::launcher::{ChildKind, LaunchRequest};
+use ipc::{AsyncChannel, QmpError};
 use tokio::sync::mpsc;
 
 use crate::events::EventBus;
@@ -18,6 +20,8 @@ pub enum ShutdownCause {
     Signal,
     /// A child process died.
     ChildDied,
+    /// The guest powered off through the debug-exit port with this value (0 = PASS).
+    GuestShutdown(u32),
 }
 
 impl ShutdownCause {
@@ -27,7 +31,19 @@ impl ShutdownCause {
             Self::Quit => "host-qmp-quit",
             Self::Signal => "host-signal",
             Self::ChildDied => "host-error",
+            Self::GuestShutdown(_) => "guest-shutdown",
         }
+    }
+
+    /// The SHUTDOWN event's `guest` member: whether the guest asked for it.
+    pub fn guest(self) -> bool {
+        matches!(self, Self::GuestShutdown(_))
+    }
+
+    /// Whether splitvmm exits with status 0: after `quit` or a signal, and after a guest
+    /// that powered off with the debug-exit value 0 (PASS).
+    pub fn success(self) -> bool {
+        matches!(self, Self::Quit | Self::Signal | Self::GuestShutdown(0))
     }
 }
 
@@ -40,8 +56,48 @@ pub struct Monitor {
     pub vmm: Option<Arc<RpcClient<link::Vmm>>>,
     /// The NBD server's listening socket, which the monitor made.
     pub nbd: crate::block_commands::NbdListener,
+    /// The guest's vCPUs (0 without a guest).
+    pub cpus: u8,
+    /// Host thread ids of the children, from the launcher.
+    pub threads: Option<ThreadQuery>,
     runstate: Mutex<RunState>,
     shutdown: mpsc::UnboundedSender<ShutdownCause>,
+}
+
+/// Asks the launcher, which alone sees the children's threads from the host pid
+/// namespace, for a child's thread names and host thread ids (`query-cpus-fast`).
+#[derive(Debug)]
+pub struct ThreadQuery {
+    chan: Arc<AsyncChannel>,
+    replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<(String, i32)>>>,
+}
+
+impl ThreadQuery {
+    pub fn new(
+        chan: Arc<AsyncChannel>,
+        replies: mpsc::UnboundedReceiver<Vec<(String, i32)>>,
+    ) -> Self {
+        Self {
+            chan,
+            replies: tokio::sync::Mutex::new(replies),
+        }
+    }
+
+    /// The threads of the running child of `kind` (one question at a time, so answers
+    /// cannot cross).
+    pub async fn threads(&self, kind: ChildKind) -> Result<Vec<(String, i32)>, QmpError> {
+        let mut replies = self.replies.lock().await;
+        let gone = || QmpError::generic("the launcher is not running");
+        self.chan
+            .send(&LaunchRequest::Threads { kind }, &[])
+            .await
+            .map_err(|_| gone())?;
+        tokio::time::timeout(std::time::Duration::from_secs(5), replies.recv())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(gone)
+    }
 }
 
 impl Monitor {
@@ -59,6 +115,8 @@ impl Monitor {
             block,
             vmm,
             nbd: Default::default(),
+            cpus: 0,
+            threads: None,
             runstate: Mutex::new(runstate),
             shutdown,
         }

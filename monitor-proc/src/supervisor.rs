@@ -16,17 +16,17 @@ use std::time::Duration;
 use ipc::block::{BlockConfig, BlockReply, BlockRequest};
 use ipc::common::RunState;
 use ipc::launcher::{ChildKind, ExitStatus, LaunchRequest, LauncherMessage};
-use ipc::vmm::{KernelImage, VmmConfig, VmmEvent, VmmRequest};
+use ipc::vmm::{ErrorPolicy, KernelImage, VmmConfig, VmmEvent, VmmRequest};
 use ipc::{AsyncChannel, Channel, IpcError, Link};
 use nix::unistd::Pid;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
-use crate::cli::{Cli, Kernel};
+use crate::cli::{Cli, Kernel, Serial};
 use crate::events::{EventBus, VENDOR_PREFIX};
 use crate::link::{self, RpcClient};
 use crate::server::{Listener, Sessions};
-use crate::state::{Monitor, ShutdownCause};
+use crate::state::{Monitor, ShutdownCause, ThreadQuery};
 
 /// How long a child gets to exit after being asked before it is killed.
 const CHILD_EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -41,11 +41,12 @@ pub enum SupervisorError {
 }
 
 /// The launcher's end as the supervisor sees it: spawn replies come back in order on one
-/// queue, exits on another.
+/// queue, exits on another, thread lists on a third (for [`ThreadQuery`]).
 struct Launcher {
     chan: Arc<AsyncChannel>,
     spawned: mpsc::UnboundedReceiver<Result<i32, String>>,
     exits: mpsc::UnboundedReceiver<(ChildKind, i32, ExitStatus)>,
+    threads: Option<mpsc::UnboundedReceiver<Vec<(String, i32)>>>,
 }
 
 impl Launcher {
@@ -53,6 +54,7 @@ impl Launcher {
         let chan = Arc::new(chan);
         let (spawn_tx, spawned) = mpsc::unbounded_channel();
         let (exit_tx, exits) = mpsc::unbounded_channel();
+        let (threads_tx, threads) = mpsc::unbounded_channel();
         let reader = chan.clone();
         tokio::spawn(async move {
             loop {
@@ -66,6 +68,9 @@ impl Launcher {
                     Ok(LauncherMessage::Exited { kind, pid, status }) => {
                         let _ = exit_tx.send((kind, pid, status));
                     }
+                    Ok(LauncherMessage::Threads { threads }) => {
+                        let _ = threads_tx.send(threads);
+                    }
                     Err(e) => {
                         tracing::debug!("launcher link closed: {e}");
                         break;
@@ -77,7 +82,13 @@ impl Launcher {
             chan,
             spawned,
             exits,
+            threads: Some(threads),
         }
+    }
+
+    /// The handle QMP commands use to ask for a child's threads (once).
+    fn thread_query(&mut self) -> Option<ThreadQuery> {
+        Some(ThreadQuery::new(self.chan.clone(), self.threads.take()?))
     }
 
     async fn spawn(
@@ -181,14 +192,14 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
             // Like QEMU's exit path: SHUTDOWN, and no STOP for the final stop.
             monitor.events.emit(
                 "SHUTDOWN",
-                Some(json!({ "guest": false, "reason": cause.reason() })),
+                Some(json!({ "guest": cause.guest(), "reason": cause.reason() })),
             );
             stop_children(&monitor).await;
             monitor.nbd.stopped();
-            let code = if cause == ShutdownCause::ChildDied {
-                ExitCode::FAILURE
-            } else {
+            let code = if cause.success() {
                 ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             };
             (code, Some(cause))
         }
@@ -301,12 +312,20 @@ async fn start(
     let vmm = match (&cli.kernel, vmm_peer) {
         (Some(kernel), Some(peer_fd)) => {
             let (vmm_mon, vmm_child) = pair()?;
-            let kernel_file = match kernel {
-                Kernel::File(p) => Some(std::fs::File::open(p).map_err(|e| {
-                    SupervisorError::Start(format!("--kernel {}: {e}", p.display()))
-                })?),
-                Kernel::Builtin(_) => None,
-            };
+            // vmm-proc opens nothing: the monitor opens what it needs, before any jail.
+            let mut fds: Vec<OwnedFd> = vec![open_kvm()?];
+            if let Some(serial) = open_serial(&cli.serial)? {
+                fds.push(serial);
+            }
+            if let Kernel::File(p) = kernel {
+                fds.push(
+                    std::fs::File::open(p)
+                        .map_err(|e| {
+                            SupervisorError::Start(format!("--kernel {}: {e}", p.display()))
+                        })?
+                        .into(),
+                );
+            }
             let pid = launcher
                 .spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd])
                 .await?;
@@ -322,35 +341,44 @@ async fn start(
                 cmdline: cli.append.clone(),
                 start_paused: cli.paused,
                 sandbox: cli.sandbox,
+                serial: cli.serial != Serial::Null,
+                error_policies: cli
+                    .drive
+                    .iter()
+                    .map(|d| ErrorPolicy {
+                        id: d.id.clone(),
+                        werror: d.werror,
+                        rerror: d.rerror,
+                    })
+                    .collect(),
             };
             if cli.paused {
                 runstate = RunState::Prelaunch;
             }
-            Some((vmm, config, kernel_file))
+            Some((vmm, config, fds))
         }
         _ => None,
     };
 
-    let monitor = Arc::new(Monitor::new(
+    let mut monitor = Monitor::new(
         cli.name.clone(),
         events,
         block,
         vmm.as_ref().map(|v| v.0.clone()),
         runstate,
         shutdown,
-    ));
-    if let Some((vmm, config, kernel_file)) = vmm {
+    );
+    monitor.cpus = if vmm.is_some() { cli.cpus } else { 0 };
+    monitor.threads = launcher.thread_query();
+    let monitor = Arc::new(monitor);
+    if let Some((vmm, config, fds)) = vmm {
         let reader = vmm.clone();
         let m = monitor.clone();
         tokio::spawn(async move {
-            let e = reader
-                .read_loop(|ev| match ev {
-                    VmmEvent::RunState(s) => m.set_runstate(s),
-                })
-                .await;
+            let e = reader.read_loop(|ev| vmm_event(&m, ev)).await;
             tracing::debug!("vmm-proc link closed: {e}");
         });
-        let fds: Vec<_> = kernel_file.iter().map(AsFd::as_fd).collect();
+        let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
         vmm.call(VmmRequest::Configure(config), &fds)
             .await
             .map_err(|e| SupervisorError::Start(format!("vmm-proc: {}", e.desc)))?;
@@ -380,6 +408,77 @@ async fn start(
         cleanup.add(p.clone());
     }
     Ok((monitor, listeners))
+}
+
+/// Turns what vmm-proc reports into QMP events and state.
+fn vmm_event(m: &Monitor, ev: VmmEvent) {
+    match ev {
+        VmmEvent::RunState(s) => m.set_runstate(s),
+        VmmEvent::Reset { guest } => {
+            let reason = if guest {
+                "guest-reset"
+            } else {
+                "host-qmp-system-reset"
+            };
+            m.events
+                .emit("RESET", Some(json!({ "guest": guest, "reason": reason })));
+        }
+        VmmEvent::GuestShutdown { code } => m.request_shutdown(ShutdownCause::GuestShutdown(code)),
+        // QEMU's order: GUEST_PANICKED, then STOP with the run state change that follows.
+        VmmEvent::GuestPanicked => m
+            .events
+            .emit("GUEST_PANICKED", Some(json!({ "action": "pause" }))),
+        // Likewise BLOCK_IO_ERROR, then STOP when the action stops the VM.
+        VmmEvent::BlockIoError(e) => {
+            let mut data = json!({
+                "qom-path": format!("/machine/peripheral-anon/device[{}]/virtio-backend", e.index),
+                "device": e.device,
+                "operation": if e.write { "write" } else { "read" },
+                "action": e.action.as_qapi_str(),
+            });
+            if e.io_status {
+                data["nospace"] = e.nospace.into();
+            }
+            data["reason"] = if e.nospace {
+                "No space left on device"
+            } else {
+                "Input/output error"
+            }
+            .into();
+            m.events.emit("BLOCK_IO_ERROR", Some(data));
+        }
+    }
+}
+
+/// `/dev/kvm`, opened for vmm-proc (which creates the VM itself).
+fn open_kvm() -> Result<OwnedFd, SupervisorError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(OwnedFd::from)
+        .map_err(|e| {
+            SupervisorError::Start(format!(
+                "Could not access KVM kernel module: {}",
+                ipc::common::os_error_text(&e)
+            ))
+        })
+}
+
+/// Where the guest's serial output goes, opened here (vmm-proc never opens a path).
+/// `file:` truncates, as QEMU's file chardev does.
+fn open_serial(serial: &Serial) -> Result<Option<OwnedFd>, SupervisorError> {
+    match serial {
+        Serial::Null => Ok(None),
+        Serial::Stdio => std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Some)
+            .map_err(|e| SupervisorError::Start(format!("--serial stdio: {e}"))),
+        Serial::File(p) => std::fs::File::create(p)
+            .map(|f| Some(f.into()))
+            .map_err(|e| SupervisorError::Start(format!("--serial file:{}: {e}", p.display()))),
+    }
 }
 
 async fn connect<P: link::Protocol>(

@@ -2,6 +2,8 @@
 //! children, talk to it over real sockets (raw, or through the Python `qemu.qmp` client),
 //! and inspect the process tree through `/proc`.
 
+pub mod guest;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -392,5 +394,23 @@ impl RawQmp {
                 return v;
             }
         }
+    }
+}
+
+/// Waits until the text of `path` satisfies `done` (the file may not exist yet); returns
+/// the text. Fails the test after `timeout`, showing what the file held.
+pub fn wait_for_text(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} after {timeout:?}: {text:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

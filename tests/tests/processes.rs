@@ -20,6 +20,8 @@ fn start_vm() -> Splitvmm {
         &[
             "--kernel",
             "builtin:workload",
+            "--append",
+            "run=idle",
             "--memory",
             "64M",
             "--drive",

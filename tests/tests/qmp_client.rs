@@ -59,5 +59,15 @@ fn every_foundation_command_through_qemu_qmp_with_a_guest_process() {
     if !kvm_or_skip("every_foundation_command_through_qemu_qmp_with_a_guest_process") {
         return;
     }
-    run_scenario(&["--kernel", "builtin:workload", "--memory", "64M"], "vm");
+    run_scenario(
+        &[
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            "run=idle",
+            "--memory",
+            "64M",
+        ],
+        "vm",
+    );
 }

@@ -1,104 +1,365 @@
-//! The monitor's requests to vmm-proc and the run-state machine they drive.
+//! The controller: the run-state machine, driven by the monitor's requests and by what the
+//! guest does, on vmm-proc's main thread.
 //!
-//! States follow QEMU's `RunState`: `prelaunch` (with `--paused`, until the first `cont`),
-//! `running`, `paused`, `shutdown`. Every change is reported to the monitor as an event
-//! before the request that caused it is answered, so STOP/RESUME precede the reply as in
-//! QEMU.
+//! States follow QEMU's `RunState`:
+//!
+//! | from | input | to | reported |
+//! |---|---|---|---|
+//! | prelaunch, paused | `cont` | running | RESUME |
+//! | running | `stop` | paused | STOP |
+//! | shutdown, guest-panicked | `cont` | (error: "Resetting the Virtual Machine is required") | |
+//! | any | `system_reset` | running if it was running, else prelaunch | RESET (guest: false) |
+//! | running | i8042 reset | running | RESET (guest: true) |
+//! | any | debug-exit write | shutdown | GuestShutdown (the monitor then exits) |
+//! | any | triple fault, internal error | guest-panicked | GUEST_PANICKED, STOP |
+//!
+//! Pausing is complete when every vCPU has acknowledged and every request in flight has
+//! completed (as QEMU drains before STOP), so a paused guest's memory and disks are still.
+//! Events go to the monitor before the reply to the request that caused them.
 
-use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ipc::common::RunState;
-use ipc::vmm::{VmmCall, VmmConfig, VmmEvent, VmmMessage, VmmReply, VmmRequest};
-use ipc::vmm_block::GuestDrive;
+use ipc::vmm::{VmmCall, VmmEvent, VmmMessage, VmmReply, VmmRequest};
 use ipc::{Channel, IpcError, QmpError};
+use vmm_sys_util::eventfd::EventFd;
 
-/// The virtual machine as the monitor controls it.
+use crate::boot;
+use crate::bus::Bus;
+use crate::io_thread::IoCommand;
+use crate::loader::Image;
+use crate::memory::GuestRam;
+use crate::vcpu::{GuestEvent, VcpuAck, VcpuEvent, VcpuHandle};
+
+/// How long a vCPU gets to acknowledge an event.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long pausing waits for requests in flight (a hung block-proc must not hang us).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the main thread waits for.
+#[derive(Debug)]
+pub enum Input {
+    Monitor(VmmCall),
+    /// The monitor's link closed or broke.
+    MonitorGone(IpcError),
+    Guest(usize, GuestEvent),
+    /// A guest disk request failed (from the I/O thread).
+    BlockIoError(ipc::vmm::BlockIoError),
+}
+
+/// What a reset restores.
+#[derive(Debug)]
+pub struct BootSource {
+    pub image: Image,
+    pub cmdline: String,
+}
+
+/// The running VM as the controller sees it.
 #[derive(Debug)]
 pub struct Vm {
-    config: VmmConfig,
-    /// The kernel image, when it came from a file.
-    _kernel: Option<OwnedFd>,
-    drives: Vec<GuestDrive>,
+    _vm: kvm_ioctls::VmFd,
     state: RunState,
+    monitor: Arc<Channel>,
+    inputs: Receiver<Input>,
+    vcpus: Vec<VcpuHandle>,
+    acks: Receiver<(usize, VcpuAck)>,
+    io: Sender<IoCommand>,
+    io_wake: EventFd,
+    io_thread: Option<JoinHandle<()>>,
+    bus: Arc<Bus>,
+    ram: GuestRam,
+    boot: BootSource,
+}
+
+/// Everything the controller drives.
+#[derive(Debug)]
+pub struct Parts {
+    /// The VM itself, kept open for as long as its vCPUs run.
+    pub vm: kvm_ioctls::VmFd,
+    pub monitor: Arc<Channel>,
+    pub inputs: Receiver<Input>,
+    pub vcpus: Vec<VcpuHandle>,
+    pub acks: Receiver<(usize, VcpuAck)>,
+    pub io: Sender<IoCommand>,
+    pub io_wake: EventFd,
+    pub io_thread: JoinHandle<()>,
+    pub bus: Arc<Bus>,
+    pub ram: GuestRam,
+    pub boot: BootSource,
 }
 
 impl Vm {
-    pub fn new(config: VmmConfig, kernel: Option<OwnedFd>, drives: Vec<GuestDrive>) -> Self {
-        let state = if config.start_paused {
-            RunState::Prelaunch
-        } else {
-            RunState::Running
-        };
+    /// A VM whose vCPUs and I/O thread are started and paused.
+    pub fn new(p: Parts) -> Self {
         Self {
-            config,
-            _kernel: kernel,
-            drives,
-            state,
+            _vm: p.vm,
+            state: RunState::Prelaunch,
+            monitor: p.monitor,
+            inputs: p.inputs,
+            vcpus: p.vcpus,
+            acks: p.acks,
+            io: p.io,
+            io_wake: p.io_wake,
+            io_thread: Some(p.io_thread),
+            bus: p.bus,
+            ram: p.ram,
+            boot: p.boot,
         }
     }
 
-    /// The transition a request asks for, if any, or QEMU's error for it.
-    fn transition(&self, request: &VmmRequest) -> Result<Option<RunState>, QmpError> {
-        Ok(match (request, self.state) {
-            (VmmRequest::Stop, RunState::Running) => Some(RunState::Paused),
-            (VmmRequest::Stop, _) => None,
-            (VmmRequest::Cont, RunState::Paused | RunState::Prelaunch) => Some(RunState::Running),
-            (VmmRequest::Cont, RunState::Shutdown) => {
-                return Err(QmpError::generic(
-                    "Resetting the Virtual Machine is required",
-                ));
+    /// Starts the guest (unless `--paused`), then serves the monitor until `Shutdown` or
+    /// until its link goes away.
+    pub fn serve(mut self, start_paused: bool) -> Result<(), IpcError> {
+        if !start_paused {
+            // No RESUME event: the monitor starts out in `running`, as QEMU without -S.
+            self.resume_all();
+            self.state = RunState::Running;
+        }
+        let result = loop {
+            match self.inputs.recv() {
+                Ok(Input::Monitor(call)) => match self.request(call) {
+                    Ok(true) => continue,
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                },
+                Ok(Input::Guest(vcpu, event)) => {
+                    if let Err(e) = self.guest(vcpu, event) {
+                        break Err(e);
+                    }
+                }
+                Ok(Input::BlockIoError(e)) => {
+                    if let Err(e) = self.block_io_error(e) {
+                        break Err(e);
+                    }
+                }
+                Ok(Input::MonitorGone(IpcError::Closed)) | Err(_) => break Ok(()),
+                Ok(Input::MonitorGone(e)) => break Err(e),
             }
-            _ => None,
-        })
+        };
+        self.exit();
+        result
     }
 
-    /// Answers the monitor until `Shutdown` or until its link closes.
-    pub fn serve(&mut self, monitor: &Channel) -> Result<(), IpcError> {
-        tracing::info!(
-            memory = self.config.memory_bytes,
-            cpus = self.config.cpus,
-            drives = self.drives.len(),
-            "vm configured"
-        );
-        loop {
-            let call = match monitor.recv::<VmmCall>() {
-                Ok(r) => r.msg,
-                Err(IpcError::Closed) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let result = match &call.request {
-                VmmRequest::QueryStatus => Ok(VmmReply::Status(self.state)),
-                VmmRequest::Configure(_) => {
-                    Err(QmpError::generic("vmm-proc is already configured"))
+    fn event(&self, e: VmmEvent) -> Result<(), IpcError> {
+        self.monitor.send(&VmmMessage::Event(e), &[])
+    }
+
+    fn set_state(&mut self, s: RunState) -> Result<(), IpcError> {
+        if self.state != s {
+            self.state = s;
+            self.event(VmmEvent::RunState(s))?;
+        }
+        Ok(())
+    }
+
+    /// One monitor request; `Ok(false)` after `Shutdown`.
+    fn request(&mut self, call: VmmCall) -> Result<bool, IpcError> {
+        let result = match call.request {
+            VmmRequest::QueryStatus => Ok(VmmReply::Status(self.state)),
+            VmmRequest::Configure(_) => Err(QmpError::generic("vmm-proc is already configured")),
+            VmmRequest::Stop => {
+                if self.state == RunState::Running {
+                    self.pause_all();
+                    self.set_state(RunState::Paused)?;
                 }
-                VmmRequest::Shutdown => {
-                    self.state = RunState::Shutdown;
-                    monitor.send(
-                        &VmmMessage::Reply {
-                            id: call.id,
-                            result: Ok(VmmReply::Done),
-                        },
-                        &[],
-                    )?;
+                Ok(VmmReply::Done)
+            }
+            VmmRequest::Cont => match self.state {
+                RunState::Shutdown | RunState::GuestPanicked => Err(QmpError::generic(
+                    "Resetting the Virtual Machine is required",
+                )),
+                RunState::Running => Ok(VmmReply::Done),
+                // From io-error, resuming retries the requests that failed.
+                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
+                    self.resume_all();
+                    self.set_state(RunState::Running)?;
+                    Ok(VmmReply::Done)
+                }
+            },
+            VmmRequest::SystemReset => self.reset(false).map(|()| VmmReply::Done),
+            VmmRequest::QueryBlockStats => Ok(VmmReply::BlockStats(self.bus.disk_stats())),
+            VmmRequest::Shutdown => {
+                // Threads first: the I/O thread must be gone before block-proc is.
+                self.exit();
+                self.monitor.send(
+                    &VmmMessage::Reply {
+                        id: call.id,
+                        result: Ok(VmmReply::Done),
+                    },
+                    &[],
+                )?;
+                return Ok(false);
+            }
+        };
+        self.monitor.send(
+            &VmmMessage::Reply {
+                id: call.id,
+                result,
+            },
+            &[],
+        )?;
+        Ok(true)
+    }
+
+    /// Something the guest did. The vCPU that saw it has already stopped.
+    fn guest(&mut self, vcpu: usize, event: GuestEvent) -> Result<(), IpcError> {
+        match event {
+            GuestEvent::PowerOff(code) => {
+                if self.state == RunState::Shutdown {
                     return Ok(());
                 }
-                VmmRequest::Stop | VmmRequest::Cont => match self.transition(&call.request) {
-                    Ok(Some(next)) => {
-                        self.state = next;
-                        monitor.send(&VmmMessage::Event(VmmEvent::RunState(next)), &[])?;
-                        Ok(VmmReply::Done)
+                tracing::info!("vCPU {vcpu}: guest powered off, debug-exit value {code:#x}");
+                self.pause_all();
+                // The monitor exits on this; no STOP for the final stop, as in QEMU.
+                self.state = RunState::Shutdown;
+                self.event(VmmEvent::GuestShutdown { code })
+            }
+            GuestEvent::Reset => {
+                tracing::info!("vCPU {vcpu}: guest reset");
+                self.reset(true).or_else(|e| {
+                    tracing::error!("guest reset failed: {}", e.desc);
+                    Ok(())
+                })
+            }
+            GuestEvent::Panicked(why) => {
+                if matches!(self.state, RunState::GuestPanicked | RunState::Shutdown) {
+                    return Ok(());
+                }
+                tracing::warn!("guest crashed: {why}");
+                self.pause_all();
+                self.event(VmmEvent::GuestPanicked)?;
+                self.set_state(RunState::GuestPanicked)
+            }
+        }
+    }
+
+    /// A disk request failed: BLOCK_IO_ERROR, and with `stop` the VM stops in `io-error`
+    /// (QEMU's order: the event, then STOP).
+    fn block_io_error(&mut self, e: ipc::vmm::BlockIoError) -> Result<(), IpcError> {
+        let stop = e.action == ipc::vmm::ErrorAction::Stop;
+        self.event(VmmEvent::BlockIoError(e))?;
+        if stop && self.state == RunState::Running {
+            self.pause_all();
+            self.set_state(RunState::IoError)?;
+        }
+        Ok(())
+    }
+
+    /// Resets the machine: devices, memory image, vCPUs. A running VM keeps running;
+    /// any other state becomes prelaunch (QEMU's rule).
+    fn reset(&mut self, guest: bool) -> Result<(), QmpError> {
+        let was_running = self.state == RunState::Running;
+        self.pause_all();
+        let (tx, rx) = channel();
+        self.io_command(IoCommand::Reset(tx));
+        if rx.recv_timeout(VCPU_ACK_TIMEOUT).is_err() {
+            return Err(QmpError::generic(
+                "the I/O thread did not reset the devices",
+            ));
+        }
+        self.boot
+            .image
+            .load(&*self.ram.mem)
+            .map_err(|e| QmpError::generic(format!("reloading the guest image: {e}")))?;
+        boot::write_boot_structures(&*self.ram.mem, self.ram.size, &self.boot.cmdline)
+            .map_err(|e| QmpError::generic(format!("rewriting the boot structures: {e}")))?;
+        for v in &self.vcpus {
+            v.send(VcpuEvent::Reset);
+        }
+        for (i, ack) in self.wait_acks(|a| matches!(a, VcpuAck::Reset(_))) {
+            if let Some(VcpuAck::Reset(Err(e))) = ack {
+                return Err(QmpError::generic(e));
+            }
+            if ack.is_none() {
+                return Err(QmpError::generic(format!("vCPU {i} did not reset")));
+            }
+        }
+        self.bus.reset_boot_timer();
+        let gone = |e: IpcError| QmpError::generic(format!("monitor link: {e}"));
+        self.event(VmmEvent::Reset { guest }).map_err(gone)?;
+        if was_running {
+            self.resume_all();
+        } else {
+            self.set_state(RunState::Prelaunch).map_err(gone)?;
+        }
+        Ok(())
+    }
+
+    fn io_command(&self, c: IoCommand) {
+        if self.io.send(c).is_ok() {
+            let _ = self.io_wake.write(1);
+        }
+    }
+
+    /// Stops every vCPU, then waits until no request is in flight.
+    fn pause_all(&mut self) {
+        for v in &self.vcpus {
+            v.send(VcpuEvent::Pause);
+        }
+        for (i, ack) in self.wait_acks(|a| *a == VcpuAck::Paused) {
+            if ack.is_none() {
+                tracing::error!("vCPU {i} did not pause");
+            }
+        }
+        let (tx, rx) = channel();
+        self.io_command(IoCommand::Pause(tx));
+        if rx.recv_timeout(DRAIN_TIMEOUT).is_err() {
+            tracing::error!("guest I/O did not drain in {DRAIN_TIMEOUT:?}; pausing anyway");
+        }
+    }
+
+    fn resume_all(&mut self) {
+        self.io_command(IoCommand::Resume);
+        self.bus.start_boot_timer();
+        for v in &self.vcpus {
+            v.send(VcpuEvent::Resume);
+        }
+        for (i, ack) in self.wait_acks(|a| *a == VcpuAck::Resumed) {
+            if ack.is_none() {
+                tracing::error!("vCPU {i} did not resume");
+            }
+        }
+    }
+
+    /// Collects one ack matching `want` from every vCPU (`None` for those that timed out).
+    fn wait_acks(&self, want: impl Fn(&VcpuAck) -> bool) -> Vec<(usize, Option<VcpuAck>)> {
+        let mut got: Vec<Option<VcpuAck>> = vec![None; self.vcpus.len()];
+        let deadline = Instant::now() + VCPU_ACK_TIMEOUT;
+        while got.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.acks.recv_timeout(left) {
+                Ok((i, ack)) if want(&ack) => {
+                    if let Some(slot) = got.get_mut(i) {
+                        *slot = Some(ack);
                     }
-                    Ok(None) => Ok(VmmReply::Done),
-                    Err(e) => Err(e),
-                },
-            };
-            monitor.send(
-                &VmmMessage::Reply {
-                    id: call.id,
-                    result,
-                },
-                &[],
-            )?;
+                }
+                Ok(_) => {} // a late answer to an earlier event
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        got.into_iter().enumerate().collect()
+    }
+
+    /// Ends the vCPU and I/O threads (once).
+    fn exit(&mut self) {
+        if self.io_thread.is_none() {
+            return;
+        }
+        for v in &self.vcpus {
+            v.send(VcpuEvent::Exit);
+        }
+        let exited = self.wait_acks(|a| *a == VcpuAck::Exited);
+        for (v, (_, ack)) in self.vcpus.iter_mut().zip(exited) {
+            if ack.is_some() {
+                v.join();
+            }
+        }
+        self.io_command(IoCommand::Exit);
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
         }
     }
 }

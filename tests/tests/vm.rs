@@ -1,0 +1,781 @@
+//! Real guests on real KVM, with the sandbox on: hand-assembled CPL3 guests
+//! (`tests::guest`) drive virtio-blk, the serial port, the reset line and the debug-exit
+//! port, and the tests check the run-state machine over QMP and the images from outside
+//! with qemu-img.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::guest::{
+    self, DESC_INDIRECT, DESC_NEXT, DESC_WRITE, Disk, F_FLUSH, F_INDIRECT, F_MQ, Guest, S_IOERR,
+    S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+};
+use tests::{RawQmp, Splitvmm, TempDir, kvm_or_skip, qemu_img_create, run, wait_for_text};
+
+const BLOCK: u64 = 4096;
+const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
+
+/// Starts splitvmm paused with `guest` as its kernel, `--serial file:`, and `drives`
+/// (`(id, file, format, extra options)`); returns it and a negotiated QMP connection.
+fn boot(dir: TempDir, guest: &Guest, cpus: u8, drives: &[String]) -> (Splitvmm, RawQmp) {
+    let kernel = dir.join("guest.elf");
+    guest.write(&kernel);
+    let serial = dir.join("serial.log");
+    let cpus = cpus.to_string();
+    let kernel_arg = kernel.display().to_string();
+    let serial_arg = format!("file:{}", serial.display());
+    let mut args = vec![
+        "--kernel",
+        &kernel_arg,
+        "--memory",
+        "64M",
+        "--cpus",
+        &cpus,
+        "--serial",
+        &serial_arg,
+        "--paused",
+    ];
+    for d in drives {
+        args.extend(["--drive", d]);
+    }
+    let vm = Splitvmm::start_in(dir, &args);
+    let qmp = vm.raw_qmp();
+    (vm, qmp)
+}
+
+fn serial(vm: &Splitvmm) -> std::path::PathBuf {
+    vm.dir.join("serial.log")
+}
+
+/// Resumes a paused guest and checks QMP says so.
+fn cont(qmp: &mut RawQmp) {
+    assert_eq!(qmp.ok("cont", json!({})), json!({}));
+    qmp.event("RESUME");
+}
+
+fn status(qmp: &mut RawQmp) -> String {
+    qmp.ok("query-status", json!({}))["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits for splitvmm to exit after the guest powered off; returns its exit code and
+/// checks the SHUTDOWN event said the guest did it.
+fn guest_exit(vm: &mut Splitvmm, qmp: &mut RawQmp) -> Option<i32> {
+    let ev = qmp.event("SHUTDOWN");
+    assert_eq!(
+        ev["data"],
+        json!({ "guest": true, "reason": "guest-shutdown" }),
+        "{ev}"
+    );
+    vm.wait_exit(Duration::from_secs(20)).code()
+}
+
+/// The bytes of an image as a guest sees them (qcow2 converted by qemu-img).
+fn image_bytes(path: &Path, format: &str, dir: &TempDir) -> Vec<u8> {
+    if format == "raw" {
+        return std::fs::read(path).expect("read image");
+    }
+    let out = dir.join("converted.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", format, "-O", "raw"])
+        .arg(path)
+        .arg(&out));
+    std::fs::read(out).expect("read converted image")
+}
+
+/// Each vCPU writes 16 blocks of its own range through its own queue (4 blocks per
+/// request, one segment per block), flushes, reads them back into fresh buffers and
+/// compares; vCPU 0 also asks for the disk's id.
+fn disk_io_guest(cpus: usize) -> Guest {
+    let mut g = Guest::new(cpus);
+    g.boot_timer(0);
+    let features = F_FLUSH | F_INDIRECT | if cpus > 1 { F_MQ } else { 0 };
+    let mut disk = Disk::setup(&mut g, 0, 0, cpus, features);
+    let ready = g.zeroed(2, 2);
+    let done = g.zeroed(2 * cpus, 2);
+    g.w16(0, ready, 1);
+    for cpu in 0..cpus {
+        if cpu > 0 {
+            g.wait16(cpu, ready, 1);
+        }
+        let first = cpu as u64 * 16;
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        let mut statuses = Vec::new();
+        for req in 0..4u64 {
+            let blocks: Vec<u64> = (0..4).map(|b| first + req * 4 + b).collect();
+            let src: Vec<(u64, u32)> = blocks
+                .iter()
+                .map(|&b| (g.alloc(&guest::pattern(7, b), BLOCK), BLOCK as u32))
+                .collect();
+            let dst: Vec<(u64, u32)> = blocks
+                .iter()
+                .map(|_| (g.zeroed(BLOCK as usize, BLOCK), BLOCK as u32))
+                .collect();
+            let sector = blocks[0] * SECTORS_PER_BLOCK;
+            statuses.push(disk.request(&mut g, cpu, T_OUT, sector, &src));
+            writes.push(src);
+            reads.push((sector, dst));
+        }
+        statuses.push(disk.request(&mut g, cpu, T_FLUSH, 0, &[]));
+        disk.submit(&mut g, cpu, cpu);
+        for s in statuses.drain(..) {
+            g.expect8(cpu, s, S_OK);
+        }
+        for (sector, dst) in &reads {
+            statuses.push(disk.request(&mut g, cpu, T_IN, *sector, dst));
+        }
+        disk.submit(&mut g, cpu, cpu);
+        for s in statuses.drain(..) {
+            g.expect8(cpu, s, S_OK);
+        }
+        for (src, (_, dst)) in writes.iter().zip(&reads) {
+            for (a, b) in src.iter().zip(dst) {
+                g.expect_same(cpu, a.0, b.0, BLOCK);
+            }
+        }
+        if cpu == 0 {
+            let id = g.zeroed(20, 8);
+            let s = disk.request(&mut g, 0, T_GET_ID, 0, &[(id, 20)]);
+            disk.submit(&mut g, 0, 0);
+            g.expect8(0, s, S_OK);
+            let mut want = b"disk0".to_vec();
+            want.resize(20, 0);
+            let want = g.alloc(&want, 8);
+            g.expect_same(0, id, want, 20);
+        }
+        g.w16(cpu, done + 2 * cpu as u64, 1);
+    }
+    for cpu in 1..cpus {
+        g.wait16(0, done + 2 * cpu as u64, 1);
+        g.idle(cpu);
+    }
+    g.pass(0);
+    g
+}
+
+fn disk_io(cpus: usize, format: &str) {
+    let dir = TempDir::new("vm-disk");
+    let img = dir.join(&format!("disk0.{format}"));
+    qemu_img_create(format, &img, "16M");
+    let drive = format!("id=disk0,file={},format={format}", img.display());
+    let (mut vm, mut qmp) = boot(dir, &disk_io_guest(cpus), cpus as u8, &[drive]);
+    assert_eq!(status(&mut qmp), "prelaunch");
+    cont(&mut qmp);
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let text = std::fs::read_to_string(serial(&vm)).unwrap_or_default();
+    assert!(text.ends_with("workload: PASS\r\n"), "serial: {text:?}");
+    let bytes = image_bytes(&img, format, &vm.dir);
+    for block in 0..16 * cpus as u64 {
+        let at = (block * BLOCK) as usize;
+        assert!(
+            bytes[at..at + BLOCK as usize] == guest::pattern(7, block)[..],
+            "block {block} of the {format} image is not what the guest wrote"
+        );
+    }
+    assert!(
+        bytes[(16 * cpus as u64 * BLOCK) as usize..]
+            .iter()
+            .all(|&b| b == 0),
+        "the guest wrote past its blocks"
+    );
+    if format == "qcow2" {
+        run(Command::new("qemu-img").args(["check", "-q"]).arg(&img));
+    }
+}
+
+#[test]
+fn one_vcpu_writes_and_reads_a_raw_disk_and_qemu_img_sees_the_data() {
+    if kvm_or_skip("one_vcpu_writes_and_reads_a_raw_disk_and_qemu_img_sees_the_data") {
+        disk_io(1, "raw");
+    }
+}
+
+#[test]
+fn two_vcpus_write_a_qcow2_disk_through_their_own_queues() {
+    if kvm_or_skip("two_vcpus_write_a_qcow2_disk_through_their_own_queues") {
+        disk_io(2, "qcow2");
+    }
+}
+
+/// A guest that loops forever: one disk write, then a dot on the serial port.
+#[test]
+fn stop_freezes_a_busy_guest_and_cont_resumes_it() {
+    if !kvm_or_skip("stop_freezes_a_busy_guest_and_cont_resumes_it") {
+        return;
+    }
+    let dir = TempDir::new("vm-stop");
+    let img = dir.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, 0);
+    let buf = g.alloc(&guest::pattern(3, 0), BLOCK);
+    let status = disk.request(&mut g, 0, T_OUT, 0, &[(buf, BLOCK as u32)]);
+    disk.ring_of(&mut g, 0, 0);
+    let top = g.here(0);
+    g.fill(0, status, 0xff, 1);
+    disk.loop_once(&mut g, 0, 0);
+    g.expect8(0, status, S_OK);
+    g.print(0, ".");
+    g.jump(0, top);
+    let drive = format!("id=disk0,file={},format=raw", img.display());
+    let (vm, mut qmp) = boot(dir, &g, 1, &[drive]);
+    cont(&mut qmp);
+    let log = serial(&vm);
+    wait_for_text(&log, Duration::from_secs(20), |t| t.len() >= 20);
+    assert_eq!(qmp.ok("stop", json!({})), json!({}));
+    qmp.event("STOP");
+    assert_eq!(
+        status_of(&mut qmp),
+        json!({ "running": false, "status": "paused" })
+    );
+    let frozen = std::fs::read_to_string(&log).unwrap_or_default().len();
+    std::thread::sleep(Duration::from_millis(500));
+    let later = std::fs::read_to_string(&log).unwrap_or_default().len();
+    assert_eq!(frozen, later, "the guest ran while paused");
+    // stop again: no error, no event.
+    assert_eq!(qmp.ok("stop", json!({})), json!({}));
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), |t| t.len() >= frozen + 20);
+    assert_eq!(
+        status_of(&mut qmp),
+        json!({ "running": true, "status": "running" })
+    );
+    assert_eq!(qmp.ok("cont", json!({})), json!({}), "cont when running");
+    assert_eq!(
+        std::fs::read(&img).expect("image")[..BLOCK as usize],
+        guest::pattern(3, 0)[..]
+    );
+    assert!(vm.stderr_text().is_empty(), "{}", vm.stderr_text());
+}
+
+fn status_of(qmp: &mut RawQmp) -> Value {
+    qmp.ok("query-status", json!({}))
+}
+
+/// Broken and hostile requests: each gets IOERR or UNSUPP, or comes back unanswered when
+/// it has no usable status byte; vmm-proc survives them and the disk still works.
+#[test]
+fn hostile_descriptors_get_ioerr_and_vmm_proc_survives() {
+    if !kvm_or_skip("hostile_descriptors_get_ioerr_and_vmm_proc_survives") {
+        return;
+    }
+    let dir = TempDir::new("vm-hostile");
+    let img = dir.join("disk0.raw");
+    let ro = dir.join("ro.raw");
+    qemu_img_create("raw", &img, "1M");
+    qemu_img_create("raw", &ro, "1M");
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, F_INDIRECT);
+    let mut rodisk = Disk::setup(&mut g, 0, 1, 1, 0);
+    let buf = g.zeroed(BLOCK as usize, BLOCK);
+    let header = |g: &mut Guest, kind: u32, sector: u64| {
+        let mut h = kind.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        g.alloc(&h, 16)
+    };
+    let mut expect = vec![
+        // Data beyond guest RAM (64 MiB).
+        (
+            disk.request(&mut g, 0, T_IN, 0, &[(0x7000_0000, 4096)]),
+            S_IOERR,
+        ),
+        // Sectors past the end of the disk, and a sector number that overflows.
+        (disk.request(&mut g, 0, T_IN, 2047, &[(buf, 1024)]), S_IOERR),
+        (
+            disk.request(&mut g, 0, T_IN, u64::MAX, &[(buf, 512)]),
+            S_IOERR,
+        ),
+        // Not whole sectors.
+        (disk.request(&mut g, 0, T_IN, 0, &[(buf, 100)]), S_IOERR),
+        // Write-zeroes was not negotiated; an unknown type.
+        (disk.request(&mut g, 0, T_WRITE_ZEROES, 0, &[]), S_UNSUPP),
+        (disk.request(&mut g, 0, 0x7777, 0, &[]), S_UNSUPP),
+    ];
+    // A read whose data buffer is device-readable (wrong direction).
+    let h = header(&mut g, T_IN, 0);
+    let st = g.alloc(&[0xff], 1);
+    disk.raw_chain(
+        &mut g,
+        0,
+        &[
+            (h, 16, DESC_NEXT, 1),
+            (buf, 512, DESC_NEXT, 2),
+            (st, 1, DESC_WRITE, 0),
+        ],
+    );
+    expect.push((st, S_IOERR));
+    // Chains without a usable status byte come back untouched: a loop, a next index out
+    // of the table, an indirect table of bogus size, no writable descriptor at all.
+    let untouched = |g: &mut Guest| g.alloc(&[0xff], 1);
+    let h = header(&mut g, T_IN, 0);
+    let st = untouched(&mut g);
+    disk.raw_chain(
+        &mut g,
+        0,
+        &[(h, 16, DESC_NEXT, 1), (st, 1, DESC_WRITE | DESC_NEXT, 0)],
+    );
+    expect.push((st, 0xff));
+    let st = untouched(&mut g);
+    disk.raw_chain(
+        &mut g,
+        0,
+        &[(h, 16, DESC_NEXT, 500), (st, 1, DESC_WRITE, 0)],
+    );
+    expect.push((st, 0xff));
+    let table = g.zeroed(64, 16);
+    let st = untouched(&mut g);
+    disk.raw_chain(&mut g, 0, &[(table, 17, DESC_INDIRECT, 0)]);
+    expect.push((st, 0xff));
+    let st = untouched(&mut g);
+    disk.raw_chain(&mut g, 0, &[(h, 16, 0, 0)]);
+    expect.push((st, 0xff));
+    disk.submit(&mut g, 0, 0);
+    for (st, want) in expect {
+        g.expect8(0, st, want);
+    }
+    // A write to the read-only disk.
+    let st = rodisk.request(&mut g, 0, T_OUT, 0, &[(buf, 512)]);
+    rodisk.submit(&mut g, 0, 0);
+    g.expect8(0, st, S_IOERR);
+    // The disk still works.
+    let data = g.alloc(&guest::pattern(9, 0), BLOCK);
+    let st = disk.request(&mut g, 0, T_OUT, 8, &[(data, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.expect8(0, st, S_OK);
+    g.pass(0);
+    let drives = [
+        format!("id=disk0,file={},format=raw", img.display()),
+        format!("id=ro,file={},format=raw,readonly=on", ro.display()),
+    ];
+    let (mut vm, mut qmp) = boot(dir, &g, 1, &drives);
+    cont(&mut qmp);
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let bytes = std::fs::read(&img).expect("image");
+    assert_eq!(bytes[4096..8192], guest::pattern(9, 0)[..]);
+    assert!(bytes[..4096].iter().all(|&b| b == 0));
+    assert!(std::fs::read(&ro).expect("ro").iter().all(|&b| b == 0));
+    // The last write proved vmm-proc survived; nothing died on the way either.
+    let stderr = vm.stderr_text();
+    assert!(
+        !stderr.contains("exited with") && !stderr.contains("killed by signal"),
+        "{stderr}"
+    );
+}
+
+/// A guest that says hello and idles.
+fn hello_guest() -> Guest {
+    let mut g = Guest::new(1);
+    g.boot_timer(0);
+    g.print(0, "hello from the guest\r\n");
+    g.idle(0);
+    g
+}
+
+#[test]
+fn serial_output_goes_to_the_file_the_monitor_opened() {
+    if !kvm_or_skip("serial_output_goes_to_the_file_the_monitor_opened") {
+        return;
+    }
+    let (vm, mut qmp) = boot(TempDir::new("vm-serial"), &hello_guest(), 1, &[]);
+    assert!(
+        std::fs::read(serial(&vm)).expect("serial file").is_empty(),
+        "output before cont"
+    );
+    cont(&mut qmp);
+    wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t == "hello from the guest\r\n"
+    });
+}
+
+#[test]
+fn system_reset_reboots_the_guest_and_keeps_the_run_state() {
+    if !kvm_or_skip("system_reset_reboots_the_guest_and_keeps_the_run_state") {
+        return;
+    }
+    let (vm, mut qmp) = boot(TempDir::new("vm-reset"), &hello_guest(), 1, &[]);
+    let log = serial(&vm);
+    let times = |n: usize| move |t: &str| t.matches("hello").count() == n;
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), times(1));
+    assert_eq!(qmp.ok("system_reset", json!({})), json!({}));
+    let ev = qmp.event("RESET");
+    assert_eq!(
+        ev["data"],
+        json!({ "guest": false, "reason": "host-qmp-system-reset" })
+    );
+    wait_for_text(&log, Duration::from_secs(20), times(2));
+    assert_eq!(status(&mut qmp), "running");
+    // From paused, a reset leaves the VM in prelaunch (QEMU's rule) until cont.
+    qmp.ok("stop", json!({}));
+    qmp.event("STOP");
+    qmp.ok("system_reset", json!({}));
+    qmp.event("RESET");
+    assert_eq!(status(&mut qmp), "prelaunch");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("hello")
+            .count(),
+        2
+    );
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), times(3));
+}
+
+#[test]
+fn the_i8042_reset_line_resets_the_machine() {
+    if !kvm_or_skip("the_i8042_reset_line_resets_the_machine") {
+        return;
+    }
+    let mut g = Guest::new(1);
+    g.print(0, "boot\r\n");
+    g.out8(0, 0x64, 0xfe);
+    g.print(0, "the reset line did nothing\r\n");
+    g.idle(0);
+    let (vm, mut qmp) = boot(TempDir::new("vm-i8042"), &g, 1, &[]);
+    cont(&mut qmp);
+    for _ in 0..3 {
+        let ev = qmp.event("RESET");
+        assert_eq!(
+            ev["data"],
+            json!({ "guest": true, "reason": "guest-reset" })
+        );
+    }
+    let text = wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t.matches("boot").count() >= 3
+    });
+    assert!(!text.contains("did nothing"), "{text:?}");
+    assert_eq!(status(&mut qmp), "running");
+}
+
+#[test]
+fn a_crashing_guest_is_reported_panicked_until_reset() {
+    if !kvm_or_skip("a_crashing_guest_is_reported_panicked_until_reset") {
+        return;
+    }
+    let mut g = Guest::new(1);
+    g.print(0, "crash\r\n");
+    // A non-canonical address: #GP with no IDT, a triple fault.
+    g.w32(0, 0x8000_0000_0000_0000, 1);
+    g.idle(0);
+    let (vm, mut qmp) = boot(TempDir::new("vm-panic"), &g, 1, &[]);
+    cont(&mut qmp);
+    let ev = qmp.event("GUEST_PANICKED");
+    assert_eq!(ev["data"], json!({ "action": "pause" }));
+    qmp.event("STOP");
+    assert_eq!(
+        status_of(&mut qmp),
+        json!({ "running": false, "status": "guest-panicked" })
+    );
+    let (class, desc) = qmp.err("cont", json!({}));
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        ("GenericError", "Resetting the Virtual Machine is required")
+    );
+    qmp.ok("system_reset", json!({}));
+    qmp.event("RESET");
+    assert_eq!(status(&mut qmp), "prelaunch");
+    cont(&mut qmp);
+    qmp.event("GUEST_PANICKED");
+    wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t.matches("crash").count() == 2
+    });
+    assert!(
+        vm.stderr_text().contains("triple fault"),
+        "{}",
+        vm.stderr_text()
+    );
+}
+
+#[test]
+fn a_failing_guest_makes_splitvmm_exit_1() {
+    if !kvm_or_skip("a_failing_guest_makes_splitvmm_exit_1") {
+        return;
+    }
+    let mut g = Guest::new(2);
+    g.print(0, "workload: FAIL on purpose\r\n");
+    g.out32(0, 0xf4, 1);
+    g.idle(0);
+    g.idle(1);
+    let (mut vm, mut qmp) = boot(TempDir::new("vm-fail"), &g, 2, &[]);
+    cont(&mut qmp);
+    assert_eq!(guest_exit(&mut vm, &mut qmp), Some(1));
+    assert!(!vm.qmp.exists() && !vm.pidfile.exists());
+}
+
+#[test]
+fn a_linux_kernel_is_refused_clearly() {
+    if !kvm_or_skip("a_linux_kernel_is_refused_clearly") {
+        return;
+    }
+    let dir = TempDir::new("vm-linux");
+    let mut bz = vec![0u8; 4096];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let kernel = dir.join("bzImage");
+    std::fs::write(&kernel, bz).expect("write");
+    let out = Command::new(tests::bin_dir().join("splitvmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M"])
+        .output()
+        .expect("run splitvmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Linux kernels are not yet supported"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn query_blockstats_counts_what_the_guest_did() {
+    if !kvm_or_skip("query_blockstats_counts_what_the_guest_did") {
+        return;
+    }
+    let dir = TempDir::new("vm-stats");
+    let img = dir.join("disk0.qcow2");
+    qemu_img_create("qcow2", &img, "1M");
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, F_FLUSH);
+    let a = g.alloc(&guest::pattern(1, 0), BLOCK);
+    let b = g.alloc(&guest::pattern(1, 1), BLOCK);
+    let back = g.zeroed(2 * BLOCK as usize, BLOCK);
+    let ok = [
+        disk.request(&mut g, 0, T_OUT, 0, &[(a, BLOCK as u32)]),
+        disk.request(&mut g, 0, T_OUT, 24, &[(b, BLOCK as u32)]),
+        disk.request(&mut g, 0, T_FLUSH, 0, &[]),
+    ];
+    disk.submit(&mut g, 0, 0);
+    let read = disk.request(&mut g, 0, T_IN, 0, &[(back, 2 * BLOCK as u32)]);
+    // Past the end of the 1 MiB disk: an invalid read.
+    let invalid = disk.request(&mut g, 0, T_IN, 2048, &[(back, 512)]);
+    disk.submit(&mut g, 0, 0);
+    for s in ok.into_iter().chain([read]) {
+        g.expect8(0, s, S_OK);
+    }
+    g.expect8(0, invalid, S_IOERR);
+    g.print(0, "done\r\n");
+    g.idle(0);
+    let drive = format!("id=disk0,file={},format=qcow2", img.display());
+    let (vm, mut qmp) = boot(dir, &g, 1, &[drive]);
+    let before = qmp.ok("query-blockstats", json!({}));
+    assert_eq!(before[0]["device"], "disk0");
+    assert_eq!(before[0]["stats"]["wr_operations"], 0);
+    assert!(before[0]["stats"].get("idle_time_ns").is_none(), "{before}");
+    cont(&mut qmp);
+    wait_for_text(&serial(&vm), Duration::from_secs(20), |t| t == "done\r\n");
+    let all = qmp.ok("query-blockstats", json!({}));
+    let s = &all[0]["stats"];
+    let counts = json!({
+        "wr_operations": s["wr_operations"], "wr_bytes": s["wr_bytes"],
+        "rd_operations": s["rd_operations"], "rd_bytes": s["rd_bytes"],
+        "flush_operations": s["flush_operations"],
+        "invalid_rd_operations": s["invalid_rd_operations"],
+        "failed_rd_operations": s["failed_rd_operations"],
+        "wr_highest_offset": s["wr_highest_offset"],
+    });
+    assert_eq!(
+        counts,
+        json!({
+            "wr_operations": 2, "wr_bytes": 8192, "rd_operations": 1, "rd_bytes": 8192,
+            "flush_operations": 1, "invalid_rd_operations": 1, "failed_rd_operations": 0,
+            "wr_highest_offset": 24 * 512 + 4096,
+        }),
+        "{all}"
+    );
+    assert!(s["rd_total_time_ns"].as_u64() > Some(0), "{all}");
+    assert!(s["idle_time_ns"].as_u64().is_some(), "{all}");
+    assert!(all[0]["node-name"].as_str().is_some(), "{all}");
+    let nodes = qmp.ok("query-blockstats", json!({ "query-nodes": true }));
+    assert!(nodes[0].get("device").is_none(), "{nodes}");
+    assert_eq!(nodes[0]["node-name"], all[0]["node-name"]);
+    assert_eq!(nodes[0]["stats"]["wr_operations"], 0);
+    assert_eq!(nodes[0]["stats"]["wr_highest_offset"], 24 * 512 + 4096);
+    let (class, _) = qmp.err("query-blockstats", json!({ "query-nodes": "yes" }));
+    assert_eq!(class, "GenericError");
+}
+
+/// A guest that writes one block at 512 KiB, reads it back and compares: fails at the
+/// write while the test has shrunk the disk under it.
+fn write_past_a_shrink_guest() -> Guest {
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, 0);
+    let data = g.alloc(&guest::pattern(5, 128), BLOCK);
+    let back = g.zeroed(BLOCK as usize, BLOCK);
+    let w = disk.request(&mut g, 0, T_OUT, 1024, &[(data, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.print(0, "written\r\n");
+    let r = disk.request(&mut g, 0, T_IN, 1024, &[(back, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.expect8(0, w, S_OK);
+    g.expect8(0, r, S_OK);
+    g.expect_same(0, data, back, BLOCK);
+    g.pass(0);
+    g
+}
+
+#[test]
+fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
+    if !kvm_or_skip("werror_stop_pauses_in_io_error_and_cont_retries_the_write") {
+        return;
+    }
+    let dir = TempDir::new("vm-werror");
+    let img = dir.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let drive = format!(
+        "id=disk0,file={},format=raw,werror=stop,rerror=stop",
+        img.display()
+    );
+    let (mut vm, mut qmp) = boot(dir, &write_past_a_shrink_guest(), 1, &[drive]);
+    qmp.ok(
+        "block_resize",
+        json!({ "device": "disk0", "size": 256 << 10 }),
+    );
+    cont(&mut qmp);
+    let ev = qmp.event("BLOCK_IO_ERROR");
+    assert_eq!(
+        ev["data"],
+        json!({
+            "qom-path": "/machine/peripheral-anon/device[0]/virtio-backend",
+            "device": "disk0", "operation": "write", "action": "stop",
+            "nospace": false, "reason": "Input/output error",
+        })
+    );
+    qmp.event("STOP");
+    assert_eq!(
+        status_of(&mut qmp),
+        json!({ "running": false, "status": "io-error" })
+    );
+    assert!(
+        !std::fs::read_to_string(serial(&vm))
+            .unwrap_or_default()
+            .contains("written"),
+        "the guest saw its failed write complete"
+    );
+    qmp.ok(
+        "block_resize",
+        json!({ "device": "disk0", "size": 1 << 20 }),
+    );
+    cont(&mut qmp);
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let bytes = std::fs::read(&img).expect("image");
+    assert_eq!(
+        bytes[512 << 10..(512 << 10) + 4096],
+        guest::pattern(5, 128)[..]
+    );
+}
+
+#[test]
+fn werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error() {
+    if !kvm_or_skip("werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error") {
+        return;
+    }
+    let dir = TempDir::new("vm-report");
+    let img = dir.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let drive = format!(
+        "id=disk0,file={},format=raw,werror=report,rerror=ignore",
+        img.display()
+    );
+    let mut g = Guest::new(1);
+    let mut disk = Disk::setup(&mut g, 0, 0, 1, 0);
+    let buf = g.zeroed(BLOCK as usize, BLOCK);
+    let w = disk.request(&mut g, 0, T_OUT, 1024, &[(buf, BLOCK as u32)]);
+    let r = disk.request(&mut g, 0, T_IN, 1024, &[(buf, BLOCK as u32)]);
+    disk.submit(&mut g, 0, 0);
+    g.expect8(0, w, S_IOERR);
+    g.expect8(0, r, S_OK);
+    g.pass(0);
+    let (mut vm, mut qmp) = boot(dir, &g, 1, &[drive]);
+    qmp.ok(
+        "block_resize",
+        json!({ "device": "disk0", "size": 256 << 10 }),
+    );
+    cont(&mut qmp);
+    let mut actions = Vec::new();
+    for _ in 0..2 {
+        let ev = qmp.event("BLOCK_IO_ERROR");
+        assert!(ev["data"].get("nospace").is_none(), "{ev}");
+        actions.push((
+            ev["data"]["operation"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            ev["data"]["action"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ));
+    }
+    actions.sort();
+    assert_eq!(
+        actions,
+        [
+            ("read".into(), "ignore".into()),
+            ("write".into(), "report".into())
+        ]
+    );
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+}
+
+#[test]
+fn query_cpus_fast_names_each_vcpu_thread_by_its_host_id() {
+    if !kvm_or_skip("query_cpus_fast_names_each_vcpu_thread_by_its_host_id") {
+        return;
+    }
+    let mut g = Guest::new(2);
+    g.idle(0);
+    g.idle(1);
+    let (vm, mut qmp) = boot(TempDir::new("vm-cpus"), &g, 2, &[]);
+    let cpus = qmp.ok("query-cpus-fast", json!({}));
+    let vmm = tests::descendants(vm.pid())
+        .into_iter()
+        .find(|&p| tests::proc_name(p).as_deref() == Some("vmm-proc"))
+        .expect("vmm-proc runs");
+    assert_eq!(cpus.as_array().map(Vec::len), Some(2), "{cpus}");
+    for (i, cpu) in cpus.as_array().into_iter().flatten().enumerate() {
+        assert_eq!(cpu["cpu-index"], i);
+        assert_eq!(cpu["target"], "x86_64");
+        assert_eq!(
+            cpu["props"],
+            json!({ "socket-id": 0, "core-id": i, "thread-id": 0 })
+        );
+        let tid = cpu["thread-id"].as_i64().expect("thread-id");
+        let comm = std::fs::read_to_string(format!("/proc/{vmm}/task/{tid}/comm"))
+            .unwrap_or_else(|e| panic!("thread {tid} is not vmm-proc's: {e}"));
+        assert_eq!(comm.trim_end(), format!("vcpu{i}"));
+    }
+}
+
+#[test]
+fn query_cpus_fast_is_empty_without_a_guest() {
+    let vm = Splitvmm::start(&[]);
+    assert_eq!(vm.raw_qmp().ok("query-cpus-fast", json!({})), json!([]));
+}

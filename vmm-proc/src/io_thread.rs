@@ -1,0 +1,449 @@
+//! The I/O thread: one epoll loop serving every disk's queues and the link to block-proc.
+//!
+//! - A queue's ioeventfd fires → pop every available chain, answer the invalid ones at
+//!   once, and send the rest to block-proc as batched `Submit`s whose segments point into
+//!   guest memory.
+//! - block-proc's `Completed` → write each status byte, put the chain on the used ring,
+//!   interrupt the guest through the disk's irqfd if it asked for interrupts.
+//! - Commands from the controller: pause (stop taking requests, answer once every request
+//!   in flight has completed), resume, reset the devices, exit.
+//!
+//! Every request stays in the in-flight table until block-proc answers it, whatever the
+//! run state; a completion for a device reset since is dropped (the guest forgot it).
+//!
+//! A failed request follows its disk's `werror`/`rerror`: `report` answers IOERR, `ignore`
+//! answers OK, `stop` (and `enospc` on ENOSPC) keeps the request aside and asks the
+//! controller to stop the VM; it is sent again when the VM resumes. Each failure is
+//! reported to the controller (QMP `BLOCK_IO_ERROR`).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ipc::vmm_block::{BlockToVmm, IoCompletion, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
+use ipc::{Channel, IpcError, MAX_FRAME};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use ipc::block::OnError;
+use ipc::vmm::{BlockIoError, ErrorAction};
+
+use crate::control::Input;
+use crate::virtio::blk::{Acct, Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
+use crate::virtio::mmio::BlkDevice;
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_BLOCK: u64 = 1;
+const TOKEN_QUEUES: u64 = 2;
+/// A bound on the encoded size of one request without its segments, and per segment
+/// (bincode varints: at most 10 bytes for a u64, 5 for a u32).
+const REQUEST_OVERHEAD: usize = 128;
+const SEGMENT_SIZE: usize = 16;
+
+/// What the controller asks of the I/O thread.
+#[derive(Debug)]
+pub enum IoCommand {
+    /// Take no new requests; answer once nothing is in flight.
+    Pause(Sender<()>),
+    Resume,
+    /// Reset every device (the VM is paused and drained); answer when done.
+    Reset(Sender<()>),
+    Exit,
+}
+
+/// A disk queue's notifier.
+#[derive(Debug)]
+pub struct QueueEvent {
+    pub disk: usize,
+    pub queue: usize,
+    pub event: EventFd,
+}
+
+/// A request block-proc has not answered yet.
+#[derive(Debug)]
+struct InFlight {
+    disk: usize,
+    queue: usize,
+    generation: u64,
+    head: u16,
+    status_gpa: u64,
+    used_len: u32,
+    acct: Acct,
+    bytes: u64,
+    end: u64,
+    started: Instant,
+    /// The request as sent, to send it again after a `stop` error.
+    request: IoRequest,
+}
+
+/// The I/O thread's state.
+#[derive(Debug)]
+pub struct IoThread {
+    epoll: Epoll,
+    block: Channel,
+    block_alive: bool,
+    disks: Vec<Arc<Mutex<BlkDevice>>>,
+    queues: Vec<QueueEvent>,
+    wake: EventFd,
+    commands: Receiver<IoCommand>,
+    in_flight: HashMap<u64, InFlight>,
+    next_tag: u64,
+    paused: bool,
+    drain_waiters: Vec<Sender<()>>,
+    /// Requests that failed under a `stop` policy, sent again at resume.
+    held: Vec<(u64, InFlight)>,
+    /// The controller, told about failed requests.
+    controller: Sender<Input>,
+}
+
+fn lock(d: &Mutex<BlkDevice>) -> MutexGuard<'_, BlkDevice> {
+    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl IoThread {
+    /// Sets up the loop (paused: the VM starts paused). `wake` is written whenever a
+    /// command is sent.
+    pub fn new(
+        block: Channel,
+        disks: Vec<Arc<Mutex<BlkDevice>>>,
+        queues: Vec<QueueEvent>,
+        wake: EventFd,
+        commands: Receiver<IoCommand>,
+        controller: Sender<Input>,
+    ) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(wake.as_raw_fd(), TOKEN_WAKE)?;
+        add(block.as_fd().as_raw_fd(), TOKEN_BLOCK)?;
+        for (i, q) in queues.iter().enumerate() {
+            add(q.event.as_raw_fd(), TOKEN_QUEUES + i as u64)?;
+        }
+        Ok(Self {
+            epoll,
+            block,
+            block_alive: true,
+            disks,
+            queues,
+            wake,
+            commands,
+            in_flight: HashMap::new(),
+            next_tag: 1,
+            paused: true,
+            drain_waiters: Vec::new(),
+            held: Vec::new(),
+            controller,
+        })
+    }
+
+    /// Runs until `Exit` or until the controller goes away.
+    pub fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("I/O thread: epoll: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                        if !self.commands() {
+                            return;
+                        }
+                    }
+                    TOKEN_BLOCK => self.on_block_message(),
+                    t => {
+                        let i = (t - TOKEN_QUEUES) as usize;
+                        if let Some(q) = self.queues.get(i) {
+                            let _ = q.event.read();
+                            if !self.paused {
+                                let (disk, queue) = (q.disk, q.queue);
+                                self.process_queue(disk, queue);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles queued commands; `false` means exit.
+    fn commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(IoCommand::Pause(done)) => {
+                    self.paused = true;
+                    self.drain_waiters.push(done);
+                    self.answer_drained();
+                }
+                Ok(IoCommand::Resume) => {
+                    self.paused = false;
+                    self.retry_held();
+                    // Notifications that came while paused were swallowed: look at every
+                    // queue once.
+                    let all: Vec<(usize, usize)> =
+                        self.queues.iter().map(|q| (q.disk, q.queue)).collect();
+                    for (d, q) in all {
+                        self.process_queue(d, q);
+                    }
+                }
+                Ok(IoCommand::Reset(done)) => {
+                    // The devices forget their requests, those held back included.
+                    self.held.clear();
+                    for d in &self.disks {
+                        lock(d).reset();
+                    }
+                    let _ = done.send(());
+                }
+                Ok(IoCommand::Exit) => return false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn answer_drained(&mut self) {
+        if self.in_flight.is_empty() {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn process_queue(&mut self, disk: usize, queue: usize) {
+        let Some(dev) = self.disks.get(disk).cloned() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        {
+            let mut d = lock(&dev);
+            let generation = d.generation();
+            let parsed = d.pop_requests(queue);
+            let mut answered = false;
+            for p in parsed {
+                match p {
+                    Parsed::Submit(req) => {
+                        let tag = self.next_tag;
+                        self.next_tag += 1;
+                        batch.push(self.track(tag, disk, queue, generation, req));
+                    }
+                    Parsed::Answer {
+                        head,
+                        status_gpa,
+                        status,
+                        acct,
+                    } => {
+                        if let Some(s) = d.stats.of(acct) {
+                            s.invalid += 1;
+                        }
+                        d.complete(queue, head, Some((status_gpa, status)), 1);
+                        answered = true;
+                    }
+                    Parsed::Drop { head } => {
+                        d.complete(queue, head, None, 0);
+                        answered = true;
+                    }
+                }
+            }
+            if answered {
+                d.signal_used(queue);
+            }
+        }
+        self.submit(batch);
+    }
+
+    /// Records a request as in flight and builds its message.
+    fn track(
+        &mut self,
+        tag: u64,
+        disk: usize,
+        queue: usize,
+        generation: u64,
+        r: Request,
+    ) -> IoRequest {
+        let request = IoRequest {
+            tag,
+            device: disk as u16,
+            op: r.op,
+            sector: r.sector,
+            segments: r.segments,
+        };
+        self.in_flight.insert(
+            tag,
+            InFlight {
+                disk,
+                queue,
+                generation,
+                head: r.head,
+                status_gpa: r.status_gpa,
+                used_len: r.used_len,
+                acct: r.acct,
+                bytes: r.bytes,
+                end: r.end,
+                started: Instant::now(),
+                request: request.clone(),
+            },
+        );
+        request
+    }
+
+    /// Sends the requests held back by a `stop` error again.
+    fn retry_held(&mut self) {
+        let mut again = Vec::new();
+        for (tag, mut f) in self.held.drain(..) {
+            f.started = Instant::now();
+            again.push(f.request.clone());
+            self.in_flight.insert(tag, f);
+        }
+        self.submit(again);
+    }
+
+    /// Sends requests in batches that fit a frame. If block-proc is gone they stay in
+    /// flight (a restarted block-proc could be handed them again).
+    fn submit(&mut self, requests: Vec<IoRequest>) {
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for r in requests {
+            let cost = REQUEST_OVERHEAD + SEGMENT_SIZE * r.segments.len();
+            if !batch.is_empty() && (size + cost > MAX_FRAME - 1024 || batch.len() == MAX_BATCH) {
+                self.send(std::mem::take(&mut batch));
+                size = 0;
+            }
+            size += cost;
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            self.send(batch);
+        }
+    }
+
+    fn send(&mut self, batch: Vec<IoRequest>) {
+        if !self.block_alive {
+            tracing::warn!("block-proc is gone: {} requests wait", batch.len());
+            return;
+        }
+        if let Err(e) = self.block.send(&VmmToBlock::Submit(batch), &[]) {
+            tracing::error!("cannot send guest I/O to block-proc: {e}");
+            self.block_lost();
+        }
+    }
+
+    fn block_lost(&mut self) {
+        self.block_alive = false;
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.block.as_fd().as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+
+    fn on_block_message(&mut self) {
+        match self.block.recv::<BlockToVmm>() {
+            Ok(r) => match r.msg {
+                BlockToVmm::Completed(done) => self.complete(done),
+                BlockToVmm::Reply { id, .. } => {
+                    tracing::warn!("block-proc answered unknown call {id}");
+                }
+            },
+            Err(IpcError::Closed) if self.in_flight.is_empty() && self.held.is_empty() => {
+                tracing::debug!("block-proc closed the data path");
+                self.block_lost();
+            }
+            Err(IpcError::Closed) => {
+                tracing::error!(
+                    "block-proc closed the data path; {} guest requests in flight",
+                    self.in_flight.len() + self.held.len()
+                );
+                self.block_lost();
+            }
+            Err(e) => {
+                tracing::error!("data path from block-proc broken: {e}");
+                self.block_lost();
+            }
+        }
+    }
+
+    fn complete(&mut self, done: Vec<IoCompletion>) {
+        let mut touched: Vec<(usize, usize)> = Vec::new();
+        for c in done {
+            let Some(f) = self.in_flight.remove(&c.tag) else {
+                tracing::warn!("block-proc completed unknown request {}", c.tag);
+                continue;
+            };
+            let Some(dev) = self.disks.get(f.disk) else {
+                continue;
+            };
+            let mut d = lock(dev);
+            if d.generation() != f.generation {
+                continue; // the device was reset meanwhile
+            }
+            let failed = matches!(c.status, IoStatus::IoErr | IoStatus::NoSpace);
+            let action = failed.then(|| {
+                let write = !matches!(f.acct, Acct::Read | Acct::None);
+                let nospace = c.status == IoStatus::NoSpace;
+                let policy = if write { d.werror } else { d.rerror };
+                let action = ErrorAction::of(policy, nospace);
+                let stops = matches!(policy, OnError::Stop | OnError::Enospc);
+                let _ = self.controller.send(Input::BlockIoError(BlockIoError {
+                    device: d.drive.id.clone(),
+                    index: f.disk as u16,
+                    write,
+                    action,
+                    nospace,
+                    io_status: stops,
+                }));
+                action
+            });
+            if action == Some(ErrorAction::Stop) {
+                drop(d);
+                self.held.push((c.tag, f));
+                continue;
+            }
+            let (status, used) = match (c.status, action) {
+                (IoStatus::Ok, _) | (_, Some(ErrorAction::Ignore)) => (S_OK, f.used_len),
+                (IoStatus::Unsupported, _) => (S_UNSUPP, 1),
+                (IoStatus::IoErr | IoStatus::NoSpace, _) => (S_IOERR, 1),
+            };
+            // An ignored error counts as done, as in QEMU.
+            let succeeded = status == S_OK;
+            let ns = u64::try_from(f.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let stats = &mut d.stats;
+            stats.last_io = Some(Instant::now());
+            if let Some(s) = stats.of(f.acct) {
+                // Failed requests' latency counts too (QEMU's account_failed).
+                s.total_time_ns += ns;
+                if succeeded {
+                    s.operations += 1;
+                    s.bytes += f.bytes;
+                } else {
+                    s.failed += 1;
+                }
+            }
+            if succeeded {
+                stats.wr_highest_offset = stats.wr_highest_offset.max(f.end);
+            }
+            d.complete(f.queue, f.head, Some((f.status_gpa, status)), used);
+            if !touched.contains(&(f.disk, f.queue)) {
+                touched.push((f.disk, f.queue));
+            }
+        }
+        for (disk, queue) in touched {
+            if let Some(dev) = self.disks.get(disk) {
+                lock(dev).signal_used(queue);
+            }
+        }
+        self.answer_drained();
+    }
+}
