@@ -49,6 +49,10 @@ pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> R
             tracing::warn!("flushing {} at exit: {e}", d.config.id);
         }
     }
+    // blockdev-add's nodes, newest (the users) first.
+    for node in state.nodes().iter().rev() {
+        node.close().await;
+    }
     result
 }
 

@@ -240,3 +240,41 @@ pub struct BlockdevCacheInfo {
     #[serde(rename = "no-flush")]
     pub no_flush: bool,
 }
+
+/// The `driver=nbd` definitions in `blockdev-add` arguments, with their paths (`""` for
+/// the root, `"file"`, `"backing.file"`, ...), in the order the monitor connects them and
+/// sends their sockets along with the command: a definition before the ones nested in it,
+/// `file` before `backing`. block-proc takes each node's socket by its path.
+pub fn blockdev_nbd_nodes(
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, &serde_json::Map<String, serde_json::Value>)> {
+    fn walk<'a>(
+        def: &'a serde_json::Map<String, serde_json::Value>,
+        path: String,
+        out: &mut Vec<(String, &'a serde_json::Map<String, serde_json::Value>)>,
+    ) {
+        if def.get("driver").and_then(serde_json::Value::as_str) == Some("nbd") {
+            out.push((path.clone(), def));
+        }
+        for child in BLOCKDEV_CHILDREN {
+            if let Some(serde_json::Value::Object(nested)) = def.get(*child) {
+                walk(nested, child_path(&path, child), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(args, String::new(), &mut out);
+    out
+}
+
+/// The members of a `blockdev-add` definition that may hold nested definitions.
+pub const BLOCKDEV_CHILDREN: &[&str] = &["file", "backing"];
+
+/// The path of `child` under the definition at `parent` (see [`blockdev_nbd_nodes`]).
+pub fn child_path(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_string()
+    } else {
+        format!("{parent}.{child}")
+    }
+}
