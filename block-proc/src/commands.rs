@@ -441,11 +441,16 @@ impl State {
                 )));
             }
             // A block device uses it: a drive, or an export (until it is really gone).
-            let exported = self.nbd().exports.values().any(|e| e.node_name == name);
-            if graph.is_drive_node(&name) || exported {
+            let exported: HashSet<String> = self
+                .nbd()
+                .exports
+                .values()
+                .map(|e| e.node_name.clone())
+                .collect();
+            if graph.is_drive_node(&name) || exported.contains(&name) {
                 return Err(QmpError::generic(format!("Node {name} is in use")));
             }
-            graph.delete(&name)?
+            graph.delete(&name, &|n| exported.contains(n))?
         };
         for node in &gone {
             node.close().await;

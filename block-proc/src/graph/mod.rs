@@ -837,8 +837,13 @@ impl Graph {
 
     /// `blockdev-del`'s checks after the caller's ("not found", "in use" by a device), in
     /// QEMU's order; then takes the node out of the graph, with the children nothing else
-    /// holds (newest first), and returns them all for closing.
-    pub fn delete(&mut self, name: &str) -> Result<Vec<Arc<BlockNode>>, QmpError> {
+    /// holds (no other node, no device: `used_by_device` says which nodes an export or
+    /// such uses), and returns them all for closing.
+    pub fn delete(
+        &mut self,
+        name: &str,
+        used_by_device: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Arc<BlockNode>>, QmpError> {
         let (entry, node) = self
             .open_entries()
             .find(|(e, _)| e.name == name)
@@ -863,24 +868,30 @@ impl Graph {
             return Err(QmpError::generic(format!("Block device {name} is in use")));
         }
         let mut gone = Vec::new();
-        self.drop_subtree(node, &mut gone);
+        self.drop_subtree(node, used_by_device, &mut gone);
         Ok(gone)
     }
 
-    /// Takes `node` out, then each child that no other node uses and the monitor does not
-    /// own.
-    fn drop_subtree(&mut self, node: Arc<BlockNode>, gone: &mut Vec<Arc<BlockNode>>) {
+    /// Takes `node` out, then each child that nothing else holds: no other node, not the
+    /// monitor, no drive, no export.
+    fn drop_subtree(
+        &mut self,
+        node: Arc<BlockNode>,
+        used_by_device: &dyn Fn(&str) -> bool,
+        gone: &mut Vec<Arc<BlockNode>>,
+    ) {
         let Some(node) = self.take(node.name()) else {
             return;
         };
         let children = node.children();
         gone.push(node);
         for (_, child) in children {
-            let owned = self
+            let held = self
                 .open_entries()
-                .any(|(e, n)| e.owned && Arc::ptr_eq(n, &child));
-            if !owned && self.parents(&child).is_empty() {
-                self.drop_subtree(child, gone);
+                .any(|(e, n)| Arc::ptr_eq(n, &child) && (e.owned || e.device.is_some()))
+                || used_by_device(child.name());
+            if !held && self.parents(&child).is_empty() {
+                self.drop_subtree(child, used_by_device, gone);
             }
         }
     }
