@@ -104,6 +104,11 @@ struct BlockResize {
 }
 
 #[derive(Deserialize)]
+struct QueryNamedBlockNodes {
+    flat: Option<bool>,
+}
+
+#[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct BlockdevDel {
     node_name: String,
@@ -174,7 +179,10 @@ impl State {
                 self.export_remove(args(command, arguments)?)?
             }
             "query-block-exports" => self.query_block_exports(),
-            "query-named-block-nodes" => self.graph().query(),
+            "query-named-block-nodes" => {
+                let a: QueryNamedBlockNodes = args(command, arguments)?;
+                self.graph().query(a.flat.unwrap_or(false))
+            }
             "block_resize" => self.block_resize(args(command, arguments)?).await?,
             "blockdev-add" => self.blockdev_add(arguments, fds).await?,
             "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,

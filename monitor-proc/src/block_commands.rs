@@ -474,6 +474,19 @@ fn resolve(host: &str, port: &str, opts: &Map<String, Value>) -> Result<Vec<Sock
     Ok(addrs)
 }
 
+/// Refuses `blockdev-add` definitions nested deeper than
+/// [`ipc::block::MAX_BLOCKDEV_NESTING`], before the (recursive) schema check sees them.
+pub fn check_nesting(args: &Map<String, Value>) -> Result<(), QmpError> {
+    let depth = ipc::block::blockdev_nesting(args);
+    if depth > ipc::block::MAX_BLOCKDEV_NESTING {
+        return Err(QmpError::generic(format!(
+            "Block node definitions are nested {depth} levels deep; splitvmm accepts at most {}",
+            ipc::block::MAX_BLOCKDEV_NESTING
+        )));
+    }
+    Ok(())
+}
+
 /// `blockdev-add`'s monitor half: checks what QEMU checks before opening anything, then
 /// connects the server of every `driver=nbd` definition (in the order of
 /// [`ipc::block::blockdev_nbd_nodes`]) and returns the connected sockets for block-proc,
@@ -804,6 +817,34 @@ mod tests {
         ] {
             assert_eq!(check(args.clone()), Ok(()), "{args}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_the_recursive_check() {
+        let mut def = json!({"driver": "file", "filename": "/a"});
+        for _ in 0..ipc::block::MAX_BLOCKDEV_NESTING - 1 {
+            def = json!({"driver": "raw", "file": def});
+        }
+        let Value::Object(ok) = def.clone() else {
+            panic!()
+        };
+        assert_eq!(check_nesting(&ok), Ok(()));
+        let Value::Object(deep) = json!({"driver": "qcow2", "file": "f", "backing": def}) else {
+            panic!()
+        };
+        assert!(check_nesting(&deep).is_err());
+        // Far deeper than the stack would take recursively (built by moving, not by
+        // json!, which serializes what it embeds).
+        let mut huge = Map::new();
+        for _ in 0..100_000 {
+            let mut outer = Map::new();
+            outer.insert("driver".into(), json!("raw"));
+            outer.insert("file".into(), Value::Object(huge));
+            huge = outer;
+        }
+        assert!(check_nesting(&huge).is_err());
+        // Dropping it recursively would overflow the test's stack too.
+        std::mem::forget(huge);
     }
 
     #[test]

@@ -128,6 +128,9 @@ async fn run(monitor: &Monitor, session: &SessionState, req: &Request) -> Result
             )));
         }
     };
+    if def.name == "blockdev-add" {
+        bc::check_nesting(&req.arguments)?;
+    }
     validate_args(&req.arguments, &def.args)?;
     match def.route {
         Route::Monitor => execute(monitor, session, def.name, &req.arguments).await,

@@ -680,3 +680,110 @@ fn images_outside_the_allowed_directories_are_refused() {
         json!({"driver": "qcow2", "node-name": "t", "file": file(&top), "backing": null}),
     );
 }
+
+#[test]
+fn deep_definitions_chains_and_stacks_are_bounded_and_long_answers_arrive_whole() {
+    let dir = TempDir::new("bd-deep");
+    // A chain of 101 qcow2 images: c0 ← c1 ← ... ← c100.
+    qemu_img_create("qcow2", &dir.join("c0.qcow2"), "1M");
+    for i in 1..=100 {
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(format!("c{}.qcow2", i - 1))
+            .arg(dir.join(&format!("c{i}.qcow2"))));
+    }
+    qemu_io(
+        "qcow2",
+        &dir.join("c0.qcow2").display().to_string(),
+        &["write -P 0x21 0 64k"],
+    );
+    let raw = dir.join("r.raw");
+    qemu_img_create("raw", &raw, "1M");
+    let (c99, c100) = (dir.join("c99.qcow2"), dir.join("c100.qcow2"));
+    let (_vm, mut qmp, sock) = start(dir, &[]);
+
+    // 101 images are one too many; 100 open, and the whole chain reads.
+    let (_, desc) = qmp.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "read-only": true, "file": file(&c100)}),
+    );
+    assert!(
+        desc.ends_with("is longer than 100 images, the most splitvmm opens"),
+        "{desc}"
+    );
+    assert_eq!(qmp.ok("query-named-block-nodes", json!({})), json!([]));
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "top", "read-only": true, "file": file(&c99)}),
+    );
+    qmp.ok("nbd-server-add", json!({"device": "top"}));
+    read_io(
+        &uri(&sock, "top"),
+        &["read -P 0x21 0 64k", "read -P 0 64k 64k"],
+    );
+    // 200 nodes: an answer larger than one IPC frame (64 KiB), in one piece.
+    let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+    let nodes = nodes.as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 200);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["image"].get("backing-image").is_none())
+    );
+    assert!(serde_json::to_string(&nodes).map_or(0, |s| s.len()) > 64 * 1024);
+    let top = nodes
+        .iter()
+        .find(|n| n["node-name"] == "top")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(top["backing_file_depth"], 99);
+
+    // Definitions nested 65 deep are refused before anything recursive looks at them.
+    let mut def = file(&raw);
+    for _ in 0..64 {
+        def = json!({"driver": "raw", "file": def});
+    }
+    def["node-name"] = json!("deep");
+    assert_eq!(
+        qmp.err("blockdev-add", def.clone()).1,
+        "Block node definitions are nested 65 levels deep; splitvmm accepts at most 64"
+    );
+    // 64 are fine.
+    def["file"]["node-name"] = json!("deep-1");
+    let inner = def["file"].clone();
+    qmp.ok("blockdev-add", inner);
+    // Stacked by name, nodes go up to 128 above the image, and I/O goes through them all.
+    let mut below = "deep-1".to_string();
+    let mut depth = 64;
+    loop {
+        let name = format!("s{depth}");
+        let r = qmp.exec(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": name, "file": below}),
+        );
+        if let Some(e) = r.get("error") {
+            assert_eq!(depth, 128, "refused too early: {e}");
+            assert_eq!(
+                e["desc"],
+                format!(
+                    "Node '{name}' would stack 129 nodes above an image; splitvmm allows at most 128"
+                )
+            );
+            break;
+        }
+        below = name;
+        depth += 1;
+    }
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "stack", "node-name": below, "writable": true}),
+    );
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x77 4k 4k",
+        &uri(&sock, &below),
+    ]));
+    read_io(&uri(&sock, &below), &["read -P 0x77 4k 4k"]);
+}

@@ -37,6 +37,15 @@ pub use perm::{Claim, Role, User};
 /// Longest node name QEMU accepts (its `node_name` buffer holds 32 bytes).
 pub const MAX_NODE_NAME: usize = 31;
 
+/// Most images in a backing chain splitvmm opens (QEMU has no limit). Each level nests
+/// the node's `query-named-block-nodes` answer one level deeper, and the monitor reads at
+/// most 128 levels of JSON from block-proc.
+pub const MAX_BACKING_CHAIN: u32 = 100;
+
+/// Most nodes on a path from a node down to an image (a leaf) in the graph: requests and
+/// opens recurse along it.
+pub const MAX_GRAPH_DEPTH: usize = 128;
+
 /// A node's driver, as QMP names it (`drv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
@@ -145,6 +154,8 @@ pub struct BlockNode {
     /// QEMU's `full_open_options` of the node (without node names), for the `json:`
     /// filenames of its parents.
     desc: Value,
+    /// Nodes on the longest path from this one down to a leaf, itself included.
+    depth: usize,
     claims: perm::Claims,
 }
 
@@ -164,6 +175,14 @@ impl BlockNode {
         filename: String,
         desc: Value,
     ) -> Arc<Self> {
+        let below = match &kind {
+            Kind::Raw { file, .. } => file.node().depth,
+            Kind::Qcow2 { file, backing, .. } => file
+                .node()
+                .depth
+                .max(backing.as_ref().map_or(0, |b| b.node().depth)),
+            _ => 0,
+        };
         Arc::new(Self {
             name,
             driver,
@@ -172,8 +191,14 @@ impl BlockNode {
             options,
             filename,
             desc,
+            depth: below + 1,
             claims: perm::Claims::default(),
         })
+    }
+
+    /// Nodes on the longest path from this one down to an image, itself included.
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// A node for a `--drive`'s image.
@@ -291,8 +316,9 @@ impl BlockNode {
         }
     }
 
-    /// QAPI `ImageInfo` of the node, as `query-named-block-nodes` shows it.
-    pub fn image_info(&self) -> Value {
+    /// QAPI `ImageInfo` of the node, as `query-named-block-nodes` shows it; `flat` leaves
+    /// out the backing chain (`backing-image`).
+    pub fn image_info(&self, flat: bool) -> Value {
         let size = self.size();
         match &self.kind {
             Kind::File { image, .. } => json!({
@@ -320,8 +346,8 @@ impl BlockNode {
                 if let Value::Object(m) = &mut v {
                     m.insert("filename".into(), json!(self.filename));
                     m.remove("backing-image");
-                    if let Some(b) = self.backing() {
-                        m.insert("backing-image".into(), b.image_info());
+                    if let Some(b) = self.backing().filter(|_| !flat) {
+                        m.insert("backing-image".into(), b.image_info(false));
                     }
                 }
                 v
@@ -331,12 +357,18 @@ impl BlockNode {
                 "filename": self.filename,
                 "format": "nbd",
             }),
-            Kind::Drive { image } => ipc::common::qapi_json(&image.info()),
+            Kind::Drive { image } => {
+                let mut v = ipc::common::qapi_json(&image.info());
+                if let (true, Value::Object(m)) = (flat, &mut v) {
+                    m.remove("backing-image");
+                }
+                v
+            }
         }
     }
 
-    /// QAPI `BlockDeviceInfo` of the node (`query-named-block-nodes`).
-    pub fn device_info(&self) -> Value {
+    /// QAPI `BlockDeviceInfo` of the node (`query-named-block-nodes`, `flat` as there).
+    pub fn device_info(&self, flat: bool) -> Value {
         let mut m = Map::new();
         m.insert("file".into(), json!(self.filename));
         m.insert("node-name".into(), json!(self.name));
@@ -358,7 +390,7 @@ impl BlockNode {
         for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
             m.insert(k.into(), json!(0));
         }
-        m.insert("image".into(), self.image_info());
+        m.insert("image".into(), self.image_info(flat));
         m.insert(
             "cache".into(),
             json!({"writeback": true, "direct": false, "no-flush": self.options.no_flush}),
@@ -897,10 +929,10 @@ impl Graph {
     }
 
     /// `query-named-block-nodes`: newest first, as QEMU lists them.
-    pub fn query(&self) -> Value {
+    pub fn query(&self, flat: bool) -> Value {
         self.open_entries()
             .rev()
-            .map(|(_, n)| n.device_info())
+            .map(|(_, n)| n.device_info(flat))
             .collect()
     }
 

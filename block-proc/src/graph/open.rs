@@ -37,7 +37,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::perm::Claim;
-use super::{BlockNode, DetectZeroes, Driver, Graph, Kind, MAX_NODE_NAME, NodeOptions, Role, User};
+use super::{
+    BlockNode, DetectZeroes, Driver, Graph, Kind, MAX_BACKING_CHAIN, MAX_GRAPH_DEPTH,
+    MAX_NODE_NAME, NodeOptions, Role, User,
+};
 use crate::block::header::Header;
 use crate::block::lock::{LockMode, Perms};
 use crate::block::node::OpenedFile;
@@ -344,6 +347,14 @@ impl<'a> Adder<'a> {
             }
             Driver::Nbd => self.open_nbd(def, name, &place, &eff, options).await?,
         };
+        if node.depth() > MAX_GRAPH_DEPTH {
+            return Err(err(format!(
+                "Node '{}' would stack {} nodes above an image; splitvmm allows at most \
+                 {MAX_GRAPH_DEPTH}",
+                node.name(),
+                node.depth()
+            )));
+        }
         lock(self.graph).insert(node.clone(), place.root);
         Ok(node)
     }
@@ -580,6 +591,14 @@ impl<'a> Adder<'a> {
                 Some(b)
             }
         };
+        if let Some(b) = &backing
+            && b.backing_depth() + 1 > MAX_BACKING_CHAIN - 1
+        {
+            return Err(err(format!(
+                "The backing chain of '{filename}' would be longer than {MAX_BACKING_CHAIN} \
+                 images, the most splitvmm opens"
+            )));
+        }
         let backing_image = match &backing {
             None => None,
             Some(b) => Some(b.image().ok_or_else(|| {
@@ -678,6 +697,12 @@ impl<'a> Adder<'a> {
             return Err(backing_err(BlockError::UnknownFormat(format)));
         }
         let full = path_combine(filename, name);
+        if place.chain.len() + 1 >= MAX_BACKING_CHAIN as usize {
+            return Err(err(format!(
+                "Could not open backing file: the backing chain of '{filename}' is longer \
+                 than {MAX_BACKING_CHAIN} images, the most splitvmm opens"
+            )));
+        }
         let mut chain = place.chain.clone();
         chain.push(resolved.to_path_buf());
         if let Ok(r) = std::fs::canonicalize(&full)
