@@ -30,12 +30,16 @@ struct ExportEntry {
     /// The NBD export name.
     name: String,
     node_name: String,
+    /// When it was added (QEMU lists exports newest first).
+    seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct Nbd {
     server: Option<Arc<NbdServer<Attached>>>,
     exports: BTreeMap<String, ExportEntry>,
+    /// The `seq` of the next export.
+    next_seq: u64,
     /// Export names whose BLOCK_EXPORT_DELETED was already sent by the command that
     /// deleted them (so the server's later notice is not sent twice).
     reported: HashSet<String>,
@@ -311,7 +315,16 @@ impl State {
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
         nbd.reported.remove(&name);
-        nbd.exports.insert(id, ExportEntry { name, node_name });
+        let seq = nbd.next_seq;
+        nbd.next_seq += 1;
+        nbd.exports.insert(
+            id,
+            ExportEntry {
+                name,
+                node_name,
+                seq,
+            },
+        );
         Ok(json!({}))
     }
 
@@ -394,8 +407,10 @@ impl State {
     fn query_block_exports(&self) -> Value {
         let nbd = self.nbd();
         let live = nbd.server.as_ref().map(|s| s.exports()).unwrap_or_default();
-        nbd.exports
-            .iter()
+        let mut exports: Vec<(&String, &ExportEntry)> = nbd.exports.iter().collect();
+        exports.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
+        exports
+            .into_iter()
             .map(|(id, e)| {
                 let shutting_down = live.iter().find(|x| x.name == e.name).is_some_and(|x| x.shutting_down);
                 json!({ "id": id, "type": "nbd", "node-name": e.node_name, "shutting-down": shutting_down })

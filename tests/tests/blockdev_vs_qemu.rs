@@ -441,6 +441,12 @@ fn exports_options_permissions_and_windows_match_qemu() {
         export("c5", "cr", false),
         export("c6", "cq", true),
         (DEL, json!({"node-name": "cf"})),
+        // block_resize takes the resize permission for a moment.
+        ("block_resize", json!({"node-name": "cf", "size": 4194304})),
+        ("block_resize", json!({"node-name": "cq", "size": 2097152})),
+        ("block_resize", json!({"node-name": "cq", "size": -1})),
+        ("block_resize", json!({"node-name": "nosuch", "size": 512})),
+        ("query-named-block-nodes", json!({"flat": true})),
         (DEL, json!({"node-name": "cq"})),
         ("query-block-exports", json!({})),
     ];
@@ -526,13 +532,36 @@ fn nbd_nodes_and_locks_held_by_another_process_match_qemu() {
     {
         let _holder = qemu_nbd(&l_raw, "raw", "h", &dir.join("h.sock"), false);
         let raw_node = json!({"driver": "raw", "node-name": "q", "file": file(&l_raw)});
+        let sock = dir.join("nbd.sock");
         compare(
             &dir,
             &[
                 (ADD, raw_node.clone()),
                 del.clone(),
-                (ADD, with(raw_node, json!({"read-only": true}))),
+                (ADD, with(raw_node.clone(), json!({"read-only": true}))),
                 del,
+                (
+                    "nbd-server-start",
+                    json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+                ),
+                // Exported writable while qemu-nbd has it open: the lock bytes decide.
+                (ADD, raw_node),
+                (
+                    "block-export-add",
+                    json!({"type": "nbd", "id": "q", "node-name": "q", "writable": true}),
+                ),
+                // ...unless the file node takes no locks.
+                (
+                    ADD,
+                    json!({"driver": "raw", "node-name": "unlocked",
+                             "file": with(file(&l_raw), json!({"locking": "off"}))}),
+                ),
+                (
+                    "block-export-add",
+                    json!({"type": "nbd", "id": "u", "node-name": "unlocked",
+                                            "writable": true}),
+                ),
+                ("query-block-exports", json!({})),
             ],
         );
     }
