@@ -787,3 +787,52 @@ fn deep_definitions_chains_and_stacks_are_bounded_and_long_answers_arrive_whole(
     ]));
     read_io(&uri(&sock, &below), &["read -P 0x77 4k 4k"]);
 }
+
+#[test]
+fn a_file_node_follows_its_file_when_a_qcow2_node_on_it_grows_it() {
+    let dir = TempDir::new("bd-grow");
+    let image = dir.join("g.qcow2");
+    qemu_img_create("qcow2", &image, "8M");
+    let (_vm, mut qmp, sock) = start(dir, &[]);
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "gf", "filename": image}),
+    );
+    let before = qmp.ok("query-named-block-nodes", json!({}))[0]["image"]["virtual-size"].clone();
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "g", "file": "gf"}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "g", "node-name": "g", "writable": true}),
+    );
+    // Allocating clusters makes the file longer.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x58 1M 2M", &uri(&sock, "g")]));
+    qmp.ok("block-export-del", json!({"id": "g"}));
+    qmp.event("BLOCK_EXPORT_DELETED");
+    qmp.ok("blockdev-del", json!({"node-name": "g"}));
+    // The file node now shows (and reads) the file as it is.
+    let len = std::fs::metadata(&image).expect("stat").len();
+    let nodes = qmp.ok("query-named-block-nodes", json!({}));
+    assert_eq!(nodes[0]["node-name"], "gf");
+    assert_eq!(
+        nodes[0]["image"]["virtual-size"],
+        json!(len.div_ceil(512) * 512)
+    );
+    assert!(
+        len > before.as_u64().unwrap_or(u64::MAX),
+        "the file did not grow: {len}"
+    );
+    qmp.ok("nbd-server-add", json!({"device": "gf"}));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-U",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &image.display().to_string(),
+        &uri(&sock, "gf"),
+    ]));
+}

@@ -505,6 +505,29 @@ impl Node {
         Ok(())
     }
 
+    /// Takes in a change of a raw image's length made through another descriptor (a qcow2
+    /// node on the same file grew it): a fresh imago instance of the file's current length
+    /// replaces the old one. Returns the length. qcow2 images keep theirs.
+    pub async fn refresh_size(&self) -> io::Result<u64> {
+        let len = self.file.metadata()?.len();
+        if self.is_qcow2() || len == self.size() {
+            return Ok(self.size());
+        }
+        let mut guard = self.fa.write().await;
+        if guard.size() != len {
+            let file = self.file.try_clone()?;
+            let storage = ImageFile::new(file, &self.filename, !self.read_only)?;
+            let raw = blocking(|| {
+                Raw::builder(storage)
+                    .write(!self.read_only)
+                    .open(self.gate.for_image(!self.read_only))
+            })?;
+            *guard = Arc::new(FormatAccess::new(raw));
+        }
+        self.size.store(guard.size(), Ordering::Release);
+        Ok(guard.size())
+    }
+
     /// Rewrites the backing file name and format in the image header (QEMU's
     /// `change-backing-file`, `qemu-img rebase -u`). The image keeps reading through the
     /// backing node it has; see [`Node::set_backing`] to change that.

@@ -481,8 +481,26 @@ fn sectors(bytes: u64) -> u64 {
 }
 
 impl BlockNode {
+    /// The current length of a `file` node's file, as QEMU's file driver reads it (another
+    /// node on the same file may have grown it).
+    fn file_len(image: &Node) -> u64 {
+        image
+            .os_file()
+            .metadata()
+            .map_or_else(|_| image.size(), |m| m.len())
+    }
+
+    /// Brings the image's idea of the file's length up to date before a request.
+    async fn file_current(image: &Node) -> io::Result<()> {
+        if Self::file_len(image) != image.size() {
+            image.refresh_size().await?;
+        }
+        Ok(())
+    }
+
     /// A `file` node's read: the file, then zeroes up to the end of its last sector.
     async fn file_read(image: &Node, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        Self::file_current(image).await?;
         let real = image.size();
         let inside = usize::try_from(real.saturating_sub(offset))
             .unwrap_or(usize::MAX)
@@ -504,7 +522,7 @@ impl BlockNode {
 impl BlockDevice for BlockNode {
     fn size(&self) -> u64 {
         match &self.kind {
-            Kind::File { image, .. } => sectors(image.size()),
+            Kind::File { image, .. } => sectors(Self::file_len(image)),
             Kind::Qcow2 { image, .. } | Kind::Drive { image } => image.size(),
             Kind::Raw { file, offset, size } => {
                 size.unwrap_or_else(|| file.node().size().saturating_sub(*offset))
@@ -539,7 +557,11 @@ impl BlockDevice for BlockNode {
             return if fua { self.flush().await } else { Ok(()) };
         }
         match &self.kind {
-            Kind::File { image, .. } | Kind::Qcow2 { image, .. } | Kind::Drive { image } => {
+            Kind::File { image, .. } => {
+                Self::file_current(image).await?;
+                image.write(buf, offset, fua).await
+            }
+            Kind::Qcow2 { image, .. } | Kind::Drive { image } => {
                 image.write(buf, offset, fua).await
             }
             Kind::Raw { file, .. } => {
@@ -558,6 +580,7 @@ impl BlockDevice for BlockNode {
         match &self.kind {
             // Past the end of the file already reads as zeroes.
             Kind::File { image, .. } => {
+                Self::file_current(image).await?;
                 let inside = Self::file_part(image, offset, length);
                 image.write_zeroes(offset, inside, unmap).await
             }
@@ -581,6 +604,7 @@ impl BlockDevice for BlockNode {
         }
         match &self.kind {
             Kind::File { image, .. } => {
+                Self::file_current(image).await?;
                 let inside = Self::file_part(image, offset, length);
                 image.discard(offset, inside).await
             }
@@ -609,6 +633,9 @@ impl BlockDevice for BlockNode {
     }
 
     async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        if let Kind::File { image, .. } = &self.kind {
+            Self::file_current(image).await?;
+        }
         match &self.kind {
             Kind::File { image, .. } if offset >= image.size() => {
                 let size = self.size();
