@@ -401,6 +401,36 @@ fn nbd_driver_uses_a_qemu_nbd_export_and_splitvmm_exports_it_again() {
     );
     drop(server);
 
+    // open-timeout: the monitor keeps trying until the server is there.
+    let late = remote.with_file_name("late.sock");
+    let server = json!({"type": "unix", "path": late});
+    assert_eq!(
+        qmp.err(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "late", "read-only": true, "export": "src",
+                   "server": server})
+        )
+        .1,
+        format!(
+            "Failed to connect to '{}': No such file or directory",
+            late.display()
+        )
+    );
+    let starter = {
+        let (src, late) = (src.clone(), late.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            qemu_nbd(&src, "qcow2", "src", &late, true)
+        })
+    };
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "late", "read-only": true, "export": "src",
+               "server": server, "open-timeout": 30}),
+    );
+    let _late_server = starter.join().expect("qemu-nbd starter");
+    qmp.ok("blockdev-del", json!({"node-name": "late"}));
+
     // TCP: qemu-nbd on a free port, read-only, so the node must be read-only too.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
