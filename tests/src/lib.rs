@@ -446,7 +446,9 @@ impl Drop for Reaped {
 }
 
 /// Starts `qemu-nbd` serving `image` (format `fmt`) as export `name` on the unix socket
-/// `sock`, for up to 8 clients at once, read-only if `read_only`; waits for the socket.
+/// `sock`, for up to 8 clients at once, read-only if `read_only`; waits until the export
+/// answers (qemu-nbd listens before it opens and locks the image, so a socket that accepts
+/// says nothing about the locks).
 pub fn qemu_nbd(image: &Path, fmt: &str, name: &str, sock: &Path, read_only: bool) -> Reaped {
     let _ = std::fs::remove_file(sock);
     let mut cmd = Command::new("qemu-nbd");
@@ -464,12 +466,25 @@ pub fn qemu_nbd(image: &Path, fmt: &str, name: &str, sock: &Path, read_only: boo
         .expect("start qemu-nbd");
     let mut r = Reaped(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(sock).is_err() {
+    let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
+    loop {
         if let Ok(Some(st)) = r.0.try_wait() {
             panic!("qemu-nbd exited during start-up ({st})");
         }
-        assert!(Instant::now() < deadline, "no qemu-nbd socket");
+        let ready = UnixStream::connect(sock).is_ok()
+            && Command::new("qemu-img")
+                .args(["info", "-f", "raw", &uri])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|st| st.success());
+        if ready {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-nbd export {uri} never answered"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    r
 }
