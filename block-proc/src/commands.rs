@@ -1,9 +1,11 @@
-//! The QMP commands block-proc executes, and the state they act on. The monitor has checked
-//! each command's arguments against its schema; here they are decoded into typed
-//! structures and run. Results, errors and events are QEMU's.
+//! The QMP commands block-proc executes, and the state they act on: the drives, the block
+//! graph and the NBD server. The monitor has checked each command's arguments against its
+//! schema; here they are decoded into typed structures and run. Results, errors and events
+//! are QEMU's.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ipc::QmpError;
@@ -12,9 +14,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::block::Node;
+use crate::block::lock::{LockMode, Perms};
 use crate::device::BlockDevice;
 use crate::drives::Drives;
+use crate::graph::open::Adder;
+use crate::graph::{Attached, BlockNode, Claim, Graph, Role, User};
 use crate::nbd::{Export, NbdListener, NbdServer, NbdServerConfig, RemoveMode};
 
 /// NBD's limit on names and descriptions (`NBD_MAX_STRING_SIZE`).
@@ -26,12 +30,16 @@ struct ExportEntry {
     /// The NBD export name.
     name: String,
     node_name: String,
+    /// When it was added (QEMU lists exports newest first).
+    seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct Nbd {
-    server: Option<Arc<NbdServer<Node>>>,
+    server: Option<Arc<NbdServer<Attached>>>,
     exports: BTreeMap<String, ExportEntry>,
+    /// The `seq` of the next export.
+    next_seq: u64,
     /// Export names whose BLOCK_EXPORT_DELETED was already sent by the command that
     /// deleted them (so the server's later notice is not sent twice).
     reported: HashSet<String>,
@@ -41,6 +49,9 @@ struct Nbd {
 #[derive(Debug)]
 pub struct State {
     pub drives: Drives,
+    /// Every block node: the drives' and `blockdev-add`'s.
+    graph: Mutex<Graph>,
+    image_dirs: Vec<PathBuf>,
     nbd: Mutex<Nbd>,
     events: mpsc::UnboundedSender<(String, Option<String>)>,
 }
@@ -96,13 +107,43 @@ struct BlockResize {
     size: i64,
 }
 
+#[derive(Deserialize)]
+struct QueryNamedBlockNodes {
+    flat: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct BlockdevDel {
+    node_name: String,
+}
+
 impl State {
     pub fn new(drives: Drives, events: mpsc::UnboundedSender<(String, Option<String>)>) -> Self {
+        let graph = Graph::new(drives.drives.iter().map(|d| {
+            (
+                d.config.id.clone(),
+                BlockNode::drive(d.node_name.clone(), d.node.clone(), d.node.read_only()),
+            )
+        }));
         Self {
+            image_dirs: drives.image_dirs.clone(),
             drives,
+            graph: Mutex::new(graph),
             nbd: Mutex::default(),
             events,
         }
+    }
+
+    fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
+        self.graph
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every node, for closing at exit.
+    pub fn nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.graph().nodes()
     }
 
     fn nbd(&self) -> std::sync::MutexGuard<'_, Nbd> {
@@ -120,17 +161,9 @@ impl State {
         &self,
         device: Option<&str>,
         node_name: Option<&str>,
-    ) -> Result<(String, Arc<Node>), QmpError> {
-        for d in &self.drives.drives {
-            if device == Some(d.config.id.as_str()) || node_name == Some(d.node_name.as_str()) {
-                return Ok((d.node_name.clone(), d.node.clone()));
-            }
-        }
-        Err(QmpError::generic(format!(
-            "Cannot find device='{}' nor node-name='{}'",
-            device.unwrap_or_default(),
-            node_name.unwrap_or_default()
-        )))
+    ) -> Result<(String, Arc<BlockNode>), QmpError> {
+        let node = self.graph().lookup(device, node_name)?;
+        Ok((node.name().to_string(), node))
     }
 
     /// Runs `command` with its JSON `arguments` and the descriptors that came with it;
@@ -150,8 +183,13 @@ impl State {
                 self.export_remove(args(command, arguments)?)?
             }
             "query-block-exports" => self.query_block_exports(),
-            "query-named-block-nodes" => self.query_named_block_nodes(),
+            "query-named-block-nodes" => {
+                let a: QueryNamedBlockNodes = args(command, arguments)?;
+                self.graph().query(a.flat.unwrap_or(false))
+            }
             "block_resize" => self.block_resize(args(command, arguments)?).await?,
+            "blockdev-add" => self.blockdev_add(arguments, fds).await?,
+            "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,
             _ => {
                 return Err(QmpError::command_not_found(format!(
                     "The command {command} has not been found"
@@ -240,7 +278,7 @@ impl State {
         id: String,
         name: String,
         node_name: String,
-        node: Arc<Node>,
+        node: Arc<BlockNode>,
         writable: bool,
         description: Option<String>,
     ) -> Result<Value, QmpError> {
@@ -266,16 +304,27 @@ impl State {
                 description.unwrap_or_default()
             )));
         }
+        // The export's permissions on the node (conflicts, read-only, image locks).
+        let device = Arc::new(Attached::export(&node, writable)?);
         server
             .add_export(Export {
                 name: name.clone(),
                 description,
-                device: node,
+                device,
                 writable,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
         nbd.reported.remove(&name);
-        nbd.exports.insert(id, ExportEntry { name, node_name });
+        let seq = nbd.next_seq;
+        nbd.next_seq += 1;
+        nbd.exports.insert(
+            id,
+            ExportEntry {
+                name,
+                node_name,
+                seq,
+            },
+        );
         Ok(json!({}))
     }
 
@@ -289,7 +338,7 @@ impl State {
             return Err(QmpError::generic(format!("Bitmap '{bitmap}' is not found")));
         }
         // nbd-server-add makes a read-only node's export read-only without complaint.
-        let writable = a.writable.unwrap_or(false) && !node.read_only();
+        let writable = a.writable.unwrap_or(false) && !node.is_read_only();
         self.add_export(name.clone(), name, node_name, node, writable, a.description)
     }
 
@@ -311,7 +360,7 @@ impl State {
         }
         let (node_name, node) = self.lookup(None, Some(&a.node_name))?;
         let writable = a.writable.unwrap_or(false);
-        if writable && node.read_only() {
+        if writable && node.is_read_only() {
             return Err(QmpError::generic(
                 "Cannot export read-only node as writable",
             ));
@@ -358,8 +407,10 @@ impl State {
     fn query_block_exports(&self) -> Value {
         let nbd = self.nbd();
         let live = nbd.server.as_ref().map(|s| s.exports()).unwrap_or_default();
-        nbd.exports
-            .iter()
+        let mut exports: Vec<(&String, &ExportEntry)> = nbd.exports.iter().collect();
+        exports.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
+        exports
+            .into_iter()
             .map(|(id, e)| {
                 let shutting_down = live.iter().find(|x| x.name == e.name).is_some_and(|x| x.shutting_down);
                 json!({ "id": id, "type": "nbd", "node-name": e.node_name, "shutting-down": shutting_down })
@@ -367,21 +418,74 @@ impl State {
             .collect()
     }
 
-    fn query_named_block_nodes(&self) -> Value {
-        let infos: Vec<_> = self.drives.drives.iter().map(|d| d.device_info()).collect();
-        ipc::common::qapi_json(&infos)
-    }
-
     async fn block_resize(&self, a: BlockResize) -> Result<Value, QmpError> {
         let (_, node) = self.lookup(a.device.as_deref(), a.node_name.as_deref())?;
         let size = u64::try_from(a.size)
             .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
-        if node.read_only() {
+        if node.is_read_only() {
             return Err(QmpError::generic("Cannot resize a read-only node"));
         }
+        // A temporary user with the resize permission, as QEMU's command takes one.
+        let _user = Claim::new(
+            &node,
+            User::Device,
+            Role::Root,
+            LockMode {
+                perm: Perms::RESIZE,
+                shared: Perms::ALL,
+            },
+        )?;
         node.resize(size)
             .await
             .map_err(|e| QmpError::generic(format!("Could not resize: {e}")))?;
+        Ok(json!({}))
+    }
+
+    /// `blockdev-add`: the definition's nodes join the graph (see [`crate::graph::open`]),
+    /// with the NBD connections the monitor made for its `driver=nbd` nodes.
+    async fn blockdev_add(&self, arguments: &str, fds: Vec<OwnedFd>) -> Result<Value, QmpError> {
+        let args: serde_json::Map<String, Value> = args("blockdev-add", arguments)?;
+        Adder::new(&self.graph, &self.image_dirs, &args, fds)
+            .add(&args)
+            .await?;
+        Ok(json!({}))
+    }
+
+    /// `blockdev-del`: QEMU's checks in QEMU's order, then the node and the children only it
+    /// used leave the graph; they are flushed (or disconnected) and closed, which releases
+    /// their claims, their locks and their files.
+    async fn blockdev_del(&self, a: BlockdevDel) -> Result<Value, QmpError> {
+        let name = a.node_name;
+        let gone = {
+            let mut graph = self.graph();
+            if graph.find_node(&name).is_none() {
+                return Err(QmpError::generic(format!(
+                    "Failed to find node with node-name='{name}'"
+                )));
+            }
+            // A block device uses it: a drive, or an export (until it is really gone).
+            let exported: HashSet<String> = self
+                .nbd()
+                .exports
+                .values()
+                .map(|e| e.node_name.clone())
+                .collect();
+            if graph.is_drive_node(&name) || exported.contains(&name) {
+                return Err(QmpError::generic(format!("Node {name} is in use")));
+            }
+            graph.delete(&name, &|n| exported.contains(n))?
+        };
+        for node in &gone {
+            node.close().await;
+        }
+        for node in gone {
+            if Arc::strong_count(&node) > 1 {
+                tracing::warn!(
+                    "node {} is still referenced after blockdev-del",
+                    node.name()
+                );
+            }
+        }
         Ok(json!({}))
     }
 }

@@ -29,6 +29,8 @@ pub struct Drive {
 #[derive(Debug)]
 pub struct Drives {
     pub drives: Vec<Drive>,
+    /// Directories images may be opened under (`blockdev-add` uses them too).
+    pub image_dirs: Vec<std::path::PathBuf>,
     /// A guest device is attached (vmm-proc runs), so the drives have an io-status.
     attached: bool,
 }
@@ -52,7 +54,11 @@ impl Drives {
                 node_name,
             });
         }
-        Ok(Self { drives, attached })
+        Ok(Self {
+            drives,
+            image_dirs: config.image_dirs.clone(),
+            attached,
+        })
     }
 
     /// `query-block`.

@@ -6,6 +6,8 @@
 //! - [`commands`]: the QMP commands block-proc executes;
 //! - [`guest`]: the guest's disk data path (vmm-proc's requests, straight into guest RAM);
 //! - [`drives`]: the images opened for `--drive`, and what `query-block` says of them;
+//! - [`graph`]: the block nodes by name (drives' and `blockdev-add`'s), their permissions
+//!   and locks, `blockdev-add`/`blockdev-del`;
 //! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
 //! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
 
@@ -13,6 +15,7 @@ pub mod block;
 pub mod commands;
 pub mod device;
 pub mod drives;
+pub mod graph;
 pub mod guest;
 pub mod nbd;
 pub mod sandbox;

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use jail::seccomp::{allow, allow_if, arg_eq};
+use jail::seccomp::{allow, allow_if, arg_eq, arg_masked_eq};
 use jail::{LandlockRules, Policy, SeccompPolicy, base_runtime_policy};
 
 /// block-proc's syscalls beyond the base runtime's, each with why.
@@ -33,6 +33,20 @@ pub fn seccomp_policy() -> SeccompPolicy {
         allow(libc::SYS_fallocate, "discard and write-zeroes: punch holes, zero ranges"),
         allow(libc::SYS_ftruncate, "grow or shrink an image (block_resize, qcow2 allocation)"),
         allow(libc::SYS_fstatfs, "the file system an image lives on (hole and alignment support)"),
+        allow_if(
+            libc::SYS_openat,
+            &[arg_masked_eq(2, libc::O_CREAT, 0)],
+            "blockdev-add opens existing image files at run time; Landlock confines them to the \
+             image directories (creating files stays forbidden)",
+        ),
+        allow(
+            libc::SYS_readlink,
+            "realpath resolves an image's name to check it against the image directories",
+        ),
+        allow(
+            libc::SYS_getcwd,
+            "realpath of a relative image name (relative to block-proc's directory, as QEMU's)",
+        ),
         allow(libc::SYS_fsync, "make writes durable on flush"),
         allow(libc::SYS_fdatasync, "make data durable on flush"),
     ]))

@@ -49,6 +49,10 @@ pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> R
             tracing::warn!("flushing {} at exit: {e}", d.config.id);
         }
     }
+    // blockdev-add's nodes, newest (the users) first.
+    for node in state.nodes().iter().rev() {
+        node.close().await;
+    }
     result
 }
 
@@ -76,17 +80,47 @@ async fn serve_monitor(monitor: &AsyncChannel, state: &Arc<State>) -> Result<(),
                 false,
             ),
         };
-        monitor
-            .send(
-                &BlockMessage::Reply {
-                    id: call.id,
-                    result,
-                },
-                &[],
-            )
-            .await?;
+        send_reply(monitor, call.id, result).await?;
         if exit {
             return Ok(());
         }
+    }
+}
+
+/// Sends a reply, a long JSON one in parts. A reply that cannot be encoded becomes an
+/// error reply: the command failed, block-proc goes on.
+async fn send_reply(
+    monitor: &AsyncChannel,
+    id: ipc::CallId,
+    result: Result<BlockReply, QmpError>,
+) -> Result<(), Error> {
+    let result = match result {
+        Ok(BlockReply::Json(text)) if text.len() > ipc::block::JSON_PART => {
+            let parts = ipc::block::json_parts(&text);
+            let (last, head) = parts.split_last().unwrap_or((&"", &[]));
+            for part in head {
+                let msg = BlockMessage::ReplyPart {
+                    id,
+                    part: (*part).to_string(),
+                };
+                monitor.send(&msg, &[]).await?;
+            }
+            Ok(BlockReply::Json((*last).to_string()))
+        }
+        other => other,
+    };
+    let reply = BlockMessage::Reply { id, result };
+    match monitor.send(&reply, &[]).await {
+        Err(IpcError::Codec(e)) => {
+            tracing::warn!("reply {id} cannot be sent: {e}");
+            let reply = BlockMessage::Reply {
+                id,
+                result: Err(QmpError::generic(format!(
+                    "block-proc cannot send its reply: {e}"
+                ))),
+            };
+            Ok(monitor.send(&reply, &[]).await?)
+        }
+        r => Ok(r?),
     }
 }

@@ -11,6 +11,7 @@
 //!   ◄──────────── BlockMessage::Reply{id, Block([..])}
 //!   BlockCall{id, Qmp{command, arguments}} [+ fds] ─►
 //!   ◄──────────── BlockMessage::Event{name, data}   (any time)
+//!   ◄──────────── BlockMessage::ReplyPart{id, part}  (0 or more, for long JSON)
 //!   ◄──────────── BlockMessage::Reply{id, Json(return)}
 //!   BlockCall{id, Shutdown} ────────────►   flush, close, reply, exit
 //! ```
@@ -116,6 +117,33 @@ pub enum BlockMessage {
     },
     /// A QMP event to emit (e.g. `BLOCK_EXPORT_DELETED`); `data` is a JSON object, if any.
     Event { name: String, data: Option<String> },
+    /// The beginning of a [`BlockReply::Json`] too long for one frame: the parts of one
+    /// call come in order, and its `Reply` carries the rest. See [`JSON_PART`].
+    ReplyPart { id: CallId, part: String },
+}
+
+/// The most bytes of JSON text one [`BlockMessage::ReplyPart`] (or a `Json` reply) carries,
+/// well inside [`crate::MAX_FRAME`].
+pub const JSON_PART: usize = 48 * 1024;
+
+/// Most bytes of JSON a reply may have in all (QMP's own input limit).
+pub const MAX_JSON_REPLY: usize = 64 << 20;
+
+/// Splits JSON text into pieces of at most [`JSON_PART`] bytes, at character boundaries.
+pub fn json_parts(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while rest.len() > JSON_PART {
+        let mut cut = JSON_PART;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (head, tail) = rest.split_at(cut);
+        parts.push(head);
+        rest = tail;
+    }
+    parts.push(rest);
+    parts
 }
 
 impl Message for BlockMessage {}
@@ -239,4 +267,79 @@ pub struct BlockdevCacheInfo {
     pub direct: bool,
     #[serde(rename = "no-flush")]
     pub no_flush: bool,
+}
+
+/// The `driver=nbd` definitions in `blockdev-add` arguments, with their paths (`""` for
+/// the root, `"file"`, `"backing.file"`, ...), in the order the monitor connects them and
+/// sends their sockets along with the command: a definition before the ones nested in it,
+/// `file` before `backing`. block-proc takes each node's socket by its path.
+pub fn blockdev_nbd_nodes(
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<(String, &serde_json::Map<String, serde_json::Value>)> {
+    fn walk<'a>(
+        def: &'a serde_json::Map<String, serde_json::Value>,
+        path: String,
+        out: &mut Vec<(String, &'a serde_json::Map<String, serde_json::Value>)>,
+    ) {
+        if def.get("driver").and_then(serde_json::Value::as_str) == Some("nbd") {
+            out.push((path.clone(), def));
+        }
+        for child in BLOCKDEV_CHILDREN {
+            if let Some(serde_json::Value::Object(nested)) = def.get(*child) {
+                walk(nested, child_path(&path, child), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(args, String::new(), &mut out);
+    out
+}
+
+/// Most levels of definitions nested in one another in one `blockdev-add` (QEMU has no
+/// limit; this one keeps every recursion over them shallow).
+pub const MAX_BLOCKDEV_NESTING: usize = 64;
+
+/// How many levels of definitions `args` nests (1: no nested definition), counted
+/// without recursion.
+pub fn blockdev_nesting(args: &serde_json::Map<String, serde_json::Value>) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(args, 1)];
+    while let Some((def, level)) = stack.pop() {
+        deepest = deepest.max(level);
+        for child in BLOCKDEV_CHILDREN {
+            if let Some(serde_json::Value::Object(nested)) = def.get(*child) {
+                stack.push((nested, level + 1));
+            }
+        }
+    }
+    deepest
+}
+
+/// The members of a `blockdev-add` definition that may hold nested definitions.
+pub const BLOCKDEV_CHILDREN: &[&str] = &["file", "backing"];
+
+/// The path of `child` under the definition at `parent` (see [`blockdev_nbd_nodes`]).
+pub fn child_path(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_string()
+    } else {
+        format!("{parent}.{child}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_parts_split_long_text_at_character_boundaries() {
+        assert_eq!(json_parts(""), vec![""]);
+        assert_eq!(json_parts("{}"), vec!["{}"]);
+        // Three-byte characters straddling every boundary.
+        let text = "€".repeat(JSON_PART);
+        let parts = json_parts(&text);
+        assert!(parts.len() >= 3);
+        assert!(parts.iter().all(|p| p.len() <= JSON_PART && !p.is_empty()));
+        assert_eq!(parts.concat(), text);
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{IpcError, Message};
 
 /// Bumped on every incompatible change to any link's messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 const MAGIC: [u8; 8] = *b"SPLITVMM";
 
@@ -77,10 +77,11 @@ mod tests {
         assert!(h.check(Link::VmmBlock).is_ok());
         h.version += 1;
         let e = h.check(Link::VmmBlock).expect_err("version");
-        assert!(
-            e.to_string().contains("protocol version 2, this side 1"),
-            "{e}"
+        let want = format!(
+            "protocol version {}, this side {PROTOCOL_VERSION}",
+            PROTOCOL_VERSION + 1
         );
+        assert!(e.to_string().contains(&want), "{e}");
         let bad = Hello {
             magic: *b"NOTSPLIT",
             version: PROTOCOL_VERSION,

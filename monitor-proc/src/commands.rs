@@ -11,7 +11,7 @@ use ipc::vmm::{VmmReply, VmmRequest};
 use serde_json::{Map, Value, json};
 
 use crate::block_commands::{self as bc, NbdListener};
-use crate::qmp::schema::{ArgType, Member, validate};
+use crate::qmp::schema::{ArgType, Member, validate_args};
 use crate::qmp::wire::{self, Request};
 use crate::server::SessionState;
 use crate::state::{Monitor, ShutdownCause};
@@ -42,7 +42,8 @@ pub enum Route {
 #[derive(Debug)]
 pub struct CommandDef {
     pub name: &'static str,
-    pub args: &'static [Member],
+    /// A struct of members, or a union for the commands QAPI marks `'boxed': true`.
+    pub args: ArgType,
     pub route: Route,
 }
 
@@ -51,7 +52,7 @@ const CAPABILITIES: &[&str] = &["oob"];
 const fn monitor(name: &'static str, args: &'static [Member]) -> CommandDef {
     CommandDef {
         name,
-        args,
+        args: ArgType::Struct(args),
         route: Route::Monitor,
     }
 }
@@ -59,7 +60,7 @@ const fn monitor(name: &'static str, args: &'static [Member]) -> CommandDef {
 const fn block(name: &'static str, args: &'static [Member]) -> CommandDef {
     CommandDef {
         name,
-        args,
+        args: ArgType::Struct(args),
         route: Route::Block,
     }
 }
@@ -85,6 +86,13 @@ pub const COMMANDS: &[CommandDef] = &[
     monitor("query-blockstats", vm_commands::QUERY_BLOCKSTATS),
     monitor("query-cpus-fast", &[]),
     block("query-named-block-nodes", bc::QUERY_NAMED_BLOCK_NODES),
+    // The monitor connects the NBD servers `driver=nbd` nodes name, then forwards.
+    CommandDef {
+        name: "blockdev-add",
+        args: ArgType::Union(&bc::BLOCKDEV_OPTIONS),
+        route: Route::Monitor,
+    },
+    block("blockdev-del", bc::BLOCKDEV_DEL),
     block("block_resize", bc::BLOCK_RESIZE),
     monitor("nbd-server-start", bc::NBD_SERVER_START),
     block("nbd-server-add", bc::NBD_SERVER_ADD),
@@ -124,7 +132,10 @@ async fn run(monitor: &Monitor, session: &SessionState, req: &Request) -> Result
             )));
         }
     };
-    validate(&req.arguments, def.args)?;
+    if def.name == "blockdev-add" {
+        bc::check_nesting(&req.arguments)?;
+    }
+    validate_args(&req.arguments, &def.args)?;
     match def.route {
         Route::Monitor => execute(monitor, session, def.name, &req.arguments).await,
         Route::Block => forward(monitor, def.name, &req.arguments, None).await,
@@ -225,6 +236,10 @@ async fn execute(
                 }
             }
         }
+        "blockdev-add" => {
+            let fds = bc::connect_nbd_nodes(args).await?;
+            forward_fds(monitor, name, args, fds).await
+        }
         "nbd-server-stop" => {
             let v = forward(monitor, name, args, None).await?;
             monitor.nbd.stopped();
@@ -252,12 +267,31 @@ async fn forward(
     args: &Map<String, Value>,
     fd: Option<std::os::fd::OwnedFd>,
 ) -> Result<Value, QmpError> {
+    forward_fds(monitor, name, args, fd.into_iter().collect()).await
+}
+
+/// [`forward`] with any number of descriptors (at most [`ipc::channel::MAX_FDS`]).
+async fn forward_fds(
+    monitor: &Monitor,
+    name: &str,
+    args: &Map<String, Value>,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<Value, QmpError> {
+    let count = u8::try_from(fds.len())
+        .ok()
+        .filter(|n| usize::from(*n) <= ipc::channel::MAX_FDS)
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "{name}: at most {} descriptors can go with one command",
+                ipc::channel::MAX_FDS
+            ))
+        })?;
     let request = BlockRequest::Qmp {
         command: name.to_string(),
         arguments: Value::Object(args.clone()).to_string(),
-        fds: u8::from(fd.is_some()),
+        fds: count,
     };
-    let fds: Vec<_> = fd.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let fds: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
     match monitor.block.call(request, &fds).await? {
         BlockReply::Json(text) => serde_json::from_str(&text).map_err(|e| {
             QmpError::generic(format!("block-proc answered {name} with bad JSON: {e}"))

@@ -25,12 +25,22 @@ pub trait Protocol: Send + Sync + 'static {
     type Incoming: Message + Send;
     fn call(id: CallId, request: Self::Request) -> Self::Call;
     fn split(msg: Self::Incoming) -> Incoming<Self::Reply, Self::Event>;
+    /// The reply a call gets when parts of it came first ([`Incoming::Part`]).
+    fn join(head: String, reply: Self::Reply) -> Result<Self::Reply, QmpError> {
+        let _ = (head, reply);
+        Err(QmpError::generic(format!(
+            "{} sent a reply in parts, which this link does not use",
+            Self::PEER
+        )))
+    }
 }
 
 /// A message from a child, sorted.
 #[derive(Debug)]
 pub enum Incoming<R, E> {
     Reply(CallId, Result<R, QmpError>),
+    /// The beginning of a long reply to a call (block-proc's JSON replies).
+    Part(CallId, String),
     Event(E),
 }
 
@@ -51,7 +61,16 @@ impl Protocol for Block {
     fn split(msg: BlockMessage) -> Incoming<BlockReply, Self::Event> {
         match msg {
             BlockMessage::Reply { id, result } => Incoming::Reply(id, result),
+            BlockMessage::ReplyPart { id, part } => Incoming::Part(id, part),
             BlockMessage::Event { name, data } => Incoming::Event((name, data)),
+        }
+    }
+    fn join(head: String, reply: BlockReply) -> Result<BlockReply, QmpError> {
+        match reply {
+            BlockReply::Json(tail) => Ok(BlockReply::Json(head + &tail)),
+            other => Err(QmpError::generic(format!(
+                "block-proc sent parts of a reply, then {other:?}"
+            ))),
         }
     }
 }
@@ -87,6 +106,9 @@ pub struct RpcClient<P: Protocol> {
     next_id: AtomicU64,
     /// `None` once the link is broken.
     pending: Pending<P::Reply>,
+    /// Parts of long replies received so far, by request id (only the reader task uses
+    /// it).
+    parts: Mutex<HashMap<CallId, String>>,
 }
 
 impl<P: Protocol> std::fmt::Debug for RpcClient<P> {
@@ -108,6 +130,7 @@ impl<P: Protocol> RpcClient<P> {
             chan,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Some(HashMap::new())),
+            parts: Mutex::default(),
         })
     }
 
@@ -144,7 +167,14 @@ impl<P: Protocol> RpcClient<P> {
         let err = loop {
             match self.chan.recv::<P::Incoming>().await {
                 Ok(r) => match P::split(r.msg) {
+                    Incoming::Part(id, part) => self.add_part(id, &part),
                     Incoming::Reply(id, result) => {
+                        let head = self.parts_of(id);
+                        let result = match (head, result) {
+                            (Some(Ok(head)), Ok(reply)) => P::join(head, reply),
+                            (Some(Err(e)), _) => Err(e),
+                            (_, result) => result,
+                        };
                         let waiter = self.pending().as_mut().and_then(|p| p.remove(&id));
                         match waiter {
                             Some(tx) => {
@@ -161,5 +191,39 @@ impl<P: Protocol> RpcClient<P> {
         // Dropping the senders fails every waiting call.
         self.pending().take();
         err
+    }
+
+    fn parts(&self) -> std::sync::MutexGuard<'_, HashMap<CallId, String>> {
+        self.parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps a part of a long reply, up to [`ipc::block::MAX_JSON_REPLY`] bytes per call;
+    /// past that the call fails (and later parts are dropped).
+    fn add_part(&self, id: CallId, part: &str) {
+        let mut parts = self.parts();
+        let buf = parts.entry(id).or_default();
+        if buf.len() + part.len() > ipc::block::MAX_JSON_REPLY {
+            // A marker no JSON text can start with: the reply is too long.
+            buf.clear();
+            buf.push('\0');
+        } else if !buf.starts_with('\0') {
+            buf.push_str(part);
+        }
+    }
+
+    /// The parts received for `id`, if any: their text, or why the reply is unusable.
+    fn parts_of(&self, id: CallId) -> Option<Result<String, QmpError>> {
+        let head = self.parts().remove(&id)?;
+        Some(if head.starts_with('\0') {
+            Err(QmpError::generic(format!(
+                "{}'s reply is over {} bytes",
+                P::PEER,
+                ipc::block::MAX_JSON_REPLY
+            )))
+        } else {
+            Ok(head)
+        })
     }
 }

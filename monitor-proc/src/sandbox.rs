@@ -24,6 +24,10 @@ pub fn seccomp_policy() -> SeccompPolicy {
         ),
         allow(libc::SYS_socketpair, "links to restarted children"),
         allow(libc::SYS_bind, "QMP listening sockets"),
+        allow(
+            libc::SYS_connect,
+            "connect the NBD servers of blockdev-add driver=nbd nodes (block-proc may not)",
+        ),
         allow(libc::SYS_listen, "QMP listening sockets"),
         allow(libc::SYS_accept4, "QMP clients"),
         allow(libc::SYS_getsockname, "the address a socket was bound to"),

@@ -16,8 +16,8 @@ from qemu.qmp import ExecuteError, QMPClient
 
 EXPECTED_COMMANDS = {
     "qmp_capabilities", "query-version", "query-commands", "query-name",
-    "query-status", "stop", "cont", "system_reset", "quit", "query-block", "query-blockstats", "query-cpus-fast",
-    "query-named-block-nodes", "block_resize",
+    "query-status", "stop", "cont", "system_reset", "quit", "query-block", "query-blockstats",
+    "query-cpus-fast", "query-named-block-nodes", "blockdev-add", "blockdev-del", "block_resize",
     "nbd-server-start", "nbd-server-add", "nbd-server-remove", "nbd-server-stop",
     "block-export-add", "block-export-del", "query-block-exports",
 }

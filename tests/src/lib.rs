@@ -414,3 +414,113 @@ pub fn wait_for_text(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A running `qemu-storage-daemon` with a QMP monitor on a unix socket: the reference the
+/// differential tests compare splitvmm with.
+#[derive(Debug)]
+pub struct StorageDaemon {
+    pub child: Child,
+    pub qmp: PathBuf,
+}
+
+impl StorageDaemon {
+    /// Starts qemu-storage-daemon with its QMP socket at `qmp` and waits for the socket.
+    pub fn start(qmp: &Path) -> Self {
+        let _ = std::fs::remove_file(qmp);
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=m,path={},server=on,wait=off",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=m"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let mut d = Self {
+            child,
+            qmp: qmp.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&d.qmp).is_err() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("qemu-storage-daemon exited during start-up ({st})");
+            }
+            assert!(Instant::now() < deadline, "no qemu-storage-daemon socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// A negotiated QMP connection.
+    pub fn raw_qmp(&self) -> RawQmp {
+        let mut c = RawQmp::connect(&self.qmp);
+        c.negotiate();
+        c
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.qmp);
+    }
+}
+
+/// A child process (an NBD server such as `qemu-nbd`) killed and reaped on drop.
+#[derive(Debug)]
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `qemu-nbd` serving `image` (format `fmt`) as export `name` on the unix socket
+/// `sock`, for up to 8 clients at once, read-only if `read_only`; waits until the export
+/// answers (qemu-nbd listens before it opens and locks the image, so a socket that accepts
+/// says nothing about the locks).
+pub fn qemu_nbd(image: &Path, fmt: &str, name: &str, sock: &Path, read_only: bool) -> Reaped {
+    let _ = std::fs::remove_file(sock);
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["--persistent", "--shared=8", "-f", fmt, "-x", name, "-k"])
+        .arg(sock);
+    if read_only {
+        cmd.arg("--read-only");
+    }
+    let child = cmd
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-nbd");
+    let mut r = Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
+    loop {
+        if let Ok(Some(st)) = r.0.try_wait() {
+            panic!("qemu-nbd exited during start-up ({st})");
+        }
+        let ready = UnixStream::connect(sock).is_ok()
+            && Command::new("qemu-img")
+                .args(["info", "-f", "raw", &uri])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|st| st.success());
+        if ready {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-nbd export {uri} never answered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

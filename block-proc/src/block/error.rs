@@ -10,7 +10,12 @@ use super::lock::LockError;
 pub enum Error {
     /// The file could not be opened.
     #[error("Could not open '{name}': {reason}")]
-    Open { name: String, reason: String },
+    Open {
+        name: String,
+        reason: String,
+        /// The OS error behind it, if any.
+        errno: Option<i32>,
+    },
     /// The file resolves to a path outside the allowed directories.
     #[error(
         "Could not open '{name}': it resolves to '{resolved}', outside the allowed directories"
@@ -56,6 +61,7 @@ impl Error {
         Self::Open {
             name: name.to_string(),
             reason: ipc::common::os_error_text(e),
+            errno: e.raw_os_error(),
         }
     }
 

@@ -60,6 +60,30 @@ impl Perms {
     fn has_bit(self, bit: u8) -> bool {
         self.0 & (1 << bit) != 0
     }
+
+    /// Whether every permission of `other` is in `self`.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether the two sets have a permission in common.
+    pub const fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether no permission is in the set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// QEMU's names of the permissions in the set, joined with ", " (`bdrv_perm_names`).
+    pub fn names(self) -> String {
+        (0..BITS)
+            .filter(|b| self.has_bit(*b))
+            .map(perm_name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// First byte of the "holds permission" range.
@@ -99,11 +123,26 @@ impl LockMode {
         perm: Perms::CONSISTENT_READ,
         shared: Perms::CONSISTENT_READ.with(Perms::WRITE_UNCHANGED),
     };
+    /// No lock at all: holds nothing, shares everything (a `file` node nobody uses yet,
+    /// or one opened with `locking=off`).
+    pub const NONE: Self = Self {
+        perm: Perms::NONE,
+        shared: Perms::ALL,
+    };
     /// Creating (formatting) an image file, as QEMU's `raw_co_create` does.
     pub const CREATE: Self = Self {
         perm: Perms::WRITE.with(Perms::RESIZE),
         shared: Perms::ALL.without(Perms::RESIZE),
     };
+
+    /// What two users together take: the permissions either holds, sharing only what both
+    /// share.
+    pub const fn union(self, other: Self) -> Self {
+        Self {
+            perm: self.perm.with(other.perm),
+            shared: Perms(self.shared.0 & other.shared.0),
+        }
+    }
 
     /// The bytes this mode locks.
     fn bytes(self) -> impl Iterator<Item = i64> {

@@ -64,8 +64,18 @@ pub enum Backing {
     Node(Arc<Node>),
 }
 
+/// An image file someone else opened (and locks): the block graph's `file` node under a
+/// format node.
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// A descriptor of the file (a `dup`: same open file description, so same locks).
+    pub file: fs::File,
+    /// Its resolved path.
+    pub resolved: PathBuf,
+}
+
 /// How to open an image.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OpenOptions {
     /// The file name, as the user gave it (relative names are relative to the current
     /// directory); `query-block` shows it, and relative backing names resolve against it.
@@ -75,6 +85,12 @@ pub struct OpenOptions {
     pub backing: Backing,
     /// Directories images may be opened under (canonical; see [`DirGate`]).
     pub allowed_dirs: Vec<PathBuf>,
+    /// The locks to take on the image file; `None`: [`LockMode::READ_WRITE`] or
+    /// [`LockMode::READ_ONLY`] by `read_only`.
+    pub lock: Option<LockMode>,
+    /// Use this already open file instead of opening `filename` (no gate, no locks: its
+    /// opener did both).
+    pub opened: Option<OpenedFile>,
 }
 
 impl OpenOptions {
@@ -86,7 +102,21 @@ impl OpenOptions {
             read_only: false,
             backing: Backing::Default,
             allowed_dirs: allowed_dirs.to_vec(),
+            lock: None,
+            opened: None,
         }
+    }
+
+    /// Take `mode`'s locks on the image file instead of the default ones.
+    pub fn lock(mut self, mode: LockMode) -> Self {
+        self.lock = Some(mode);
+        self
+    }
+
+    /// Work on a file that is already open (and locked by whoever opened it).
+    pub fn opened(mut self, opened: OpenedFile) -> Self {
+        self.opened = Some(opened);
+        self
     }
 
     /// Open read-only (`true`) or read/write.
@@ -125,6 +155,25 @@ pub struct Node {
     meta: Mutex<Meta>,
     commit: GroupCommit,
     gate: DirGate,
+}
+
+/// The image file of an open: its name, and either the locks to take when opening it or
+/// the file itself, already open.
+struct Top<'a> {
+    filename: &'a str,
+    lock: Option<LockMode>,
+    opened: Option<OpenedFile>,
+}
+
+impl<'a> Top<'a> {
+    /// A file to open by name, with the default locks.
+    fn named(filename: &'a str) -> Self {
+        Self {
+            filename,
+            lock: None,
+            opened: None,
+        }
+    }
 }
 
 /// The backing chosen for an open, resolved to a node and its imago instance.
@@ -180,34 +229,50 @@ impl Node {
                 BackingSpec::Explicit(n.clone(), fa)
             }
         };
+        let OpenOptions {
+            filename,
+            format,
+            read_only,
+            lock,
+            opened,
+            ..
+        } = opts;
         let node = blocking(|| {
             let mut seen = Vec::new();
-            Self::open_sync(
-                &opts.filename,
-                opts.format,
-                opts.read_only,
-                spec,
-                &gate,
-                &mut seen,
-            )
+            let top = Top {
+                filename: &filename,
+                lock,
+                opened,
+            };
+            Self::open_sync(top, format, read_only, spec, &gate, &mut seen)
         })?;
         Ok(Arc::new(node))
     }
 
     fn open_sync(
-        filename: &str,
+        top: Top<'_>,
         format: ImageFormat,
         read_only: bool,
         backing: BackingSpec,
         gate: &DirGate,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Node, Error> {
-        let mode = if read_only {
-            LockMode::READ_ONLY
-        } else {
-            LockMode::READ_WRITE
+        let filename = top.filename;
+        let (mut storage, resolved) = match top.opened {
+            Some(o) => {
+                let storage = ImageFile::new(o.file, filename, !read_only)
+                    .map_err(|e| Error::open(filename, &e))?;
+                (storage, o.resolved)
+            }
+            None => {
+                let mode = top.lock.unwrap_or(if read_only {
+                    LockMode::READ_ONLY
+                } else {
+                    LockMode::READ_WRITE
+                });
+                gate.open_file(filename, !read_only, mode)?
+            }
         };
-        let (mut storage, resolved) = gate.open_file(filename, !read_only, mode)?;
         seen.push(resolved.clone());
         let file = storage
             .file()
@@ -273,9 +338,15 @@ impl Node {
                                     backing: full,
                                 });
                             }
-                            let node =
-                                Self::open_sync(&full, fmt, true, BackingSpec::Default, gate, seen)
-                                    .map_err(|e| Error::Backing(Box::new(e)))?;
+                            let node = Self::open_sync(
+                                Top::named(&full),
+                                fmt,
+                                true,
+                                BackingSpec::Default,
+                                gate,
+                                seen,
+                            )
+                            .map_err(|e| Error::Backing(Box::new(e)))?;
                             let node = Arc::new(node);
                             let fa = node
                                 .fa
@@ -324,6 +395,11 @@ impl Node {
     /// The file's resolved path.
     pub fn path(&self) -> &Path {
         &self.resolved
+    }
+
+    /// The image file (the open file description holding its locks).
+    pub fn os_file(&self) -> &fs::File {
+        &self.file
     }
 
     pub fn format(&self) -> ImageFormat {
@@ -427,6 +503,29 @@ impl Node {
         })?;
         self.size.store(guard.size(), Ordering::Release);
         Ok(())
+    }
+
+    /// Takes in a change of a raw image's length made through another descriptor (a qcow2
+    /// node on the same file grew it): a fresh imago instance of the file's current length
+    /// replaces the old one. Returns the length. qcow2 images keep theirs.
+    pub async fn refresh_size(&self) -> io::Result<u64> {
+        let len = self.file.metadata()?.len();
+        if self.is_qcow2() || len == self.size() {
+            return Ok(self.size());
+        }
+        let mut guard = self.fa.write().await;
+        if guard.size() != len {
+            let file = self.file.try_clone()?;
+            let storage = ImageFile::new(file, &self.filename, !self.read_only)?;
+            let raw = blocking(|| {
+                Raw::builder(storage)
+                    .write(!self.read_only)
+                    .open(self.gate.for_image(!self.read_only))
+            })?;
+            *guard = Arc::new(FormatAccess::new(raw));
+        }
+        self.size.store(guard.size(), Ordering::Release);
+        Ok(guard.size())
     }
 
     /// Rewrites the backing file name and format in the image header (QEMU's

@@ -422,7 +422,16 @@ impl NbdClient {
         let (r, w) = tokio::io::split(stream);
         let mut r = BufReader::with_capacity(64 << 10, r);
         let mut w: Writer = Box::new(w);
-        let n = handshake(&mut r, &mut w, export).await?;
+        let n = match handshake(&mut r, &mut w, export).await {
+            Ok(n) => n,
+            Err(e) => {
+                // Say goodbye, as QEMU's client does (`nbd_send_opt_abort`), so the server
+                // sees an orderly end rather than a dropped connection. Without waiting:
+                // the server may already be gone.
+                let _ = send_option(&mut w, OPT_ABORT, &[]).await;
+                return Err(e);
+            }
+        };
         if n.flags & TFLAG_HAS_FLAGS == 0 {
             // Flags without HAS_FLAGS mean nothing: assume none.
             tracing::debug!("NBD server sent transmission flags without HAS_FLAGS");

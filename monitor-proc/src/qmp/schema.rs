@@ -22,6 +22,13 @@
 //!   is accepted and wraps to 2^64 + n, "for backward compatibility" says
 //!   QEMU; uint8/16/32 then reject it by range. [`normalize`] applies that
 //!   wrap so serde can decode such values into `u64`.
+//! * A flat union ([`Union`], e.g. `BlockdevOptions`) is one struct: its
+//!   base members in order (the discriminator among them), then the members
+//!   of the variant the discriminator selects, then unexpected members of
+//!   either.
+//! * An alternate ([`Alternate`], e.g. `BlockdevRef`) picks its branch by the
+//!   JSON type of the value; a value of no branch's type is "Invalid
+//!   parameter type for 'file', expected: BlockdevRef" (the alternate's name).
 
 use serde_json::{Map, Value};
 
@@ -47,9 +54,58 @@ pub enum ArgType {
     Number,
     /// QAPI `any`: any JSON value, `null` included.
     Any,
+    /// QAPI `null`, as a branch of an alternate.
+    Null,
     Enum(&'static [&'static str]),
     Struct(&'static [Member]),
     List(&'static ArgType),
+    /// A flat union. Unions and alternates may refer to each other (a
+    /// `BlockdevOptions` holds `BlockdevRef`s holding `BlockdevOptions`), so
+    /// they are `static`s reached by reference.
+    Union(&'static Union),
+    Alternate(&'static Alternate),
+}
+
+/// A QAPI flat union: base members, one of which (`tag`, an enum) selects the
+/// variant whose members follow.
+pub struct Union {
+    pub base: &'static [Member],
+    pub tag: &'static str,
+    /// Members per tag value. A tag value without an entry is checked for its
+    /// base members only; whoever executes the command refuses it.
+    pub variants: &'static [(&'static str, &'static [Member])],
+}
+
+/// A QAPI alternate: the JSON type of a value picks one branch.
+pub struct Alternate {
+    /// The type's name, which QEMU's type errors show.
+    pub name: &'static str,
+    pub branches: &'static [ArgType],
+}
+
+// Unions and alternates are recursive: compare them by identity and print them
+// by name, never by walking their members.
+impl PartialEq for Union {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for Union {}
+impl std::fmt::Debug for Union {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Union(tag: {})", self.tag)
+    }
+}
+impl PartialEq for Alternate {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for Alternate {}
+impl std::fmt::Debug for Alternate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Alternate({})", self.name)
+    }
 }
 
 /// A struct member (or command argument).
@@ -83,6 +139,16 @@ pub fn validate(args: &Map<String, Value>, members: &[Member]) -> Result<(), Qmp
     check_struct(args, members, "")
 }
 
+/// Checks the arguments of a command whose argument type is `ty`: a struct, or
+/// a union for commands with `'boxed': true` (`blockdev-add`).
+pub fn validate_args(args: &Map<String, Value>, ty: &ArgType) -> Result<(), QmpError> {
+    match ty {
+        ArgType::Struct(members) => check_struct(args, members, ""),
+        ArgType::Union(u) => check_union(args, u, ""),
+        other => check_value(&Value::Object(args.clone()), other, "", ""),
+    }
+}
+
 /// Rewrites negative integers in `UInt64`/`Size` slots to the `u64` QEMU
 /// reads them as. Call after [`validate`] succeeded.
 pub fn normalize(args: &mut Map<String, Value>, members: &[Member]) {
@@ -101,6 +167,19 @@ fn normalize_value(v: &mut Value, ty: &ArgType) {
             }
         }
         (ArgType::Struct(members), Value::Object(map)) => normalize(map, members),
+        (ArgType::Union(u), Value::Object(map)) => {
+            normalize(map, u.base);
+            let tag = map.get(u.tag).and_then(Value::as_str).map(str::to_owned);
+            if let Some((_, members)) = u.variants.iter().find(|(n, _)| Some(*n) == tag.as_deref())
+            {
+                normalize(map, members);
+            }
+        }
+        (ArgType::Alternate(a), v) => {
+            if let Some(branch) = a.branches.iter().find(|b| json_type_matches(v, b)) {
+                normalize_value(v, branch);
+            }
+        }
         (ArgType::List(elem), Value::Array(items)) => {
             for item in items {
                 normalize_value(item, elem);
@@ -123,6 +202,16 @@ fn check_struct(
     members: &[Member],
     prefix: &str,
 ) -> Result<(), QmpError> {
+    check_members(obj, members, prefix)?;
+    unexpected(obj, &[members], prefix)
+}
+
+/// Checks the declared `members` of `obj`, in order.
+fn check_members(
+    obj: &Map<String, Value>,
+    members: &[Member],
+    prefix: &str,
+) -> Result<(), QmpError> {
     for m in members {
         match obj.get(m.name) {
             Some(v) => check_value(v, &m.ty, &join(prefix, m.name), m.name)?,
@@ -135,15 +224,56 @@ fn check_struct(
             }
         }
     }
-    match obj
-        .keys()
-        .find(|k| members.iter().all(|m| m.name != k.as_str()))
-    {
+    Ok(())
+}
+
+/// The first member of `obj` that none of `sets` declares.
+fn unexpected(obj: &Map<String, Value>, sets: &[&[Member]], prefix: &str) -> Result<(), QmpError> {
+    match obj.keys().find(|k| {
+        sets.iter()
+            .all(|members| members.iter().all(|m| m.name != k.as_str()))
+    }) {
         Some(k) => Err(QmpError::generic(format!(
             "Parameter '{}' is unexpected",
             join(prefix, k)
         ))),
         None => Ok(()),
+    }
+}
+
+fn check_union(obj: &Map<String, Value>, u: &Union, prefix: &str) -> Result<(), QmpError> {
+    check_members(obj, u.base, prefix)?;
+    // The base members passed, so the tag is present and one of its enum's values.
+    let tag = obj.get(u.tag).and_then(Value::as_str).unwrap_or_default();
+    match u.variants.iter().find(|(name, _)| *name == tag) {
+        Some((_, members)) => {
+            check_members(obj, members, prefix)?;
+            unexpected(obj, &[u.base, members], prefix)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Whether `v` has the JSON type of `ty`, for choosing an alternate's branch.
+fn json_type_matches(v: &Value, ty: &ArgType) -> bool {
+    match ty {
+        ArgType::Any => true,
+        ArgType::Str | ArgType::Enum(_) => v.is_string(),
+        ArgType::Bool => v.is_boolean(),
+        ArgType::Null => v.is_null(),
+        ArgType::Struct(_) | ArgType::Union(_) => v.is_object(),
+        ArgType::List(_) => v.is_array(),
+        ArgType::Alternate(_) => false,
+        ArgType::Int
+        | ArgType::Int8
+        | ArgType::Int16
+        | ArgType::Int32
+        | ArgType::UInt8
+        | ArgType::UInt16
+        | ArgType::UInt32
+        | ArgType::UInt64
+        | ArgType::Size
+        | ArgType::Number => v.is_number(),
     }
 }
 
@@ -179,6 +309,15 @@ fn check_value(v: &Value, ty: &ArgType, full: &str, bare: &str) -> Result<(), Qm
             .is_number()
             .then_some(())
             .ok_or_else(|| wrong_type("number")),
+        ArgType::Null => v.is_null().then_some(()).ok_or_else(|| wrong_type("null")),
+        ArgType::Union(u) => {
+            let obj = v.as_object().ok_or_else(|| wrong_type("object"))?;
+            check_union(obj, u, full)
+        }
+        ArgType::Alternate(a) => match a.branches.iter().find(|b| json_type_matches(v, b)) {
+            Some(branch) => check_value(v, branch, full, bare),
+            None => Err(wrong_type(a.name)),
+        },
         ArgType::Int => int().map(drop),
         ArgType::Int8 => ranged(i8::try_from(int()?).is_ok(), "int8_t"),
         ArgType::Int16 => ranged(i16::try_from(int()?).is_ok(), "int16_t"),

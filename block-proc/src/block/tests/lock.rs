@@ -19,18 +19,27 @@ impl QemuIo {
             args.push("-r");
         }
         args.extend(["-c", "sleep 20000", img]);
+        // Holders of byte 100 (consistent read) of the image, in /proc/locks. The test
+        // itself may hold it already, so wait for one more than now.
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(img).expect("stat"));
+        let holders = || {
+            std::fs::read_to_string("/proc/locks")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&format!(":{ino} 100 ")))
+                .count()
+        };
+        let before = holders();
         let child = Command::new("qemu-io")
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn qemu-io");
-        // Wait until its locks show up in /proc/locks (byte 100: consistent read).
-        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(img).expect("stat"));
+        // Wait until its locks show up in /proc/locks.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-            if locks.lines().any(|l| l.contains(&format!(":{ino} 100 "))) {
+            if holders() > before {
                 break;
             }
             assert!(Instant::now() < deadline, "qemu-io did not lock {img}");
