@@ -452,13 +452,22 @@ impl Job {
 
     /// `job_sleep_ns`: not busy for `d` (or until kicked), then a pause point.
     pub async fn sleep(self: &Arc<Self>, d: Duration) {
-        if !self.is_cancelled() && !d.is_zero() {
-            {
-                let mut s = self.state();
+        // Registered before the state says "sleeping", so no kick is lost.
+        let notified = self.kick.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        let sleep = {
+            let mut s = self.state();
+            // A pending pause is not slept through (QEMU's `job_sleep_ns`).
+            let sleep = !s.is_cancelled() && !d.is_zero() && s.pause_count == 0;
+            if sleep {
                 s.busy = false;
                 s.sleeping = true;
             }
-            let _ = tokio::time::timeout(d, self.kick.notified()).await;
+            sleep
+        };
+        if sleep {
+            let _ = tokio::time::timeout(d, notified).await;
             let mut s = self.state();
             s.busy = true;
             s.sleeping = false;
@@ -842,8 +851,17 @@ impl Jobs {
                 new.id
             )));
         }
-        let speed = u64::try_from(new.speed).map_err(|_| negative_speed())?;
         let driver = driver()?;
+        let Ok(speed) = u64::try_from(new.speed) else {
+            // QEMU has made the job by then: it appears and goes (created, null).
+            for status in [JobStatus::Created, JobStatus::Null] {
+                (self.events)(
+                    "JOB_STATUS_CHANGE",
+                    json!({ "id": new.id, "status": status.as_str() }),
+                );
+            }
+            return Err(negative_speed());
+        };
         let mut limit = RateLimit::new();
         limit.set_speed(speed);
         let job = Arc::new(Job {
