@@ -15,11 +15,12 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::block::lock::{LockMode, Perms};
-use crate::device::BlockDevice;
 use crate::drives::Drives;
 use crate::graph::open::Adder;
 use crate::graph::{Attached, BlockNode, Claim, Graph, Role, User};
+use crate::jobs::Jobs;
 use crate::nbd::{Export, NbdListener, NbdServer, NbdServerConfig, RemoveMode};
+use crate::service::Outgoing;
 
 /// NBD's limit on names and descriptions (`NBD_MAX_STRING_SIZE`).
 const NBD_MAX_STRING: usize = 4096;
@@ -50,10 +51,20 @@ struct Nbd {
 pub struct State {
     pub drives: Drives,
     /// Every block node: the drives' and `blockdev-add`'s.
-    graph: Mutex<Graph>,
-    image_dirs: Vec<PathBuf>,
+    graph: Arc<Mutex<Graph>>,
+    pub(crate) image_dirs: Vec<PathBuf>,
     nbd: Mutex<Nbd>,
-    events: mpsc::UnboundedSender<(String, Option<String>)>,
+    pub(crate) events: mpsc::UnboundedSender<Outgoing>,
+    /// The block jobs.
+    pub jobs: Arc<Jobs>,
+}
+
+/// Locks the graph (a poisoned lock still holds a consistent graph: every change to it
+/// is a single step).
+pub(crate) fn lock_graph(graph: &Mutex<Graph>) -> std::sync::MutexGuard<'_, Graph> {
+    graph
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn args<T: DeserializeOwned>(command: &str, arguments: &str) -> Result<T, QmpError> {
@@ -119,26 +130,34 @@ struct BlockdevDel {
 }
 
 impl State {
-    pub fn new(drives: Drives, events: mpsc::UnboundedSender<(String, Option<String>)>) -> Self {
-        let graph = Graph::new(drives.drives.iter().map(|d| {
-            (
-                d.config.id.clone(),
-                BlockNode::drive(d.node_name.clone(), d.node.clone(), d.node.read_only()),
-            )
+    pub fn new(drives: Drives, events: mpsc::UnboundedSender<Outgoing>) -> Self {
+        let sink = events.clone();
+        let jobs = Jobs::new(Arc::new(move |name: &str, data: Value| {
+            let _ = sink.send(Outgoing::Event(name.to_string(), Some(data.to_string())));
         }));
+        let graph = Graph::new(
+            drives
+                .drives
+                .iter()
+                .map(|d| (d.config.id.clone(), d.backend.current())),
+        );
         Self {
             image_dirs: drives.image_dirs.clone(),
             drives,
-            graph: Mutex::new(graph),
+            graph: Arc::new(Mutex::new(graph)),
             nbd: Mutex::default(),
             events,
+            jobs,
         }
     }
 
-    fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
-        self.graph
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(crate) fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
+        lock_graph(&self.graph)
+    }
+
+    /// The graph, for a job that changes it when it ends.
+    pub(crate) fn graph_handle(&self) -> std::sync::Weak<Mutex<Graph>> {
+        Arc::downgrade(&self.graph)
     }
 
     /// Every node, for closing at exit.
@@ -153,7 +172,9 @@ impl State {
     }
 
     fn emit(&self, name: &str, data: Value) {
-        let _ = self.events.send((name.to_string(), Some(data.to_string())));
+        let _ = self
+            .events
+            .send(Outgoing::Event(name.to_string(), Some(data.to_string())));
     }
 
     /// The node a device id or node name designates, with its node name.
@@ -190,6 +211,8 @@ impl State {
             "block_resize" => self.block_resize(args(command, arguments)?).await?,
             "blockdev-add" => self.blockdev_add(arguments, fds).await?,
             "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,
+            "drive-mirror" => self.drive_mirror(args(command, arguments)?).await?,
+            c if crate::jobs::COMMANDS.contains(&c) => self.jobs.execute(command, arguments)?,
             _ => {
                 return Err(QmpError::command_not_found(format!(
                     "The command {command} has not been found"
@@ -419,7 +442,10 @@ impl State {
     }
 
     async fn block_resize(&self, a: BlockResize) -> Result<Value, QmpError> {
-        let (_, node) = self.lookup(a.device.as_deref(), a.node_name.as_deref())?;
+        let (name, node) = self.lookup(a.device.as_deref(), a.node_name.as_deref())?;
+        let device = self.graph().device_of(&name);
+        self.jobs
+            .check_blocker(&[device.as_deref().unwrap_or(&name)])?;
         let size = u64::try_from(a.size)
             .map_err(|_| QmpError::generic("Parameter 'size' expects a >0 size"))?;
         if node.is_read_only() {

@@ -8,6 +8,7 @@
 //! - [`drives`]: the images opened for `--drive`, and what `query-block` says of them;
 //! - [`graph`]: the block nodes by name (drives' and `blockdev-add`'s), their permissions
 //!   and locks, `blockdev-add`/`blockdev-del`;
+//! - [`jobs`]: the block jobs (mirror) and their state machine, events and commands;
 //! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
 //! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
 
@@ -17,6 +18,7 @@ pub mod device;
 pub mod drives;
 pub mod graph;
 pub mod guest;
+pub mod jobs;
 pub mod nbd;
 pub mod sandbox;
 pub mod service;

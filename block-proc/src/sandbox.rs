@@ -37,7 +37,13 @@ pub fn seccomp_policy() -> SeccompPolicy {
             libc::SYS_openat,
             &[arg_masked_eq(2, libc::O_CREAT, 0)],
             "blockdev-add opens existing image files at run time; Landlock confines them to the \
-             image directories (creating files stays forbidden)",
+             image directories",
+        ),
+        allow_if(
+            libc::SYS_openat,
+            &[arg_masked_eq(2, libc::O_CREAT, libc::O_CREAT)],
+            "drive-mirror creates its target image (QEMU's mode=absolute-paths); Landlock \
+             confines creation to the image directories",
         ),
         allow(
             libc::SYS_readlink,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ipc::block::{BlockCall, BlockMessage, BlockReply, BlockRequest};
 use ipc::{AsyncChannel, Channel, IpcError, QmpError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
 use crate::commands::State;
@@ -27,10 +27,17 @@ pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> R
             }
         });
     }
-    let (events, mut rx) = mpsc::unbounded_channel::<(String, Option<String>)>();
+    let (events, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     let sender = monitor.clone();
     tokio::spawn(async move {
-        while let Some((name, data)) = rx.recv().await {
+        while let Some(out) = rx.recv().await {
+            let (name, data) = match out {
+                Outgoing::Event(name, data) => (name, data),
+                Outgoing::Barrier(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            };
             if sender
                 .send(&BlockMessage::Event { name, data }, &[])
                 .await
@@ -42,10 +49,13 @@ pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> R
     });
     let state = Arc::new(State::new(drives, events));
     let result = serve_monitor(&monitor, &state).await;
+    // Jobs end first (force-cancelled, as QEMU's `quit` does), so their targets are
+    // closed and nothing writes behind the flush below.
+    state.jobs.cancel_all().await;
     // Acknowledged writes are already in the kernel; this writes back whatever else the
     // images cache and makes it durable.
     for d in &state.drives.drives {
-        if let Err(e) = d.node.flush().await {
+        if let Err(e) = d.backend.current().flush().await {
             tracing::warn!("flushing {} at exit: {e}", d.config.id);
         }
     }
@@ -54,6 +64,14 @@ pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> R
         node.close().await;
     }
     result
+}
+
+/// What goes to the monitor besides replies: events, and barriers that let a reply wait
+/// until the events its command caused have been sent (QEMU sends them first).
+#[derive(Debug)]
+pub enum Outgoing {
+    Event(String, Option<String>),
+    Barrier(oneshot::Sender<()>),
 }
 
 async fn serve_monitor(monitor: &AsyncChannel, state: &Arc<State>) -> Result<(), Error> {
@@ -80,6 +98,11 @@ async fn serve_monitor(monitor: &AsyncChannel, state: &Arc<State>) -> Result<(),
                 false,
             ),
         };
+        // Events the command caused go first.
+        let (done, sent) = oneshot::channel();
+        if state.events.send(Outgoing::Barrier(done)).is_ok() {
+            let _ = sent.await;
+        }
         send_reply(monitor, call.id, result).await?;
         if exit {
             return Ok(());

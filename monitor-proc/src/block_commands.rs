@@ -287,6 +287,51 @@ pub const BLOCK_EXPORT_DEL: &[Member] = &[
     Member::optional("mode", ArgType::Enum(EXPORT_MODES)),
 ];
 
+/// QAPI `BlockdevOnError`.
+const ON_ERROR: ArgType = ArgType::Enum(&["report", "ignore", "enospc", "stop", "auto"]);
+
+/// `DriveMirror` (`drive-mirror` is `'boxed': true`; its struct is checked as a command's
+/// arguments).
+pub const DRIVE_MIRROR: &[Member] = &[
+    Member::optional("job-id", ArgType::Str),
+    Member::required("device", ArgType::Str),
+    Member::required("target", ArgType::Str),
+    Member::optional("format", ArgType::Str),
+    Member::optional("node-name", ArgType::Str),
+    Member::optional("replaces", ArgType::Str),
+    Member::required(
+        "sync",
+        ArgType::Enum(&["top", "full", "none", "incremental", "bitmap"]),
+    ),
+    Member::optional("mode", ArgType::Enum(&["existing", "absolute-paths"])),
+    Member::optional("speed", ArgType::Int),
+    Member::optional("granularity", ArgType::UInt32),
+    Member::optional("buf-size", ArgType::Int),
+    Member::optional("on-source-error", ON_ERROR),
+    Member::optional("on-target-error", ON_ERROR),
+    Member::optional("unmap", ArgType::Bool),
+    Member::optional(
+        "copy-mode",
+        ArgType::Enum(&["background", "write-blocking"]),
+    ),
+    Member::optional("auto-finalize", ArgType::Bool),
+    Member::optional("auto-dismiss", ArgType::Bool),
+];
+
+/// `block-job-set-speed`: both members are required on the wire.
+pub const BLOCK_JOB_SET_SPEED: &[Member] = &[
+    Member::required("device", ArgType::Str),
+    Member::required("speed", ArgType::Int),
+];
+pub const BLOCK_JOB_CANCEL: &[Member] = &[
+    Member::required("device", ArgType::Str),
+    Member::optional("force", ArgType::Bool),
+];
+/// `block-job-pause`, `-resume`, `-complete`.
+pub const BLOCK_JOB_DEVICE: &[Member] = &[Member::required("device", ArgType::Str)];
+/// `block-job-finalize`, `-dismiss` and every `job-*` verb.
+pub const JOB_ID: &[Member] = &[Member::required("id", ArgType::Str)];
+
 /// The NBD server's listening socket, as far as the monitor is concerned: it made it, and
 /// removes a unix socket file it created when the server stops or splitvmm exits.
 #[derive(Debug, Default)]

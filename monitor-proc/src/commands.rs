@@ -101,6 +101,22 @@ pub const COMMANDS: &[CommandDef] = &[
     block("block-export-add", bc::BLOCK_EXPORT_ADD),
     block("block-export-del", bc::BLOCK_EXPORT_DEL),
     block("query-block-exports", &[]),
+    block("drive-mirror", bc::DRIVE_MIRROR),
+    block("query-block-jobs", &[]),
+    block("query-jobs", &[]),
+    block("block-job-set-speed", bc::BLOCK_JOB_SET_SPEED),
+    block("block-job-cancel", bc::BLOCK_JOB_CANCEL),
+    block("block-job-pause", bc::BLOCK_JOB_DEVICE),
+    block("block-job-resume", bc::BLOCK_JOB_DEVICE),
+    block("block-job-complete", bc::BLOCK_JOB_DEVICE),
+    block("block-job-finalize", bc::JOB_ID),
+    block("block-job-dismiss", bc::JOB_ID),
+    block("job-pause", bc::JOB_ID),
+    block("job-resume", bc::JOB_ID),
+    block("job-cancel", bc::JOB_ID),
+    block("job-complete", bc::JOB_ID),
+    block("job-finalize", bc::JOB_ID),
+    block("job-dismiss", bc::JOB_ID),
 ];
 
 /// Handles one request value and renders the reply line.

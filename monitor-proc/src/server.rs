@@ -176,11 +176,9 @@ async fn writer<W: AsyncWrite>(
     let mut wr = std::pin::pin!(wr);
     loop {
         let ok = tokio::select! {
+            // Events first: one that was emitted before a reply was produced is written
+            // before it (QEMU sends a command's events before its reply).
             biased;
-            r = replies.recv() => match r {
-                Some(line) => wr.write_all(line.as_bytes()).await.is_ok(),
-                None => false,
-            },
             e = events.recv() => match e {
                 Ok(line) if negotiated.load(Ordering::Acquire) => wr.write_all(line.as_bytes()).await.is_ok(),
                 Ok(_) => true,
@@ -189,6 +187,10 @@ async fn writer<W: AsyncWrite>(
                     true
                 }
                 Err(broadcast::error::RecvError::Closed) => true,
+            },
+            r = replies.recv() => match r {
+                Some(line) => wr.write_all(line.as_bytes()).await.is_ok(),
+                None => false,
             },
             () = closed(&mut closing) => false,
         };

@@ -157,6 +157,8 @@ pub struct BlockNode {
     /// Nodes on the longest path from this one down to a leaf, itself included.
     depth: usize,
     claims: perm::Claims,
+    /// The dirty bitmaps of the jobs that watch this node (see [`crate::jobs::dirty`]).
+    pub(crate) dirty: crate::jobs::dirty::Tracker,
 }
 
 fn eperm() -> io::Error {
@@ -193,6 +195,7 @@ impl BlockNode {
             desc,
             depth: below + 1,
             claims: perm::Claims::default(),
+            dirty: Default::default(),
         })
     }
 
@@ -548,6 +551,35 @@ impl BlockDevice for BlockNode {
     }
 
     async fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let r = self.write_inner(buf, offset, fua).await;
+        self.dirty.mark(offset, buf.len() as u64);
+        r
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> io::Result<()> {
+        let r = self.zeroes_inner(offset, length, may_unmap).await;
+        self.dirty.mark(offset, length);
+        r
+    }
+
+    async fn discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        let r = self.discard_inner(offset, length).await;
+        self.dirty.mark(offset, length);
+        r
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.flush_inner().await
+    }
+
+    async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        self.status_inner(offset, length).await
+    }
+}
+
+/// The requests themselves; [`BlockDevice`] adds the dirty tracking.
+impl BlockNode {
+    async fn write_inner(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         if self.read_only {
             return Err(eperm());
         }
@@ -572,7 +604,7 @@ impl BlockDevice for BlockNode {
         }
     }
 
-    async fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> io::Result<()> {
+    async fn zeroes_inner(&self, offset: u64, length: u64, may_unmap: bool) -> io::Result<()> {
         if self.read_only {
             return Err(eperm());
         }
@@ -595,7 +627,7 @@ impl BlockDevice for BlockNode {
         }
     }
 
-    async fn discard(&self, offset: u64, length: u64) -> io::Result<()> {
+    async fn discard_inner(&self, offset: u64, length: u64) -> io::Result<()> {
         if self.read_only {
             return Err(eperm());
         }
@@ -619,7 +651,7 @@ impl BlockDevice for BlockNode {
         }
     }
 
-    async fn flush(&self) -> io::Result<()> {
+    async fn flush_inner(&self) -> io::Result<()> {
         if self.options.no_flush {
             return Ok(());
         }
@@ -632,7 +664,7 @@ impl BlockDevice for BlockNode {
         }
     }
 
-    async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+    async fn status_inner(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         if let Kind::File { image, .. } = &self.kind {
             Self::file_current(image).await?;
         }
@@ -859,6 +891,35 @@ impl Graph {
         self.entries
             .iter()
             .any(|e| e.device.is_some() && e.name == name)
+    }
+
+    /// The device id of the drive whose node is `name`, if it is one.
+    pub fn device_of(&self, name: &str) -> Option<String> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.device.clone())
+    }
+
+    /// A mirror's pivot (`bdrv_replace_node` for a drive): the device `device` now uses
+    /// `node`, which is already in the graph; its old node leaves the graph and is
+    /// returned for closing.
+    pub fn replace_device(
+        &mut self,
+        device: &str,
+        node: &Arc<BlockNode>,
+    ) -> Option<Arc<BlockNode>> {
+        let old = self
+            .entries
+            .iter()
+            .position(|e| e.device.as_deref() == Some(device))?;
+        let new = self
+            .entries
+            .iter_mut()
+            .find(|e| e.node.as_ref().is_some_and(|n| Arc::ptr_eq(n, node)))?;
+        new.device = Some(device.to_string());
+        new.owned = false;
+        self.entries.remove(old).node
     }
 
     /// The node a device id or a node name designates (QEMU's `bdrv_lookup_bs`).

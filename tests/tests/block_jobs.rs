@@ -1,0 +1,617 @@
+//! Block jobs over QMP on a real splitvmm (block-proc jailed as in production): drive-mirror
+//! as QEMU's iotests 041 drive it (complete, cancel before and after READY, pause, small
+//! buffers, speed, the not-found errors), the state machine as 219 checks it (every verb
+//! in every state, with QEMU's texts, and the JOB_STATUS_CHANGE sequences), and a guest
+//! that keeps writing through a mirror and its pivot. Images are made by qemu-img and
+//! checked with qemu-img compare/check.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::{RawQmp, Splitvmm, TempDir, kvm_or_skip, qemu_img_create, qemu_io, run};
+
+/// A QMP client that keeps every event, in order.
+struct Client {
+    c: RawQmp,
+    log: Vec<Value>,
+    /// Events before this index were already waited for.
+    pos: usize,
+}
+
+impl Client {
+    fn new(vm: &Splitvmm) -> Self {
+        Self {
+            c: vm.raw_qmp(),
+            log: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// Sends a command; returns the reply, keeping the events read before it.
+    fn exec(&mut self, execute: &str, arguments: Value) -> Value {
+        let msg = json!({ "execute": execute, "arguments": arguments });
+        self.c.send(msg.to_string().as_bytes());
+        loop {
+            let v = self.c.read();
+            if v.get("event").is_some() {
+                self.log.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
+        let r = self.exec(execute, arguments.clone());
+        r.get("return")
+            .unwrap_or_else(|| panic!("{execute} {arguments}: {r}"))
+            .clone()
+    }
+
+    fn err(&mut self, execute: &str, arguments: Value) -> (String, String) {
+        let r = self.exec(execute, arguments.clone());
+        let e = r
+            .get("error")
+            .unwrap_or_else(|| panic!("{execute} {arguments} succeeded: {r}"));
+        (
+            e["class"].as_str().unwrap_or_default().into(),
+            e["desc"].as_str().unwrap_or_default().into(),
+        )
+    }
+
+    /// The next event named `name` after the last one waited for.
+    fn wait(&mut self, name: &str) -> Value {
+        loop {
+            if let Some(i) = self.log[self.pos..].iter().position(|e| e["event"] == name) {
+                self.pos += i + 1;
+                return self.log[self.pos - 1].clone();
+            }
+            let v = self.c.read();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.log.push(v);
+        }
+    }
+
+    /// The job's JOB_STATUS_CHANGE statuses and other job events seen so far, as
+    /// "status" or "EVENT" strings.
+    fn sequence(&self) -> Vec<String> {
+        self.log
+            .iter()
+            .filter_map(|e| match e["event"].as_str()? {
+                "JOB_STATUS_CHANGE" => e["data"]["status"].as_str().map(str::to_string),
+                n if n.starts_with("BLOCK_JOB") => Some(n.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn job(&mut self) -> Value {
+        let jobs = self.ok("query-block-jobs", json!({}));
+        jobs[0].clone()
+    }
+
+    /// iotests' `pause_job`: until paused and not busy.
+    fn wait_paused(&mut self) -> Value {
+        for _ in 0..500 {
+            let j = self.job();
+            if j["paused"] == true && j["busy"] == false {
+                return j;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the job did not pause: {}", self.job());
+    }
+}
+
+/// A 1 MiB raw backing file with data at 0, and a qcow2 overlay with data at 512 KiB
+/// (041's TestSingleDrive set-up).
+fn source_images(dir: &TempDir) -> (String, String) {
+    let backing = dir.join("backing.raw");
+    let top = dir.join("test.qcow2");
+    qemu_img_create("raw", &backing, "1M");
+    qemu_io(
+        "raw",
+        &backing.display().to_string(),
+        &["write -P 0x11 0 64k"],
+    );
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&backing)
+        .arg(&top)
+        .arg("1M"));
+    qemu_io(
+        "qcow2",
+        &top.display().to_string(),
+        &["write -P 0x22 512k 64k"],
+    );
+    (backing.display().to_string(), top.display().to_string())
+}
+
+fn start(dir: TempDir, drive: &str) -> (Splitvmm, Client) {
+    let d = dir.path().display().to_string();
+    let vm = Splitvmm::start_in(dir, &["--drive", drive, "--image-dir", &d]);
+    let c = Client::new(&vm);
+    (vm, c)
+}
+
+fn compare(a: &str, fa: &str, b: &str, fb: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", fa, "-F", fb, a, b])
+        .status()
+        .expect("qemu-img compare")
+        .success()
+}
+
+/// Quits; the directory (and its images) stays until `vm` is dropped.
+fn quit(vm: &mut Splitvmm, mut c: Client) {
+    c.ok("quit", json!({}));
+    vm.wait_exit(Duration::from_secs(30));
+}
+
+fn inserted_file(c: &mut Client) -> String {
+    let b = c.ok("query-block", json!({}));
+    b[0]["inserted"]["file"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn mirror_complete_pivots_with_the_exact_event_sequence() {
+    let dir = TempDir::new("mirror-complete");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "format": "qcow2"}),
+    );
+    // created and running come before the reply (094.out).
+    assert_eq!(c.sequence(), ["created", "running"]);
+    let ready = c.wait("BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["type"], "mirror");
+    assert_eq!(ready["data"]["device"], "drive0");
+    assert_eq!(ready["data"]["len"], ready["data"]["offset"]);
+    let j = c.job();
+    assert_eq!(j["status"], "ready");
+    assert_eq!(j["ready"], true);
+    assert_eq!(j["io-status"], "ok");
+    assert_eq!(j["actively-synced"], false);
+    assert_eq!(j["auto-finalize"], true);
+    let jobs = c.ok("query-jobs", json!({}));
+    assert_eq!(jobs[0]["id"], "drive0");
+    assert_eq!(jobs[0]["type"], "mirror");
+    assert_eq!(jobs[0]["status"], "ready");
+    assert_eq!(jobs[0]["current-progress"], jobs[0]["total-progress"]);
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    c.wait("JOB_STATUS_CHANGE");
+    while c.sequence().last().map(String::as_str) != Some("null") {
+        c.wait("JOB_STATUS_CHANGE");
+    }
+    assert_eq!(
+        c.sequence(),
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
+    assert_eq!(inserted_file(&mut c), target);
+    quit(&mut vm, c);
+    assert!(compare(&top, "qcow2", &target, "qcow2"));
+    run(Command::new("qemu-img").args(["check", "-q", &target]));
+    // sync=full: the target stands alone.
+    let info = run(Command::new("qemu-img").args(["info", "--output=json", &target]));
+    assert!(!info.contains("backing-filename"), "{info}");
+}
+
+#[test]
+fn mirror_force_cancel_keeps_the_source() {
+    let dir = TempDir::new("mirror-cancel");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "speed": 1}),
+    );
+    c.ok(
+        "block-job-cancel",
+        json!({"device": "drive0", "force": true}),
+    );
+    let ev = c.wait("BLOCK_JOB_CANCELLED");
+    assert_eq!(ev["data"]["type"], "mirror");
+    assert_eq!(ev["data"]["speed"], 1);
+    c.wait("JOB_STATUS_CHANGE");
+    assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
+    assert_eq!(inserted_file(&mut c), top);
+    let seq = c.sequence();
+    assert_eq!(
+        &seq[seq.len() - 4..],
+        ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    );
+    quit(&mut vm, c);
+}
+
+#[test]
+fn mirror_soft_cancel_after_ready_completes_without_pivot() {
+    let dir = TempDir::new("mirror-cancel-ready");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-cancel", json!({"device": "drive0"}));
+    let ev = c.wait("BLOCK_JOB_COMPLETED");
+    assert_eq!(ev["data"]["type"], "mirror");
+    assert_eq!(ev["data"]["offset"], ev["data"]["len"]);
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    assert_eq!(inserted_file(&mut c), top);
+    quit(&mut vm, c);
+    assert!(compare(&top, "qcow2", &target, "qcow2"));
+}
+
+#[test]
+fn mirror_pause_freezes_progress_until_resume() {
+    let dir = TempDir::new("mirror-pause");
+    let img = dir.join("big.raw");
+    qemu_img_create("raw", &img, "8M");
+    let img = img.display().to_string();
+    qemu_io("raw", &img, &["write -P 0x5a 0 8M"]);
+    let target = dir.join("target.raw").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={img},format=raw"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full",
+               "speed": 1024 * 1024, "granularity": 65536, "buf-size": 65536}),
+    );
+    c.ok("block-job-pause", json!({"device": "drive0"}));
+    let paused = c.wait_paused();
+    assert_eq!(paused["status"], "paused");
+    let (class, desc) = c.err("block-job-pause", json!({"device": "drive0"}));
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        ("GenericError", "Job is already paused")
+    );
+    let (_, desc) = c.err("block-job-cancel", json!({"device": "drive0"}));
+    assert_eq!(
+        desc,
+        "The block job for device 'drive0' is currently paused"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.job()["offset"], paused["offset"], "progress while paused");
+    c.ok("block-job-resume", json!({"device": "drive0"}));
+    let (_, desc) = c.err("block-job-resume", json!({"device": "drive0"}));
+    assert_eq!(desc, "Can't resume a job that was not paused");
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 0}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    c.wait("BLOCK_JOB_COMPLETED");
+    let seq = c.sequence();
+    assert_eq!(&seq[..4], ["created", "running", "paused", "running"]);
+    quit(&mut vm, c);
+    assert!(compare(&img, "raw", &target, "raw"));
+}
+
+#[test]
+fn mirror_small_buffer_and_holes_stay_holes() {
+    let dir = TempDir::new("mirror-small-buf");
+    let img = dir.join("sparse.raw");
+    qemu_img_create("raw", &img, "4M");
+    let img = img.display().to_string();
+    qemu_io(
+        "raw",
+        &img,
+        &["write -P 0x33 1M 64k", "write -P 0x44 3M 4k"],
+    );
+    let target = dir.join("target.raw").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={img},format=raw"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "buf-size": 4096}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    c.wait("BLOCK_JOB_COMPLETED");
+    assert_eq!(inserted_file(&mut c), target);
+    quit(&mut vm, c);
+    assert!(compare(&img, "raw", &target, "raw"));
+    // Only what the source holds was written: the target is as sparse.
+    let map = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &target]));
+    let extents: Vec<Value> = serde_json::from_str(&map).expect("map JSON");
+    let data: u64 = extents
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(data <= 256 * 1024, "target has {data} bytes of data: {map}");
+}
+
+#[test]
+fn mirror_speed_and_errors_as_qemu() {
+    let dir = TempDir::new("mirror-speed");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.qcow2").display().to_string();
+    let missing = dir.join("missing.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    // The not-found errors (041 test_device_not_found, test_image_not_found).
+    let (class, desc) = c.err(
+        "drive-mirror",
+        json!({"device": "nonexistent", "target": target, "sync": "full"}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(
+        desc,
+        "Cannot find device='nonexistent' nor node-name='nonexistent'"
+    );
+    let (class, desc) = c.err(
+        "drive-mirror",
+        json!({"device": "drive0", "target": missing, "sync": "full", "mode": "existing"}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(
+        desc,
+        format!("Could not open '{missing}': No such file or directory")
+    );
+    for cmd in [
+        "block-job-pause",
+        "block-job-resume",
+        "block-job-complete",
+        "block-job-cancel",
+    ] {
+        let (class, desc) = c.err(cmd, json!({"device": "nosuch"}));
+        assert_eq!(class, "DeviceNotActive");
+        assert_eq!(desc, "Block job 'nosuch' not found");
+    }
+    for cmd in [
+        "job-pause",
+        "job-resume",
+        "job-cancel",
+        "job-complete",
+        "job-finalize",
+        "job-dismiss",
+    ] {
+        assert_eq!(
+            c.err(cmd, json!({"id": "nosuch"})),
+            ("GenericError".into(), "Job not found".into())
+        );
+    }
+    let (class, _) = c.err(
+        "block-job-set-speed",
+        json!({"device": "nosuch", "speed": 0}),
+    );
+    assert_eq!(class, "DeviceNotActive");
+    let (_, desc) = c.err(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "speed": -1}),
+    );
+    assert_eq!(desc, "Parameter 'speed' expects a non-negative value");
+    // As qemu-storage-daemon 10.0.2: the job appeared and went before the error.
+    assert_eq!(c.sequence(), ["created", "null"]);
+    let (_, desc) = c.err(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "granularity": 1000}),
+    );
+    assert_eq!(desc, "Parameter 'granularity' expects a power of 2");
+    // TestSetSpeed.
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "speed": 1}),
+    );
+    assert_eq!(c.job()["speed"], 1);
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 8 << 20}),
+    );
+    assert_eq!(c.job()["speed"], 8 << 20);
+    let (class, desc) = c.err(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": -1}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(desc, "Parameter 'speed' expects a non-negative value");
+    // The op blocker, and the job id already in use.
+    let (_, desc) = c.err(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full"}),
+    );
+    assert_eq!(
+        desc,
+        "Node 'drive0' is busy: block device is in use by block job: mirror"
+    );
+    let (_, desc) = c.err("block_resize", json!({"device": "drive0", "size": 2 << 20}));
+    assert_eq!(
+        desc,
+        "Node 'drive0' is busy: block device is in use by block job: mirror"
+    );
+    c.ok(
+        "block-job-cancel",
+        json!({"device": "drive0", "force": true}),
+    );
+    c.wait("BLOCK_JOB_CANCELLED");
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "speed": 4 << 20, "job-id": "j1"}),
+    );
+    let j = c.job();
+    assert_eq!(
+        (j["device"].as_str(), j["speed"].as_u64()),
+        (Some("j1"), Some(4 << 20))
+    );
+    let (_, desc) = c.err(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "job-id": "1bad"}),
+    );
+    assert_eq!(
+        desc,
+        "Node 'drive0' is busy: block device is in use by block job: mirror"
+    );
+    quit(&mut vm, c);
+}
+
+/// 219: every verb in every state a mirror passes through, with QEMU's texts.
+#[test]
+fn job_verbs_in_every_state() {
+    let dir = TempDir::new("job-verbs");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "job-id": "job0", "target": target, "sync": "full",
+               "speed": 1, "auto-finalize": false, "auto-dismiss": false}),
+    );
+    let refused = |c: &mut Client, state: &str, verbs: &[&str]| {
+        for verb in verbs {
+            let (cmd, args) = match *verb {
+                "complete" => ("job-complete", json!({"id": "job0"})),
+                "finalize" => ("job-finalize", json!({"id": "job0"})),
+                "dismiss" => ("job-dismiss", json!({"id": "job0"})),
+                "pause" => ("job-pause", json!({"id": "job0"})),
+                "cancel" => ("job-cancel", json!({"id": "job0"})),
+                "set-speed" => ("block-job-set-speed", json!({"device": "job0", "speed": 0})),
+                _ => ("block-job-complete", json!({"device": "job0"})),
+            };
+            let (class, desc) = c.err(cmd, args);
+            assert_eq!(class, "GenericError");
+            assert_eq!(
+                desc,
+                format!("Job 'job0' in state '{state}' cannot accept command verb '{verb}'")
+            );
+        }
+    };
+    refused(&mut c, "running", &["complete", "finalize", "dismiss"]);
+    c.ok("job-pause", json!({"id": "job0"}));
+    c.wait_paused();
+    refused(&mut c, "paused", &["complete", "finalize", "dismiss"]);
+    c.ok("job-resume", json!({"id": "job0"}));
+    c.ok("block-job-set-speed", json!({"device": "job0", "speed": 0}));
+    c.wait("BLOCK_JOB_READY");
+    refused(&mut c, "ready", &["finalize", "dismiss"]);
+    c.ok("job-pause", json!({"id": "job0"}));
+    let j = c.wait_paused();
+    assert_eq!(j["status"], "standby");
+    assert_eq!(j["ready"], true);
+    refused(&mut c, "standby", &["finalize", "dismiss"]);
+    c.ok("job-resume", json!({"id": "job0"}));
+    c.ok("job-complete", json!({"id": "job0"}));
+    let pending = c.wait("BLOCK_JOB_PENDING");
+    assert_eq!(pending["data"], json!({"type": "mirror", "id": "job0"}));
+    assert_eq!(c.job()["status"], "pending");
+    refused(
+        &mut c,
+        "pending",
+        &["pause", "complete", "dismiss", "set-speed"],
+    );
+    c.ok("job-finalize", json!({"id": "job0"}));
+    c.wait("BLOCK_JOB_COMPLETED");
+    assert_eq!(c.job()["status"], "concluded");
+    refused(
+        &mut c,
+        "concluded",
+        &["pause", "complete", "finalize", "cancel", "set-speed"],
+    );
+    c.ok("job-dismiss", json!({"id": "job0"}));
+    c.wait("JOB_STATUS_CHANGE");
+    while c.sequence().last().map(String::as_str) != Some("null") {
+        c.wait("JOB_STATUS_CHANGE");
+    }
+    assert_eq!(
+        c.sequence(),
+        [
+            "created",
+            "running",
+            "paused",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "standby",
+            "ready",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_PENDING",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    assert_eq!(c.ok("query-jobs", json!({})), json!([]));
+    assert_eq!(inserted_file(&mut c), target);
+    quit(&mut vm, c);
+}
+
+/// The workload guest writes and verifies all along a mirror, READY and the pivot: it
+/// passes, on the target, and the target is a sound qcow2 image.
+#[test]
+fn guest_keeps_writing_through_mirror_and_pivot() {
+    if !kvm_or_skip("guest_keeps_writing_through_mirror_and_pivot") {
+        return;
+    }
+    let dir = TempDir::new("mirror-guest");
+    let img = dir.join("disk0.qcow2");
+    qemu_img_create("qcow2", &img, "16M");
+    let target = dir.join("target.qcow2").display().to_string();
+    let serial = format!("file:{}", dir.join("serial.log").display());
+    let d = dir.path().display().to_string();
+    let drive = format!("id=disk0,file={},format=qcow2", img.display());
+    let mut vm = Splitvmm::start_in(
+        dir,
+        &[
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            "run=write-verify-loop seconds=6",
+            "--memory",
+            "128M",
+            "--serial",
+            &serial,
+            "--image-dir",
+            &d,
+            "--drive",
+            &drive,
+        ],
+    );
+    let mut c = Client::new(&vm);
+    let log = vm.dir.join("serial.log");
+    tests::wait_for_text(&log, Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    c.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "disk0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(inserted_file(&mut c), target);
+    let ev = c.wait("SHUTDOWN");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    let code = vm.wait_exit(Duration::from_secs(120)).code();
+    let serial = std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default();
+    assert_eq!(code, Some(0), "{serial}");
+    assert!(serial.contains("workload: PASS"), "{serial}");
+    run(Command::new("qemu-img").args(["check", "-q", &target]));
+    assert!(Path::new(&target).exists());
+}
