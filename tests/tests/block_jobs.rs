@@ -168,8 +168,9 @@ fn mirror_complete_pivots_with_the_exact_event_sequence() {
         "drive-mirror",
         json!({"device": "drive0", "target": target, "sync": "full", "format": "qcow2"}),
     );
-    // created and running come before the reply (094.out).
-    assert_eq!(c.sequence(), ["created", "running"]);
+    // created and running come before the reply (094.out). A small image can also reach
+    // ready before the reply goes out: QEMU does not order those, so only the prefix counts.
+    assert_eq!(c.sequence()[..2], ["created", "running"]);
     let ready = c.wait("BLOCK_JOB_READY");
     assert_eq!(ready["data"]["type"], "mirror");
     assert_eq!(ready["data"]["device"], "drive0");

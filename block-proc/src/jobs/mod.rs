@@ -649,7 +649,13 @@ impl Job {
 
     /// The end of `job_finalize_single_locked`: the completion event, concluded, and
     /// null with auto-dismiss.
+    ///
+    /// With auto-dismiss, concluded and null happen under the job list's lock (list, then
+    /// state: the order queries take them in), as QEMU does them in one step of its main
+    /// loop: a client that saw the completion event never finds the job afterwards.
     fn finalize_end(self: &Arc<Self>) {
+        let jobs = self.jobs.upgrade();
+        let mut list = jobs.as_ref().map(|j| lock(&j.list));
         let mut s = self.state();
         let mut data = self.event_data(&s);
         if s.is_cancelled() {
@@ -664,16 +670,28 @@ impl Job {
         }
         s.transition(self, JobStatus::Concluded);
         if s.auto_dismiss {
+            if let Some(list) = list.as_mut() {
+                list.retain(|j| !Arc::ptr_eq(j, self));
+            }
+            s.transition(self, JobStatus::Null);
             drop(s);
-            self.dismiss();
+            drop(list);
+            self.kick();
         }
     }
 
     /// `job_do_dismiss_locked`: null, and the job is gone.
+    ///
+    /// The job leaves the list while the list is locked and before the `null` event goes
+    /// out, so a client that saw `null` never finds the job in `query-block-jobs`.
     fn dismiss(self: &Arc<Self>) {
-        self.state().transition(self, JobStatus::Null);
-        if let Some(jobs) = self.jobs.upgrade() {
-            lock(&jobs.list).retain(|j| !Arc::ptr_eq(j, self));
+        match self.jobs.upgrade() {
+            Some(jobs) => {
+                let mut list = lock(&jobs.list);
+                list.retain(|j| !Arc::ptr_eq(j, self));
+                self.state().transition(self, JobStatus::Null);
+            }
+            None => self.state().transition(self, JobStatus::Null),
         }
         self.kick();
     }
@@ -821,6 +839,13 @@ impl Jobs {
         lock(&self.list).clone()
     }
 
+    /// The jobs a query shows: a job dismissed after the list was read is gone already.
+    fn live(&self) -> impl Iterator<Item = Arc<Job>> {
+        self.list()
+            .into_iter()
+            .filter(|j| j.state().status != JobStatus::Null)
+    }
+
     /// `bdrv_op_is_blocked`: the job using `node` (its device name or node name), worded
     /// as QEMU's op blocker.
     pub fn check_blocker(&self, names: &[&str]) -> Result<(), QmpError> {
@@ -939,9 +964,9 @@ impl Jobs {
     pub fn execute(&self, command: &str, arguments: &str) -> Result<Value, QmpError> {
         match command {
             "query-block-jobs" => {
-                return Ok(self.list().iter().map(|j| j.block_job_info()).collect());
+                return Ok(self.live().map(|j| j.block_job_info()).collect());
             }
-            "query-jobs" => return Ok(self.list().iter().map(|j| j.job_info()).collect()),
+            "query-jobs" => return Ok(self.live().map(|j| j.job_info()).collect()),
             "block-job-set-speed" => {
                 let a: SetSpeedArgs = decode(command, arguments)?;
                 set_speed(&self.block_job(&a.device)?, a.speed)?;
