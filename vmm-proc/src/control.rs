@@ -27,10 +27,10 @@ use ipc::vmm::{VmmCall, VmmEvent, VmmMessage, VmmReply, VmmRequest};
 use ipc::{Channel, IpcError, QmpError};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot;
 use crate::bus::Bus;
 use crate::io_thread::IoCommand;
-use crate::loader::Image;
+use crate::kernel::BootSource;
+use crate::machine::PowerOnChips;
 use crate::memory::GuestRam;
 use crate::vcpu::{GuestEvent, VcpuAck, VcpuEvent, VcpuHandle};
 
@@ -50,17 +50,11 @@ pub enum Input {
     BlockIoError(ipc::vmm::BlockIoError),
 }
 
-/// What a reset restores.
-#[derive(Debug)]
-pub struct BootSource {
-    pub image: Image,
-    pub cmdline: String,
-}
-
 /// The running VM as the controller sees it.
 #[derive(Debug)]
 pub struct Vm {
-    _vm: kvm_ioctls::VmFd,
+    vm: kvm_ioctls::VmFd,
+    chips: PowerOnChips,
     state: RunState,
     monitor: Arc<Channel>,
     inputs: Receiver<Input>,
@@ -79,6 +73,8 @@ pub struct Vm {
 pub struct Parts {
     /// The VM itself, kept open for as long as its vCPUs run.
     pub vm: kvm_ioctls::VmFd,
+    /// The interrupt controllers' power-on state, for resets.
+    pub chips: PowerOnChips,
     pub monitor: Arc<Channel>,
     pub inputs: Receiver<Input>,
     pub vcpus: Vec<VcpuHandle>,
@@ -95,7 +91,8 @@ impl Vm {
     /// A VM whose vCPUs and I/O thread are started and paused.
     pub fn new(p: Parts) -> Self {
         Self {
-            _vm: p.vm,
+            vm: p.vm,
+            chips: p.chips,
             state: RunState::Prelaunch,
             monitor: p.monitor,
             inputs: p.inputs,
@@ -260,14 +257,23 @@ impl Vm {
                 "the I/O thread did not reset the devices",
             ));
         }
-        self.boot
-            .image
-            .load(&*self.ram.mem)
-            .map_err(|e| QmpError::generic(format!("reloading the guest image: {e}")))?;
-        boot::write_boot_structures(&*self.ram.mem, self.ram.size, &self.boot.cmdline)
-            .map_err(|e| QmpError::generic(format!("rewriting the boot structures: {e}")))?;
-        for v in &self.vcpus {
-            v.send(VcpuEvent::Reset);
+        // As at power-on: the interrupt controllers, the UART, then the guest image and the
+        // vCPUs (a Linux kernel is read again from its file, and may enter elsewhere).
+        self.chips
+            .apply(&self.vm)
+            .map_err(|e| QmpError::generic(format!("resetting the interrupt controllers: {e}")))?;
+        self.bus.reset_serial();
+        let entry = self
+            .boot
+            .load(&self.ram)
+            .map_err(|e| QmpError::generic(format!("reloading the guest: {e}")))?;
+        let boot_cpu = BootSource::boot_cpu(&entry);
+        for (i, v) in self.vcpus.iter().enumerate() {
+            v.send(VcpuEvent::Reset(if i == 0 {
+                boot_cpu.clone()
+            } else {
+                None
+            }));
         }
         for (i, ack) in self.wait_acks(|a| matches!(a, VcpuAck::Reset(_))) {
             if let Some(VcpuAck::Reset(Err(e))) = ack {
