@@ -17,7 +17,7 @@ use std::io::{Read, Seek, SeekFrom};
 use crate::boot;
 use crate::layout::{VIRTIO_MMIO_SIZE, WORKLOAD_MAX_RAM, virtio_slot};
 use crate::linux::{BootCpu, LinuxBootSpec, VirtioMmioDevice, load_linux};
-use crate::loader::{Image, LoadError};
+use crate::loader::{Image, LoadError, is_linux_kernel};
 use crate::machine::Entry;
 use crate::memory::GuestRam;
 
@@ -66,7 +66,9 @@ impl BootSource {
         let bytes = match kernel {
             KernelSource::Bytes(b) => b,
             KernelSource::File(mut f) => {
-                if is_linux(&mut f).map_err(|e| format!("--kernel: reading the image: {e}"))? {
+                let linux = is_linux_kernel(&mut f)
+                    .map_err(|e| format!("--kernel: reading the image: {e}"))?;
+                if linux {
                     return Ok(Self::Linux(LinuxBoot {
                         kernel: f,
                         initrd,
@@ -169,26 +171,4 @@ pub enum KernelSource {
     Bytes(Vec<u8>),
     /// A file the monitor opened (`--kernel PATH`).
     File(File),
-}
-
-/// Whether the file is a Linux kernel: a bzImage (`HdrS` at 0x202) or an ELF with a
-/// `Linux` note. Reads what the workload loader would read to tell (the whole file if it
-/// is an ELF, the first bytes otherwise).
-fn is_linux(f: &mut File) -> std::io::Result<bool> {
-    f.seek(SeekFrom::Start(0))?;
-    let mut head = Vec::new();
-    f.by_ref().take(0x206).read_to_end(&mut head)?;
-    if head.get(0x202..0x206) == Some(b"HdrS") {
-        return Ok(true);
-    }
-    if !head.starts_with(b"\x7fELF") {
-        return Ok(false);
-    }
-    f.seek(SeekFrom::Start(0))?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)?;
-    Ok(matches!(
-        Image::parse(&bytes, u64::MAX),
-        Err(LoadError::Linux)
-    ))
 }

@@ -39,7 +39,7 @@ use bzimage::{BzImageError, ENTRY_64_OFFSET, SETUP_HEADER_END, SetupHeader};
 use e820::E820Entry;
 use layout::{
     ACPI_END, ACPI_START, CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, IOAPIC_ADDR, MMIO_HOLE_START,
-    PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+    PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, RESET_STUB, RESET_VECTOR, ZERO_PAGE_ADDR,
 };
 pub use regs::{BootCpu, BootProtocol};
 
@@ -126,7 +126,7 @@ pub enum LinuxError {
         kernel_end: u64,
         top: u64,
     },
-    #[error("ACPI tables of {0} bytes do not fit at 0xe0000..0x100000")]
+    #[error("ACPI tables of {0} bytes do not fit at 0xe0000..0xffff0")]
     AcpiTooLarge(usize),
     #[error("writing {what} to guest memory: {source}")]
     Memory {
@@ -248,6 +248,8 @@ where
     }
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
         .map_err(mem_err("the ACPI tables"))?;
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(mem_err("the reset stub"))?;
 
     let e820 = e820::memory_map(spec.mem_size);
     let cpu = match &kind {
@@ -623,6 +625,16 @@ mod tests {
             assert_eq!((addr, size, kind), (want.addr, want.size, want.kind as u32));
         }
         assert_eq!(read_bytes(&m, ACPI_START, 8), b"RSD PTR ");
+        // The real-mode reset vector pulses the reset line: mov al, 0xfe; out 0x64, al.
+        assert_eq!(
+            read_bytes(&m, RESET_VECTOR, 4),
+            [
+                0xb0,
+                layout::ACPI_RESET_VALUE,
+                0xe6,
+                layout::ACPI_RESET_PORT as u8
+            ]
+        );
     }
 
     #[test]
