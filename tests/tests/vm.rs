@@ -707,6 +707,31 @@ fn a_linux_guest_reboot_reloads_the_kernel_and_initrd_and_keeps_the_aps_waiting(
     );
     // A failed check would have powered the VM off with a non-zero value.
     assert_eq!(status(&mut qmp), "paused", "{}", vm.stderr_text());
+    // system_reset does the same reload: from paused, the VM waits in prelaunch, then
+    // boots again (and goes on rebooting) once continued.
+    let boots = text.matches("boot").count();
+    qmp.ok("system_reset", json!({}));
+    // Guest resets from before the stop may still be queued: skip to the host's.
+    let host = loop {
+        let ev = qmp.event("RESET");
+        if ev["data"]["guest"] != json!(true) {
+            break ev;
+        }
+    };
+    assert_eq!(
+        host["data"],
+        json!({ "guest": false, "reason": "host-qmp-system-reset" })
+    );
+    assert_eq!(status(&mut qmp), "prelaunch");
+    cont(&mut qmp);
+    qmp.event("RESET");
+    let text = wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t.matches("boot").count() > boots + 1
+    });
+    assert!(
+        !text.contains("did nothing") && !text.contains("AP ran"),
+        "{text:?}"
+    );
     qmp.ok("quit", json!({}));
     assert_eq!(vm.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
