@@ -737,6 +737,43 @@ fn a_linux_guest_reboot_reloads_the_kernel_and_initrd_and_keeps_the_aps_waiting(
 }
 
 #[test]
+fn a_linux_kernel_is_read_again_at_each_reset_and_a_broken_one_stops_the_vm() {
+    let test = "a_linux_kernel_is_read_again_at_each_reset_and_a_broken_one_stops_the_vm";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let mut g = Guest::new(1);
+    g.print(0, "boot\r\n");
+    g.idle(0);
+    let (vm, mut qmp) = boot_linux(TempDir::new("vm-linux-reload"), &g, 1, "64M", None, "", &[]);
+    let log = serial(&vm);
+    let boots = |n: usize| move |t: &str| t.matches("boot").count() == n;
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), boots(1));
+    // The kernel file, cut short in place: the descriptor vmm-proc holds sees it, so the
+    // reset cannot load a kernel and the VM stops, panicked.
+    let kernel = vm.dir.join("bzImage");
+    let image = std::fs::read(&kernel).expect("read the bzImage");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&kernel)
+        .and_then(|f| f.set_len(100))
+        .expect("truncate the bzImage");
+    let (class, desc) = qmp.err("system_reset", json!({}));
+    assert_eq!(class, "GenericError");
+    assert!(desc.contains("too small for a bzImage"), "{desc}");
+    qmp.event("GUEST_PANICKED");
+    assert_eq!(status(&mut qmp), "guest-panicked");
+    // Written back in place, it loads again.
+    std::fs::write(&kernel, &image).expect("restore the bzImage");
+    qmp.ok("system_reset", json!({}));
+    qmp.event("RESET");
+    assert_eq!(status(&mut qmp), "prelaunch");
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), boots(2));
+}
+
+#[test]
 fn a_linux_guest_with_more_than_3_gib_has_ram_at_4_gib() {
     if !kvm_or_skip("a_linux_guest_with_more_than_3_gib_has_ram_at_4_gib") {
         return;
