@@ -25,12 +25,15 @@ impl QemuIo {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn qemu-io");
-        // Wait until its locks show up in /proc/locks (byte 100: consistent read).
+        // Wait until its locks show up in /proc/locks. QEMU takes them one byte at a time,
+        // its permissions (100 + bit) first, then what it does not share (200 + bit); the
+        // last, in both modes, is 203 (resize not shared). Waiting for 100 alone raced with
+        // the rest under load: a conflict on 201 (write not shared) was not there yet.
         let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(img).expect("stat"));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-            if locks.lines().any(|l| l.contains(&format!(":{ino} 100 "))) {
+            if locks.lines().any(|l| l.contains(&format!(":{ino} 203 "))) {
                 break;
             }
             assert!(Instant::now() < deadline, "qemu-io did not lock {img}");
