@@ -9,7 +9,8 @@
 #       the kernel command line;
 #   L2  Debian's cloud kernel with an initramfs whose /init loads virtio_mmio, virtio_pci
 #       and virtio_blk, writes a pattern to /dev/vda, reads it back, prints a verdict line
-#       and reboots (which ends a VMM run with -no-reboot, and splitvmm's on i8042 reset).
+#       and reboots; the boot after the reboot finds the pattern on the disk, says so and
+#       powers off (or, asked to, the first boot powers off at once).
 #
 # Idempotent and cached: the packages are downloaded once per kernel version; the
 # initramfs images are rebuilt only when this script changes. Prints the assets directory
@@ -178,33 +179,40 @@ sync
 umount "/host$work"
 poweroff -f'
 
-# L2: write a pattern made from the token given after `--` to /dev/vda at 1 MiB, read it
-# back with O_DIRECT, compare, say so, reboot. With `-- TOKEN nodisk` it only says it booted.
+# L2: a pattern made from the token given after `--` goes to /dev/vda at 1 MiB. If the disk
+# already holds it, this is the boot after a reboot: say so and power off. Otherwise write
+# it, read it back with O_DIRECT, compare, say so, and reboot (the VMM resets the VM and the
+# next boot finds the pattern), or with `-- TOKEN once` power off at once. A failure powers
+# off too, so that a broken run ends instead of rebooting in a loop.
 l2_init='#!/bin/busybox sh
 tag=NESTED-L2'"
 $common_init
-"'echo "$tag: init at $(up) s"
+"'echo "$tag: init at $(up) s, CPUs $(cat /sys/devices/system/cpu/online)"
 token=${1:-none}
-if [ "${2:-}" = nodisk ]; then
-    echo "$tag: VERDICT BOOTED with no disk asked for, token $token, at $(up) s"
-    sync
-    reboot -f
-fi
+mode=${2:-reboot}
+verdict() { echo "$tag: VERDICT $*, token $token, at $(up) s"; }
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 if [ ! -b /dev/vda ]; then
-    echo "$tag: VERDICT FAIL no /dev/vda"
+    verdict FAIL no /dev/vda
+    poweroff -f
+fi
+yes "splitvmm-nested $token" | head -c 1048576 >/tmp/pattern
+if dd if=/dev/vda of=/tmp/ondisk bs=65536 skip=16 count=16 iflag=direct status=none &&
+    cmp -s /tmp/pattern /tmp/ondisk; then
+    verdict PASS found 1048576 bytes at 1048576 of /dev/vda after a reboot
+    poweroff -f
+fi
+if dd if=/tmp/pattern of=/dev/vda bs=65536 seek=16 oflag=direct conv=fsync status=none &&
+    dd if=/dev/vda of=/tmp/readback bs=65536 skip=16 count=16 iflag=direct status=none &&
+    cmp /tmp/pattern /tmp/readback; then
+    verdict PASS wrote and read back 1048576 bytes at 1048576 of /dev/vda
 else
-    yes "splitvmm-nested $token" | head -c 1048576 >/tmp/pattern
-    if dd if=/tmp/pattern of=/dev/vda bs=65536 seek=16 oflag=direct conv=fsync status=none &&
-        dd if=/dev/vda of=/tmp/readback bs=65536 skip=16 count=16 iflag=direct status=none &&
-        cmp /tmp/pattern /tmp/readback; then
-        echo "$tag: VERDICT PASS wrote and read back 1048576 bytes at 1048576 of /dev/vda, token $token, at $(up) s"
-    else
-        echo "$tag: VERDICT FAIL the read-back differs or dd failed"
-    fi
+    verdict FAIL the read-back differs or dd failed
+    poweroff -f
 fi
 sync
+[ "$mode" = once ] && poweroff -f
 reboot -f'
 
 mkdir -p "$out"

@@ -5,7 +5,7 @@
 //!   Hello ──────────────────────────────►
 //!   ◄────────────────────────────── Hello
 //!   VmmCall{id, Configure}               set up the VM, enter the jail
-//!     + /dev/kvm [+ serial] [+ kernel] ─►
+//!     + /dev/kvm [+ serial] [+ kernel] [+ initrd] ─►
 //!   ◄───────────── VmmMessage::Reply{id}
 //!   VmmCall{id, Stop | Cont | SystemReset} ►
 //!   ◄── VmmMessage::Event(RunState | Reset)  (STOP / RESUME / RESET on the QMP side)
@@ -34,7 +34,9 @@ impl Message for VmmCall {
     fn fd_count(&self) -> usize {
         match &self.request {
             VmmRequest::Configure(c) => {
-                1 + usize::from(c.serial) + usize::from(c.kernel == KernelImage::File)
+                1 + usize::from(c.serial)
+                    + usize::from(c.kernel == KernelImage::File)
+                    + usize::from(c.initrd)
             }
             _ => 0,
         }
@@ -45,7 +47,8 @@ impl Message for VmmCall {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum VmmRequest {
     /// First request: the VM's configuration. Descriptors travel with it in this order:
-    /// `/dev/kvm`, the serial output (if `serial`), the kernel file (if `KernelImage::File`).
+    /// `/dev/kvm`, the serial output (if `serial`), the kernel file (if `KernelImage::File`),
+    /// the initramfs file (if `initrd`).
     Configure(VmmConfig),
     QueryStatus,
     Stop,
@@ -73,6 +76,8 @@ pub struct VmmConfig {
     pub memory_bytes: u64,
     pub cpus: u8,
     pub kernel: KernelImage,
+    /// Whether an initramfs file descriptor travels with the message (`--initrd`).
+    pub initrd: bool,
     pub cmdline: String,
     /// `--paused`: stay in `prelaunch` until `cont`.
     pub start_paused: bool,

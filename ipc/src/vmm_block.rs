@@ -62,9 +62,12 @@ pub enum VmmBlockRequest {
     SetMemory { size: u64 },
 }
 
-/// A guest-physical range.
+/// A range of guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
+    /// Its offset in the guest memory file. That is its guest-physical address below the
+    /// device window at 3 GiB; RAM a (Linux) guest sees from 4 GiB up follows the low RAM
+    /// in the file, and vmm-proc translates (`vmm_proc::memory::RamMap`).
     pub gpa: u64,
     pub len: u32,
 }

@@ -15,7 +15,12 @@ Examples:
   # A VM running the embedded workload guest, QMP on TCP as well
   splitvmm --name vm1 --memory 512M --cpus 1 --kernel builtin:workload \\
            --drive id=disk0,file=disk0.raw,format=raw \\
-           --qmp unix:/tmp/vm1.sock,server=on,wait=off --qmp tcp:127.0.0.1:4444,server=on,wait=off";
+           --qmp unix:/tmp/vm1.sock,server=on,wait=off --qmp tcp:127.0.0.1:4444,server=on,wait=off
+
+  # A Linux guest (the drive is its /dev/vda; poweroff in the guest ends splitvmm)
+  splitvmm --memory 1G --cpus 2 --kernel vmlinuz --initrd initrd.img \\
+           --append 'console=ttyS0 root=/dev/vda' \\
+           --drive id=vda,file=disk.qcow2,format=qcow2 --serial stdio";
 
 /// splitvmm: a KVM virtual machine monitor split into three sandboxed processes, driven
 /// over QMP like QEMU.
@@ -34,8 +39,9 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=255))]
     pub cpus: u8,
 
-    /// Guest kernel: a bzImage or vmlinux file, or builtin:workload for the embedded
-    /// workload guest. Without it, splitvmm runs as a storage daemon (QMP + block-proc).
+    /// Guest kernel: a Linux bzImage or vmlinux, a static ELF with the workload guest's
+    /// ABI, or builtin:workload for the embedded workload guest. Without it, splitvmm runs
+    /// as a storage daemon (QMP + block-proc).
     #[arg(long, value_name = "PATH|builtin:NAME", value_parser = parse_kernel)]
     pub kernel: Option<Kernel>,
 

@@ -317,14 +317,18 @@ async fn start(
             if let Some(serial) = open_serial(&cli.serial)? {
                 fds.push(serial);
             }
+            // The kernel and initramfs are read-only inputs: vmm-proc reads them at boot
+            // and again at every reset, through these descriptors.
+            let open_input = |option: &str, p: &PathBuf| {
+                std::fs::File::open(p)
+                    .map(OwnedFd::from)
+                    .map_err(|e| SupervisorError::Start(format!("{option} {}: {e}", p.display())))
+            };
             if let Kernel::File(p) = kernel {
-                fds.push(
-                    std::fs::File::open(p)
-                        .map_err(|e| {
-                            SupervisorError::Start(format!("--kernel {}: {e}", p.display()))
-                        })?
-                        .into(),
-                );
+                fds.push(open_input("--kernel", p)?);
+            }
+            if let Some(p) = &cli.initrd {
+                fds.push(open_input("--initrd", p)?);
             }
             let pid = launcher
                 .spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd])
@@ -338,6 +342,7 @@ async fn start(
                     Kernel::Builtin(n) => KernelImage::Builtin(n.clone()),
                     Kernel::File(_) => KernelImage::File,
                 },
+                initrd: cli.initrd.is_some(),
                 cmdline: cli.append.clone(),
                 start_paused: cli.paused,
                 sandbox: cli.sandbox,

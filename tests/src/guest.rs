@@ -13,6 +13,12 @@
 //!
 //! A failed check writes `(operation number << 8) | 1` to the debug-exit port, so
 //! splitvmm exits 1; a passing guest ends with [`Guest::pass`] (debug-exit value 0).
+//!
+//! The same guest can also be packed as a bzImage ([`Guest::bzimage`]) and booted through
+//! the Linux path: the loader copies the protected-mode code to 1 MiB, so the layout is the
+//! same, and a jump at 1 MiB + 0x200 (the 64-bit entry) leads to the interpreter. It then
+//! runs at CPL0 with the loader's page tables, `rsi` pointing at `boot_params`, and `rdi`
+//! zero: only vCPU 0 runs (the others wait for an INIT/SIPI the guest never sends).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -163,9 +169,9 @@ impl Guest {
         self.idle(cpu);
     }
 
-    /// The guest as a static ELF following docs/guest-abi.md.
-    pub fn elf(&self) -> Vec<u8> {
-        let mut programs = Vec::new();
+    /// Each piece of the image: `(guest-physical address, bytes)`.
+    fn segments(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = vec![(CODE_BASE, INTERP.to_vec())];
         for (i, p) in self.programs.iter().enumerate() {
             let mut bytes = Vec::new();
             for op in p {
@@ -175,21 +181,46 @@ impl Guest {
             }
             // Running off the end is a failed check (operation 0 is unknown).
             bytes.extend_from_slice(&[0; 32]);
-            programs.push((PROGRAM_BASE + i as u64 * PROGRAM_STRIDE, bytes));
+            out.push((PROGRAM_BASE + i as u64 * PROGRAM_STRIDE, bytes));
         }
         let mut data = vec![0u8; (self.next_data - DATA_BASE) as usize];
         for (at, bytes) in &self.data {
             let off = (at - DATA_BASE) as usize;
             data[off..off + bytes.len()].copy_from_slice(bytes);
         }
-        let mut segments: Vec<(u64, &[u8], u64)> = vec![(CODE_BASE, INTERP, INTERP.len() as u64)];
-        for (at, bytes) in &programs {
-            segments.push((*at, bytes, bytes.len() as u64));
-        }
         if !data.is_empty() {
-            segments.push((DATA_BASE, &data, data.len() as u64));
+            out.push((DATA_BASE, data));
         }
+        out
+    }
+
+    /// The guest as a static ELF following docs/guest-abi.md.
+    pub fn elf(&self) -> Vec<u8> {
+        let segments = self.segments();
+        let segments: Vec<(u64, &[u8], u64)> = segments
+            .iter()
+            .map(|(at, bytes)| (*at, bytes.as_slice(), bytes.len() as u64))
+            .collect();
         vmm_proc::loader::testing::static_elf(CODE_BASE, &segments)
+    }
+
+    /// The guest as a bzImage for the Linux path (see the module documentation).
+    pub fn bzimage(&self) -> Vec<u8> {
+        // The ELF's segments, placed at their address minus 1 MiB in the payload.
+        let mut payload = vec![0u8; (self.next_data - CODE_BASE) as usize];
+        for (at, bytes) in self.segments() {
+            let off = (at - CODE_BASE) as usize;
+            payload[off..off + bytes.len()].copy_from_slice(&bytes);
+        }
+        // The 64-bit entry, 0x200 into the code: jmp rel32 back to the interpreter.
+        assert!(
+            INTERP.len() <= 0x200,
+            "the interpreter overlaps the 64-bit entry"
+        );
+        let rel = -(0x200i32 + 5);
+        payload[0x200] = 0xe9;
+        payload[0x201..0x205].copy_from_slice(&rel.to_le_bytes());
+        vmm_proc::linux::testing::bzimage(&payload)
     }
 
     /// Writes the ELF to `path` (for `--kernel PATH`).

@@ -520,28 +520,325 @@ fn a_failing_guest_makes_splitvmm_exit_1() {
     assert!(!vm.qmp.exists() && !vm.pidfile.exists());
 }
 
+/// Starts splitvmm paused with `guest` packed as a bzImage (the Linux path), `initrd` if
+/// any, `--serial file:` and `drives`.
+fn boot_linux(
+    dir: TempDir,
+    guest: &Guest,
+    cpus: u8,
+    memory: &str,
+    initrd: Option<&[u8]>,
+    append: &str,
+    drives: &[String],
+) -> (Splitvmm, RawQmp) {
+    let kernel = dir.join("bzImage");
+    std::fs::write(&kernel, guest.bzimage()).expect("write the bzImage");
+    let initrd_path = dir.join("initrd");
+    let serial = dir.join("serial.log");
+    let cpus = cpus.to_string();
+    let kernel_arg = kernel.display().to_string();
+    let initrd_arg = initrd_path.display().to_string();
+    let serial_arg = format!("file:{}", serial.display());
+    let mut args = vec![
+        "--kernel",
+        &kernel_arg,
+        "--memory",
+        memory,
+        "--cpus",
+        &cpus,
+        "--append",
+        append,
+        "--serial",
+        &serial_arg,
+        "--paused",
+    ];
+    if let Some(bytes) = initrd {
+        std::fs::write(&initrd_path, bytes).expect("write the initrd");
+        args.extend(["--initrd", &initrd_arg]);
+    }
+    for d in drives {
+        args.extend(["--drive", d]);
+    }
+    let vm = Splitvmm::start_in(dir, &args);
+    let qmp = vm.raw_qmp();
+    (vm, qmp)
+}
+
+/// `boot_params` (the zero page) and the fields of it the tests read.
+const ZERO_PAGE: u64 = 0x7000;
+const BP_RSDP: u64 = ZERO_PAGE + 0x070;
+const BP_E820_ENTRIES: u64 = ZERO_PAGE + 0x1e8;
+const BP_HDRS: u64 = ZERO_PAGE + 0x202;
+const BP_LOADER_TYPE: u64 = ZERO_PAGE + 0x210;
+const BP_RAMDISK_IMAGE: u64 = ZERO_PAGE + 0x218;
+const BP_RAMDISK_SIZE: u64 = ZERO_PAGE + 0x21c;
+const BP_CMDLINE_PTR: u64 = ZERO_PAGE + 0x228;
+const BP_E820_TABLE: u64 = ZERO_PAGE + 0x2d0;
+const CMDLINE: u64 = 0x2_0000;
+const RSDP: u64 = 0xe_0000;
+const VIRTIO_MAGIC: u32 = u32::from_le_bytes(*b"virt");
+
+/// An initramfs of `len` bytes that no two offsets of fill alike.
+fn initrd_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Where the loader puts an initramfs of `len` bytes in `mem` bytes of RAM (below 3 GiB):
+/// at the top, page-aligned.
+fn initrd_at(mem: u64, len: usize) -> u64 {
+    (mem.min(0xc000_0000) - len as u64) & !0xfff
+}
+
 #[test]
-fn a_linux_kernel_is_refused_clearly() {
-    if !kvm_or_skip("a_linux_kernel_is_refused_clearly") {
+fn a_linux_kernel_finds_its_boot_params_initrd_acpi_and_disk_and_powers_off_through_acpi() {
+    let test =
+        "a_linux_kernel_finds_its_boot_params_initrd_acpi_and_disk_and_powers_off_through_acpi";
+    if !kvm_or_skip(test) {
         return;
     }
     let dir = TempDir::new("vm-linux");
+    let img = dir.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let initrd = initrd_bytes(10_000);
+    let append = "console=ttyS0 splitvmm-test=1";
+    let mut g = Guest::new(2);
+    g.print(0, "linux entry\r\n");
+    g.expect32(0, BP_HDRS, u32::from_le_bytes(*b"HdrS"));
+    g.expect8(0, BP_LOADER_TYPE, 0xff);
+    // The command line, exactly as given (nothing appended for a Linux guest).
+    g.expect32(0, BP_CMDLINE_PTR, CMDLINE as u32);
+    let mut want = append.as_bytes().to_vec();
+    want.push(0);
+    let want_at = g.alloc(&want, 1);
+    g.expect_same(0, CMDLINE, want_at, want.len() as u64);
+    // The initramfs, read by vmm-proc from the descriptor the monitor opened.
+    let at = initrd_at(64 << 20, initrd.len());
+    g.expect32(0, BP_RAMDISK_IMAGE, at as u32);
+    g.expect32(0, BP_RAMDISK_SIZE, initrd.len() as u32);
+    let copy = g.alloc(&initrd, 1);
+    g.expect_same(0, at, copy, initrd.len() as u64);
+    // ACPI: the RSDP where boot_params says; 64 MiB is four e820 entries.
+    g.expect32(0, BP_RSDP, RSDP as u32);
+    g.expect32(0, RSDP, u32::from_le_bytes(*b"RSD "));
+    g.expect32(0, RSDP + 4, u32::from_le_bytes(*b"PTR "));
+    g.expect8(0, BP_E820_ENTRIES, 4);
+    // The disk, where the DSDT says it is.
+    g.expect32(0, 0xd000_0000, VIRTIO_MAGIC);
+    g.expect32(0, 0xd000_0008, 2);
+    g.print(0, "checks passed\r\n");
+    // ACPI S5 through the FADT's sleep control register.
+    g.out8(0, 0x3c0, 0x34);
+    g.print(0, "the sleep register did nothing\r\n");
+    g.idle(0);
+    // The other vCPU waits for an INIT/SIPI that never comes.
+    g.print(1, "AP ran\r\n");
+    g.idle(1);
+    let drive = format!("id=disk0,file={},format=raw", img.display());
+    let (mut vm, mut qmp) = boot_linux(dir, &g, 2, "64M", Some(&initrd), append, &[drive]);
+    cont(&mut qmp);
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let text = std::fs::read_to_string(serial(&vm)).unwrap_or_default();
+    assert!(
+        text.starts_with("linux entry\r\nchecks passed\r\n"),
+        "{text:?}"
+    );
+    assert!(
+        !text.contains("did nothing") && !text.contains("AP ran"),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn a_linux_guest_reboot_reloads_the_kernel_and_initrd_and_keeps_the_aps_waiting() {
+    let test = "a_linux_guest_reboot_reloads_the_kernel_and_initrd_and_keeps_the_aps_waiting";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let initrd = initrd_bytes(5000);
+    let mut g = Guest::new(2);
+    g.print(0, "boot\r\n");
+    // Each boot finds what the one before destroyed: the initramfs, a word of the
+    // kernel's own data and boot_params are loaded again.
+    let at = initrd_at(64 << 20, initrd.len());
+    let copy = g.alloc(&initrd, 1);
+    let marker = g.alloc(b"KERN", 4);
+    g.expect_same(0, at, copy, initrd.len() as u64);
+    g.expect32(0, marker, u32::from_le_bytes(*b"KERN"));
+    g.expect32(0, BP_HDRS, u32::from_le_bytes(*b"HdrS"));
+    g.fill(0, at, 0, initrd.len() as u64);
+    g.w32(0, marker, 0);
+    g.w32(0, BP_HDRS, 0);
+    // The i8042 reset line, which is also the FADT's reset register.
+    g.out8(0, 0x64, 0xfe);
+    g.print(0, "the reset line did nothing\r\n");
+    g.idle(0);
+    g.print(1, "AP ran\r\n");
+    g.idle(1);
+    let (mut vm, mut qmp) = boot_linux(
+        TempDir::new("vm-linux-reset"),
+        &g,
+        2,
+        "64M",
+        Some(&initrd),
+        "console=ttyS0",
+        &[],
+    );
+    cont(&mut qmp);
+    for _ in 0..3 {
+        let ev = qmp.event("RESET");
+        assert_eq!(
+            ev["data"],
+            json!({ "guest": true, "reason": "guest-reset" })
+        );
+    }
+    qmp.ok("stop", json!({}));
+    qmp.event("STOP");
+    let text = wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t.matches("boot").count() >= 3
+    });
+    assert!(
+        !text.contains("did nothing") && !text.contains("AP ran"),
+        "{text:?}"
+    );
+    // A failed check would have powered the VM off with a non-zero value.
+    assert_eq!(status(&mut qmp), "paused", "{}", vm.stderr_text());
+    // system_reset does the same reload: from paused, the VM waits in prelaunch, then
+    // boots again (and goes on rebooting) once continued.
+    let boots = text.matches("boot").count();
+    qmp.ok("system_reset", json!({}));
+    // Guest resets from before the stop may still be queued: skip to the host's.
+    let host = loop {
+        let ev = qmp.event("RESET");
+        if ev["data"]["guest"] != json!(true) {
+            break ev;
+        }
+    };
+    assert_eq!(
+        host["data"],
+        json!({ "guest": false, "reason": "host-qmp-system-reset" })
+    );
+    assert_eq!(status(&mut qmp), "prelaunch");
+    cont(&mut qmp);
+    qmp.event("RESET");
+    let text = wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t.matches("boot").count() > boots + 1
+    });
+    assert!(
+        !text.contains("did nothing") && !text.contains("AP ran"),
+        "{text:?}"
+    );
+    qmp.ok("quit", json!({}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn a_linux_kernel_is_read_again_at_each_reset_and_a_broken_one_stops_the_vm() {
+    let test = "a_linux_kernel_is_read_again_at_each_reset_and_a_broken_one_stops_the_vm";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let mut g = Guest::new(1);
+    g.print(0, "boot\r\n");
+    g.idle(0);
+    let (vm, mut qmp) = boot_linux(TempDir::new("vm-linux-reload"), &g, 1, "64M", None, "", &[]);
+    let log = serial(&vm);
+    let boots = |n: usize| move |t: &str| t.matches("boot").count() == n;
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), boots(1));
+    // The kernel file, cut short in place: the descriptor vmm-proc holds sees it, so the
+    // reset cannot load a kernel and the VM stops, panicked.
+    let kernel = vm.dir.join("bzImage");
+    let image = std::fs::read(&kernel).expect("read the bzImage");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&kernel)
+        .and_then(|f| f.set_len(100))
+        .expect("truncate the bzImage");
+    let (class, desc) = qmp.err("system_reset", json!({}));
+    assert_eq!(class, "GenericError");
+    assert!(desc.contains("too small for a bzImage"), "{desc}");
+    qmp.event("GUEST_PANICKED");
+    assert_eq!(status(&mut qmp), "guest-panicked");
+    // Written back in place, it loads again.
+    std::fs::write(&kernel, &image).expect("restore the bzImage");
+    qmp.ok("system_reset", json!({}));
+    qmp.event("RESET");
+    assert_eq!(status(&mut qmp), "prelaunch");
+    cont(&mut qmp);
+    wait_for_text(&log, Duration::from_secs(20), boots(2));
+}
+
+#[test]
+fn a_linux_guest_with_more_than_3_gib_has_ram_at_4_gib() {
+    if !kvm_or_skip("a_linux_guest_with_more_than_3_gib_has_ram_at_4_gib") {
+        return;
+    }
+    let mut g = Guest::new(1);
+    // 3 GiB + 64 MiB: five e820 entries, the last one RAM at 4 GiB.
+    g.expect8(0, BP_E820_ENTRIES, 5);
+    let last = BP_E820_TABLE + 4 * 20;
+    g.expect32(0, last, 0);
+    g.expect32(0, last + 4, 1);
+    g.expect32(0, last + 8, 64 << 20);
+    g.expect32(0, last + 12, 0);
+    g.expect32(0, last + 16, 1);
+    g.print(0, "RAM at 4 GiB\r\n");
+    g.out8(0, 0x3c0, 0x34);
+    g.idle(0);
+    let (mut vm, mut qmp) = boot_linux(TempDir::new("vm-linux-4g"), &g, 1, "3136M", None, "", &[]);
+    cont(&mut qmp);
+    assert_eq!(
+        guest_exit(&mut vm, &mut qmp),
+        Some(0),
+        "{}",
+        vm.stderr_text()
+    );
+    let text = std::fs::read_to_string(serial(&vm)).unwrap_or_default();
+    assert_eq!(text, "RAM at 4 GiB\r\n");
+}
+
+#[test]
+fn broken_linux_kernels_and_misplaced_initrds_are_refused_clearly() {
+    if !kvm_or_skip("broken_linux_kernels_and_misplaced_initrds_are_refused_clearly") {
+        return;
+    }
+    let dir = TempDir::new("vm-linux-bad");
+    let run = |kernel: &[u8], extra: &[&str]| {
+        let path = dir.join("kernel");
+        std::fs::write(&path, kernel).expect("write");
+        let out = Command::new(tests::bin_dir().join("splitvmm"))
+            .arg("--kernel")
+            .arg(&path)
+            .args(["--memory", "64M"])
+            .args(extra)
+            .output()
+            .expect("run splitvmm");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // A setup header with no boot sector signature.
     let mut bz = vec![0u8; 4096];
     bz[0x202..0x206].copy_from_slice(b"HdrS");
-    let kernel = dir.join("bzImage");
-    std::fs::write(&kernel, bz).expect("write");
-    let out = Command::new(tests::bin_dir().join("splitvmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "64M"])
-        .output()
-        .expect("run splitvmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("Linux kernels are not yet supported"),
-        "{stderr}"
+    let e = run(&bz, &[]);
+    assert!(e.contains("not a bzImage"), "{e}");
+    // A bzImage that would unpack past the end of RAM.
+    let mut big = Guest::new(1).bzimage();
+    big[0x260..0x264].copy_from_slice(&(200u32 << 20).to_le_bytes()); // init_size
+    let e = run(&big, &[]);
+    assert!(e.contains("does not fit"), "{e}");
+    // An initramfs for the workload guest, which takes none.
+    let initrd = dir.join("initrd");
+    std::fs::write(&initrd, b"x").expect("write");
+    let e = run(
+        &Guest::new(1).elf(),
+        &["--initrd", &initrd.display().to_string()],
     );
+    assert!(e.contains("takes no initrd"), "{e}");
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! | ports / addresses | device |
 //! |---|---|
 //! | 0x3f8-0x3ff | 16550 UART (vm-superio), output to the descriptor the monitor opened, IRQ 4 |
-//! | 0x60, 0x64 | i8042, only its reset line: `0xfe` to 0x64 resets the machine |
+//! | 0x60, 0x64 | i8042, only its reset line: `0xfe` to 0x64 resets the machine (it is also the ACPI reset register the FADT names) |
+//! | 0x3c0, 0x3c1 | ACPI sleep control and status registers (hardware-reduced ACPI): S5 (`0x34`) powers the VM off |
 //! | 0xe9 | boot timer: the first write is logged with the time since the VM started |
 //! | 0xf4 | debug exit: a write powers the VM off with that value (0 = PASS) |
 //! | 0xd000_0000 + i × 0x1000 | virtio-mmio disk i |
@@ -19,6 +20,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::{SERIAL_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::linux::layout::{ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT};
 use crate::virtio::mmio::BlkDevice;
 
 const I8042_DATA: u16 = 0x60;
@@ -26,6 +28,12 @@ const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 const BOOT_TIMER_PORT: u16 = 0xe9;
 const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// ACPI sleep control register fields: `SLP_TYP` (bits 2-4) and `SLP_EN` (bit 5).
+const SLP_TYP_SHIFT: u8 = 2;
+const SLP_TYP_MASK: u8 = 0x7;
+const SLP_EN: u8 = 1 << 5;
+/// The `SLP_TYP` the DSDT's `\_S5_` package gives for soft-off.
+const SLP_TYP_S5: u8 = 5;
 
 /// What a port write asks of the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +43,10 @@ pub enum PioAction {
     Reset,
 }
 
-/// Raises the serial IRQ through an irqfd.
-#[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+/// Raises the serial IRQ through an irqfd (shared, so a reset can make a fresh UART on
+/// the same line).
+#[derive(Debug, Clone)]
+pub struct IrqTrigger(pub Arc<EventFd>);
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
@@ -112,6 +121,15 @@ impl Bus {
         *lock(&self.started) = None;
     }
 
+    /// Puts the UART back to its power-on registers (interrupts off, no divisor, empty
+    /// FIFO), keeping its IRQ line and output, as a machine reset does.
+    pub fn reset_serial(&self) {
+        let mut serial = lock(&self.serial);
+        let trigger = serial.interrupt_evt().clone();
+        let out = SerialOut(serial.writer_mut().0.take());
+        *serial = Serial::new(trigger, out);
+    }
+
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
         match port {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
@@ -125,6 +143,16 @@ impl Bus {
                 PioAction::None
             }
             I8042_COMMAND if data.first() == Some(&I8042_RESET) => PioAction::Reset,
+            ACPI_SLEEP_CONTROL_PORT => match data.first() {
+                Some(&v)
+                    if v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & SLP_TYP_MASK == SLP_TYP_S5 =>
+                {
+                    tracing::info!("guest: ACPI S5 (soft off)");
+                    PioAction::PowerOff(0)
+                }
+                // Other sleep states are not offered (the DSDT has only \_S5_).
+                _ => PioAction::None,
+            },
             DEBUG_EXIT_PORT => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
@@ -154,6 +182,8 @@ impl Bus {
             }
             // No key, no mouse: the output buffer is always empty.
             I8042_COMMAND | I8042_DATA => data.fill(0),
+            // No wake event is ever pending.
+            ACPI_SLEEP_CONTROL_PORT | ACPI_SLEEP_STATUS_PORT => data.fill(0),
             // isa-debugcon reads back its own port number.
             BOOT_TIMER_PORT => data.fill(0xe9),
             _ => data.fill(0xff),

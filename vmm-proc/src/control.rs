@@ -9,9 +9,10 @@
 //! | running | `stop` | paused | STOP |
 //! | shutdown, guest-panicked | `cont` | (error: "Resetting the Virtual Machine is required") | |
 //! | any | `system_reset` | running if it was running, else prelaunch | RESET (guest: false) |
-//! | running | i8042 reset | running | RESET (guest: true) |
-//! | any | debug-exit write | shutdown | GuestShutdown (the monitor then exits) |
+//! | running | i8042 reset (a guest reboot) | running | RESET (guest: true) |
+//! | any | debug-exit write, ACPI S5 | shutdown | GuestShutdown (the monitor then exits) |
 //! | any | triple fault, internal error | guest-panicked | GUEST_PANICKED, STOP |
+//! | any | a reset that fails (e.g. the kernel file no longer loads) | guest-panicked | GUEST_PANICKED, STOP |
 //!
 //! Pausing is complete when every vCPU has acknowledged and every request in flight has
 //! completed (as QEMU drains before STOP), so a paused guest's memory and disks are still.
@@ -27,10 +28,10 @@ use ipc::vmm::{VmmCall, VmmEvent, VmmMessage, VmmReply, VmmRequest};
 use ipc::{Channel, IpcError, QmpError};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot;
 use crate::bus::Bus;
 use crate::io_thread::IoCommand;
-use crate::loader::Image;
+use crate::kernel::BootSource;
+use crate::machine::PowerOnChips;
 use crate::memory::GuestRam;
 use crate::vcpu::{GuestEvent, VcpuAck, VcpuEvent, VcpuHandle};
 
@@ -50,17 +51,11 @@ pub enum Input {
     BlockIoError(ipc::vmm::BlockIoError),
 }
 
-/// What a reset restores.
-#[derive(Debug)]
-pub struct BootSource {
-    pub image: Image,
-    pub cmdline: String,
-}
-
 /// The running VM as the controller sees it.
 #[derive(Debug)]
 pub struct Vm {
-    _vm: kvm_ioctls::VmFd,
+    vm: kvm_ioctls::VmFd,
+    chips: PowerOnChips,
     state: RunState,
     monitor: Arc<Channel>,
     inputs: Receiver<Input>,
@@ -79,6 +74,8 @@ pub struct Vm {
 pub struct Parts {
     /// The VM itself, kept open for as long as its vCPUs run.
     pub vm: kvm_ioctls::VmFd,
+    /// The interrupt controllers' power-on state, for resets.
+    pub chips: PowerOnChips,
     pub monitor: Arc<Channel>,
     pub inputs: Receiver<Input>,
     pub vcpus: Vec<VcpuHandle>,
@@ -95,7 +92,8 @@ impl Vm {
     /// A VM whose vCPUs and I/O thread are started and paused.
     pub fn new(p: Parts) -> Self {
         Self {
-            _vm: p.vm,
+            vm: p.vm,
+            chips: p.chips,
             state: RunState::Prelaunch,
             monitor: p.monitor,
             inputs: p.inputs,
@@ -219,10 +217,9 @@ impl Vm {
             }
             GuestEvent::Reset => {
                 tracing::info!("vCPU {vcpu}: guest reset");
-                self.reset(true).or_else(|e| {
-                    tracing::error!("guest reset failed: {}", e.desc);
-                    Ok(())
-                })
+                // A failed reset has already stopped the VM and said why.
+                let _ = self.reset(true);
+                Ok(())
             }
             GuestEvent::Panicked(why) => {
                 if matches!(self.state, RunState::GuestPanicked | RunState::Shutdown) {
@@ -249,41 +246,63 @@ impl Vm {
     }
 
     /// Resets the machine: devices, memory image, vCPUs. A running VM keeps running;
-    /// any other state becomes prelaunch (QEMU's rule).
+    /// any other state becomes prelaunch (QEMU's rule). If the machine cannot be put back
+    /// (a kernel file that no longer loads, a vCPU that refuses its state), the guest
+    /// cannot run: the VM stays stopped in `guest-panicked` (GUEST_PANICKED), and another
+    /// `system_reset` tries again.
     fn reset(&mut self, guest: bool) -> Result<(), QmpError> {
         let was_running = self.state == RunState::Running;
         self.pause_all();
-        let (tx, rx) = channel();
-        self.io_command(IoCommand::Reset(tx));
-        if rx.recv_timeout(VCPU_ACK_TIMEOUT).is_err() {
-            return Err(QmpError::generic(
-                "the I/O thread did not reset the devices",
-            ));
-        }
-        self.boot
-            .image
-            .load(&*self.ram.mem)
-            .map_err(|e| QmpError::generic(format!("reloading the guest image: {e}")))?;
-        boot::write_boot_structures(&*self.ram.mem, self.ram.size, &self.boot.cmdline)
-            .map_err(|e| QmpError::generic(format!("rewriting the boot structures: {e}")))?;
-        for v in &self.vcpus {
-            v.send(VcpuEvent::Reset);
-        }
-        for (i, ack) in self.wait_acks(|a| matches!(a, VcpuAck::Reset(_))) {
-            if let Some(VcpuAck::Reset(Err(e))) = ack {
-                return Err(QmpError::generic(e));
+        let gone = |e: IpcError| QmpError::generic(format!("monitor link: {e}"));
+        if let Err(why) = self.reset_machine() {
+            tracing::error!("reset failed: {why}");
+            if self.state != RunState::GuestPanicked {
+                self.event(VmmEvent::GuestPanicked).map_err(gone)?;
+                self.set_state(RunState::GuestPanicked).map_err(gone)?;
             }
-            if ack.is_none() {
-                return Err(QmpError::generic(format!("vCPU {i} did not reset")));
-            }
+            return Err(QmpError::generic(format!("reset failed: {why}")));
         }
         self.bus.reset_boot_timer();
-        let gone = |e: IpcError| QmpError::generic(format!("monitor link: {e}"));
         self.event(VmmEvent::Reset { guest }).map_err(gone)?;
         if was_running {
             self.resume_all();
         } else {
             self.set_state(RunState::Prelaunch).map_err(gone)?;
+        }
+        Ok(())
+    }
+
+    /// The devices, interrupt controllers, UART, guest image and vCPUs back to power-on
+    /// (the vCPUs are paused). A Linux kernel is read again from its file, and may enter
+    /// elsewhere than before.
+    fn reset_machine(&mut self) -> Result<(), String> {
+        let (tx, rx) = channel();
+        self.io_command(IoCommand::Reset(tx));
+        if rx.recv_timeout(VCPU_ACK_TIMEOUT).is_err() {
+            return Err("the I/O thread did not reset the devices".into());
+        }
+        self.chips
+            .apply(&self.vm)
+            .map_err(|e| format!("resetting the interrupt controllers: {e}"))?;
+        self.bus.reset_serial();
+        let entry = self
+            .boot
+            .load(&self.ram)
+            .map_err(|e| format!("reloading the guest: {e}"))?;
+        let boot_cpu = BootSource::boot_cpu(&entry);
+        for (i, v) in self.vcpus.iter().enumerate() {
+            v.send(VcpuEvent::Reset(if i == 0 {
+                boot_cpu.clone()
+            } else {
+                None
+            }));
+        }
+        for (i, ack) in self.wait_acks(|a| matches!(a, VcpuAck::Reset(_))) {
+            match ack {
+                Some(VcpuAck::Reset(Err(e))) => return Err(e),
+                None => return Err(format!("vCPU {i} did not reset")),
+                Some(_) => {}
+            }
         }
         Ok(())
     }

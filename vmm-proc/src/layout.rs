@@ -9,6 +9,9 @@
 //! 0x0001_0000  guest-owned RAM (the image is linked at 0x10_0000 and up)
 //! 0xc000_0000  device window, no RAM above; virtio-mmio disk i at 0xd000_0000 + i * 0x1000
 //! ```
+//!
+//! A Linux guest uses `linux::layout` for its low memory instead, and its RAM beyond 3 GiB
+//! continues at 4 GiB (`linux::e820`); the device window and the disks are the same.
 
 /// The GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -41,8 +44,12 @@ pub const PD_ADDR: u64 = 0xb000;
 pub const GUEST_LOW_END: u64 = 0x1_0000;
 /// The start of the device window; RAM ends at or below it.
 pub const MMIO_WINDOW: u64 = 0xc000_0000;
-/// The most RAM a guest can have (everything below the device window).
-pub const MAX_RAM: u64 = MMIO_WINDOW;
+/// The most RAM the workload guest can have: its ABI describes one region, below the
+/// device window.
+pub const WORKLOAD_MAX_RAM: u64 = MMIO_WINDOW;
+/// The most RAM any guest can have (a Linux guest's RAM continues at 4 GiB): 1 TiB keeps
+/// every guest-physical address within what any x86_64 host's KVM accepts.
+pub const MAX_RAM: u64 = 1 << 40;
 /// Where disk 0's virtio-mmio registers are.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// The size of one virtio-mmio device's register window.

@@ -3,8 +3,9 @@
 //! - [`control`]: the run-state machine, driven by the monitor and by the guest;
 //! - [`machine`]: the KVM VM and vCPUs, made from the `/dev/kvm` descriptor;
 //! - [`memory`]: guest RAM, a sealed memfd shared with block-proc;
-//! - [`loader`], [`boot`], [`builtin`]: the guest image and its direct 64-bit entry;
-//! - [`linux`]: the Linux loader (not wired to `--kernel` yet: see docs/linux-guests.md);
+//! - [`kernel`]: what the guest boots, loaded at power-on and at every reset: the workload
+//!   guest ([`loader`], [`boot`], [`builtin`]: its image and direct 64-bit entry) or a Linux
+//!   kernel and initramfs ([`linux`]: the loader, ACPI, boot protocols);
 //! - [`vcpu`]: one thread per vCPU; [`bus`]: what their exits reach (UART, i8042 reset,
 //!   debug exit, boot timer, virtio-mmio);
 //! - [`virtio`]: virtio-blk devices; [`io_thread`]: their queues and the data path to
@@ -20,6 +21,7 @@ pub mod builtin;
 pub mod bus;
 pub mod control;
 pub mod io_thread;
+pub mod kernel;
 pub mod layout;
 pub mod linux;
 pub mod loader;
@@ -42,11 +44,11 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, IrqTrigger, SerialOut};
-use crate::control::{BootSource, Input, Parts, Vm};
+use crate::control::{Input, Parts, Vm};
 use crate::io_thread::{IoThread, QueueEvent};
+use crate::kernel::{BootConfig, BootSource, KernelSource};
 use crate::layout::{MAX_DISKS, SERIAL_IRQ, virtio_slot};
-use crate::loader::Image;
-use crate::machine::Machine;
+use crate::machine::{Machine, VcpuInit};
 use crate::memory::GuestRam;
 use crate::virtio::mmio::BlkDevice;
 
@@ -120,24 +122,20 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
 struct Built {
     ram: GuestRam,
     machine: Machine,
+    inits: Vec<VcpuInit>,
     bus: Arc<Bus>,
     disks: Vec<Arc<Mutex<BlkDevice>>>,
     queue_events: Vec<QueueEvent>,
     boot: BootSource,
 }
 
-/// The guest image's bytes.
-fn kernel_bytes(config: &VmmConfig, file: Option<OwnedFd>) -> Result<Vec<u8>, String> {
+/// Where the guest image comes from: the embedded image, or the kernel file's descriptor.
+fn kernel_source(config: &VmmConfig, file: Option<OwnedFd>) -> Result<KernelSource, String> {
     match (&config.kernel, file) {
         (KernelImage::Builtin(name), _) => builtin::image(name)
-            .map(<[u8]>::to_vec)
+            .map(|b| KernelSource::Bytes(b.to_vec()))
             .map_err(|e| e.to_string()),
-        (KernelImage::File, Some(fd)) => {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut File::from(fd), &mut bytes)
-                .map_err(|e| format!("--kernel: reading the image: {e}"))?;
-            Ok(bytes)
-        }
+        (KernelImage::File, Some(fd)) => Ok(KernelSource::File(File::from(fd))),
         (KernelImage::File, None) => Err("no kernel descriptor".into()),
     }
 }
@@ -147,7 +145,15 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
     let mut fds = fds.into_iter();
     let kvm = fds.next().ok_or("no /dev/kvm descriptor")?;
     let serial = if config.serial { fds.next() } else { None };
-    let kernel = fds.next();
+    let kernel = match config.kernel {
+        KernelImage::File => fds.next(),
+        KernelImage::Builtin(_) => None,
+    };
+    let initrd = if config.initrd {
+        Some(File::from(fds.next().ok_or("no initrd descriptor")?))
+    } else {
+        None
+    };
 
     let drives = list_drives(block)?;
     if drives.len() > MAX_DISKS {
@@ -156,26 +162,21 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
             drives.len()
         ));
     }
-    let bytes = kernel_bytes(config, kernel)?;
-    let image = Image::parse(&bytes, config.memory_bytes).map_err(|e| format!("--kernel: {e}"))?;
     let ram = GuestRam::new(config.memory_bytes).map_err(|e| e.to_string())?;
-    let machine = Machine::new(kvm, &ram, config.cpus, image.entry).map_err(|e| e.to_string())?;
-
-    // The command line: the user's, then the devices and the TSC frequency.
-    let mut cmdline = config.cmdline.trim().to_string();
-    for i in 0..drives.len() {
-        if let Some((base, irq)) = virtio_slot(i) {
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-        }
-    }
-    if let Some(khz) = machine.tsc_khz {
-        cmdline.push_str(&format!(" tsc_khz={khz}"));
-    }
-    let cmdline = cmdline.trim_start().to_string();
-    image
-        .load(&*ram.mem)
-        .map_err(|e| format!("loading the guest image: {e}"))?;
-    boot::write_boot_structures(&*ram.mem, ram.size, &cmdline).map_err(|e| e.to_string())?;
+    let machine = Machine::new(kvm, &ram, config.cpus).map_err(|e| e.to_string())?;
+    let mut boot = BootSource::new(
+        kernel_source(config, kernel)?,
+        initrd,
+        &ram,
+        &BootConfig {
+            cmdline: &config.cmdline,
+            vcpus: config.cpus,
+            disks: drives.len(),
+            tsc_khz: machine.tsc_khz,
+        },
+    )?;
+    let entry = boot.load(&ram)?;
+    let inits = machine.enter(&entry).map_err(|e| e.to_string())?;
 
     let efd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
     let irqfd = |gsi: u32| -> Result<EventFd, String> {
@@ -211,7 +212,7 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
             .iter()
             .find(|p| p.id == drive.id)
             .cloned();
-        let mut dev = BlkDevice::new(i, drive, ram.mem.clone(), ram.size, irqfd(irq)?, notify)
+        let mut dev = BlkDevice::new(i, drive, ram.mem.clone(), ram.map, irqfd(irq)?, notify)
             .map_err(|e| format!("disk {i}: {e}"))?;
         if let Some(p) = policy {
             (dev.werror, dev.rerror) = (p.werror, p.rerror);
@@ -219,7 +220,7 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
         disks.push(Arc::new(Mutex::new(dev)));
     }
     let uart = Serial::new(
-        IrqTrigger(irqfd(SERIAL_IRQ)?),
+        IrqTrigger(Arc::new(irqfd(SERIAL_IRQ)?)),
         SerialOut(serial.map(File::from)),
     );
     let bus = Arc::new(Bus::new(uart, disks.clone()));
@@ -249,10 +250,11 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
     Ok(Built {
         ram,
         machine,
+        inits,
         bus,
         disks,
         queue_events,
-        boot: BootSource { image, cmdline },
+        boot,
     })
 }
 
@@ -324,7 +326,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
     vcpu::install_kick_handler().map_err(|e| format!("vCPU kick handler: {e}"))?;
     let (acks_tx, acks) = channel();
     let mut vcpus = Vec::new();
-    for (i, (fd, init)) in b.machine.vcpus.into_iter().enumerate() {
+    for (i, (fd, init)) in b.machine.vcpus.into_iter().zip(b.inits).enumerate() {
         // Guest events join the monitor's requests on the controller's one queue.
         vcpus.push(
             vcpu::spawn(
@@ -340,6 +342,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
     }
     Ok(Vm::new(Parts {
         vm: b.machine.vm,
+        chips: b.machine.chips,
         monitor,
         inputs,
         vcpus,

@@ -3,7 +3,10 @@
 //! before anything touches guest memory, and kept so `system_reset` can load it again.
 //!
 //! Linux kernels (a bzImage, or an ELF `vmlinux`, recognised by its `Linux` ELF note) are
-//! refused here: their loader is separate work.
+//! not for this loader: [`is_linux_kernel`] tells them apart from a file's headers, and
+//! they go to the Linux loader (`crate::linux`, through `crate::kernel`).
+
+use std::io::{Read, Seek, SeekFrom};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -21,7 +24,7 @@ const MAX_PHDRS: usize = 64;
 /// Why an image cannot be booted.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LoadError {
-    #[error("Linux kernels are not yet supported (only the workload guest's static ELF ABI)")]
+    #[error("a Linux kernel, not an image with the workload guest's ABI")]
     Linux,
     #[error("not a static ELF64 x86_64 executable: {0}")]
     NotElf(&'static str),
@@ -89,6 +92,54 @@ fn has_linux_note(notes: &[u8]) -> bool {
     }
     false
 }
+
+/// The most bytes of notes [`is_linux_kernel`] reads from one `PT_NOTE` segment (a
+/// vmlinux has a few hundred).
+const MAX_NOTES: u64 = 64 << 10;
+
+/// Whether the image `f` holds is a Linux kernel: a bzImage, or an ELF with a `Linux` note
+/// (every `vmlinux`). Reads the headers and the note segments only, not the whole image
+/// (a vmlinux is tens of MiB). A malformed image is not Linux: the workload loader then
+/// says what is wrong with it.
+pub fn is_linux_kernel<R: Read + Seek>(f: &mut R) -> std::io::Result<bool> {
+    let mut read_at = |offset: u64, len: u64| -> std::io::Result<Vec<u8>> {
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        f.by_ref().take(len).read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    let head = read_at(0, 0x206)?;
+    if is_bzimage(&head) {
+        return Ok(true);
+    }
+    if !head.starts_with(b"\x7fELF") || head.get(4..6) != Some(&[2, 1]) {
+        return Ok(false);
+    }
+    let (Some(phoff), Some(PHDR_SIZE_U16), Some(phnum)) =
+        (u64_at(&head, 32), u16_at(&head, 54), u16_at(&head, 56))
+    else {
+        return Ok(false);
+    };
+    if usize::from(phnum) > MAX_PHDRS {
+        return Ok(false);
+    }
+    let phdrs = read_at(phoff, u64::from(phnum) * PHDR_SIZE as u64)?;
+    for h in phdrs.chunks_exact(PHDR_SIZE) {
+        if u32_at(h, 0) != Some(PT_NOTE) {
+            continue;
+        }
+        let (Some(offset), Some(size)) = (u64_at(h, 8), u64_at(h, 32)) else {
+            continue;
+        };
+        if has_linux_note(&read_at(offset, size.min(MAX_NOTES))?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// [`PHDR_SIZE`] as the `e_phentsize` field holds it.
+const PHDR_SIZE_U16: u16 = PHDR_SIZE as u16;
 
 impl Image {
     /// Checks `bytes` and extracts what loading needs. Every segment must fit in
@@ -323,6 +374,24 @@ mod tests {
             Image::parse(&elf, RAM).expect_err("vmlinux"),
             LoadError::Linux
         );
+        // The same from a file, reading only headers and notes.
+        let linux = |b: &[u8]| is_linux_kernel(&mut std::io::Cursor::new(b)).expect("read");
+        assert!(linux(&bz) && linux(&elf));
+        let mut other = note.clone();
+        other[12..17].copy_from_slice(b"Xinux");
+        let workload = static_elf(0x10_0000, &[(0x10_0000, &[0x90], 1)]);
+        let foreign = static_elf_with_note(0x10_0000, &[(0x10_0000, &[0x90], 1)], &other);
+        assert!(!linux(&workload) && !linux(&foreign));
+        // Malformed headers are "not Linux", never a panic.
+        for cut in [0, 3, 20, 63, 64, 100, elf.len() - note.len() + 14] {
+            assert!(!linux(&elf[..cut]), "{cut}");
+        }
+        let mut bad = elf.clone();
+        bad[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(!linux(&bad));
+        let mut bad = elf.clone();
+        bad[56..58].copy_from_slice(&0xffffu16.to_le_bytes());
+        assert!(!linux(&bad));
     }
 }
 

@@ -9,16 +9,27 @@
 //!
 //! | thread | KVM ioctls |
 //! |---|---|
-//! | vCPU | `KVM_RUN`; at reset `KVM_SET_LAPIC`, `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_FPU`, `KVM_SET_MP_STATE` |
-//! | I/O, controller, monitor link | none (irqfds and ioeventfds are plain eventfd reads and writes) |
+//! | vCPU | `KVM_RUN`; at reset `KVM_SET_MP_STATE`, `KVM_SET_SREGS`, `KVM_SET_LAPIC`, `KVM_SET_REGS`, `KVM_SET_FPU`, `KVM_SET_MSRS` |
+//! | controller | at reset `KVM_SET_IRQCHIP`, `KVM_SET_PIT2` (on the VM descriptor) |
+//! | I/O, monitor link | none (irqfds and ioeventfds are plain eventfd reads and writes) |
+//!
+//! CPUID (`KVM_GET_SUPPORTED_CPUID`, `KVM_SET_CPUID2`) is set once, before the jail, and
+//! never again (KVM refuses a different CPUID once a vCPU has run), so neither is allowed.
+//!
+//! A reset of a Linux guest reads the kernel and the initramfs again from the descriptors
+//! the monitor passed: `read` and `lseek` on held descriptors, nothing that opens a file.
 //!
 //! One filter covers the whole process (seccomp's TSYNC installs it on every thread); the
 //! other threads do not need the vCPU ioctls, but a per-thread filter could only narrow
 //! what a compromised vCPU thread, which shares the address space, can reach anyway.
 
+use jail::seccomp::allow;
 use jail::seccomp::{allow_if, arg_eq};
 use jail::{Policy, SeccompPolicy, base_runtime_policy};
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs};
+use kvm_bindings::{
+    kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs,
+    kvm_sregs,
+};
 
 const KVMIO: u32 = 0xae;
 
@@ -32,14 +43,23 @@ const fn iow(nr: u32, size: usize) -> u32 {
     (1 << 30) | ((size as u32) << 16) | (KVMIO << 8) | nr
 }
 
+/// `_IOR(KVMIO, nr, T)` with `size_of::<T>() == size`.
+const fn ior(nr: u32, size: usize) -> u32 {
+    (2 << 30) | ((size as u32) << 16) | (KVMIO << 8) | nr
+}
+
 pub const KVM_RUN: u32 = io(0x80);
 pub const KVM_SET_REGS: u32 = iow(0x82, size_of::<kvm_regs>());
 pub const KVM_SET_SREGS: u32 = iow(0x84, size_of::<kvm_sregs>());
 pub const KVM_SET_FPU: u32 = iow(0x8d, size_of::<kvm_fpu>());
 pub const KVM_SET_LAPIC: u32 = iow(0x8f, size_of::<kvm_lapic_state>());
 pub const KVM_SET_MP_STATE: u32 = iow(0x99, size_of::<kvm_mp_state>());
+pub const KVM_SET_MSRS: u32 = iow(0x89, size_of::<kvm_msrs>());
+/// `KVM_SET_IRQCHIP` is `_IOR` in <linux/kvm.h> (a historical slip kept for the ABI).
+pub const KVM_SET_IRQCHIP: u32 = ior(0x63, size_of::<kvm_irqchip>());
+pub const KVM_SET_PIT2: u32 = iow(0xa0, size_of::<kvm_pit_state2>());
 
-/// vmm-proc's syscalls: the base runtime, plus the KVM ioctls above.
+/// vmm-proc's syscalls: the base runtime, the kernel reload, plus the KVM ioctls above.
 pub fn seccomp_policy() -> SeccompPolicy {
     let ioctl = |req: u32, why| allow_if(libc::SYS_ioctl, &[arg_eq(1, req)], why);
     base_runtime_policy().union(&SeccompPolicy::new([
@@ -57,7 +77,30 @@ pub fn seccomp_policy() -> SeccompPolicy {
             KVM_SET_LAPIC,
             "reset: the local APIC back to its power-on state",
         ),
-        ioctl(KVM_SET_MP_STATE, "reset: make the vCPU runnable again"),
+        ioctl(
+            KVM_SET_MP_STATE,
+            "reset: the boot vCPU runnable, a Linux guest's other vCPUs waiting for INIT/SIPI",
+        ),
+        ioctl(
+            KVM_SET_MSRS,
+            "reset: kvmclock, steal time, async PF and PV EOI off, or KVM keeps writing the \
+             old kernel's pages into the reloaded one",
+        ),
+        ioctl(
+            KVM_SET_IRQCHIP,
+            "reset: the PICs and the IOAPIC back to power-on (no routing left from the old guest)",
+        ),
+        ioctl(KVM_SET_PIT2, "reset: the PIT back to power-on"),
+        // Also in the base runtime; named here because a reset needs them even if the base
+        // shrinks.
+        allow(
+            libc::SYS_read,
+            "reset: a Linux kernel and initramfs are read again from their descriptors",
+        ),
+        allow(
+            libc::SYS_lseek,
+            "reset: the loader seeks in the kernel and initramfs descriptors",
+        ),
     ]))
 }
 
@@ -87,6 +130,9 @@ mod tests {
         assert_eq!(KVM_SET_FPU, 0x41a0_ae8d);
         assert_eq!(KVM_SET_LAPIC, 0x4400_ae8f);
         assert_eq!(KVM_SET_MP_STATE, 0x4004_ae99);
+        assert_eq!(KVM_SET_MSRS, 0x4008_ae89);
+        assert_eq!(KVM_SET_IRQCHIP, 0x8208_ae63);
+        assert_eq!(KVM_SET_PIT2, 0x4070_aea0);
     }
 
     #[test]

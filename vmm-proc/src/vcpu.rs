@@ -24,15 +24,17 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::{Bus, PioAction};
 use crate::control::Input;
+use crate::linux::BootCpu;
 use crate::machine::VcpuInit;
 
 /// What the controller asks of a vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum VcpuEvent {
     Pause,
     Resume,
-    /// Back to the power-on state (the vCPU must be paused).
-    Reset,
+    /// Back to the power-on state (the vCPU must be paused); for a Linux guest's boot
+    /// vCPU, with the entry state of the kernel just reloaded.
+    Reset(Option<Box<BootCpu>>),
     Exit,
 }
 
@@ -49,9 +51,9 @@ pub enum VcpuAck {
 /// stopped running when this is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestEvent {
-    /// A write to the debug-exit port: power off with this value.
+    /// Power off: a write to the debug-exit port (with its value), or ACPI S5 (value 0).
     PowerOff(u32),
-    /// The i8042 reset line (`0xfe` to port 0x64).
+    /// The i8042 reset line (`0xfe` to port 0x64, also the ACPI reset register).
     Reset,
     /// Triple fault, KVM internal error or failed entry.
     Panicked(String),
@@ -220,11 +222,16 @@ impl Vcpu {
                 *running = true;
                 VcpuAck::Resumed
             }
-            VcpuEvent::Reset => VcpuAck::Reset(
-                self.init
-                    .apply(&self.fd)
-                    .map_err(|e| format!("vCPU {}: reset: {e}", self.index)),
-            ),
+            VcpuEvent::Reset(boot) => {
+                if let Some(cpu) = boot {
+                    self.init.set_boot_cpu(&cpu);
+                }
+                VcpuAck::Reset(
+                    self.init
+                        .apply(&self.fd)
+                        .map_err(|e| format!("vCPU {}: reset: {e}", self.index)),
+                )
+            }
             VcpuEvent::Exit => {
                 let _ = self.acks.send((self.index, VcpuAck::Exited));
                 return false;

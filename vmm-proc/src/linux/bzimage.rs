@@ -10,12 +10,12 @@ pub const SETUP_HEADER_END: usize = 0x26c;
 /// The 64-bit entry point is this far into the protected-mode code.
 pub const ENTRY_64_OFFSET: u64 = 0x200;
 
-const BOOT_FLAG: u16 = 0xaa55;
+pub(crate) const BOOT_FLAG: u16 = 0xaa55;
 const HDRS_MAGIC: u32 = u32::from_le_bytes(*b"HdrS");
 /// 2.12: `xloadflags`, and with it `XLF_KERNEL_64`, the 64-bit entry point.
 const MIN_VERSION: u16 = 0x020c;
-const LOADED_HIGH: u8 = 1 << 0;
-const XLF_KERNEL_64: u16 = 1 << 0;
+pub(crate) const LOADED_HIGH: u8 = 1 << 0;
+pub(crate) const XLF_KERNEL_64: u16 = 1 << 0;
 
 /// Why an image is not a bzImage this loader can boot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,24 +129,8 @@ pub(crate) mod tests {
     /// A minimal image with a valid 2.15 header: 1 setup sector (+ the boot sector),
     /// then `kernel` bytes of "kernel".
     pub(crate) fn fake_bzimage(kernel: usize) -> Vec<u8> {
-        let mut img = vec![0u8; 1024 + kernel];
-        img[0x1f1] = 1; // setup_sects
-        img[0x1fe..0x200].copy_from_slice(&BOOT_FLAG.to_le_bytes());
-        img[0x202..0x206].copy_from_slice(b"HdrS");
-        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-        img[0x211] = LOADED_HIGH;
-        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
-        img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-        img[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
-        img[0x234] = 1; // relocatable
-        img[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
-        img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
-        img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
-        img[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes());
-        for (i, b) in img[1024..].iter_mut().enumerate() {
-            *b = (i % 251) as u8;
-        }
-        img
+        let payload: Vec<u8> = (0..kernel).map(|i| (i % 251) as u8).collect();
+        crate::linux::testing::bzimage(&payload)
     }
 
     fn parse(img: &[u8]) -> Result<SetupHeader, BzImageError> {

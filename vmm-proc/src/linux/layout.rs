@@ -7,6 +7,7 @@
 //!              module list, memory map  0x0002_0000  kernel command line
 //! 0x0000_7000  boot_params (zero page)  0x0009_fc00  EBDA and BIOS area (reserved)
 //! 0x0000_8ff0  boot stack (grows down)  0x000e_0000  ACPI tables, RSDP first
+//!                                       0x000f_fff0  the real-mode reset vector: a reset stub
 //! 0x0010_0000  kernel (bzImage protected-mode code; an ELF goes to its own addresses)
 //!   ...        initramfs at the top of low RAM
 //! 0xc000_0000  device window (reserved): virtio-mmio at 0xd000_0000, IOAPIC, local APIC
@@ -37,9 +38,18 @@ pub const CMDLINE_ADDR: u64 = 0x2_0000;
 pub const CMDLINE_MAX: u64 = 0x1_0000;
 /// Start of the extended BIOS data area: RAM below it, reserved from it to 1 MiB.
 pub const EBDA_START: u64 = 0x9_fc00;
-/// ACPI tables, RSDP first (where a kernel's scan of 0xe0000-0xfffff finds it).
+/// ACPI tables, RSDP first (where a kernel's scan of 0xe0000-0xfffff finds it), up to
+/// the reset vector.
 pub const ACPI_START: u64 = 0xe_0000;
-pub const ACPI_END: u64 = 0x10_0000;
+pub const ACPI_END: u64 = RESET_VECTOR;
+/// Where a CPU in real mode jumps to reboot through the BIOS (`ljmp $0xf000, $0xfff0`).
+/// Linux does that when its other reboot methods return, and on hardware-reduced ACPI
+/// without EFI it is its default: `reboot_init` picks EFI, `efi_reboot` returns at once,
+/// and `machine_real_restart` follows. With no firmware, the loader puts a stub here that
+/// pulses the reset line (`mov al, 0xfe; out 0x64, al`, then `hlt` in a loop), so every
+/// reboot method ends in the same reset.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 /// Start of "high" memory, where a bzImage's protected-mode code is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The device window below 4 GiB: reserved in the e820 map, never RAM.

@@ -39,7 +39,7 @@ use bzimage::{BzImageError, ENTRY_64_OFFSET, SETUP_HEADER_END, SetupHeader};
 use e820::E820Entry;
 use layout::{
     ACPI_END, ACPI_START, CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, IOAPIC_ADDR, MMIO_HOLE_START,
-    PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+    PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, RESET_STUB, RESET_VECTOR, ZERO_PAGE_ADDR,
 };
 pub use regs::{BootCpu, BootProtocol};
 
@@ -126,7 +126,7 @@ pub enum LinuxError {
         kernel_end: u64,
         top: u64,
     },
-    #[error("ACPI tables of {0} bytes do not fit at 0xe0000..0x100000")]
+    #[error("ACPI tables of {0} bytes do not fit at 0xe0000..0xffff0")]
     AcpiTooLarge(usize),
     #[error("writing {what} to guest memory: {source}")]
     Memory {
@@ -248,6 +248,8 @@ where
     }
     mem.write_slice(&tables.bytes, GuestAddress(tables.base))
         .map_err(mem_err("the ACPI tables"))?;
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(mem_err("the reset stub"))?;
 
     let e820 = e820::memory_map(spec.mem_size);
     let cpu = match &kind {
@@ -491,6 +493,36 @@ fn write_pvh_start_info<M: GuestMemoryBackend>(
         .map_err(mem_err("hvm_start_info"))
 }
 
+/// Kernel images made for tests that boot hand-assembled code through the Linux path.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing {
+    use super::bzimage::{BOOT_FLAG, LOADED_HIGH, XLF_KERNEL_64};
+
+    /// A bzImage with a valid boot protocol 2.15 header (one setup sector after the boot
+    /// sector, 64-bit entry, relocatable) whose protected-mode code is `payload`: the
+    /// loader copies it to 1 MiB and enters it at 1 MiB + 0x200 in 64-bit mode. It claims
+    /// to unpack into 4 MiB at 16 MiB (`pref_address`, `init_size`), so the initramfs is
+    /// kept clear of 1 MiB to 20 MiB.
+    pub fn bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 1024];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&BOOT_FLAG.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = LOADED_HIGH;
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        img[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+        img[0x234] = 1; // relocatable
+        img[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+        img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+        img[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes()); // init_size
+        img.extend_from_slice(payload);
+        img
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,6 +625,16 @@ mod tests {
             assert_eq!((addr, size, kind), (want.addr, want.size, want.kind as u32));
         }
         assert_eq!(read_bytes(&m, ACPI_START, 8), b"RSD PTR ");
+        // The real-mode reset vector pulses the reset line: mov al, 0xfe; out 0x64, al.
+        assert_eq!(
+            read_bytes(&m, RESET_VECTOR, 4),
+            [
+                0xb0,
+                layout::ACPI_RESET_VALUE,
+                0xe6,
+                layout::ACPI_RESET_PORT as u8
+            ]
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! The chain is read as the spec's two byte streams (VERSION_1 implies any layout): the
 //! device-readable bytes (a 16-byte header, then data for writes and discard ranges) and,
 //! after them, the device-writable bytes (data for reads and get-id, then the status byte
-//! as the very last byte). Data segments are guest-physical ranges handed to block-proc
-//! as they are; nothing is copied.
+//! as the very last byte). Data segments are handed to block-proc as ranges of the guest
+//! memory file (a guest-physical range translated by [`RamMap`]); nothing is copied.
 //!
 //! Everything the guest wrote is untrusted:
 //! - a structurally broken chain (next index out of range, a loop, a bad or nested indirect
@@ -20,6 +20,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::features::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
+use crate::memory::RamMap;
 
 pub const SECTOR: u64 = 512;
 const T_IN: u32 = 0;
@@ -47,7 +48,9 @@ pub struct DiskInfo {
     pub read_only: bool,
     /// The features the driver acknowledged.
     pub features: u64,
-    pub ram_size: u64,
+    /// Where guest RAM is: buffers must lie inside it, and segments are sent as memfd
+    /// offsets.
+    pub ram: RamMap,
 }
 
 /// Which `query-blockstats` counters a request belongs to (QEMU's accounting:
@@ -127,10 +130,7 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
     if count == 0 || last_has_next {
         return Parsed::Drop { head };
     }
-    let in_ram = |&(gpa, len): &(u64, u32)| {
-        gpa.checked_add(u64::from(len))
-            .is_some_and(|end| end <= disk.ram_size)
-    };
+    let in_ram = |&(gpa, len): &(u64, u32)| disk.ram.contains(gpa, u64::from(len));
     let Some((data_in, status_gpa)) = split_last_byte(&writable) else {
         return Parsed::Drop { head };
     };
@@ -170,9 +170,13 @@ pub fn parse<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>, disk: &DiskInf
             status_gpa,
             op,
             sector,
+            // Every range was checked to be RAM above, so each has a memfd offset.
             segments: data
                 .iter()
-                .map(|&(gpa, len)| Segment { gpa, len })
+                .filter_map(|&(gpa, len)| {
+                    let offset = disk.ram.file_offset(gpa, u64::from(len))?;
+                    Some(Segment { gpa: offset, len })
+                })
                 .collect(),
             used_len,
             acct,
@@ -347,7 +351,7 @@ mod tests {
             capacity_sectors: 128,
             read_only,
             features: VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_DISCARD,
-            ram_size: RAM,
+            ram: RamMap::new(RAM),
         }
     }
 

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::blk::{self, Acct, DiskInfo, MAX_RANGES, Parsed, SECTOR};
 use super::features::*;
+use crate::memory::RamMap;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -111,7 +112,7 @@ pub struct BlkDevice {
     pub index: usize,
     pub drive: GuestDrive,
     mem: Arc<GuestMemoryMmap>,
-    ram_size: u64,
+    ram: RamMap,
     avail_features: u64,
     acked_features: u64,
     device_features_sel: u32,
@@ -140,7 +141,7 @@ impl BlkDevice {
         index: usize,
         drive: GuestDrive,
         mem: Arc<GuestMemoryMmap>,
-        ram_size: u64,
+        ram: RamMap,
         irq: EventFd,
         notify: Vec<EventFd>,
     ) -> Result<Self, virtio_queue::Error> {
@@ -167,7 +168,7 @@ impl BlkDevice {
             index,
             drive,
             mem,
-            ram_size,
+            ram,
             avail_features,
             acked_features: 0,
             device_features_sel: 0,
@@ -215,7 +216,7 @@ impl BlkDevice {
             capacity_sectors: self.drive.size_bytes / SECTOR,
             read_only: self.drive.read_only,
             features: self.acked_features,
-            ram_size: self.ram_size,
+            ram: self.ram,
         }
     }
 
@@ -476,7 +477,7 @@ mod tests {
                 read_only,
             },
             Arc::new(mem),
-            1 << 20,
+            RamMap::new(1 << 20),
             efd(),
             (0..queues).map(|_| efd()).collect(),
         )

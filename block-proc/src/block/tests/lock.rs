@@ -19,14 +19,17 @@ impl QemuIo {
             args.push("-r");
         }
         args.extend(["-c", "sleep 20000", img]);
-        // Holders of byte 100 (consistent read) of the image, in /proc/locks. The test
-        // itself may hold it already, so wait for one more than now.
+        // Holders of byte 203 of the image in /proc/locks. QEMU takes its locks one byte at
+        // a time, its permissions (100 + bit) first, then what it does not share (200 +
+        // bit); the last, in both modes, is 203 (resize not shared). Waiting for 100 alone
+        // raced with the rest under load. The test itself may hold 203 already, so wait
+        // for one holder more than now.
         let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(img).expect("stat"));
         let holders = || {
             std::fs::read_to_string("/proc/locks")
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| l.contains(&format!(":{ino} 100 ")))
+                .filter(|l| l.contains(&format!(":{ino} 203 ")))
                 .count()
         };
         let before = holders();
@@ -36,12 +39,8 @@ impl QemuIo {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn qemu-io");
-        // Wait until its locks show up in /proc/locks.
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if holders() > before {
-                break;
-            }
+        while holders() <= before {
             assert!(Instant::now() < deadline, "qemu-io did not lock {img}");
             std::thread::sleep(Duration::from_millis(20));
         }
