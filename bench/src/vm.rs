@@ -138,8 +138,12 @@ pub struct Spec<'a> {
     pub qemu_cache: QemuCache,
 }
 
-/// The splitvmm binary, next to this one (`target/release/`).
+/// The splitvmm binary: `$BENCH_SPLITVMM` if set (another build to compare, its helpers
+/// next to it), else the one next to this binary (`target/release/`).
 pub fn splitvmm_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("BENCH_SPLITVMM") {
+        return Ok(p.into());
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     Ok(exe.parent().ok_or("no bin dir")?.join("splitvmm"))
 }
