@@ -5,9 +5,17 @@
 //! Each benchmark alternates the two contenders over several rounds and reports medians,
 //! so background noise hits both alike. Results are printed as a table and, with `--json`,
 //! as one JSON object of named metrics.
+//!
+//! `boot`, `disk` and `mem` boot the workload guest (`guest/`) under splitvmm and under
+//! QEMU `-M microvm` ([`vm`]); their figures carry their spread and the load average.
 
+mod boot;
+mod compared;
+mod disk;
+mod mem;
 mod nbd;
 mod qmp;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -41,13 +49,86 @@ enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// Spawn to the workload guest's first boot-timer write (port 0xe9): splitvmm vs QEMU
+    /// microvm.
+    Boot {
+        /// Rounds (each boots both, alternating which goes first).
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+    },
+    /// Guest disk throughput (the workload guest's `bench` program): splitvmm vs QEMU
+    /// virtio-blk on the same image.
+    Disk {
+        /// Seconds per guest run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        /// Rounds per case (each runs both, alternating which goes first).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Image formats.
+        #[arg(long, value_delimiter = ',', default_value = "raw")]
+        format: Vec<String>,
+        /// QEMU's cache setting to compare against.
+        #[arg(long, value_enum, default_value_t = vm::QemuCache::Writeback)]
+        qemu_cache: vm::QemuCache,
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size: u64,
+    },
+    /// PSS beyond guest RAM with the workload guest running: splitvmm's processes vs QEMU.
+    Mem {
+        /// Rounds (each runs both, alternating which goes first).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// The guest program: write-verify-loop or idle.
+        #[arg(long, default_value = "write-verify-loop")]
+        program: String,
+        /// Seconds each guest runs.
+        #[arg(long, default_value_t = 8)]
+        seconds: u32,
+        /// Seconds into the run when memory is sampled.
+        #[arg(long, default_value_t = 4)]
+        settle: u32,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let load = compared::loadavg();
     let result = match args.which {
         Which::Qmp { seconds, rounds } => qmp::run(seconds, rounds),
         Which::Nbd { size, rounds } => return nbd_report(size, rounds, args.json),
+        Which::Boot { rounds } => {
+            let r = boot::run(rounds).map(|c| (vec![c], String::new()));
+            return compared_report(r, &load, args.json);
+        }
+        Which::Disk {
+            seconds,
+            rounds,
+            format,
+            qemu_cache,
+            size,
+        } => {
+            let o = disk::Options {
+                seconds,
+                rounds,
+                formats: format,
+                qemu_cache,
+                size_mib: size,
+            };
+            let note = format!("QEMU drive: {}", qemu_cache.drive_options());
+            return compared_report(disk::run(&o).map(|c| (c, note)), &load, args.json);
+        }
+        Which::Mem {
+            rounds,
+            program,
+            seconds,
+            settle,
+        } => {
+            let r = mem::run(rounds, &program, seconds, settle)
+                .map(|m| (vec![m.compared], mem::breakdown(&m.last)));
+            return compared_report(r, &load, args.json);
+        }
     };
     match result {
         Ok(report) => {
@@ -110,6 +191,40 @@ impl Report {
             "ratio": self.ratio(),
         })
         .to_string()
+    }
+}
+
+/// Prints the figures of `boot`, `disk` or `mem` (tables, a note, the load average before
+/// and after, and with `json` one JSON object per figure).
+fn compared_report(
+    result: Result<(Vec<compared::Compared>, String), String>,
+    load_before: &str,
+    json: bool,
+) -> std::process::ExitCode {
+    match result {
+        Ok((figures, note)) => {
+            for f in &figures {
+                println!("{}", f.table());
+            }
+            if !note.is_empty() {
+                println!("{}", note.trim_end());
+            }
+            println!(
+                "load average (1, 5, 15 min) before: {load_before}, after: {} ({} CPUs)",
+                compared::loadavg(),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            if json {
+                for f in &figures {
+                    println!("{}", f.json());
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -262,6 +262,29 @@ impl BlkDevice {
         out
     }
 
+    /// Asks the driver not to notify queue `q` (`VIRTQ_USED_F_NO_NOTIFY`): the I/O thread
+    /// is looking at it anyway. [`BlkDevice::pop_requests`] turns notifications back on.
+    pub fn suppress_notifications(&mut self, q: usize) {
+        let mem = &*self.mem;
+        if let Some(queue) = self.queues.get_mut(q).filter(|q| q.ready())
+            && self.activated
+            && let Err(e) = queue.disable_notification(mem)
+        {
+            tracing::warn!("disk {}: queue {q}: {e}", self.index);
+        }
+    }
+
+    /// Whether the driver has made requests available on queue `q` that are not popped yet.
+    pub fn has_available(&self, q: usize) -> bool {
+        let Some(queue) = self.queues.get(q).filter(|q| q.ready()) else {
+            return false;
+        };
+        self.activated
+            && queue
+                .avail_idx(&*self.mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != queue.next_avail())
+    }
+
     /// Finishes request `head` of queue `q`: writes its status byte (unless `status_gpa`
     /// is `None`) and puts it on the used ring with `used_len`.
     pub fn complete(&mut self, q: usize, head: u16, status: Option<(u64, u8)>, used_len: u32) {
