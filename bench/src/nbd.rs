@@ -17,7 +17,21 @@ struct Server {
 }
 
 impl Drop for Server {
+    /// Stops the server and returns once the image is free for the next one. splitvmm shuts
+    /// block-proc down on SIGTERM and exits after it; with SIGKILL, block-proc would die
+    /// (parent-death signal) a moment after `wait` returns, still holding the image lock
+    /// the next server takes.
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        if let Ok(pid) = i32::try_from(self.child.id())
+            && kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok()
+        {
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
