@@ -207,9 +207,10 @@ impl ImageFile {
             // SAFETY: `as_iovec` describes `bufv`'s buffers, which we hold mutably and which
             // outlive the call; the iovec slice is not used after `bufv` is next modified.
             let iov = unsafe { bufv.as_iovec() };
-            let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: `iov` points to `count` valid, writable iovecs (see above); the
-            // descriptor is open for as long as `self`.
+            // At most the kernel's limit per call; the loop reads the rest.
+            let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: `iov` points to at least `count` valid, writable iovecs (see above);
+            // the descriptor is open for as long as `self`.
             let n = unsafe {
                 libc::preadv2(
                     self.aux.as_raw_fd(),
