@@ -13,8 +13,10 @@ use std::sync::Mutex;
 
 use super::proto::Sink;
 
-/// Most bytes of free buffers a connection keeps (32 buffers of 256 KiB).
-pub const POOL_BYTES: usize = 8 << 20;
+/// Most bytes of free buffers a connection keeps: room for all the buffers of a full window
+/// of 256 KiB requests (`MAX_INFLIGHT`, 32, each with its reply header, a little over
+/// 8 MiB), or of 8 requests of 2 MiB.
+pub const POOL_BYTES: usize = 16 << 20;
 
 /// A byte buffer whose content is `data[..len]`. All of `data` is initialised (by earlier
 /// use, or zeroed when it grew), so content can be appended for a read to overwrite without
