@@ -228,34 +228,41 @@ fn compared_report(
     }
 }
 
-/// Runs the NBD benchmark and prints one report per format and direction, splitvmm against
-/// qemu-storage-daemon and against qemu-nbd.
+/// Runs the NBD benchmark and prints, per format and direction, splitvmm against
+/// qemu-storage-daemon and against qemu-nbd: throughput, then MiB per CPU-second of the
+/// server alone and of the server and nbdcopy together (higher is cheaper).
 fn nbd_report(size: u64, rounds: u32, json: bool) -> std::process::ExitCode {
     match nbd::run_all(size, rounds) {
         Ok(all) => {
             for (label, f) in all {
-                let [ours, qsd, qnbd] = f.per_contender;
-                for (other, name) in [(qsd, "qemu-storage-daemon"), (qnbd, "qemu-nbd")] {
-                    let report = Report {
-                        name: "",
-                        unit: "MiB/s",
-                        splitvmm: ours.clone(),
-                        qemu: other,
-                        qemu_name: name,
-                    };
-                    println!(
-                        "{label}\n{}",
-                        report.table().split_once('\n').map_or("", |t| t.1)
-                    );
-                    if json {
+                let measures = [
+                    ("", "MiB/s", f.per_contender),
+                    (", server CPU", "MiB/CPU-s", f.server_efficiency),
+                    (", server+nbdcopy CPU", "MiB/CPU-s", f.total_efficiency),
+                ];
+                for (what, unit, [ours, qsd, qnbd]) in measures {
+                    for (other, name) in [(qsd, "qemu-storage-daemon"), (qnbd, "qemu-nbd")] {
+                        let report = Report {
+                            name: "",
+                            unit,
+                            splitvmm: ours.clone(),
+                            qemu: other,
+                            qemu_name: name,
+                        };
                         println!(
-                            "{}",
-                            report.json().replacen(
-                                "\"benchmark\":\"\"",
-                                &format!("\"benchmark\":\"{label} vs {name}\""),
-                                1
-                            )
+                            "{label}{what}\n{}",
+                            report.table().split_once('\n').map_or("", |t| t.1)
                         );
+                        if json {
+                            println!(
+                                "{}",
+                                report.json().replacen(
+                                    "\"benchmark\":\"\"",
+                                    &format!("\"benchmark\":\"{label}{what} vs {name}\""),
+                                    1
+                                )
+                            );
+                        }
                     }
                 }
             }

@@ -80,7 +80,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
         }
     }
     monitor.send(&reply(Ok(BlockReply::Done)), &[])?;
-    // Multi-threaded: the block layer runs imago's blocking calls with `block_in_place`.
+    // Multi-threaded: the block layer runs what waits for the disk with `block_in_place`.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_io()

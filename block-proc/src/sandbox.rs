@@ -29,6 +29,11 @@ pub fn seccomp_policy() -> SeccompPolicy {
         allow(libc::SYS_pread64, "read image data and headers"),
         allow(libc::SYS_pwrite64, "write image data and metadata"),
         allow(libc::SYS_preadv, "imago reads guest and NBD buffers in one vectored call"),
+        allow_if(
+            libc::SYS_preadv2,
+            &[arg_eq(5, libc::RWF_NOWAIT)],
+            "reads on a tokio worker: served from the page cache or EAGAIN, never a wait for the disk (only RWF_NOWAIT)",
+        ),
         allow(libc::SYS_pwritev, "imago writes guest and NBD buffers in one vectored call"),
         allow(libc::SYS_fallocate, "discard and write-zeroes: punch holes, zero ranges"),
         allow(libc::SYS_ftruncate, "grow or shrink an image (block_resize, qcow2 allocation)"),

@@ -284,7 +284,7 @@ fn writes_through_a_blockdev_added_qcow2_land_in_the_image_and_deleting_releases
         qmp.err("blockdev-del", json!({"node-name": "top-file"})).1,
         "Node top-file is not owned by the monitor"
     );
-    qmp.ok("block-export-del", json!({"id": "w"}));
+    remove_export_once_clients_left(&mut qmp, "block-export-del", json!({"id": "w"}));
     qmp.event("BLOCK_EXPORT_DELETED");
     qmp.ok("blockdev-del", json!({"node-name": "top"}));
     assert_eq!(
@@ -372,7 +372,7 @@ fn nbd_driver_uses_a_qemu_nbd_export_and_splitvmm_exports_it_again() {
         qmp.err("blockdev-del", json!({"node-name": "remote"})).1,
         "Node remote is in use"
     );
-    qmp.ok("nbd-server-remove", json!({"name": "again"}));
+    remove_export_once_clients_left(&mut qmp, "nbd-server-remove", json!({"name": "again"}));
     qmp.event("BLOCK_EXPORT_DELETED");
     qmp.ok("blockdev-del", json!({"node-name": "remote"}));
 
@@ -839,7 +839,7 @@ fn a_file_node_follows_its_file_when_a_qcow2_node_on_it_grows_it() {
     );
     // Allocating clusters makes the file longer.
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x58 1M 2M", &uri(&sock, "g")]));
-    qmp.ok("block-export-del", json!({"id": "g"}));
+    remove_export_once_clients_left(&mut qmp, "block-export-del", json!({"id": "g"}));
     qmp.event("BLOCK_EXPORT_DELETED");
     qmp.ok("blockdev-del", json!({"node-name": "g"}));
     // The file node now shows (and reads) the file as it is.
@@ -865,4 +865,24 @@ fn a_file_node_follows_its_file_when_a_qcow2_node_on_it_grows_it() {
         &image.display().to_string(),
         &uri(&sock, "gf"),
     ]));
+}
+
+/// Removes an export in the default (safe) mode once the NBD clients that used it are gone.
+/// A client's disconnect reaches the server asynchronously (qemu-io or qemu-img has exited,
+/// the server may not have read the end of its connection yet), so "still in use" is
+/// retried for a while; any other error fails the test.
+fn remove_export_once_clients_left(qmp: &mut RawQmp, command: &str, arguments: Value) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = qmp.exec(command, arguments.clone());
+        if r.get("return").is_some() {
+            return;
+        }
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.ends_with("still in use") && std::time::Instant::now() < deadline,
+            "{command} {arguments}: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

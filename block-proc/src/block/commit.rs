@@ -8,8 +8,9 @@
 //! which covers every writer that was waiting. Any flush numbered at or above a writer's
 //! target started after its data write completed, so its result is the writer's result.
 //!
-//! Also [`blocking`]: how the block layer runs imago, which it builds in its synchronous
-//! mode (imago's async mode returns futures that are not `Send`, which `BlockDevice` needs).
+//! Also [`blocking`]: how the block layer runs what waits for the disk (imago is built in
+//! its synchronous mode: its async mode returns futures that are not `Send`, which
+//! `BlockDevice` needs, and would run the same blocking system calls inside them).
 
 use std::io;
 use std::sync::Mutex;
@@ -72,7 +73,8 @@ impl GroupCommit {
     }
 
     /// Returns once a call of `flush` that started after this call began has finished,
-    /// with that flush's result. `flush` is blocking; it runs through [`blocking`].
+    /// with that flush's result. `flush` runs on the calling thread: it writes imago's
+    /// caches to the page cache, which does not wait for the disk (as data writes do not).
     pub async fn commit(&self, flush: impl Fn() -> io::Result<()>) -> io::Result<()> {
         let target = self.lock().started + 1;
         loop {
@@ -86,7 +88,7 @@ impl GroupCommit {
                     s.started += 1;
                     let number = s.started;
                     drop(s);
-                    let result = blocking(&flush);
+                    let result = flush();
                     let mut s = self.lock();
                     s.running = false;
                     s.finished = number;

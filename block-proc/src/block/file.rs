@@ -10,13 +10,26 @@
 //!   ([`ImageFile::hide_incompatible`]): imago 0.2.6 refuses every image with the dirty or
 //!   the corrupt bit, while QEMU opens such images read-only. The block layer sets the mask
 //!   only for read-only opens, after checking the bits itself.
+//! - **Reads that must not wait.** Inside [`without_waiting`], this thread's reads of any
+//!   image file use `preadv2(RWF_NOWAIT)`: what the page cache holds is copied at once, and a
+//!   read that would have to wait for the disk fails with [`io::ErrorKind::WouldBlock`]
+//!   instead. The block layer runs imago's reads on a tokio worker that way, and redoes the
+//!   few that would block where blocking is allowed ([`super::node`]).
+//! - **The last data extent** `SEEK_DATA`/`SEEK_HOLE` found is remembered (QEMU's
+//!   block-status cache), so the allocation map of a raw image, which NBD asks for on every
+//!   structured READ, usually costs no system call. Writes only turn holes into data, so
+//!   only what can make holes forgets it: discard, zeroing, resizing
+//!   ([`ImageFile::extent_cache`] lets the block layer say so for its own `fallocate`).
 
+use std::cell::Cell;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::fd::AsFd;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use imago::Storage;
 use imago::io_buffers::{IoVector, IoVectorMut};
@@ -42,6 +55,78 @@ pub struct ImageFile {
     hide_incompat: u64,
     /// For the metadata file of a writable qcow2 image: refcounts before pointers.
     order: Option<MetadataOrder>,
+    /// The last data extent found in the file.
+    extents: Arc<ExtentCache>,
+}
+
+thread_local! {
+    /// Whether this thread's image reads must not wait for the disk ([`without_waiting`]).
+    static NO_WAIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's image-file reads in no-wait mode: they are served from the
+/// page cache or fail with [`io::ErrorKind::WouldBlock`] (`preadv2` with `RWF_NOWAIT`).
+/// For calls that only read (imago `read`, mappings), so failing half-way changes nothing
+/// and the caller can redo the call where it may block. Writes are not affected.
+pub fn without_waiting<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            NO_WAIT.set(self.0);
+        }
+    }
+    let _reset = Reset(NO_WAIT.replace(true));
+    f()
+}
+
+/// Whether `e` is the failure of a read in no-wait mode that would have had to wait.
+pub fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// The last data extent `SEEK_DATA`/`SEEK_HOLE` found in one file. See the module
+/// documentation.
+#[derive(Debug, Default)]
+pub struct ExtentCache(Mutex<ExtentState>);
+
+#[derive(Debug, Default)]
+struct ExtentState {
+    /// Known data (empty: nothing known).
+    data: Range<u64>,
+    /// Bumped by every invalidation: a lookup that raced with one must not store its result.
+    generation: u64,
+}
+
+impl ExtentCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExtentState> {
+        // Two plain fields, each written whole: a panic cannot leave them inconsistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the known data extent containing `offset` ends, if there is one.
+    fn data_end(&self, offset: u64) -> Option<u64> {
+        let s = self.lock();
+        s.data.contains(&offset).then_some(s.data.end)
+    }
+
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Remembers `data`, unless an invalidation came after `generation` was read.
+    fn store(&self, data: Range<u64>, generation: u64) {
+        let mut s = self.lock();
+        if s.generation == generation {
+            s.data = data;
+        }
+    }
+
+    /// Forgets what is known. Call it *after* anything that can make holes has happened.
+    pub fn invalidate(&self) {
+        let mut s = self.lock();
+        s.data = 0..0;
+        s.generation += 1;
+    }
 }
 
 impl ImageFile {
@@ -59,6 +144,7 @@ impl ImageFile {
             name: name.to_string(),
             hide_incompat: 0,
             order: None,
+            extents: Arc::default(),
         })
     }
 
@@ -94,7 +180,81 @@ impl ImageFile {
     /// or data extent is (at most `max`). Beyond the end of the file is a hole. A file system
     /// without `SEEK_DATA` reports everything as data, as QEMU's file-posix driver does.
     pub fn hole_or_data(&self, offset: u64, max: u64) -> io::Result<(bool, u64)> {
-        hole_or_data(&self.aux, offset, max)
+        if let Some(end) = self.extents.data_end(offset) {
+            return Ok((false, (end - offset).min(max)));
+        }
+        let generation = self.extents.generation();
+        let (hole, len) = hole_or_data(&self.aux, offset, u64::MAX)?;
+        if !hole {
+            self.extents
+                .store(offset..offset.saturating_add(len), generation);
+        }
+        Ok((hole, len.min(max)))
+    }
+
+    /// The file's extent cache, for whoever makes holes in the file without going through
+    /// this object (the block layer's own `fallocate`).
+    pub fn extent_cache(&self) -> Arc<ExtentCache> {
+        self.extents.clone()
+    }
+
+    /// `preadv2(RWF_NOWAIT)` until `bufv` is full: what the page cache holds, or
+    /// `WouldBlock`. Past the end of the file reads as zeroes, as imago's own reads do.
+    fn readv_no_wait(&self, mut bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+        while !bufv.is_empty() {
+            let pos = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::other("read offset overflow"))?;
+            // SAFETY: `as_iovec` describes `bufv`'s buffers, which we hold mutably and which
+            // outlive the call; the iovec slice is not used after `bufv` is next modified.
+            let iov = unsafe { bufv.as_iovec() };
+            // At most the kernel's limit per call; the loop reads the rest.
+            let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: `iov` points to at least `count` valid, writable iovecs (see above);
+            // the descriptor is open for as long as `self`.
+            let n = unsafe {
+                libc::preadv2(
+                    self.aux.as_raw_fd(),
+                    iov.as_ptr(),
+                    count,
+                    pos,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            match n {
+                0 => {
+                    bufv.fill(0);
+                    break;
+                }
+                n if n > 0 => {
+                    let n = n as u64;
+                    bufv = bufv.split_tail_at(n);
+                    offset += n;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A read of `bufv.len()` bytes at `offset`, without waiting in no-wait mode.
+    ///
+    /// # Safety
+    /// As [`Storage::pure_readv`].
+    unsafe fn readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        if NO_WAIT.get() {
+            self.readv_no_wait(bufv, offset)
+        } else {
+            // SAFETY: our caller upholds `pure_readv`'s contract (alignment to our
+            // `mem_align`/`req_align`, which are `inner`'s) and we pass its request unchanged.
+            unsafe { self.inner.pure_readv(bufv, offset) }
+        }
     }
 }
 
@@ -180,9 +340,8 @@ impl Storage for ImageFile {
     unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(bufv.len());
         if self.hide_incompat == 0 || end <= INCOMPAT_OFFSET || offset >= INCOMPAT_OFFSET + 8 {
-            // SAFETY: our caller upholds `pure_readv`'s contract (alignment to our
-            // `mem_align`/`req_align`, which are `inner`'s) and we pass its request unchanged.
-            return unsafe { self.inner.pure_readv(bufv, offset) };
+            // SAFETY: our caller upholds `pure_readv`'s contract and we pass it on unchanged.
+            return unsafe { self.readv(bufv, offset) };
         }
         // A read of the header of a read-only image with hidden bits: bounce it. Files are
         // opened without O_DIRECT, so `inner` has no alignment needs the bounce could break.
@@ -190,7 +349,7 @@ impl Storage for ImageFile {
         let mut tmp = vec![0u8; len];
         // SAFETY: as above; the bounce buffer is a plain byte buffer, and buffered files
         // (never O_DIRECT here) have a memory and request alignment of 1.
-        unsafe { self.inner.pure_readv(IoVectorMut::from(&mut tmp), offset) }?;
+        unsafe { self.readv(IoVectorMut::from(&mut tmp), offset) }?;
         mask_incompat(&mut tmp, offset, self.hide_incompat);
         bufv.copy_from_slice(&tmp);
         Ok(())
@@ -220,22 +379,32 @@ impl Storage for ImageFile {
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         // SAFETY: our caller upholds the contract (alignment to `zero_align`, which is
         // `inner`'s) and we pass it on unchanged.
-        unsafe { self.inner.pure_write_zeroes(offset, length) }
+        let r = unsafe { self.inner.pure_write_zeroes(offset, length) };
+        self.extents.invalidate();
+        r
     }
 
     unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         // SAFETY: as for `pure_write_zeroes`.
-        unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
+        let r = unsafe { self.inner.pure_write_allocated_zeroes(offset, length) };
+        self.extents.invalidate();
+        r
     }
 
     unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
         // SAFETY: our caller upholds the contract (alignment to `discard_align`, which is
         // `inner`'s) and we pass it on unchanged.
-        unsafe { self.inner.pure_discard(offset, length) }
+        let r = unsafe { self.inner.pure_discard(offset, length) };
+        self.extents.invalidate();
+        r
     }
 
+    /// Nothing to do: the file has no user-space buffer (imago's own `flush` is
+    /// `fs::File::flush`, a no-op, but it takes an exclusive lock that waits for every read
+    /// and write in flight on the file and stalls new ones; the qcow2 metadata write-back
+    /// that every acknowledged write waits for ends with it).
     fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -257,13 +426,15 @@ impl Storage for ImageFile {
     }
 
     fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> io::Result<()> {
-        self.inner.resize(new_size, prealloc_mode)
+        let r = self.inner.resize(new_size, prealloc_mode);
+        self.extents.invalidate();
+        r
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::mask_incompat;
+    use super::*;
 
     #[test]
     fn masking_clears_only_the_requested_bits_inside_the_field() {
@@ -275,5 +446,49 @@ mod tests {
         let mut tail = vec![0xffu8; 4];
         mask_incompat(&mut tail, 78, 0b10);
         assert_eq!(tail, [0xff, 0xfd, 0xff, 0xff]);
+    }
+
+    /// In no-wait mode a read the page cache cannot serve fails with `WouldBlock` (and
+    /// succeeds once the data is cached); outside it, the same read waits and succeeds.
+    #[test]
+    fn reads_in_no_wait_mode_do_not_wait_for_the_disk() {
+        let path = std::env::temp_dir().join(format!("splitvmm-nowait-{}", std::process::id()));
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let file = fs::File::options().read(true).open(&path).expect("open");
+        file.sync_all().expect("fsync");
+        nix::fcntl::posix_fadvise(
+            &file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .expect("fadvise");
+        // A file system that lives in memory has nothing to wait for.
+        let in_memory = nix::sys::statfs::fstatfs(&file)
+            .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+            .expect("fstatfs");
+        let name = path.display().to_string();
+        let storage = ImageFile::new(file, &name, false).expect("wrap");
+        let read = |no_wait: bool| {
+            let mut buf = vec![0u8; data.len()];
+            let mut call = || {
+                // SAFETY: a plain buffer on a buffered file (memory and request alignment 1).
+                unsafe { storage.pure_readv(IoVectorMut::from(&mut buf), 0) }
+            };
+            let r = if no_wait {
+                without_waiting(call)
+            } else {
+                call()
+            };
+            r.map(|()| buf)
+        };
+        match read(true) {
+            Err(e) => assert!(would_block(&e) && !in_memory, "{e}"),
+            Ok(_) => assert!(in_memory, "a cold read in no-wait mode did not fail"),
+        }
+        assert_eq!(read(false).expect("waiting read"), data);
+        assert_eq!(read(true).expect("cached read"), data);
+        let _ = std::fs::remove_file(&path);
     }
 }

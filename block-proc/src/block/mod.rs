@@ -14,8 +14,10 @@
 //!
 //! imago is built in its synchronous mode: its async mode's format driver futures are not
 //! `Send` (`async_trait(?Send)`, and a prepared mapping holds a `Box<dyn Any>` across an
-//! await), and `BlockDevice` futures must be. Calls go through [`commit::blocking`]
-//! (`block_in_place` on the multi-threaded runtime).
+//! await), and `BlockDevice` futures must be; its async file driver would make the same
+//! blocking system calls anyway. Reads and writes run on the calling tokio worker (reads
+//! in no-wait mode, [`file::without_waiting`]); what waits for the disk goes through
+//! [`commit::blocking`] (`block_in_place` on the multi-threaded runtime).
 
 pub mod commit;
 pub mod create;

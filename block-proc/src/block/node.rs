@@ -7,7 +7,14 @@
 //!   (allowed directories), opened read-only as a `Node` of its own (recursively) and
 //!   handed to imago explicitly; or the caller passes no backing, or an open `Node`.
 //!   Every file is locked as QEMU locks it ([`super::lock`]).
-//! - **I/O.** imago runs in its synchronous mode, called through [`blocking`]. The
+//! - **I/O.** imago runs in its synchronous mode, on the tokio worker that asks, where it
+//!   must not wait for the disk: reads and allocation-map lookups run in no-wait mode
+//!   ([`without_waiting`]) and are redone through [`blocking`] (`block_in_place`) only when
+//!   the page cache could not serve them; writes go to the page cache, which they wait for
+//!   only when the kernel throttles dirty pages. What waits for the disk by nature (fsync,
+//!   `fallocate`, resizing, opening, header rewrites) goes through [`blocking`]. Handing
+//!   the worker over to another thread for every request (`block_in_place` each time) cost
+//!   more than the I/O itself (docs/performance.md). The
 //!   `FormatAccess` sits in a tokio `RwLock`: shared for reads, writes and zeroing that
 //!   keeps allocations, exclusive for what invalidates mappings (discard, unmapping
 //!   write-zeroes, shrinking) and for replacing the imago instance (header rewrite,
@@ -40,7 +47,7 @@ use tokio::sync::RwLock;
 
 use super::commit::{GroupCommit, blocking};
 use super::error::Error;
-use super::file::ImageFile;
+use super::file::{ExtentCache, ImageFile, without_waiting, would_block};
 use super::gate::DirGate;
 use super::header::{self, Header};
 use super::lock::LockMode;
@@ -150,6 +157,8 @@ pub struct Node {
     read_only: bool,
     /// The image file (a descriptor on the same open file description as imago's).
     file: fs::File,
+    /// The image file's extent cache, which [`Node::fallocate`] must invalidate.
+    extents: Arc<ExtentCache>,
     fa: RwLock<Arc<Access>>,
     size: AtomicU64,
     meta: Mutex<Meta>,
@@ -278,6 +287,7 @@ impl Node {
             .file()
             .try_clone()
             .map_err(|e| Error::open(filename, &e))?;
+        let extents = storage.extent_cache();
         let image_gate = gate.for_image(!read_only);
 
         let (fa, header, backing_node) = match format {
@@ -371,6 +381,7 @@ impl Node {
             format,
             read_only,
             file,
+            extents,
             size: AtomicU64::new(fa.size()),
             fa: RwLock::new(Arc::new(fa)),
             meta: Mutex::new(Meta {
@@ -463,11 +474,23 @@ impl Node {
     fn fallocate(&self, flags: FallocateFlags, offset: u64, length: u64) -> io::Result<()> {
         let off = i64::try_from(offset).map_err(|_| io_other("offset overflow"))?;
         let len = i64::try_from(length).map_err(|_| io_other("length overflow"))?;
-        loop {
+        let r = loop {
             match nix::fcntl::fallocate(self.file.as_fd(), flags, off, len) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                r => return r.map_err(io::Error::from),
+                r => break r.map_err(io::Error::from),
             }
+        };
+        // Even a failed call may have punched part of the range.
+        self.extents.invalidate();
+        r
+    }
+
+    /// Runs `f`, which only reads, here without waiting for the disk; if the page cache
+    /// could not serve it, runs it again through [`blocking`].
+    fn read_call<R>(mut f: impl FnMut() -> io::Result<R>) -> io::Result<R> {
+        match without_waiting(&mut f) {
+            Err(e) if would_block(&e) => blocking(f),
+            r => r,
         }
     }
 
@@ -727,13 +750,13 @@ impl BlockDevice for Node {
 
     async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let fa = self.fa.read().await;
-        blocking(|| fa.read(buf, offset))
+        Self::read_call(|| fa.read(&mut *buf, offset))
     }
 
     async fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.check_writable()?;
         let fa = self.fa.read().await;
-        blocking(|| fa.write(buf, offset))?;
+        fa.write(buf, offset)?;
         self.commit(&fa).await?;
         if fua {
             blocking(|| fa.sync())?;
@@ -834,6 +857,6 @@ impl BlockDevice for Node {
                 "block status request beyond the end of the image",
             ));
         }
-        blocking(|| Self::status(&fa, offset, length))
+        Self::read_call(|| Self::status(&fa, offset, length))
     }
 }

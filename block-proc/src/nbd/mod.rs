@@ -4,11 +4,12 @@
 //! block-proc: it creates none.
 //!
 //! - the wire protocol's numbers and encoding are in [`proto`];
-//! - the server, [`NbdServer`], is in [`server`];
+//! - the server, [`NbdServer`], is in [`server`], with its reusable buffers in [`buffers`];
 //! - the client, [`NbdClient`], is in [`client`].
 //!
 //! [`BlockDevice`]: crate::device::BlockDevice
 
+pub mod buffers;
 pub mod client;
 pub mod proto;
 pub mod server;

@@ -229,25 +229,36 @@ pub fn put_option_reply(buf: &mut Vec<u8>, option: u32, reply: u32, data: &[u8])
     buf.extend_from_slice(data);
 }
 
+/// Where the reply encoders append their bytes: a `Vec`, or the server's reusable buffers.
+pub trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 /// Encodes a simple reply header.
-pub fn put_simple_reply(buf: &mut Vec<u8>, error: u32, cookie: u64) {
-    buf.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    buf.extend_from_slice(&error.to_be_bytes());
-    buf.extend_from_slice(&cookie.to_be_bytes());
+pub fn put_simple_reply(buf: &mut impl Sink, error: u32, cookie: u64) {
+    buf.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    buf.put(&error.to_be_bytes());
+    buf.put(&cookie.to_be_bytes());
 }
 
 /// Encodes a structured reply chunk header; `length` is the payload's.
-pub fn put_chunk_header(buf: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, length: u32) {
-    buf.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    buf.extend_from_slice(&flags.to_be_bytes());
-    buf.extend_from_slice(&kind.to_be_bytes());
-    buf.extend_from_slice(&cookie.to_be_bytes());
-    buf.extend_from_slice(&length.to_be_bytes());
+pub fn put_chunk_header(buf: &mut impl Sink, flags: u16, kind: u16, cookie: u64, length: u32) {
+    buf.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    buf.put(&flags.to_be_bytes());
+    buf.put(&kind.to_be_bytes());
+    buf.put(&cookie.to_be_bytes());
+    buf.put(&length.to_be_bytes());
 }
 
 /// Encodes a final `NBD_REPLY_TYPE_ERROR` chunk with a message (cut to fit the protocol's
 /// string limit).
-pub fn put_error_chunk(buf: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
+pub fn put_error_chunk(buf: &mut impl Sink, cookie: u64, error: u32, msg: &str) {
     let msg = truncate_utf8(msg, MAX_STRING);
     put_chunk_header(
         buf,
@@ -256,9 +267,9 @@ pub fn put_error_chunk(buf: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
         cookie,
         len32(6 + msg.len()),
     );
-    buf.extend_from_slice(&error.to_be_bytes());
-    buf.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    buf.extend_from_slice(msg.as_bytes());
+    buf.put(&error.to_be_bytes());
+    buf.put(&(msg.len() as u16).to_be_bytes());
+    buf.put(msg.as_bytes());
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.

@@ -20,7 +20,10 @@
 //! released only once its reply has been written, so a client that floods without reading
 //! is stopped by TCP back-pressure; a wrong request magic drops the connection. Requests
 //! run concurrently and are answered as they finish, each reply written whole by one writer
-//! task.
+//! task, which sends every reply that is ready in one vectored write.
+//!
+//! Payloads and replies live in buffers the connection reuses ([`super::buffers`]); a READ
+//! is read from the device straight into its reply, behind the reply's header.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -33,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
+use super::buffers::{Buf, BufPool};
 use super::proto::*;
 use crate::device::BlockDevice;
 
@@ -54,8 +58,10 @@ const MAX_STATUS_DESCRIPTORS: usize = 1024;
 const MAX_STATUS_CALLS: usize = 256;
 /// The id of `base:allocation` in `NBD_REP_META_CONTEXT` replies to SET.
 pub const META_ID_BASE_ALLOCATION: u32 = 1;
-/// Buffer sizes of a connection's reader and writer.
+/// Buffer sizes of a connection's reader and (while negotiating) writer.
 const IO_BUFFER: usize = 64 << 10;
+/// Most replies sent in one vectored write (well under `IOV_MAX`).
+const MAX_WRITE_BATCH: usize = 64;
 
 /// One export: a device under a name.
 #[derive(Debug)]
@@ -600,7 +606,11 @@ where
         }
     };
     drop(server);
-    transmission(session, reader, writer, kill_tx, kill).await;
+    // Negotiation flushed every reply it wrote; replies are written unbuffered from here.
+    if writer.flush().await.is_err() {
+        return;
+    }
+    transmission(session, reader, writer.into_inner(), kill_tx, kill).await;
     drop(guard);
 }
 
@@ -904,7 +914,7 @@ fn session<D>(sel: Selected<D>, structured: bool, meta: &Option<(Vec<u8>, bool)>
 
 /// A reply ready to write, holding the request's slots until it is written.
 struct Outgoing {
-    buf: Vec<u8>,
+    buf: Buf,
     _slot: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
 }
@@ -921,6 +931,7 @@ struct Ctx<D> {
     writable: bool,
     structured: bool,
     base_allocation: bool,
+    pool: Arc<BufPool>,
 }
 
 impl<D: BlockDevice> Ctx<D> {
@@ -972,8 +983,9 @@ impl<D: BlockDevice> Ctx<D> {
         Ok(())
     }
 
-    fn error_reply(&self, req: &Request, err: u32, msg: &str) -> Vec<u8> {
-        let mut b = Vec::new();
+    /// The error reply to `req`, in `b` (whose content it replaces).
+    fn error_reply(&self, mut b: Buf, req: &Request, err: u32, msg: &str) -> Buf {
+        b.clear();
         if self.structured {
             put_error_chunk(&mut b, req.cookie, err, msg);
         } else {
@@ -982,29 +994,31 @@ impl<D: BlockDevice> Ctx<D> {
         b
     }
 
-    fn result_reply(&self, req: &Request, res: io::Result<()>) -> Vec<u8> {
+    /// The reply to `req` that carries no data, in `b` (whose content it replaces).
+    fn result_reply(&self, mut b: Buf, req: &Request, res: io::Result<()>) -> Buf {
         match res {
             Ok(()) => {
-                let mut b = Vec::with_capacity(SIMPLE_REPLY_LEN);
+                b.clear();
                 put_simple_reply(&mut b, 0, req.cookie);
                 b
             }
             Err(e) => {
                 tracing::debug!("NBD {} failed: {e}", command_name(req.kind));
-                self.error_reply(req, errno_to_nbd(&e), &e.to_string())
+                self.error_reply(b, req, errno_to_nbd(&e), &e.to_string())
             }
         }
     }
 
-    async fn execute(&self, req: Request, payload: Vec<u8>) -> Vec<u8> {
+    /// Runs `req` (with its WRITE payload in `buf`) and returns its reply, in `buf`.
+    async fn execute(&self, req: Request, buf: Buf) -> Buf {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let (off, len) = (req.offset, u64::from(req.length));
         let d = &*self.device;
         let res = match req.kind {
-            CMD_READ => return self.read(&req).await,
-            CMD_BLOCK_STATUS => return self.block_status(&req).await,
+            CMD_READ => return self.read(&req, buf).await,
+            CMD_BLOCK_STATUS => return self.block_status(&req, buf).await,
             CMD_WRITE if len == 0 => Ok(()),
-            CMD_WRITE => d.write(&payload, off, fua).await,
+            CMD_WRITE => d.write(buf.as_slice(), off, fua).await,
             CMD_FLUSH => d.flush().await,
             CMD_CACHE => Ok(()),
             CMD_TRIM | CMD_WRITE_ZEROES if len == 0 => Ok(()),
@@ -1013,7 +1027,7 @@ impl<D: BlockDevice> Ctx<D> {
                 r => r,
             },
             CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 => {
-                return self.error_reply(&req, ENOTSUP, "fast zeroing is not available");
+                return self.error_reply(buf, &req, ENOTSUP, "fast zeroing is not available");
             }
             CMD_WRITE_ZEROES => {
                 let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
@@ -1022,27 +1036,28 @@ impl<D: BlockDevice> Ctx<D> {
                     r => r,
                 }
             }
-            _ => return self.error_reply(&req, EINVAL, "unknown command"),
+            _ => return self.error_reply(buf, &req, EINVAL, "unknown command"),
         };
-        self.result_reply(&req, res)
+        self.result_reply(buf, &req, res)
     }
 
-    async fn read(&self, req: &Request) -> Vec<u8> {
+    /// The reply to a READ, in `b` (whose content it replaces): the data is read from the
+    /// device straight into the reply.
+    async fn read(&self, req: &Request, mut b: Buf) -> Buf {
         let len = req.length as usize;
         let d = &*self.device;
+        b.clear();
         if !self.structured {
-            let mut b = Vec::with_capacity(SIMPLE_REPLY_LEN + len);
+            b.reserve(SIMPLE_REPLY_LEN + len);
             put_simple_reply(&mut b, 0, req.cookie);
-            b.resize(SIMPLE_REPLY_LEN + len, 0);
             if len > 0
-                && let Err(e) = d.read(&mut b[SIMPLE_REPLY_LEN..], req.offset).await
+                && let Err(e) = d.read(b.append(len), req.offset).await
             {
-                return self.result_reply(req, Err(e));
+                return self.result_reply(b, req, Err(e));
             }
             return b;
         }
         if len == 0 {
-            let mut b = Vec::with_capacity(CHUNK_HEADER_LEN);
             put_chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
             return b;
         }
@@ -1056,21 +1071,19 @@ impl<D: BlockDevice> Ctx<D> {
             .filter(|s| !s.2)
             .map(|s| s.1 as usize + 8)
             .sum();
-        let mut b = Vec::with_capacity(data + segments.len() * (CHUNK_HEADER_LEN + 12));
+        b.reserve(data + segments.len() * (CHUNK_HEADER_LEN + 12));
         let last = segments.len().saturating_sub(1);
         for (i, &(off, n, hole)) in segments.iter().enumerate() {
             let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
             if hole {
                 put_chunk_header(&mut b, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-                b.extend_from_slice(&off.to_be_bytes());
-                b.extend_from_slice(&n.to_be_bytes());
+                b.put(&off.to_be_bytes());
+                b.put(&n.to_be_bytes());
             } else {
                 put_chunk_header(&mut b, flags, REPLY_TYPE_OFFSET_DATA, req.cookie, n + 8);
-                b.extend_from_slice(&off.to_be_bytes());
-                let start = b.len();
-                b.resize(start + n as usize, 0);
-                if let Err(e) = d.read(&mut b[start..], off).await {
-                    return self.result_reply(req, Err(e));
+                b.put(&off.to_be_bytes());
+                if let Err(e) = d.read(b.append(n as usize), off).await {
+                    return self.result_reply(b, req, Err(e));
                 }
             }
         }
@@ -1118,7 +1131,8 @@ impl<D: BlockDevice> Ctx<D> {
         segs
     }
 
-    async fn block_status(&self, req: &Request) -> Vec<u8> {
+    /// The reply to a BLOCK_STATUS, in `b` (whose content it replaces).
+    async fn block_status(&self, req: &Request, mut b: Buf) -> Buf {
         let end = req.offset + u64::from(req.length);
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
             1
@@ -1132,7 +1146,7 @@ impl<D: BlockDevice> Ctx<D> {
             calls += 1;
             let extents = match self.device.block_status(pos, end - pos).await {
                 Ok(e) => e,
-                Err(e) if descs.is_empty() => return self.result_reply(req, Err(e)),
+                Err(e) if descs.is_empty() => return self.result_reply(b, req, Err(e)),
                 Err(_) => break,
             };
             let before = pos;
@@ -1167,7 +1181,7 @@ impl<D: BlockDevice> Ctx<D> {
             // Nothing known: status 0 ("allocated, contents unknown") is always true.
             descs.push((req.length, 0));
         }
-        let mut b = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + 8 * descs.len());
+        b.clear();
         put_chunk_header(
             &mut b,
             REPLY_FLAG_DONE,
@@ -1175,10 +1189,10 @@ impl<D: BlockDevice> Ctx<D> {
             req.cookie,
             4 + 8 * descs.len() as u32,
         );
-        b.extend_from_slice(&META_ID_BASE_ALLOCATION.to_be_bytes());
+        b.put(&META_ID_BASE_ALLOCATION.to_be_bytes());
         for (n, flags) in descs {
-            b.extend_from_slice(&n.to_be_bytes());
-            b.extend_from_slice(&flags.to_be_bytes());
+            b.put(&n.to_be_bytes());
+            b.put(&flags.to_be_bytes());
         }
         b
     }
@@ -1196,7 +1210,7 @@ enum End {
 async fn transmission<D, R, W>(
     s: Session<D>,
     mut reader: BufReader<R>,
-    writer: BufWriter<W>,
+    writer: W,
     kill_tx: Arc<watch::Sender<bool>>,
     mut kill: watch::Receiver<bool>,
 ) where
@@ -1216,9 +1230,10 @@ async fn transmission<D, R, W>(
         writable: s.writable,
         structured: s.structured,
         base_allocation: s.base_allocation,
+        pool: Arc::default(),
     });
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let mut writer_task = tokio::spawn(write_replies(writer, rx, kill_tx));
+    let mut writer_task = tokio::spawn(write_replies(writer, rx, kill_tx, ctx.pool.clone()));
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let bytes = Arc::new(Semaphore::new(INFLIGHT_BYTES));
     let mut jobs = JoinSet::new();
@@ -1259,17 +1274,17 @@ async fn transmission<D, R, W>(
                 } else {
                     None
                 };
-                let mut payload = Vec::new();
+                let mut buf = ctx.pool.take();
                 if req.kind == CMD_WRITE && req.length > 0 {
-                    payload = vec![0u8; req.length as usize];
+                    let payload = buf.append(req.length as usize);
                     tokio::select! {
-                        r = reader.read_exact(&mut payload) => if r.is_err() { break End::Abrupt },
+                        r = reader.read_exact(payload) => if r.is_err() { break End::Abrupt },
                         _ = killed(&mut kill) => break End::Abrupt,
                     }
                 }
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 jobs.spawn(async move {
-                    let buf = ctx.execute(req, payload).await;
+                    let buf = ctx.execute(req, buf).await;
                     let _ = tx.send(Outgoing {
                         buf,
                         _slot: slot,
@@ -1286,7 +1301,7 @@ async fn transmission<D, R, W>(
                     }
                 }
                 let _ = tx.send(Outgoing {
-                    buf: ctx.error_reply(&req, err, msg),
+                    buf: ctx.error_reply(ctx.pool.take(), &req, err, msg),
                     _slot: slot,
                     _bytes: None,
                 });
@@ -1314,21 +1329,27 @@ async fn transmission<D, R, W>(
     while jobs.join_next().await.is_some() {}
 }
 
-/// Writes replies as they come, coalescing those that are ready together. A write error
-/// closes the connection.
+/// Writes replies as they come, every reply that is ready in one vectored write, and gives
+/// their buffers back to the pool. A write error closes the connection.
 async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
+    mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     kill: Arc<watch::Sender<bool>>,
+    pool: Arc<BufPool>,
 ) {
     let res: io::Result<()> = async {
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_WRITE_BATCH);
         while let Some(o) = rx.recv().await {
-            w.write_all(&o.buf).await?;
-            drop(o);
-            while let Ok(o) = rx.try_recv() {
-                w.write_all(&o.buf).await?;
+            batch.push(o);
+            while batch.len() < MAX_WRITE_BATCH
+                && let Ok(o) = rx.try_recv()
+            {
+                batch.push(o);
             }
-            w.flush().await?;
+            write_all_vectored(&mut w, &batch).await?;
+            for o in batch.drain(..) {
+                pool.give(o.buf);
+            }
         }
         w.shutdown().await
     }
@@ -1337,4 +1358,25 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         tracing::debug!("NBD: writing replies failed: {e}");
         kill.send_replace(true);
     }
+}
+
+/// Writes the replies of `batch` in order, in as few vectored writes as the socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &[Outgoing],
+) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = batch
+        .iter()
+        .filter(|o| !o.buf.is_empty())
+        .map(|o| io::IoSlice::new(o.buf.as_slice()))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }

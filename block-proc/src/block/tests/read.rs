@@ -198,3 +198,42 @@ async fn raw_images_read_as_the_file() {
     let got = read_all(&node).await;
     assert_same("raw", &got, &std::fs::read(&img).expect("read"));
 }
+
+/// Drops `path`'s pages from the page cache (written back first), so reading it again has
+/// to wait for the disk.
+fn evict_from_page_cache(path: &str) {
+    let f = std::fs::File::open(path).expect("open");
+    f.sync_all().expect("fsync");
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .expect("fadvise");
+}
+
+/// Reads run on the tokio worker in no-wait mode; data (and qcow2 tables) that the page
+/// cache does not hold are read again where waiting is allowed, and come out the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_images_out_of_the_page_cache_read_like_qemu() {
+    let dir = TempDir::new("coldread");
+    let top = make_three_deep_chain(&dir);
+    let want = qemu_contents(&top, "qcow2");
+    let node = open(&top, ImageFormat::Qcow2, true, &dir).await;
+    for f in ["base.raw", "mid.qcow2", "top.qcow2"] {
+        evict_from_page_cache(&dir.file(f));
+    }
+    assert_same("cold chain", &read_all(&node).await, &want);
+
+    let raw = dir.file("cold.raw");
+    ok("qemu-img", &["create", "-f", "raw", &raw, "3M"]);
+    qemu_io(&raw, "raw", &["write -P 0x5a 4096 2M"]);
+    let node = open(&raw, ImageFormat::Raw, true, &dir).await;
+    evict_from_page_cache(&raw);
+    assert_same(
+        "cold raw",
+        &read_all(&node).await,
+        &std::fs::read(&raw).expect("read"),
+    );
+}

@@ -127,3 +127,38 @@ async fn status_after_our_own_writes_matches_qemu_img_map() {
         "some ranges are only in the backing file"
     );
 }
+
+/// The allocation map of a raw image is answered from the last data extent found; whatever
+/// makes holes afterwards must make it forget, or NBD would serve holes as data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_status_sees_the_holes_made_after_data_was_found() {
+    let dir = TempDir::new("status-cache");
+    let img = dir.file("c.raw");
+    ok("qemu-img", &["create", "-f", "raw", &img, "4M"]);
+    qemu_io(&img, "raw", &["write -P 1 0 4M"]);
+    let node = open(&img, ImageFormat::Raw, false, &dir).await;
+    let full = node.size();
+    assert_eq!(node_map(&node, 4096).await, qemu_map(&img, "raw"));
+    node.discard(1 << 20, 64 << 10).await.expect("discard");
+    assert_eq!(
+        node_map(&node, 4096).await,
+        qemu_map(&img, "raw"),
+        "after discard"
+    );
+    node.write_zeroes(2 << 20, 64 << 10, true)
+        .await
+        .expect("punch");
+    assert_eq!(
+        node_map(&node, 4096).await,
+        qemu_map(&img, "raw"),
+        "after zeroing"
+    );
+    node.resize(3 << 20).await.expect("shrink");
+    node.resize(full).await.expect("grow");
+    let map = node_map(&node, 4096).await;
+    assert_eq!(map, qemu_map(&img, "raw"), "after shrinking and growing");
+    assert!(
+        map.iter().filter(|r| r.2 && !r.3).count() >= 3,
+        "three holes expected: {map:?}"
+    );
+}
