@@ -168,12 +168,12 @@ mount -t 9p -o "$opts,cache=loose,ro" host /host || echo "$tag: cannot mount the
 mount -t devtmpfs devtmpfs /host/dev
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
-mount -t tmpfs tmpfs /host/tmp
+# No tmpfs over /tmp: the checkout (and its target/) may live there. Scratch goes to /run.
 mount -t tmpfs tmpfs /host/run
 mkdir -p "/host$work"
 mount -t 9p -o "$opts" work "/host$work" || echo "$tag: cannot mount the work share"
 echo "$tag: running $run at $(up) s"
-chroot /host /bin/sh "$run" </dev/null
+TMPDIR=/run chroot /host /bin/sh "$run" </dev/null
 echo "$tag: exit status $? at $(up) s"
 sync
 umount "/host$work"

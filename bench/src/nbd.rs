@@ -237,7 +237,16 @@ impl Figures {
 
 /// Runs the whole benchmark; returns (label, figures) per format and direction.
 pub fn run_all(size_gib: u64, rounds: u32) -> Result<Vec<(String, Figures)>, String> {
-    let dir = std::env::temp_dir().join(format!("splitvmm-bench-nbd-{}", std::process::id()));
+    /// The scratch directory (two 2 GiB files and more), removed however the run ends.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("splitvmm-bench-nbd-{}", std::process::id())));
+    let dir = scratch.0.clone();
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let bytes = size_gib << 30;
     // A source full of data (no holes, so every byte crosses the wire).
@@ -278,6 +287,6 @@ pub fn run_all(size_gib: u64, rounds: u32) -> Result<Vec<(String, Figures)>, Str
         results.push((format!("nbdcopy read, {size_gib} GiB {fmt}"), read));
         results.push((format!("nbdcopy write, {size_gib} GiB {fmt}"), write));
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     Ok(results)
 }

@@ -29,6 +29,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use imago::Storage;
@@ -57,6 +58,9 @@ pub struct ImageFile {
     order: Option<MetadataOrder>,
     /// The last data extent found in the file.
     extents: Arc<ExtentCache>,
+    /// Set once the file system refused `RWF_NOWAIT` (9p, some network file systems):
+    /// then every read of this file may block, and is done where that is allowed.
+    no_wait_unsupported: AtomicBool,
 }
 
 thread_local! {
@@ -145,6 +149,7 @@ impl ImageFile {
             hide_incompat: 0,
             order: None,
             extents: Arc::default(),
+            no_wait_unsupported: AtomicBool::new(false),
         })
     }
 
@@ -201,6 +206,9 @@ impl ImageFile {
     /// `preadv2(RWF_NOWAIT)` until `bufv` is full: what the page cache holds, or
     /// `WouldBlock`. Past the end of the file reads as zeroes, as imago's own reads do.
     fn readv_no_wait(&self, mut bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+        if self.no_wait_unsupported.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         while !bufv.is_empty() {
             let pos = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::other("read offset overflow"))?;
@@ -235,6 +243,12 @@ impl ImageFile {
                     match e.raw_os_error() {
                         Some(libc::EINTR) => continue,
                         Some(libc::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                        // The file system cannot read without waiting: the caller redoes
+                        // the read where it may block, now and from now on.
+                        Some(libc::EOPNOTSUPP) => {
+                            self.no_wait_unsupported.store(true, Ordering::Relaxed);
+                            return Err(io::ErrorKind::WouldBlock.into());
+                        }
                         _ => return Err(e),
                     }
                 }
