@@ -161,6 +161,74 @@ fn builtin_workload_writes_the_exact_pattern_to_qcow2_on_two_vcpus() {
     }
 }
 
+/// A qcow2 top over a qcow2 middle over a raw base: the guest's pattern lands in the top,
+/// and what it did not write still reads from the layers below (copy-on-write through the
+/// chain), checked byte for byte after `qemu-img convert` of the whole chain.
+fn write_over_a_backing_chain(cpus: u8) {
+    let dir = TempDir::new("workload-chain");
+    let base = dir.join("base.raw");
+    let mid = dir.join("mid.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img_create("raw", &base, "16M");
+    // Data in the base, half under the guest's range and half past it; more in the middle.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 6M 4M"])
+        .arg(&base));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&mid));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xc3 12M 1M"])
+        .arg(&mid));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&mid)
+        .arg(&top));
+    let drives = [format!("id=disk0,file={},format=qcow2", top.display())];
+    let (written, dir) = boot_once(dir, cpus, "run=write seed=11 bytes=8M gen=1", &drives);
+    let summary = written.passed();
+    assert!(summary.contains(&format!("{cpus} vCPU(s)")), "{summary}");
+    let mut want = vec![0u8; 16 << 20];
+    want[6 << 20..10 << 20].fill(0x5a);
+    want[12 << 20..13 << 20].fill(0xc3);
+    want[..8 << 20].copy_from_slice(&written_image(11, 1, 8 << 20));
+    let bytes = image_bytes(&top, "qcow2", &dir);
+    assert!(
+        bytes == want,
+        "the chain does not read as pattern over its backing data"
+    );
+    run(Command::new("qemu-img").args(["check", "-q"]).arg(&top));
+    // The layers below were opened read-only and are untouched.
+    assert!(
+        image_bytes(&mid, "qcow2", &dir)[..6 << 20]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    let (verified, _dir) = boot_once(dir, cpus, "run=verify seed=11 bytes=8M gen=1", &drives);
+    assert!(
+        verified
+            .passed()
+            .starts_with("verify seed=11 gen=1: 8192 KiB verified"),
+        "{}",
+        verified.serial
+    );
+}
+
+#[test]
+fn builtin_workload_writes_over_a_backing_chain_on_one_vcpu() {
+    if kvm_or_skip("builtin_workload_writes_over_a_backing_chain_on_one_vcpu") {
+        write_over_a_backing_chain(1);
+    }
+}
+
+#[test]
+fn builtin_workload_writes_over_a_backing_chain_on_two_vcpus() {
+    if kvm_or_skip("builtin_workload_writes_over_a_backing_chain_on_two_vcpus") {
+        write_over_a_backing_chain(2);
+    }
+}
+
 #[test]
 fn builtin_workload_default_loop_passes_with_two_disks() {
     if !kvm_or_skip("builtin_workload_default_loop_passes_with_two_disks") {
