@@ -273,6 +273,10 @@ async fn execute<D: BlockDevice>(
             r
         }
         IoOp::GetId => {
+            // Check every segment before touching any, as for reads.
+            if req.segments.iter().any(|s| mem.range(*s).is_none()) {
+                return IoStatus::IoErr;
+            }
             let mut id = dev.id.as_bytes().to_vec();
             id.resize(ID_BYTES as usize, 0);
             let mut rest = id.as_slice();
@@ -582,6 +586,34 @@ mod tests {
             peer.io(vec![req(1000, 0, IoOp::Write, 0, &[(0, 512)])])
                 .await[&1000],
             IoStatus::Ok
+        );
+    }
+
+    /// Found by the `ipc_decode` fuzz target: GET_ID wrote the id into the segments before
+    /// the bad one, then failed, so a failed request had changed guest memory.
+    #[tokio::test]
+    async fn get_id_with_a_bad_segment_fails_without_writing_the_good_ones() {
+        let disk = Arc::new(MemDevice::new(4096, false));
+        let (mut peer, _server) = setup(vec![("disk0", disk)]).await;
+        let ram = memfd(MEM, true);
+        pwrite(&ram, &[0x55; 64], 0);
+        assert!(
+            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&ram))
+                .await
+                .is_ok()
+        );
+        // A good first segment, then an empty one (or one past the memory).
+        let st = peer
+            .io(vec![
+                req(1, 0, IoOp::GetId, 0, &[(0, 16), (146, 0)]),
+                req(2, 0, IoOp::GetId, 0, &[(0, 8), (MEM, 12)]),
+            ])
+            .await;
+        assert_eq!((st[&1], st[&2]), (IoStatus::IoErr, IoStatus::IoErr));
+        assert_eq!(
+            pread(&ram, 64, 0),
+            vec![0x55; 64],
+            "guest memory was written"
         );
     }
 

@@ -57,6 +57,9 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear feature bits.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
+/// Largest active L1 table QEMU opens (`QCOW_MAX_L1_SIZE`), in bytes.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+
 /// Longest backing file name QEMU accepts.
 const MAX_BACKING_NAME: usize = 1023;
 
@@ -76,6 +79,9 @@ pub struct Header {
     pub cluster_bits: u32,
     pub size: u64,
     pub crypt_method: u32,
+    /// Entries of the active L1 table, and where it is.
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
     pub nb_snapshots: u32,
     pub incompatible: u64,
     pub compatible: u64,
@@ -139,6 +145,8 @@ impl Header {
             cluster_bits,
             size: be64(&fixed, 24),
             crypt_method: be32(&fixed, 32),
+            l1_size: be32(&fixed, 36),
+            l1_table_offset: be64(&fixed, 40),
             nb_snapshots: be32(&fixed, 60),
             incompatible: 0,
             compatible: 0,
@@ -175,10 +183,14 @@ impl Header {
                 "Reference count entry width too large; may not exceed 64 bits",
             ));
         }
+        h.check_l1()?;
 
         let mut cluster = vec![0u8; usize::try_from(cluster_size).unwrap_or(512)];
         let n = read_at_most(file, &mut cluster, 0)?;
         cluster.truncate(n);
+        if version == 3 {
+            check_extensions_for_imago(&cluster, h.header_length, cluster_size)?;
+        }
 
         let ext_limit = if h.backing_file_offset != 0 {
             h.backing_file_offset.min(cluster_size)
@@ -232,6 +244,37 @@ impl Header {
         1 << self.cluster_bits
     }
 
+    /// QEMU's checks of the active L1 table (`qcow2_do_open`), with its words: the table is
+    /// at most [`MAX_L1_BYTES`], cluster-aligned, and has an entry for every part of the
+    /// virtual size, which may not need more than `INT_MAX` entries. imago 0.2.6 checks only
+    /// the first two: an image whose L1 table is smaller than its size opened, and a
+    /// `block_status` over its whole (up to 2^64-byte) size then walked the uncovered part
+    /// one L2 range at a time, practically forever (found by the `qcow2_open` fuzz target).
+    fn check_l1(&self) -> io::Result<()> {
+        let entries = u64::from(self.l1_size);
+        if entries > MAX_L1_BYTES / 8 {
+            return Err(invalid("Active L1 table too large"));
+        }
+        let end_ok = (i64::MAX as u64)
+            .checked_sub(entries * 8)
+            .is_some_and(|room| self.l1_table_offset <= room);
+        if !end_ok || !self.l1_table_offset.is_multiple_of(self.cluster_size()) {
+            return Err(invalid("Active L1 table offset invalid"));
+        }
+        // Bytes one L1 entry maps: a cluster of L2 entries (16 bytes each with extended L2),
+        // each mapping a cluster. QEMU's `size_to_l1`, without its wrap-around near 2^64.
+        let l2_bits = self.cluster_bits - if self.extended_l2() { 4 } else { 3 };
+        let shift = self.cluster_bits + l2_bits;
+        let needed = (u128::from(self.size) + (1u128 << shift) - 1) >> shift;
+        if needed > i32::MAX as u128 {
+            return Err(invalid("Image is too big"));
+        }
+        if u128::from(entries) < needed {
+            return Err(invalid("L1 table is too small"));
+        }
+        Ok(())
+    }
+
     fn ext_string(&self, kind: u32) -> Option<String> {
         self.extensions
             .iter()
@@ -281,6 +324,44 @@ impl Header {
             "zlib"
         }
     }
+}
+
+/// Size of one entry of the feature name table.
+const FEATURE_ENTRY: u32 = 48;
+
+/// Refuses what imago 0.2.6 would panic on, walking the v3 extension area as it does (from
+/// `header_length` to the end marker, within the first cluster, whatever the backing file
+/// offset): a feature name table whose length is not a whole number of 48-byte entries
+/// (its parser indexes into a short last entry, and a panic aborts block-proc). QEMU reads
+/// such a table anyway; refusing the image is a deviation, for images no QEMU tool writes.
+/// Found by the `qcow2_open` fuzz target.
+fn check_extensions_for_imago(
+    cluster: &[u8],
+    header_length: u32,
+    cluster_size: u64,
+) -> io::Result<()> {
+    let mut off = u64::from(header_length);
+    while off + 8 <= cluster_size {
+        let Some(o) = usize::try_from(off)
+            .ok()
+            .filter(|&o| o + 8 <= cluster.len())
+        else {
+            // Past the end of the file: imago reads no further extension.
+            return Ok(());
+        };
+        let (kind, len) = (be32(cluster, o), be32(cluster, o + 4));
+        if kind == 0 {
+            return Ok(());
+        }
+        if kind == EXT_FEATURE_TABLE && len % FEATURE_ENTRY != 0 {
+            return Err(invalid(format!(
+                "Feature name table of {len} bytes is not a whole number of \
+                 {FEATURE_ENTRY}-byte entries"
+            )));
+        }
+        off += 8 + u64::from(len).next_multiple_of(8);
+    }
+    Ok(())
 }
 
 /// Reads up to `buf.len()` bytes at `offset`; returns how many (short at EOF).
