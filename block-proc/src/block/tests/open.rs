@@ -357,7 +357,15 @@ async fn a_feature_name_table_of_partial_entries_is_refused_not_a_panic() {
     let img = dir.file("ft.qcow2");
     ok(
         "qemu-img",
-        &["create", "-f", "qcow2", "-o", "cluster_size=512", &img, "64K"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            &img,
+            "64K",
+        ],
     );
     let f = std::fs::OpenOptions::new()
         .read(true)
