@@ -346,3 +346,53 @@ async fn images_whose_l1_table_does_not_fit_their_size_are_refused_like_qemu() {
     let node = open(&img, ImageFormat::Qcow2, true, &dir).await;
     assert_eq!(read_all(&node).await.len(), 64 << 10);
 }
+
+/// Found by the `qcow2_open` fuzz target: a feature name table of one byte made imago 0.2.6
+/// index past the end of its last entry, and the panic aborted block-proc. Such tables are
+/// refused before imago sees them. QEMU reads them (it needs no whole entries): a
+/// deviation, for images no QEMU tool writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feature_name_table_of_partial_entries_is_refused_not_a_panic() {
+    let dir = TempDir::new("featuretable");
+    let img = dir.file("ft.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            &img,
+            "64K",
+        ],
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .expect("open");
+    let mut hl = [0u8; 4];
+    f.read_exact_at(&mut hl, 100).expect("header_length");
+    let at = u64::from(u32::from_be_bytes(hl));
+    // The feature name table, 1 byte long (an "incompatible" entry cut short), then the end.
+    let mut exts = Vec::new();
+    exts.extend_from_slice(&0x6803_f857u32.to_be_bytes());
+    exts.extend_from_slice(&1u32.to_be_bytes());
+    exts.extend_from_slice(&[0u8; 8]);
+    exts.extend_from_slice(&[0u8; 8]);
+    f.write_all_at(&exts, at).expect("write extensions");
+    drop(f);
+    let qemu = run("qemu-img", &["info", "-f", "qcow2", &img]);
+    assert!(qemu.status.success(), "QEMU opens it: {qemu:?}");
+    for ro in [true, false] {
+        let e = open_err(&img, ImageFormat::Qcow2, ro, &dir.dirs()).await;
+        assert_eq!(
+            e,
+            format!(
+                "Could not open '{img}': Feature name table of 1 bytes is not a whole number \
+                 of 48-byte entries"
+            )
+        );
+    }
+}
