@@ -56,6 +56,12 @@ for t in "${targets[@]}"; do
         -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 \
         "${dict[@]}" ${FUZZ_ARGS:-} 2>&1 | tee "$log" |
         grep -E '^#[0-9]+[[:space:]]+(pulse|DONE)|^Done|panicked|ERROR|SUMMARY' >&2 || true
+    # qcow2_open's scratch directory is removed at exit, but not when a finding aborts it.
+    for d in /dev/shm/splitvmm-fuzz-qcow2-* "${TMPDIR:-/tmp}"/splitvmm-fuzz-qcow2-*; do
+        if [ -d "$d" ] && ! kill -0 "${d##*-}" 2>/dev/null; then
+            rm -rf "$d"
+        fi
+    done
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
     if grep -qE '^==[0-9]+== ERROR|^SUMMARY|panicked|Test unit written' "$log"; then
