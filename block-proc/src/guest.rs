@@ -197,7 +197,10 @@ fn byte_range(sector: u64, len: u64, size: u64) -> Option<u64> {
     (start.checked_add(len)? <= size).then_some(start)
 }
 
-async fn execute<D: BlockDevice>(
+/// Checks one request against the devices and the guest memory and, if it passes, runs it.
+/// A request that fails a check touches nothing and gets `IoErr`. Public for the fuzzer,
+/// which runs hostile requests through it in-process.
+pub async fn execute<D: BlockDevice>(
     devices: &[GuestDevice<D>],
     mem: &GuestMemory,
     req: &IoRequest,

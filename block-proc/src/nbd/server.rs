@@ -433,6 +433,27 @@ impl<D: BlockDevice> NbdServer<D> {
         let _ = count.wait_for(|n| *n == 0).await;
     }
 
+    /// Serves one client already connected over any byte stream (`r` from the client, `w`
+    /// to it) and returns when the connection has ended, exactly as a client accepted by
+    /// [`serve`](Self::serve) is served (limits, negotiation timeout, removal and stop
+    /// apply). Must run on a tokio runtime with time enabled. For the fuzzer, which talks to
+    /// the server over an in-memory pipe; a connection over the limit, or to a stopped
+    /// server, is dropped at once.
+    pub async fn serve_stream<R, W>(self: &Arc<Self>, r: R, w: W)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some((id, kill)) = self.register() else {
+            return;
+        };
+        let guard = ConnGuard {
+            server: self.clone(),
+            id,
+        };
+        run_connection(guard, kill, r, w).await;
+    }
+
     fn start_connection(self: &Arc<Self>, stream: Stream) {
         let Some((id, kill)) = self.register() else {
             tracing::debug!("NBD: connection refused (limit or stopped)");

@@ -22,7 +22,7 @@ pub mod schema;
 pub mod wire;
 
 pub use self::json::{JsonStreamer, Limits};
-pub use self::schema::{ArgType, Member, normalize, validate};
+pub use self::schema::{ArgType, Member, normalize, validate, validate_args};
 pub use self::wire::{
     Request, RequestError, Timestamp, event, greeting, parse_request, response_err, response_ok,
     to_wire,
