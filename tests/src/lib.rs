@@ -111,6 +111,20 @@ pub fn qemu_img_create(fmt: &str, path: &Path, size: &str) {
         .arg(size));
 }
 
+/// The bytes of an image as a guest sees them: a raw file as it is, any other format
+/// converted to raw by `qemu-img` (into `dir`).
+pub fn image_bytes(path: &Path, format: &str, dir: &TempDir) -> Vec<u8> {
+    if format == "raw" {
+        return std::fs::read(path).expect("read image");
+    }
+    let out = dir.join("converted.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", format, "-O", "raw"])
+        .arg(path)
+        .arg(&out));
+    std::fs::read(out).expect("read converted image")
+}
+
 /// A running splitvmm with a QMP unix socket and a pidfile in its own scratch directory.
 #[derive(Debug)]
 pub struct Splitvmm {
@@ -356,6 +370,15 @@ pub fn qemu_io(fmt: &str, image: &str, cmds: &[&str]) -> String {
 }
 
 impl RawQmp {
+    /// Resumes a paused guest: `cont` answers `{}` and `RESUME` follows.
+    pub fn cont(&mut self) {
+        assert_eq!(
+            self.ok("cont", serde_json::json!({})),
+            serde_json::json!({})
+        );
+        self.event("RESUME");
+    }
+
     /// Executes a command and returns its `return` value, failing the test on an error.
     pub fn ok(&mut self, execute: &str, arguments: Value) -> Value {
         let r = self.exec(execute, arguments.clone());

@@ -3,7 +3,6 @@
 //! port, and the tests check the run-state machine over QMP and the images from outside
 //! with qemu-img.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,7 +11,9 @@ use tests::guest::{
     self, DESC_INDIRECT, DESC_NEXT, DESC_WRITE, Disk, F_FLUSH, F_INDIRECT, F_MQ, Guest, S_IOERR,
     S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
-use tests::{RawQmp, Splitvmm, TempDir, kvm_or_skip, qemu_img_create, run, wait_for_text};
+use tests::{
+    RawQmp, Splitvmm, TempDir, image_bytes, kvm_or_skip, qemu_img_create, run, wait_for_text,
+};
 
 const BLOCK: u64 = 4096;
 const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
@@ -49,12 +50,6 @@ fn serial(vm: &Splitvmm) -> std::path::PathBuf {
     vm.dir.join("serial.log")
 }
 
-/// Resumes a paused guest and checks QMP says so.
-fn cont(qmp: &mut RawQmp) {
-    assert_eq!(qmp.ok("cont", json!({})), json!({}));
-    qmp.event("RESUME");
-}
-
 fn status(qmp: &mut RawQmp) -> String {
     qmp.ok("query-status", json!({}))["status"]
         .as_str()
@@ -72,19 +67,6 @@ fn guest_exit(vm: &mut Splitvmm, qmp: &mut RawQmp) -> Option<i32> {
         "{ev}"
     );
     vm.wait_exit(Duration::from_secs(20)).code()
-}
-
-/// The bytes of an image as a guest sees them (qcow2 converted by qemu-img).
-fn image_bytes(path: &Path, format: &str, dir: &TempDir) -> Vec<u8> {
-    if format == "raw" {
-        return std::fs::read(path).expect("read image");
-    }
-    let out = dir.join("converted.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", format, "-O", "raw"])
-        .arg(path)
-        .arg(&out));
-    std::fs::read(out).expect("read converted image")
 }
 
 /// Each vCPU writes 16 blocks of its own range through its own queue (4 blocks per
@@ -165,7 +147,7 @@ fn disk_io(cpus: usize, format: &str) {
     let drive = format!("id=disk0,file={},format={format}", img.display());
     let (mut vm, mut qmp) = boot(dir, &disk_io_guest(cpus), cpus as u8, &[drive]);
     assert_eq!(status(&mut qmp), "prelaunch");
-    cont(&mut qmp);
+    qmp.cont();
     assert_eq!(
         guest_exit(&mut vm, &mut qmp),
         Some(0),
@@ -229,7 +211,7 @@ fn stop_freezes_a_busy_guest_and_cont_resumes_it() {
     g.jump(0, top);
     let drive = format!("id=disk0,file={},format=raw", img.display());
     let (vm, mut qmp) = boot(dir, &g, 1, &[drive]);
-    cont(&mut qmp);
+    qmp.cont();
     let log = serial(&vm);
     wait_for_text(&log, Duration::from_secs(20), |t| t.len() >= 20);
     assert_eq!(qmp.ok("stop", json!({})), json!({}));
@@ -244,7 +226,7 @@ fn stop_freezes_a_busy_guest_and_cont_resumes_it() {
     assert_eq!(frozen, later, "the guest ran while paused");
     // stop again: no error, no event.
     assert_eq!(qmp.ok("stop", json!({})), json!({}));
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&log, Duration::from_secs(20), |t| t.len() >= frozen + 20);
     assert_eq!(
         status_of(&mut qmp),
@@ -359,7 +341,7 @@ fn hostile_descriptors_get_ioerr_and_vmm_proc_survives() {
         format!("id=ro,file={},format=raw,readonly=on", ro.display()),
     ];
     let (mut vm, mut qmp) = boot(dir, &g, 1, &drives);
-    cont(&mut qmp);
+    qmp.cont();
     assert_eq!(
         guest_exit(&mut vm, &mut qmp),
         Some(0),
@@ -397,7 +379,7 @@ fn serial_output_goes_to_the_file_the_monitor_opened() {
         std::fs::read(serial(&vm)).expect("serial file").is_empty(),
         "output before cont"
     );
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
         t == "hello from the guest\r\n"
     });
@@ -411,7 +393,7 @@ fn system_reset_reboots_the_guest_and_keeps_the_run_state() {
     let (vm, mut qmp) = boot(TempDir::new("vm-reset"), &hello_guest(), 1, &[]);
     let log = serial(&vm);
     let times = |n: usize| move |t: &str| t.matches("hello").count() == n;
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&log, Duration::from_secs(20), times(1));
     assert_eq!(qmp.ok("system_reset", json!({})), json!({}));
     let ev = qmp.event("RESET");
@@ -435,7 +417,7 @@ fn system_reset_reboots_the_guest_and_keeps_the_run_state() {
             .count(),
         2
     );
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&log, Duration::from_secs(20), times(3));
 }
 
@@ -450,7 +432,7 @@ fn the_i8042_reset_line_resets_the_machine() {
     g.print(0, "the reset line did nothing\r\n");
     g.idle(0);
     let (vm, mut qmp) = boot(TempDir::new("vm-i8042"), &g, 1, &[]);
-    cont(&mut qmp);
+    qmp.cont();
     for _ in 0..3 {
         let ev = qmp.event("RESET");
         assert_eq!(
@@ -476,7 +458,7 @@ fn a_crashing_guest_is_reported_panicked_until_reset() {
     g.w32(0, 0x8000_0000_0000_0000, 1);
     g.idle(0);
     let (vm, mut qmp) = boot(TempDir::new("vm-panic"), &g, 1, &[]);
-    cont(&mut qmp);
+    qmp.cont();
     let ev = qmp.event("GUEST_PANICKED");
     assert_eq!(ev["data"], json!({ "action": "pause" }));
     qmp.event("STOP");
@@ -492,7 +474,7 @@ fn a_crashing_guest_is_reported_panicked_until_reset() {
     qmp.ok("system_reset", json!({}));
     qmp.event("RESET");
     assert_eq!(status(&mut qmp), "prelaunch");
-    cont(&mut qmp);
+    qmp.cont();
     qmp.event("GUEST_PANICKED");
     wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
         t.matches("crash").count() == 2
@@ -515,7 +497,7 @@ fn a_failing_guest_makes_splitvmm_exit_1() {
     g.idle(0);
     g.idle(1);
     let (mut vm, mut qmp) = boot(TempDir::new("vm-fail"), &g, 2, &[]);
-    cont(&mut qmp);
+    qmp.cont();
     assert_eq!(guest_exit(&mut vm, &mut qmp), Some(1));
     assert!(!vm.qmp.exists() && !vm.pidfile.exists());
 }
@@ -635,7 +617,7 @@ fn a_linux_kernel_finds_its_boot_params_initrd_acpi_and_disk_and_powers_off_thro
     g.idle(1);
     let drive = format!("id=disk0,file={},format=raw", img.display());
     let (mut vm, mut qmp) = boot_linux(dir, &g, 2, "64M", Some(&initrd), append, &[drive]);
-    cont(&mut qmp);
+    qmp.cont();
     assert_eq!(
         guest_exit(&mut vm, &mut qmp),
         Some(0),
@@ -688,7 +670,7 @@ fn a_linux_guest_reboot_reloads_the_kernel_and_initrd_and_keeps_the_aps_waiting(
         "console=ttyS0",
         &[],
     );
-    cont(&mut qmp);
+    qmp.cont();
     for _ in 0..3 {
         let ev = qmp.event("RESET");
         assert_eq!(
@@ -723,7 +705,7 @@ fn a_linux_guest_reboot_reloads_the_kernel_and_initrd_and_keeps_the_aps_waiting(
         json!({ "guest": false, "reason": "host-qmp-system-reset" })
     );
     assert_eq!(status(&mut qmp), "prelaunch");
-    cont(&mut qmp);
+    qmp.cont();
     qmp.event("RESET");
     let text = wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
         t.matches("boot").count() > boots + 1
@@ -748,7 +730,7 @@ fn a_linux_kernel_is_read_again_at_each_reset_and_a_broken_one_stops_the_vm() {
     let (vm, mut qmp) = boot_linux(TempDir::new("vm-linux-reload"), &g, 1, "64M", None, "", &[]);
     let log = serial(&vm);
     let boots = |n: usize| move |t: &str| t.matches("boot").count() == n;
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&log, Duration::from_secs(20), boots(1));
     // The kernel file, cut short in place: the descriptor vmm-proc holds sees it, so the
     // reset cannot load a kernel and the VM stops, panicked.
@@ -769,7 +751,7 @@ fn a_linux_kernel_is_read_again_at_each_reset_and_a_broken_one_stops_the_vm() {
     qmp.ok("system_reset", json!({}));
     qmp.event("RESET");
     assert_eq!(status(&mut qmp), "prelaunch");
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&log, Duration::from_secs(20), boots(2));
 }
 
@@ -791,7 +773,7 @@ fn a_linux_guest_with_more_than_3_gib_has_ram_at_4_gib() {
     g.out8(0, 0x3c0, 0x34);
     g.idle(0);
     let (mut vm, mut qmp) = boot_linux(TempDir::new("vm-linux-4g"), &g, 1, "3136M", None, "", &[]);
-    cont(&mut qmp);
+    qmp.cont();
     assert_eq!(
         guest_exit(&mut vm, &mut qmp),
         Some(0),
@@ -876,7 +858,7 @@ fn query_blockstats_counts_what_the_guest_did() {
     assert_eq!(before[0]["device"], "disk0");
     assert_eq!(before[0]["stats"]["wr_operations"], 0);
     assert!(before[0]["stats"].get("idle_time_ns").is_none(), "{before}");
-    cont(&mut qmp);
+    qmp.cont();
     wait_for_text(&serial(&vm), Duration::from_secs(20), |t| t == "done\r\n");
     let all = qmp.ok("query-blockstats", json!({}));
     let s = &all[0]["stats"];
@@ -945,7 +927,7 @@ fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
         "block_resize",
         json!({ "device": "disk0", "size": 256 << 10 }),
     );
-    cont(&mut qmp);
+    qmp.cont();
     let ev = qmp.event("BLOCK_IO_ERROR");
     assert_eq!(
         ev["data"],
@@ -970,7 +952,7 @@ fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
         "block_resize",
         json!({ "device": "disk0", "size": 1 << 20 }),
     );
-    cont(&mut qmp);
+    qmp.cont();
     assert_eq!(
         guest_exit(&mut vm, &mut qmp),
         Some(0),
@@ -1010,7 +992,7 @@ fn werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error() {
         "block_resize",
         json!({ "device": "disk0", "size": 256 << 10 }),
     );
-    cont(&mut qmp);
+    qmp.cont();
     let mut actions = Vec::new();
     for _ in 0..2 {
         let ev = qmp.event("BLOCK_IO_ERROR");

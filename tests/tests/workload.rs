@@ -3,13 +3,14 @@
 //! checked from outside with the `guest` library's pattern and qemu-img, and it survives
 //! stop/cont and system_reset in the middle of its disk I/O.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use guest::{abi, written_image};
 use serde_json::json;
-use tests::{RawQmp, Splitvmm, TempDir, kvm_or_skip, qemu_img_create, run, wait_for_text};
+use tests::{
+    RawQmp, Splitvmm, TempDir, image_bytes, kvm_or_skip, qemu_img_create, run, wait_for_text,
+};
 
 /// One finished run of the workload guest.
 struct Finished {
@@ -77,11 +78,6 @@ fn start(dir: TempDir, cpus: u8, append: &str, drives: &[String]) -> (Splitvmm, 
     (vm, qmp)
 }
 
-fn cont(qmp: &mut RawQmp) {
-    qmp.ok("cont", json!({}));
-    qmp.event("RESUME");
-}
-
 /// Waits for the guest to power off and splitvmm to exit.
 fn finish(mut vm: Splitvmm, mut qmp: RawQmp) -> (Finished, TempDir) {
     let ev = qmp.event("SHUTDOWN");
@@ -98,21 +94,8 @@ fn finish(mut vm: Splitvmm, mut qmp: RawQmp) -> (Finished, TempDir) {
 /// Boots once with `append` and waits for the end.
 fn boot_once(dir: TempDir, cpus: u8, append: &str, drives: &[String]) -> (Finished, TempDir) {
     let (vm, mut qmp) = start(dir, cpus, append, drives);
-    cont(&mut qmp);
+    qmp.cont();
     finish(vm, qmp)
-}
-
-/// The bytes a guest sees on `path`.
-fn image_bytes(path: &Path, format: &str, dir: &TempDir) -> Vec<u8> {
-    if format == "raw" {
-        return std::fs::read(path).expect("read image");
-    }
-    let out = dir.join("converted.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", format, "-O", "raw"])
-        .arg(path)
-        .arg(&out));
-    std::fs::read(out).expect("read converted image")
 }
 
 fn write_then_verify(format: &str, cpus: u8) {
@@ -262,7 +245,7 @@ fn builtin_workload_survives_stop_cont_and_system_reset_mid_run() {
     let drives = [format!("id=disk0,file={},format=qcow2", img.display())];
     let (vm, mut qmp) = start(dir, 2, "run=write-verify-loop seconds=5", &drives);
     let log = vm.dir.join("serial.log");
-    cont(&mut qmp);
+    qmp.cont();
     // Wait until the loop reports its first second: disk I/O is under way.
     wait_for_text(&log, Duration::from_secs(60), |t| {
         t.contains("write-verify-loop: 1.")
@@ -279,7 +262,7 @@ fn builtin_workload_survives_stop_cont_and_system_reset_mid_run() {
         Some(writes),
         "I/O while paused"
     );
-    cont(&mut qmp);
+    qmp.cont();
     qmp.ok("system_reset", json!({}));
     qmp.event("RESET");
     let (done, _dir) = finish(vm, qmp);
