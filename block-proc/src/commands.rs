@@ -212,6 +212,15 @@ impl State {
             "blockdev-add" => self.blockdev_add(arguments, fds).await?,
             "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,
             "drive-mirror" => self.drive_mirror(args(command, arguments)?).await?,
+            "block-stream" | "block_stream" => {
+                self.block_stream(args(command, arguments)?).await?
+            }
+            "block-commit" => self.block_commit(args(command, arguments)?).await?,
+            "blockdev-snapshot" => self.blockdev_snapshot(args(command, arguments)?).await?,
+            "blockdev-snapshot-sync" => {
+                self.blockdev_snapshot_sync(args(command, arguments)?)
+                    .await?
+            }
             c if crate::jobs::COMMANDS.contains(&c) => self.jobs.execute(command, arguments)?,
             _ => {
                 return Err(QmpError::command_not_found(format!(

@@ -318,6 +318,55 @@ pub const DRIVE_MIRROR: &[Member] = &[
     Member::optional("auto-dismiss", ArgType::Bool),
 ];
 
+/// `block-stream` (QEMU 10; also `block_stream`, its 2012 name).
+pub const BLOCK_STREAM: &[Member] = &[
+    Member::optional("job-id", ArgType::Str),
+    Member::required("device", ArgType::Str),
+    Member::optional("base", ArgType::Str),
+    Member::optional("base-node", ArgType::Str),
+    Member::optional("backing-file", ArgType::Str),
+    Member::optional("backing-mask-protocol", ArgType::Bool),
+    Member::optional("bottom", ArgType::Str),
+    Member::optional("speed", ArgType::Int),
+    Member::optional("on-error", ON_ERROR),
+    Member::optional("filter-node-name", ArgType::Str),
+    Member::optional("auto-finalize", ArgType::Bool),
+    Member::optional("auto-dismiss", ArgType::Bool),
+];
+
+/// `block-commit`.
+pub const BLOCK_COMMIT: &[Member] = &[
+    Member::optional("job-id", ArgType::Str),
+    Member::required("device", ArgType::Str),
+    Member::optional("base-node", ArgType::Str),
+    Member::optional("base", ArgType::Str),
+    Member::optional("top-node", ArgType::Str),
+    Member::optional("top", ArgType::Str),
+    Member::optional("backing-file", ArgType::Str),
+    Member::optional("backing-mask-protocol", ArgType::Bool),
+    Member::optional("speed", ArgType::Int),
+    Member::optional("on-error", ON_ERROR),
+    Member::optional("filter-node-name", ArgType::Str),
+    Member::optional("auto-finalize", ArgType::Bool),
+    Member::optional("auto-dismiss", ArgType::Bool),
+];
+
+/// `BlockdevSnapshotSync` (`blockdev-snapshot-sync` is `'boxed': true`).
+pub const BLOCKDEV_SNAPSHOT_SYNC: &[Member] = &[
+    Member::optional("device", ArgType::Str),
+    Member::optional("node-name", ArgType::Str),
+    Member::required("snapshot-file", ArgType::Str),
+    Member::optional("snapshot-node-name", ArgType::Str),
+    Member::optional("format", ArgType::Str),
+    Member::optional("mode", ArgType::Enum(&["existing", "absolute-paths"])),
+];
+
+/// `BlockdevSnapshot` (`blockdev-snapshot` is `'boxed': true`).
+pub const BLOCKDEV_SNAPSHOT: &[Member] = &[
+    Member::required("node", ArgType::Str),
+    Member::required("overlay", ArgType::Str),
+];
+
 /// `block-job-set-speed`: both members are required on the wire.
 pub const BLOCK_JOB_SET_SPEED: &[Member] = &[
     Member::required("device", ArgType::Str),

@@ -616,3 +616,494 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
     run(Command::new("qemu-img").args(["check", "-q", &target]));
     assert!(Path::new(&target).exists());
 }
+
+// ---- block-stream (iotests 030), external snapshots, block-commit (iotests 040) ----
+
+/// 030's chain: a raw backing file with data at 0, a qcow2 `mid` with data at 512 KiB, and
+/// an empty qcow2 `test` image on top (all 1 MiB). Returns (backing, mid, test).
+fn chain_images(dir: &TempDir) -> (String, String, String) {
+    let backing = dir.join("backing.raw");
+    let mid = dir.join("mid.qcow2");
+    let test = dir.join("test.qcow2");
+    qemu_img_create("raw", &backing, "1M");
+    let backing = backing.display().to_string();
+    qemu_io("raw", &backing, &["write -P 0x1 0 512"]);
+    for (img, b, f) in [(&mid, backing.as_str(), "raw"), (&test, "", "qcow2")] {
+        let b = if b.is_empty() {
+            mid.display().to_string()
+        } else {
+            b.to_string()
+        };
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", f, "-b", &b])
+            .arg(img)
+            .arg("1M"));
+    }
+    let mid = mid.display().to_string();
+    qemu_io("qcow2", &mid, &["write -P 0x1 524288 512"]);
+    (backing, mid, test.display().to_string())
+}
+
+/// The chain's guest-visible contents, as a raw file (`qemu-img convert` reads through it).
+fn snapshot_contents(img: &str, dir: &Path, name: &str) -> String {
+    let out = dir.join(name).display().to_string();
+    run(Command::new("qemu-img").args(["convert", "-O", "raw", img, &out]));
+    out
+}
+
+/// `qemu-io -c map` of an image, without the file name line (030 compares these).
+fn io_map(fmt: &str, img: &str) -> String {
+    run(Command::new("qemu-io").args(["-r", "-f", fmt, "-c", "map", img]))
+}
+
+fn backing_filename(img: &str) -> Option<String> {
+    let info = run(Command::new("qemu-img").args(["info", "-U", "--output=json", img]));
+    let v: Value = serde_json::from_str(&info).expect("qemu-img info json");
+    v["backing-filename"].as_str().map(str::to_string)
+}
+
+/// Waits for the job's end; returns the completion event.
+fn wait_completed(c: &mut Client) -> Value {
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    while c.sequence().last().map(String::as_str) != Some("null") {
+        c.wait("JOB_STATUS_CHANGE");
+    }
+    done
+}
+
+/// 030 `test_stream`: the whole chain streamed into the top image, which then stands
+/// alone with the same contents, fully allocated as the raw backing file is.
+#[test]
+fn stream_whole_chain() {
+    let dir = TempDir::new("stream-all");
+    let (backing, _mid, test) = chain_images(&dir);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    c.ok("block-stream", json!({"device": "drive0"}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["type"], "stream");
+    assert_eq!(done["data"]["device"], "drive0");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    assert_eq!(done["data"]["len"], 1 << 20);
+    let seq = c.sequence();
+    assert_eq!(
+        seq,
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    let b = c.ok("query-block", json!({}));
+    assert!(b[0]["inserted"].get("backing_file").is_none(), "{b}");
+    assert_eq!(b[0]["inserted"]["backing_file_depth"], 0);
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&test), None);
+    assert_eq!(
+        io_map("raw", &backing).replace(&backing, ""),
+        io_map("qcow2", &test).replace(&test, ""),
+        "image file map does not match backing file after streaming"
+    );
+    assert!(compare(&test, "qcow2", &want, "raw"));
+    run(Command::new("qemu-img").args(["check", "-q", &test]));
+}
+
+/// 030 `test_stream_partial`: `base` given: only `mid` is streamed; the top image's
+/// backing file becomes the base (in its header), its map the same as mid's.
+#[test]
+fn stream_partial_keeps_the_base() {
+    let dir = TempDir::new("stream-partial");
+    let (backing, mid, test) = chain_images(&dir);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    // The 2012 name of the command is accepted too.
+    c.ok("block_stream", json!({"device": "drive0", "base": backing}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["backing_file"], backing.as_str());
+    assert_eq!(b[0]["inserted"]["backing_file_depth"], 1);
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&test).as_deref(), Some(backing.as_str()));
+    assert_eq!(
+        io_map("qcow2", &mid).replace(&mid, ""),
+        io_map("qcow2", &test).replace(&test, ""),
+        "image file map does not match backing file after streaming"
+    );
+    assert!(compare(&test, "qcow2", &want, "raw"));
+}
+
+/// 030 `test_stream_no_op`: the top image is empty and its backing is the base: nothing
+/// to do, the job completes at once with `len` 0 and the map is unchanged.
+#[test]
+fn stream_no_op() {
+    let dir = TempDir::new("stream-noop");
+    let (_backing, mid, test) = chain_images(&dir);
+    let before = io_map("qcow2", &test);
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    c.ok("block-stream", json!({"device": "drive0", "base": mid}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["len"], 0);
+    assert_eq!(done["data"]["offset"], 0);
+    quit(&mut vm, c);
+    assert_eq!(io_map("qcow2", &test), before);
+    assert_eq!(backing_filename(&test).as_deref(), Some(mid.as_str()));
+}
+
+/// 030 `test_stream_pause` (slowed by `speed` instead of blkdebug), and 030 `TestSetSpeed`.
+#[test]
+fn stream_pause_and_speed() {
+    let dir = TempDir::new("stream-pause");
+    let base = dir.join("base.raw");
+    qemu_img_create("raw", &base, "8M");
+    let base = base.display().to_string();
+    qemu_io("raw", &base, &["write -P 0x5a 0 8M"]);
+    let top = dir.join("top.qcow2").display().to_string();
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base, &top]));
+    let want = snapshot_contents(&top, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    let (class, desc) = c.err(
+        "block-stream",
+        json!({"device": "drive0", "speed": -1}),
+    );
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        ("GenericError", "Parameter 'speed' expects a non-negative value")
+    );
+    c.ok(
+        "block-stream",
+        json!({"device": "drive0", "speed": 1024 * 1024}),
+    );
+    assert_eq!(c.job()["speed"], 1024 * 1024);
+    assert_eq!(c.job()["type"], "stream");
+    let (_, desc) = c.err(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": -1}),
+    );
+    assert_eq!(desc, "Parameter 'speed' expects a non-negative value");
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 8 * 1024 * 1024}),
+    );
+    assert_eq!(c.job()["speed"], 8 * 1024 * 1024);
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 512 * 1024}),
+    );
+    // A second job on the same drive hits the op blocker.
+    let (_, desc) = c.err("block-stream", json!({"device": "drive0", "job-id": "j2"}));
+    assert_eq!(
+        desc,
+        "Node 'drive0' is busy: block device is in use by block job: stream"
+    );
+    c.ok("block-job-pause", json!({"device": "drive0"}));
+    let paused = c.wait_paused();
+    assert_eq!(paused["status"], "paused");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.job()["offset"], paused["offset"], "progress while paused");
+    assert!(paused["offset"].as_u64() < paused["len"].as_u64());
+    c.ok("block-job-resume", json!({"device": "drive0"}));
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 0}),
+    );
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    // The job refused for its speed appeared and went (as QEMU's does).
+    let seq = c.sequence();
+    assert_eq!(
+        &seq[..6],
+        ["created", "null", "created", "running", "paused", "running"]
+    );
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&top), None);
+    assert!(compare(&top, "qcow2", &want, "raw"));
+}
+
+/// 030 `TestSmallerBackingFile`: a 1 MiB backing file under a 2 MiB image; streaming
+/// must end (reading past the backing file's end is zeroes, not an endless loop).
+#[test]
+fn stream_smaller_backing_file_terminates() {
+    let dir = TempDir::new("stream-smaller");
+    let base = dir.join("base.qcow2");
+    qemu_img_create("qcow2", &base, "1M");
+    let base = base.display().to_string();
+    qemu_io("qcow2", &base, &["write -P 0x33 0 1M"]);
+    let top = dir.join("top.qcow2").display().to_string();
+    run(Command::new("qemu-img").args([
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &top, "2M",
+    ]));
+    let want = snapshot_contents(&top, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok("block-stream", json!({"device": "drive0"}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["len"], 2 << 20);
+    quit(&mut vm, c);
+    assert!(compare(&top, "qcow2", &want, "raw"));
+    assert_eq!(backing_filename(&top), None);
+}
+
+/// `block-stream`'s errors (030 `test_device_not_found` and the argument checks), with
+/// QEMU 10's texts and classes.
+#[test]
+fn stream_errors_as_qemu() {
+    let dir = TempDir::new("stream-errors");
+    let (_backing, _mid, test) = chain_images(&dir);
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    let cases = [
+        (
+            json!({"device": "nonexistent"}),
+            "Cannot find device='nonexistent' nor node-name='nonexistent'",
+        ),
+        (
+            json!({"device": "drive0", "base": "nothere"}),
+            "Can't find 'nothere' in the backing chain",
+        ),
+        (
+            json!({"device": "drive0", "base": "x", "base-node": "x"}),
+            "'base' and 'base-node' cannot be specified at the same time",
+        ),
+        (
+            json!({"device": "drive0", "base": "x", "bottom": "x"}),
+            "'base' and 'bottom' cannot be specified at the same time",
+        ),
+        (
+            json!({"device": "drive0", "base-node": "x", "bottom": "x"}),
+            "'bottom' and 'base-node' cannot be specified at the same time",
+        ),
+        (
+            json!({"device": "drive0", "base-node": "nothere"}),
+            "Cannot find device='' nor node-name='nothere'",
+        ),
+        (
+            json!({"device": "drive0", "bottom": "nothere"}),
+            "Cannot find device='' nor node-name='nothere'",
+        ),
+        (
+            json!({"device": "drive0", "backing-file": "foo"}),
+            "backing file specified, but streaming the entire chain",
+        ),
+        (
+            json!({"device": "drive0", "job-id": "j", "speed": -1}),
+            "Parameter 'speed' expects a non-negative value",
+        ),
+    ];
+    for (args, want) in cases {
+        let (class, desc) = c.err("block-stream", args.clone());
+        assert_eq!(class, "GenericError", "{args}");
+        assert_eq!(desc, want, "{args}");
+    }
+    let node = c.ok("query-block", json!({}))[0]["inserted"]["node-name"].clone();
+    let (_, desc) = c.err("block-stream", json!({"device": "drive0", "base-node": node}));
+    assert_eq!(
+        desc,
+        format!("Node '{}' is not a backing image of 'drive0'", node.as_str().unwrap_or_default())
+    );
+    assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
+    quit(&mut vm, c);
+}
+
+/// `blockdev-snapshot-sync` on a drive: a new qcow2 overlay over the old active image,
+/// which becomes its (read-only) backing; then the chain it made is streamed back into
+/// the overlay. QEMU's errors for the argument checks.
+#[test]
+fn snapshot_sync_then_stream() {
+    let dir = TempDir::new("snapshot-sync");
+    let (_, top) = source_images(&dir);
+    let want = snapshot_contents(&top, dir.path(), "want.raw");
+    let snap = dir.join("snap.qcow2").display().to_string();
+    let missing = dir.join("missing.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    let old = c.ok("query-block", json!({}))[0]["inserted"]["node-name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let cases = [
+        (
+            json!({"node-name": "nope", "snapshot-file": snap}),
+            "Cannot find device='' nor node-name='nope'",
+        ),
+        (
+            json!({"device": "nope", "snapshot-file": snap}),
+            "Cannot find device='nope' nor node-name=''",
+        ),
+        (
+            json!({"node-name": old, "snapshot-file": snap}),
+            "New overlay node-name missing",
+        ),
+        (
+            json!({"device": "drive0", "snapshot-file": snap, "snapshot-node-name": old}),
+            "New overlay node-name already in use",
+        ),
+        (
+            json!({"device": "drive0", "snapshot-file": snap, "format": "raw"}),
+            "Backing file not supported for file format 'raw'",
+        ),
+        (
+            json!({"device": "drive0", "snapshot-file": snap, "format": "nonexistent"}),
+            "Unknown file format 'nonexistent'",
+        ),
+    ];
+    for (args, want) in cases {
+        let (class, desc) = c.err("blockdev-snapshot-sync", args.clone());
+        assert_eq!(class, "GenericError", "{args}");
+        assert_eq!(desc, want, "{args}");
+    }
+    let (_, desc) = c.err(
+        "blockdev-snapshot-sync",
+        json!({"device": "drive0", "snapshot-file": missing, "mode": "existing"}),
+    );
+    assert_eq!(
+        desc,
+        format!("Could not open '{missing}': No such file or directory")
+    );
+    c.ok(
+        "blockdev-snapshot-sync",
+        json!({"device": "drive0", "snapshot-file": snap, "snapshot-node-name": "snap0"}),
+    );
+    let b = c.ok("query-block", json!({}));
+    let ins = &b[0]["inserted"];
+    assert_eq!(ins["file"], snap.as_str());
+    assert_eq!(ins["node-name"], "snap0");
+    assert_eq!(ins["backing_file"], top.as_str());
+    assert_eq!(ins["backing_file_depth"], 2);
+    assert_eq!(ins["ro"], false);
+    let nodes = c.ok("query-named-block-nodes", json!({"flat": true}));
+    let old_node = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == old.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{old} not listed: {nodes}"));
+    assert_eq!(old_node["ro"], true, "{old_node}");
+    // The old active image is now read-only: qemu-img can read it alongside.
+    run(Command::new("qemu-img").args(["info", &top]));
+    assert_eq!(backing_filename(&snap).as_deref(), Some(top.as_str()));
+    // Stream the chain the snapshot made (node names of the chain work as `base-node`).
+    c.ok("block-stream", json!({"device": "drive0"}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let nodes = c.ok("query-named-block-nodes", json!({"flat": true}));
+    assert!(
+        !nodes.to_string().contains(&format!("\"{old}\"")),
+        "the streamed node is still listed: {nodes}"
+    );
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&snap), None);
+    assert!(compare(&snap, "qcow2", &want, "raw"));
+    run(Command::new("qemu-img").args(["check", "-q", &snap]));
+}
+
+/// 040 `test_commit`: `mid` (below the active layer) committed into the base: the job
+/// ends by itself; the top image's backing becomes the base; the contents stay.
+#[test]
+fn commit_intermediate() {
+    let dir = TempDir::new("commit-mid");
+    let (backing, mid, test) = chain_images(&dir);
+    qemu_io("qcow2", &test, &["write -P 0xab 768k 64k"]);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    c.ok(
+        "block-commit",
+        json!({"device": "drive0", "top": mid, "base": backing}),
+    );
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["type"], "commit");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    assert!(!c.sequence().iter().any(|s| s == "ready"), "{:?}", c.sequence());
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["backing_file"], backing.as_str());
+    assert_eq!(b[0]["inserted"]["backing_file_depth"], 1);
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&test).as_deref(), Some(backing.as_str()));
+    assert!(compare(&test, "qcow2", &want, "raw"));
+    // mid's data is in the base now (040 checks it with qemu-io).
+    qemu_io("raw", &backing, &["read -P 0x1 0 512", "read -P 0x1 524288 512"]);
+    // The top's own data stayed in the top.
+    qemu_io("raw", &backing, &["read -P 0 768k 64k"]);
+}
+
+/// 040 `test_top_is_active` (active commit): mirror-based, READY with type `commit`, and
+/// `block-job-complete` switches the drive to the base.
+#[test]
+fn commit_active_pivots_to_the_base() {
+    let dir = TempDir::new("commit-active");
+    let (backing, _mid, test) = chain_images(&dir);
+    qemu_io("qcow2", &test, &["write -P 0xab 768k 64k"]);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    let (_, desc) = c.err(
+        "block-commit",
+        json!({"device": "drive0", "backing-file": "x"}),
+    );
+    assert_eq!(desc, "'backing-file' specified, but 'top' is the active layer");
+    c.ok("block-commit", json!({"device": "drive0", "base": backing}));
+    let ready = c.wait("BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["type"], "commit");
+    assert_eq!(ready["data"]["device"], "drive0");
+    assert_eq!(ready["data"]["offset"], ready["data"]["len"]);
+    let j = c.job();
+    assert_eq!(j["type"], "commit");
+    assert_eq!(j["ready"], true);
+    assert!(j.get("actively-synced").is_none(), "{j}");
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["type"], "commit");
+    assert_eq!(
+        c.sequence(),
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    assert_eq!(inserted_file(&mut c), backing);
+    quit(&mut vm, c);
+    assert!(compare(&backing, "raw", &want, "raw"));
+}
+
+/// `block-commit`'s errors (040's), with QEMU 10's texts and classes.
+#[test]
+fn commit_errors_as_qemu() {
+    let dir = TempDir::new("commit-errors");
+    let (_backing, mid, test) = chain_images(&dir);
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    let (class, desc) = c.err("block-commit", json!({"device": "nonexistent"}));
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        ("DeviceNotFound", "Device 'nonexistent' not found")
+    );
+    let cases = [
+        (json!({"device": "drive0", "top": "badfile"}), "Top image file badfile not found".to_string()),
+        (json!({"device": "drive0", "base": "badfile"}), "Can't find 'badfile' in the backing chain".into()),
+        (json!({"device": "drive0", "top-node": "badfile"}), "Cannot find device='' nor node-name='badfile'".into()),
+        (json!({"device": "drive0", "base-node": "badfile"}), "Cannot find device='' nor node-name='badfile'".into()),
+        (json!({"device": "drive0", "top": "x", "top-node": "x"}), "'top-node' and 'top' are mutually exclusive".into()),
+        (json!({"device": "drive0", "base": "x", "base-node": "x"}), "'base-node' and 'base' are mutually exclusive".into()),
+        (json!({"device": "drive0", "top": mid, "base": mid}), format!("Can't find '{mid}' in the backing chain")),
+        (json!({"device": "drive0", "job-id": "c", "speed": -1}), "Parameter 'speed' expects a non-negative value".into()),
+    ];
+    for (args, want) in cases {
+        let (class, desc) = c.err("block-commit", args.clone());
+        assert_eq!(class, "GenericError", "{args}");
+        assert_eq!(desc, want, "{args}");
+    }
+    assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
+    quit(&mut vm, c);
+}

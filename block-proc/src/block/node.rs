@@ -34,7 +34,7 @@ use std::fs;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use imago::format::{Format, PreallocateMode};
@@ -154,7 +154,13 @@ pub struct Node {
     filename: String,
     resolved: PathBuf,
     format: ImageFormat,
-    read_only: bool,
+    /// Opened (or reopened, see [`Node::reopen`]) read-only.
+    read_only: AtomicBool,
+    /// The descriptor was opened for writing, so the node can be reopened read/write.
+    fd_writable: bool,
+    /// The node took the default locks on its file itself (no `lock` or `opened` given), so
+    /// a reopen changes them.
+    own_locks: bool,
     /// The image file (a descriptor on the same open file description as imago's).
     file: fs::File,
     /// The image file's extent cache, which [`Node::fallocate`] must invalidate.
@@ -267,6 +273,7 @@ impl Node {
         seen: &mut Vec<PathBuf>,
     ) -> Result<Node, Error> {
         let filename = top.filename;
+        let own_locks = top.opened.is_none() && top.lock.is_none();
         let (mut storage, resolved) = match top.opened {
             Some(o) => {
                 let storage = ImageFile::new(o.file, filename, !read_only)
@@ -379,7 +386,9 @@ impl Node {
             filename: filename.to_string(),
             resolved,
             format,
-            read_only,
+            read_only: AtomicBool::new(read_only),
+            fd_writable: !read_only,
+            own_locks,
             file,
             extents,
             size: AtomicU64::new(fa.size()),
@@ -417,6 +426,92 @@ impl Node {
         self.format
     }
 
+    /// Whether the image is (now) read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// QEMU's `bdrv_reopen_set_read_only`: makes what was written durable, changes the
+    /// file's locks (when the node took them itself) and reinstantiates imago read-only or
+    /// read/write. Going read/write needs a descriptor opened for writing: an image opened
+    /// read-only (a backing file) cannot be reopened here; open it anew instead.
+    ///
+    /// Images that use this one as their backing keep reading through the imago instance
+    /// they were given; callers hand them the new one with [`Node::set_backing`].
+    pub async fn reopen(&self, read_only: bool) -> io::Result<()> {
+        if self.is_read_only() == read_only {
+            return Ok(());
+        }
+        if !read_only && !self.fd_writable {
+            return Err(io_other(format!(
+                "'{}' was opened read-only and cannot be reopened read/write",
+                self.filename
+            )));
+        }
+        let mut guard = self.fa.write().await;
+        let backing_fa = self.backing_access().await;
+        blocking(|| -> io::Result<()> {
+            guard.flush()?;
+            guard.sync()?;
+            let (from, to) = if read_only {
+                (LockMode::READ_WRITE, LockMode::READ_ONLY)
+            } else {
+                (LockMode::READ_ONLY, LockMode::READ_WRITE)
+            };
+            if self.own_locks {
+                super::lock::change(&self.file, from, to)?;
+            }
+            self.read_only.store(read_only, Ordering::Release);
+            let r = if self.is_qcow2() {
+                self.reinstantiate(&mut guard, backing_fa)
+            } else {
+                let file = self.file.try_clone()?;
+                let storage = ImageFile::new(file, &self.filename, !read_only)?;
+                Raw::builder(storage)
+                    .write(!read_only)
+                    .open(self.gate.for_image(!read_only))
+                    .map(|raw| *guard = Arc::new(FormatAccess::new(raw)))
+            };
+            if let Err(e) = r {
+                // Back as it was: the old imago instance is still in place.
+                self.read_only.store(!read_only, Ordering::Release);
+                if self.own_locks {
+                    let _ = super::lock::change(&self.file, to, from);
+                }
+                return Err(e);
+            }
+            Ok(())
+        })
+    }
+
+    /// While a job writes this read-only image's file through a read/write node of its
+    /// own (`block-commit`'s base: QEMU reopens such a node in place), this one must let
+    /// others write (`share`); afterwards it takes its usual locks again. A no-op for a
+    /// writable node or one that took no locks itself.
+    pub fn share_writes(&self, share: bool) -> io::Result<()> {
+        if !self.own_locks || !self.is_read_only() {
+            return Ok(());
+        }
+        let sharing = LockMode {
+            perm: super::lock::Perms::CONSISTENT_READ,
+            shared: super::lock::Perms::ALL,
+        };
+        let (from, to) = if share {
+            (LockMode::READ_ONLY, sharing)
+        } else {
+            (sharing, LockMode::READ_ONLY)
+        };
+        super::lock::change(&self.file, from, to).map_err(io::Error::from)
+    }
+
+    /// Drops every lock this node took on its file: it will not be used again (a job's
+    /// node that was not switched in), though something may still hold it.
+    pub fn release_locks(&self) {
+        if self.own_locks {
+            super::lock::release(&self.file);
+        }
+    }
+
     /// The backing node, if any.
     pub fn backing(&self) -> Option<Arc<Node>> {
         self.meta().backing.clone()
@@ -442,7 +537,7 @@ impl Node {
     }
 
     fn check_writable(&self) -> io::Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             Err(read_only_error())
         } else {
             Ok(())
@@ -539,11 +634,12 @@ impl Node {
         let mut guard = self.fa.write().await;
         if guard.size() != len {
             let file = self.file.try_clone()?;
-            let storage = ImageFile::new(file, &self.filename, !self.read_only)?;
+            let writable = !self.is_read_only();
+            let storage = ImageFile::new(file, &self.filename, writable)?;
             let raw = blocking(|| {
                 Raw::builder(storage)
-                    .write(!self.read_only)
-                    .open(self.gate.for_image(!self.read_only))
+                    .write(writable)
+                    .open(self.gate.for_image(writable))
             })?;
             *guard = Arc::new(FormatAccess::new(raw));
         }
@@ -608,8 +704,9 @@ impl Node {
         }
         fa.flush()?;
         let file = self.file.try_clone()?;
-        let mut storage = ImageFile::new(file, &self.filename, !self.read_only)?;
-        if self.read_only {
+        let read_only = self.is_read_only();
+        let mut storage = ImageFile::new(file, &self.filename, !read_only)?;
+        if read_only {
             storage.hide_incompatible(
                 h.incompatible & (header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT),
             );
@@ -617,9 +714,9 @@ impl Node {
             storage.order_metadata_writes()?;
         }
         let qcow2: Qcow2Image = Qcow2::builder(storage)
-            .write(!self.read_only)
+            .write(!read_only)
             .backing(backing)
-            .open(self.gate.for_image(!self.read_only))?;
+            .open(self.gate.for_image(!read_only))?;
         *fa = Arc::new(FormatAccess::new(qcow2));
         self.meta().header = Some(h);
         Ok(())
@@ -745,7 +842,7 @@ impl BlockDevice for Node {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.is_read_only()
     }
 
     async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -843,7 +940,7 @@ impl BlockDevice for Node {
 
     async fn flush(&self) -> io::Result<()> {
         let fa = self.fa.read().await;
-        if !self.read_only {
+        if !self.is_read_only() {
             self.commit(&fa).await?;
         }
         blocking(|| fa.sync())

@@ -922,6 +922,90 @@ impl Graph {
         self.entries.remove(old).node
     }
 
+    /// An external snapshot (`bdrv_append`): the device `device` now uses `overlay`, a new
+    /// node (or, for `blockdev-snapshot`, one already in the graph); the device's old node stays in the graph under its name, as `old` (the same
+    /// image, now read-only and the overlay's backing).
+    pub fn snapshot_device(
+        &mut self,
+        device: &str,
+        overlay: Arc<BlockNode>,
+        old: Arc<BlockNode>,
+    ) -> Result<(), QmpError> {
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.device.as_deref() == Some(device))
+            .ok_or_else(|| QmpError::generic(format!("Device '{device}' not found")))?;
+        let e = &mut self.entries[i];
+        e.device = None;
+        e.node = Some(old);
+        // `blockdev-snapshot`: the overlay is in the graph already.
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.node.as_ref().is_some_and(|n| Arc::ptr_eq(n, &overlay)))
+        {
+            e.device = Some(device.to_string());
+            e.owned = false;
+            return Ok(());
+        }
+        let entry = Entry {
+            name: overlay.name().to_string(),
+            node: Some(overlay),
+            owned: false,
+            device: Some(device.to_string()),
+        };
+        match self
+            .entries
+            .iter()
+            .position(|e| e.node.is_none() && e.name == entry.name)
+        {
+            Some(j) => self.entries[j] = entry,
+            None => self.entries.push(entry),
+        }
+        Ok(())
+    }
+
+    /// The node of the graph whose image is `image` (a drive's, or one of a drive's
+    /// backing chain that a snapshot left named).
+    pub fn node_of_image(&self, image: &Arc<Node>) -> Option<Arc<BlockNode>> {
+        self.open_entries()
+            .find(|(_, n)| n.image().is_some_and(|i| Arc::ptr_eq(&i, image)))
+            .map(|(_, n)| n.clone())
+    }
+
+    /// A block job dropped `images` from a drive's backing chain: their nodes leave the
+    /// graph (returned, for closing).
+    pub fn remove_images(&mut self, images: &[Arc<Node>]) -> Vec<Arc<BlockNode>> {
+        let mut gone = Vec::new();
+        self.entries.retain(|e| {
+            let drop = e.device.is_none()
+                && e.node.as_ref().is_some_and(|n| {
+                    matches!(n.kind, Kind::Drive { .. })
+                        && n.image()
+                            .is_some_and(|i| images.iter().any(|x| Arc::ptr_eq(x, &i)))
+                });
+            if drop && let Some(n) = &e.node {
+                gone.push(n.clone());
+            }
+            !drop
+        });
+        gone
+    }
+
+    /// A block job replaced an image of a drive's backing chain by `new` (the same file,
+    /// opened anew): the node named for the old one now stands for the new one.
+    pub fn replace_image(&mut self, old: &Arc<Node>, new: &Arc<Node>) {
+        for e in &mut self.entries {
+            if let Some(n) = &e.node
+                && matches!(n.kind, Kind::Drive { .. })
+                && n.image().is_some_and(|i| Arc::ptr_eq(&i, old))
+            {
+                e.node = Some(BlockNode::drive(e.name.clone(), new.clone(), new.read_only()));
+            }
+        }
+    }
+
     /// The node a device id or a node name designates (QEMU's `bdrv_lookup_bs`).
     pub fn lookup(
         &self,
@@ -943,7 +1027,7 @@ impl Graph {
     }
 
     /// Nodes that have `node` as a child, with the role.
-    fn parents(&self, node: &Arc<BlockNode>) -> Vec<(Arc<BlockNode>, Role)> {
+    pub fn parents(&self, node: &Arc<BlockNode>) -> Vec<(Arc<BlockNode>, Role)> {
         self.open_entries()
             .flat_map(|(_, p)| {
                 p.children()

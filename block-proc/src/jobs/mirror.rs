@@ -83,9 +83,23 @@ pub struct Mirror {
     on_target_error: OnError,
     unmap: bool,
     zero_target: bool,
+    /// An active commit (`commit_active_start`): the job's type is `commit`, and its
+    /// `query-block-jobs` entry has no mirror members.
+    commit: bool,
     inner: Mutex<Inner>,
     /// The graph's side of the end: `true` after a pivot, `false` when the target goes.
     finish: Box<dyn Fn(bool) + Send + Sync>,
+}
+
+/// What an active commit gives the mirror job (see [`Mirror::active_commit`]).
+pub(crate) struct ActiveCommit {
+    pub source: Arc<BlockNode>,
+    pub target: Arc<BlockNode>,
+    pub backend: Arc<Backend>,
+    /// What to copy: marked by the caller (what the chain holds above the base).
+    pub bitmap: Arc<DirtyBitmap>,
+    pub on_error: OnError,
+    pub finish: Box<dyn Fn(bool) + Send + Sync>,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -114,6 +128,26 @@ fn errno(e: &std::io::Error) -> i32 {
 }
 
 impl Mirror {
+    /// The mirror job of an active commit (`commit_active_start`): the drive's active
+    /// layer mirrored into its base, which the drive uses after `block-job-complete`.
+    pub(crate) fn active_commit(c: ActiveCommit) -> Arc<Self> {
+        Arc::new(Self {
+            source: c.source,
+            target: c.target,
+            backend: Some(c.backend),
+            bitmap: c.bitmap,
+            sync: SyncMode::None,
+            buf_size: DEFAULT_BUF_SIZE,
+            on_source_error: c.on_error,
+            on_target_error: c.on_error,
+            unmap: true,
+            zero_target: false,
+            commit: true,
+            inner: Mutex::new(Inner::default()),
+            finish: c.finish,
+        })
+    }
+
     /// Marks what the sync mode copies at the start (`mirror_dirty_init`).
     async fn dirty_init(&self, len: u64) -> std::io::Result<()> {
         if self.sync == SyncMode::None {
@@ -304,7 +338,9 @@ impl JobDriver for Mirror {
 
     fn query_extra(&self, out: &mut Map<String, Value>) {
         // Background copy mode only: never actively synced.
-        out.insert("actively-synced".into(), false.into());
+        if !self.commit {
+            out.insert("actively-synced".into(), false.into());
+        }
     }
 }
 
@@ -509,6 +545,7 @@ impl State {
                 on_target_error: a.on_target_error.unwrap_or_default(),
                 unmap: a.unmap.unwrap_or(true),
                 zero_target,
+                commit: false,
                 inner: Mutex::new(Inner::default()),
                 finish: Box::new(finish),
             }))

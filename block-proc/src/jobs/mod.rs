@@ -12,10 +12,15 @@
 //! - When `run` returns, the job completes as QEMU's `job_completed` does: waiting →
 //!   pending → (finalize: the driver's `prepare` and `commit`, or `abort`) →
 //!   `BLOCK_JOB_COMPLETED` / `BLOCK_JOB_CANCELLED` → concluded → null.
-//! - [`dirty`]: the dirty bitmaps fed by every write to a node; [`mirror`]: the mirror job.
+//! - [`dirty`]: the dirty bitmaps fed by every write to a node; [`mirror`]: the mirror job;
+//!   [`stream`]: the stream job; [`commit`]: the commit jobs; [`chain`]: drives' backing
+//!   chains and external snapshots.
 
+pub mod chain;
+pub mod commit;
 pub mod dirty;
 pub mod mirror;
+pub mod stream;
 
 use std::future::Future;
 use std::pin::Pin;

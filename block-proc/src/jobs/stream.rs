@@ -1,0 +1,344 @@
+//! The stream job (`block-stream`, and `block_stream`, its 2012 name; QMP reference §4):
+//! copies into a drive's active image every cluster it does not hold that some image
+//! between it and `base` holds (QEMU's copy-on-read of those clusters), in 512 KiB chunks,
+//! then makes `base` its backing (in the image header too: `backing-file` or the base's
+//! file name, or no backing file at all when the whole chain was streamed) and drops the
+//! streamed images from the chain and the graph.
+//!
+//! A chunk that has something to copy is copied with the drive's requests quiesced (no
+//! guest request in flight, none starting), after its allocation is read again: a guest
+//! write to a cluster is never overwritten by older data from the backing chain. That is
+//! what QEMU's copy-on-read filter and request serialisation ensure.
+
+use std::sync::Arc;
+
+use ipc::QmpError;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::chain::{DriveChain, find_backing_image};
+use super::{ErrorAction, Job, JobDriver, JobError, JobType, NewJob, OnError, RunFuture};
+use crate::block::Node;
+use crate::commands::State;
+use crate::device::BlockDevice;
+use crate::drives::Backend;
+
+/// `STREAM_CHUNK`.
+const CHUNK: u64 = 512 << 10;
+
+/// `block-stream`'s arguments (QEMU 10).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStream {
+    job_id: Option<String>,
+    device: String,
+    base: Option<String>,
+    base_node: Option<String>,
+    backing_file: Option<String>,
+    #[allow(dead_code, reason = "bases are format nodes here: masking changes nothing")]
+    backing_mask_protocol: Option<bool>,
+    bottom: Option<String>,
+    speed: Option<i64>,
+    on_error: Option<OnError>,
+    filter_node_name: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+/// The stream job's driver. See the module documentation.
+pub struct Stream {
+    backend: Arc<Backend>,
+    top: Arc<Node>,
+    base: Option<Arc<Node>>,
+    /// The backing file name the header gets (`backing-file`, or the base's name).
+    backing_file: Option<String>,
+    on_error: OnError,
+    /// The graph's side of the end: the streamed images leave it.
+    finish: Box<dyn Fn(Vec<Arc<Node>>) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("top", &self.top.filename())
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_base(node: &Option<Arc<Node>>, base: &Option<Arc<Node>>) -> bool {
+    match (node, base) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// Ranges of `[offset, offset + len)` that an image from `from` down to (not including)
+/// `base` holds (`bdrv_is_allocated_above`), as `(offset, len, zero)`: `zero` when the
+/// holding image has them as zeroes.
+pub(crate) async fn allocated_above(
+    from: Option<Arc<Node>>,
+    base: &Option<Arc<Node>>,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<Vec<(u64, u64, bool)>> {
+    let mut out = Vec::new();
+    // (layer, offset, len) still to look at.
+    let mut todo = vec![(from, offset, len)];
+    while let Some((layer, off, len)) = todo.pop() {
+        let Some(node) = layer.filter(|l| !is_base(&Some(l.clone()), base)) else {
+            continue;
+        };
+        let end = (off + len).min(node.size());
+        let mut pos = off;
+        while pos < end {
+            let extents = node.block_status(pos, end - pos).await?;
+            if extents.is_empty() {
+                break;
+            }
+            for e in extents {
+                let l = e.length.min(end - pos);
+                if e.allocated_here {
+                    out.push((pos, l, e.zero && !e.data));
+                } else {
+                    todo.push((node.backing(), pos, l));
+                }
+                pos += l;
+            }
+        }
+    }
+    out.sort_unstable_by_key(|r| r.0);
+    Ok(out)
+}
+
+impl Stream {
+    /// What to copy in the chunk at `offset`: the ranges the top image lacks and the
+    /// chain above base holds.
+    async fn plan(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64, bool)>> {
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let extents = self.top.block_status(pos, end - pos).await?;
+            if extents.is_empty() {
+                break;
+            }
+            for e in extents {
+                let l = e.length.min(end - pos);
+                if !e.allocated_here {
+                    out.extend(allocated_above(self.top.backing(), &self.base, pos, l).await?);
+                }
+                pos += l;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies the chunk at `offset` (quiesced if there is anything to copy). Returns the
+    /// bytes copied.
+    async fn copy_chunk(&self, offset: u64, len: u64) -> std::io::Result<u64> {
+        if self.plan(offset, len).await?.is_empty() {
+            return Ok(0);
+        }
+        let _quiesced = self.backend.quiesce().await;
+        let mut copied = 0;
+        for (off, n, zero) in self.plan(offset, len).await? {
+            if zero {
+                self.top.write_zeroes(off, n, false).await?;
+                continue;
+            }
+            let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
+            self.top.read(&mut buf, off).await?;
+            if buf.iter().all(|b| *b == 0) {
+                self.top.write_zeroes(off, n, false).await?;
+            } else {
+                self.top.write(&buf, off, false).await?;
+            }
+            copied += n;
+        }
+        Ok(copied)
+    }
+
+    async fn main(self: Arc<Self>, job: Arc<Job>) -> Result<(), JobError> {
+        if is_base(&self.top.backing(), &self.base) {
+            return Ok(());
+        }
+        let len = self.top.size();
+        job.set_remaining(len);
+        let mut first_error = None;
+        let mut offset = 0;
+        while offset < len {
+            job.ratelimit_sleep().await;
+            if job.is_cancelled() {
+                return Err(JobError::Cancelled);
+            }
+            let n = CHUNK.min(len - offset);
+            match self.copy_chunk(offset, n).await {
+                Ok(copied) => {
+                    if copied > 0 {
+                        job.ratelimit_processed(copied);
+                    }
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    match job.error_action(self.on_error, true, errno) {
+                        // Paused: the same chunk again once resumed.
+                        ErrorAction::Stop => continue,
+                        ErrorAction::Report => return Err(JobError::Io(e)),
+                        ErrorAction::Ignore => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            job.progress(n);
+            offset += n;
+        }
+        // "Do not remove the backing file if an error was there but ignored."
+        if let Some(e) = first_error {
+            return Err(JobError::Io(e));
+        }
+        self.switch_backing().await.map_err(JobError::Io)
+    }
+
+    /// `stream_prepare`: base becomes the top image's backing, in memory and in its
+    /// header; the streamed images leave the chain.
+    async fn switch_backing(&self) -> std::io::Result<()> {
+        let _quiesced = self.backend.quiesce().await;
+        let mut dropped = Vec::new();
+        let mut cur = self.top.backing();
+        while let Some(n) = cur.filter(|n| !is_base(&Some(n.clone()), &self.base)) {
+            cur = n.backing();
+            dropped.push(n);
+        }
+        self.top.set_backing(self.base.clone()).await?;
+        let header = match (&self.base, &self.backing_file) {
+            (Some(b), Some(name)) => Some((name.as_str(), b.format())),
+            (Some(b), None) => Some((b.filename(), b.format())),
+            (None, _) => None,
+        };
+        self.top.set_backing_file(header).await?;
+        (self.finish)(dropped);
+        Ok(())
+    }
+}
+
+impl JobDriver for Stream {
+    fn run(self: Arc<Self>, job: Arc<Job>) -> RunFuture {
+        Box::pin(self.main(job))
+    }
+}
+
+impl State {
+    /// `block-stream` (`qmp_block_stream` + `stream_start`), its checks in QEMU's order.
+    pub(crate) async fn block_stream(&self, a: BlockStream) -> Result<Value, QmpError> {
+        let both = |x: &str, y: &str| {
+            QmpError::generic(format!(
+                "'{x}' and '{y}' cannot be specified at the same time"
+            ))
+        };
+        if a.base.is_some() && a.base_node.is_some() {
+            return Err(both("base", "base-node"));
+        }
+        if a.base.is_some() && a.bottom.is_some() {
+            return Err(both("base", "bottom"));
+        }
+        if a.bottom.is_some() && a.base_node.is_some() {
+            return Err(both("bottom", "base-node"));
+        }
+        let node = self.graph().lookup(Some(&a.device), Some(&a.device))?;
+        let chain = self.drive_chain(&node, "block-stream")?;
+        // `None` inside: stream the whole chain.
+        let mut base: Option<Arc<Node>> = None;
+        if let Some(name) = &a.base {
+            base = Some(find_backing_image(&chain.top, name).ok_or_else(|| {
+                QmpError::generic(format!("Can't find '{name}' in the backing chain"))
+            })?);
+        }
+        if let Some(name) = &a.base_node {
+            let b = self.graph().lookup(None, Some(name))?;
+            let image = b
+                .image()
+                .filter(|i| !Arc::ptr_eq(i, &chain.top) && chain.contains(i))
+                .ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Node '{name}' is not a backing image of '{}'",
+                        a.device
+                    ))
+                })?;
+            base = Some(image);
+        }
+        if let Some(name) = &a.bottom {
+            let b = self.graph().lookup(None, Some(name))?;
+            let image = b.image().filter(|i| chain.contains(i)).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Node '{name}' is not in a chain starting from '{}'",
+                    a.device
+                ))
+            })?;
+            base = image.backing();
+        }
+        self.check_chain_blockers(&chain, &base)?;
+        if base.is_none() && a.backing_file.is_some() {
+            return Err(QmpError::generic(
+                "backing file specified, but streaming the entire chain",
+            ));
+        }
+        if chain.top.is_read_only() {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+        if let Some(n) = &a.filter_node_name
+            && self.graph().name_taken(n)
+        {
+            return Err(QmpError::generic(format!(
+                "Duplicate nodes with node-name='{n}'"
+            )));
+        }
+        let new = NewJob {
+            id: a.job_id.clone().unwrap_or_else(|| chain.device.clone()),
+            kind: JobType::Stream,
+            blocked_node: chain.device.clone(),
+            speed: a.speed.unwrap_or(0),
+            auto_finalize: a.auto_finalize.unwrap_or(true),
+            auto_dismiss: a.auto_dismiss.unwrap_or(true),
+        };
+        let graph = self.graph_handle();
+        let finish = move |dropped: Vec<Arc<Node>>| {
+            if let Some(g) = graph.upgrade() {
+                let gone = crate::commands::lock_graph(&g).remove_images(&dropped);
+                drop(gone);
+            }
+        };
+        let DriveChain { backend, top, .. } = chain;
+        let job = self.jobs.create(new, || {
+            Ok(Arc::new(Stream {
+                backend,
+                top,
+                base,
+                backing_file: a.backing_file.clone(),
+                on_error: a.on_error.unwrap_or_default(),
+                finish: Box::new(finish),
+            }))
+        })?;
+        self.jobs.start(&job);
+        Ok(json!({}))
+    }
+
+    /// The op blockers of the chain from the drive down to `base` (its device and the
+    /// graph names of its images).
+    pub(crate) fn check_chain_blockers(
+        &self,
+        chain: &DriveChain,
+        base: &Option<Arc<Node>>,
+    ) -> Result<(), QmpError> {
+        let mut names = vec![chain.device.clone(), chain.node.name().to_string()];
+        for n in chain.backing_chain() {
+            if is_base(&Some(n.clone()), base) {
+                break;
+            }
+            names.extend(self.image_name(&n));
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.jobs.check_blocker(&refs)
+    }
+}
