@@ -212,9 +212,7 @@ impl State {
             "blockdev-add" => self.blockdev_add(arguments, fds).await?,
             "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,
             "drive-mirror" => self.drive_mirror(args(command, arguments)?).await?,
-            "block-stream" | "block_stream" => {
-                self.block_stream(args(command, arguments)?).await?
-            }
+            "block-stream" | "block_stream" => self.block_stream(args(command, arguments)?).await?,
             "block-commit" => self.block_commit(args(command, arguments)?).await?,
             "blockdev-snapshot" => self.blockdev_snapshot(args(command, arguments)?).await?,
             "blockdev-snapshot-sync" => {

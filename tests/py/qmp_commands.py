@@ -23,7 +23,8 @@ EXPECTED_COMMANDS = {
     "drive-mirror", "query-block-jobs", "query-jobs", "block-job-set-speed", "block-job-cancel",
     "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
     "block-job-dismiss", "job-pause", "job-resume", "job-cancel", "job-complete",
-    "job-finalize", "job-dismiss",
+    "job-finalize", "job-dismiss", "block-stream", "block_stream", "block-commit",
+    "blockdev-snapshot-sync", "blockdev-snapshot",
 }
 
 

@@ -766,16 +766,18 @@ fn stream_pause_and_speed() {
     let base = base.display().to_string();
     qemu_io("raw", &base, &["write -P 0x5a 0 8M"]);
     let top = dir.join("top.qcow2").display().to_string();
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base, &top]));
+    run(Command::new("qemu-img").args([
+        "create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base, &top,
+    ]));
     let want = snapshot_contents(&top, dir.path(), "want.raw");
     let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
-    let (class, desc) = c.err(
-        "block-stream",
-        json!({"device": "drive0", "speed": -1}),
-    );
+    let (class, desc) = c.err("block-stream", json!({"device": "drive0", "speed": -1}));
     assert_eq!(
         (class.as_str(), desc.as_str()),
-        ("GenericError", "Parameter 'speed' expects a non-negative value")
+        (
+            "GenericError",
+            "Parameter 'speed' expects a non-negative value"
+        )
     );
     c.ok(
         "block-stream",
@@ -903,10 +905,16 @@ fn stream_errors_as_qemu() {
         assert_eq!(desc, want, "{args}");
     }
     let node = c.ok("query-block", json!({}))[0]["inserted"]["node-name"].clone();
-    let (_, desc) = c.err("block-stream", json!({"device": "drive0", "base-node": node}));
+    let (_, desc) = c.err(
+        "block-stream",
+        json!({"device": "drive0", "base-node": node}),
+    );
     assert_eq!(
         desc,
-        format!("Node '{}' is not a backing image of 'drive0'", node.as_str().unwrap_or_default())
+        format!(
+            "Node '{}' is not a backing image of 'drive0'",
+            node.as_str().unwrap_or_default()
+        )
     );
     assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
     quit(&mut vm, c);
@@ -1019,7 +1027,11 @@ fn commit_intermediate() {
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["type"], "commit");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
-    assert!(!c.sequence().iter().any(|s| s == "ready"), "{:?}", c.sequence());
+    assert!(
+        !c.sequence().iter().any(|s| s == "ready"),
+        "{:?}",
+        c.sequence()
+    );
     let b = c.ok("query-block", json!({}));
     assert_eq!(b[0]["inserted"]["backing_file"], backing.as_str());
     assert_eq!(b[0]["inserted"]["backing_file_depth"], 1);
@@ -1027,7 +1039,11 @@ fn commit_intermediate() {
     assert_eq!(backing_filename(&test).as_deref(), Some(backing.as_str()));
     assert!(compare(&test, "qcow2", &want, "raw"));
     // mid's data is in the base now (040 checks it with qemu-io).
-    qemu_io("raw", &backing, &["read -P 0x1 0 512", "read -P 0x1 524288 512"]);
+    qemu_io(
+        "raw",
+        &backing,
+        &["read -P 0x1 0 512", "read -P 0x1 524288 512"],
+    );
     // The top's own data stayed in the top.
     qemu_io("raw", &backing, &["read -P 0 768k 64k"]);
 }
@@ -1045,7 +1061,10 @@ fn commit_active_pivots_to_the_base() {
         "block-commit",
         json!({"device": "drive0", "backing-file": "x"}),
     );
-    assert_eq!(desc, "'backing-file' specified, but 'top' is the active layer");
+    assert_eq!(
+        desc,
+        "'backing-file' specified, but 'top' is the active layer"
+    );
     c.ok("block-commit", json!({"device": "drive0", "base": backing}));
     let ready = c.wait("BLOCK_JOB_READY");
     assert_eq!(ready["data"]["type"], "commit");
@@ -1090,14 +1109,38 @@ fn commit_errors_as_qemu() {
         ("DeviceNotFound", "Device 'nonexistent' not found")
     );
     let cases = [
-        (json!({"device": "drive0", "top": "badfile"}), "Top image file badfile not found".to_string()),
-        (json!({"device": "drive0", "base": "badfile"}), "Can't find 'badfile' in the backing chain".into()),
-        (json!({"device": "drive0", "top-node": "badfile"}), "Cannot find device='' nor node-name='badfile'".into()),
-        (json!({"device": "drive0", "base-node": "badfile"}), "Cannot find device='' nor node-name='badfile'".into()),
-        (json!({"device": "drive0", "top": "x", "top-node": "x"}), "'top-node' and 'top' are mutually exclusive".into()),
-        (json!({"device": "drive0", "base": "x", "base-node": "x"}), "'base-node' and 'base' are mutually exclusive".into()),
-        (json!({"device": "drive0", "top": mid, "base": mid}), format!("Can't find '{mid}' in the backing chain")),
-        (json!({"device": "drive0", "job-id": "c", "speed": -1}), "Parameter 'speed' expects a non-negative value".into()),
+        (
+            json!({"device": "drive0", "top": "badfile"}),
+            "Top image file badfile not found".to_string(),
+        ),
+        (
+            json!({"device": "drive0", "base": "badfile"}),
+            "Can't find 'badfile' in the backing chain".into(),
+        ),
+        (
+            json!({"device": "drive0", "top-node": "badfile"}),
+            "Cannot find device='' nor node-name='badfile'".into(),
+        ),
+        (
+            json!({"device": "drive0", "base-node": "badfile"}),
+            "Cannot find device='' nor node-name='badfile'".into(),
+        ),
+        (
+            json!({"device": "drive0", "top": "x", "top-node": "x"}),
+            "'top-node' and 'top' are mutually exclusive".into(),
+        ),
+        (
+            json!({"device": "drive0", "base": "x", "base-node": "x"}),
+            "'base-node' and 'base' are mutually exclusive".into(),
+        ),
+        (
+            json!({"device": "drive0", "top": mid, "base": mid}),
+            format!("Can't find '{mid}' in the backing chain"),
+        ),
+        (
+            json!({"device": "drive0", "job-id": "c", "speed": -1}),
+            "Parameter 'speed' expects a non-negative value".into(),
+        ),
     ];
     for (args, want) in cases {
         let (class, desc) = c.err("block-commit", args.clone());
@@ -1106,4 +1149,168 @@ fn commit_errors_as_qemu() {
     }
     assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
     quit(&mut vm, c);
+}
+
+/// `blockdev-snapshot`: an overlay made by `blockdev-add` (`backing: null`) goes on top of
+/// the drive, which uses it from then on; QEMU's errors for overlays that cannot be one.
+#[test]
+fn snapshot_with_a_blockdev_add_overlay() {
+    let dir = TempDir::new("snapshot");
+    let (_, top) = source_images(&dir);
+    let want = snapshot_contents(&top, dir.path(), "want.raw");
+    let over = dir.join("over.qcow2");
+    qemu_img_create("qcow2", &over, "1M");
+    let over = over.display().to_string();
+    let raw = dir.join("raw.img");
+    qemu_img_create("raw", &raw, "1M");
+    let raw = raw.display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "ov", "backing": null,
+               "file": {"driver": "file", "filename": over}}),
+    );
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "rawov",
+               "file": {"driver": "file", "filename": raw}}),
+    );
+    let (_, desc) = c.err(
+        "blockdev-snapshot",
+        json!({"node": "nope", "overlay": "ov"}),
+    );
+    assert_eq!(desc, "Cannot find device='nope' nor node-name='nope'");
+    let (_, desc) = c.err(
+        "blockdev-snapshot",
+        json!({"node": "drive0", "overlay": "nope"}),
+    );
+    assert_eq!(desc, "Cannot find device='nope' nor node-name='nope'");
+    let (_, desc) = c.err(
+        "blockdev-snapshot",
+        json!({"node": "drive0", "overlay": "rawov"}),
+    );
+    assert_eq!(desc, "The overlay does not support backing images");
+    c.ok(
+        "blockdev-snapshot",
+        json!({"node": "drive0", "overlay": "ov"}),
+    );
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["file"], over.as_str());
+    assert_eq!(b[0]["inserted"]["node-name"], "ov");
+    // The drive reads the old image through the overlay: stream it in, then it stands
+    // alone with the drive's contents.
+    c.ok("block-stream", json!({"device": "drive0"}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    quit(&mut vm, c);
+    assert!(compare(&over, "qcow2", &want, "raw"));
+    assert_eq!(backing_filename(&over), None);
+}
+
+/// block-stream under load: the workload guest writes and verifies on a qcow2 overlay
+/// over a backing chain while the chain is streamed into it (slowed so it overlaps the
+/// guest's run). The guest passes; the overlay then stands alone, and the part of the
+/// disk the guest never wrote holds the backing chain's data.
+#[test]
+fn guest_keeps_writing_through_stream() {
+    if !kvm_or_skip("guest_keeps_writing_through_stream") {
+        return;
+    }
+    let dir = TempDir::new("stream-guest");
+    let base = dir.join("base.qcow2");
+    qemu_img_create("qcow2", &base, "16M");
+    let base = base.display().to_string();
+    qemu_io("qcow2", &base, &["write -P 0x5a 0 16M"]);
+    let mid = dir.join("mid.qcow2").display().to_string();
+    let img = dir.join("disk0.qcow2").display().to_string();
+    run(Command::new("qemu-img").args([
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &mid,
+    ]));
+    qemu_io("qcow2", &mid, &["write -P 0x6b 12M 1M"]);
+    run(Command::new("qemu-img").args([
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &img,
+    ]));
+    let serial = format!("file:{}", dir.join("serial.log").display());
+    let d = dir.path().display().to_string();
+    let drive = format!("id=disk0,file={img},format=qcow2");
+    let mut vm = Splitvmm::start_in(
+        dir,
+        &[
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            "run=write-verify-loop seconds=6 bytes=8M",
+            "--memory",
+            "128M",
+            "--serial",
+            &serial,
+            "--image-dir",
+            &d,
+            "--drive",
+            &drive,
+        ],
+    );
+    let mut c = Client::new(&vm);
+    let log = vm.dir.join("serial.log");
+    tests::wait_for_text(&log, Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    c.ok(
+        "block-stream",
+        json!({"device": "disk0", "speed": 4 * 1024 * 1024}),
+    );
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    let b = c.ok("query-block", json!({}));
+    assert!(b[0]["inserted"].get("backing_file").is_none(), "{b}");
+    let ev = c.wait("SHUTDOWN");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    let code = vm.wait_exit(Duration::from_secs(120)).code();
+    let serial = std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default();
+    assert_eq!(code, Some(0), "{serial}");
+    assert!(serial.contains("workload: PASS"), "{serial}");
+    run(Command::new("qemu-img").args(["check", "-q", &img]));
+    assert_eq!(backing_filename(&img), None);
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "read -P 0x5a 8M 4M",
+            "read -P 0x6b 12M 1M",
+            "read -P 0x5a 13M 3M",
+        ],
+    );
+    // The expected disk: the old chain (still on disk, unchanged) with the blocks the
+    // guest wrote. Only its share (the first 8 MiB) may differ from the chain, and only
+    // by whole pattern blocks of its own offset; qemu-img compare checks the rest.
+    let got = std::fs::read(snapshot_contents(&img, vm.dir.path(), "got.raw")).expect("read");
+    let chain = snapshot_contents(&mid, vm.dir.path(), "expect.raw");
+    let mut expect = std::fs::read(&chain).expect("read");
+    assert_eq!(got.len(), expect.len());
+    let mut guest_blocks = 0;
+    for (i, (g, e)) in got.chunks(4096).zip(expect.chunks_mut(4096)).enumerate() {
+        if g == e {
+            continue;
+        }
+        let off = (i * 4096) as u64;
+        assert!(
+            off < 8 << 20,
+            "block at {off} differs outside the guest's share"
+        );
+        assert_eq!(&g[..8], b"SPLITVMM", "block at {off} is not a guest block");
+        assert_eq!(
+            g[16..24],
+            off.to_le_bytes(),
+            "block at {off} is another block's"
+        );
+        e.copy_from_slice(g);
+        guest_blocks += 1;
+    }
+    assert!(guest_blocks > 0);
+    std::fs::write(&chain, &expect).expect("write");
+    assert!(compare(&img, "qcow2", &chain, "raw"));
 }

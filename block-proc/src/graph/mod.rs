@@ -1001,7 +1001,11 @@ impl Graph {
                 && matches!(n.kind, Kind::Drive { .. })
                 && n.image().is_some_and(|i| Arc::ptr_eq(&i, old))
             {
-                e.node = Some(BlockNode::drive(e.name.clone(), new.clone(), new.read_only()));
+                e.node = Some(BlockNode::drive(
+                    e.name.clone(),
+                    new.clone(),
+                    new.read_only(),
+                ));
             }
         }
     }

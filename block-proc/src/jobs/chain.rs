@@ -187,10 +187,17 @@ impl State {
         // The old active image becomes read-only first, so the overlay reads through the
         // read-only instance; it goes back if the overlay cannot be opened.
         if let Err(e) = chain.top.reopen(true).await {
-            tracing::warn!("snapshot: reopening {} read-only: {e}", chain.top.filename());
+            tracing::warn!(
+                "snapshot: reopening {} read-only: {e}",
+                chain.top.filename()
+            );
         }
-        let opts = OpenOptions::new(a.snapshot_file.clone(), ImageFormat::Qcow2, &self.image_dirs)
-            .backing(Backing::Node(chain.top.clone()));
+        let opts = OpenOptions::new(
+            a.snapshot_file.clone(),
+            ImageFormat::Qcow2,
+            &self.image_dirs,
+        )
+        .backing(Backing::Node(chain.top.clone()));
         let overlay = match Node::open(opts).await {
             Ok(n) => n,
             Err(e) => {
@@ -202,7 +209,10 @@ impl State {
         };
         let name = {
             let mut g = self.graph();
-            let name = a.snapshot_node_name.clone().unwrap_or_else(|| g.auto_name());
+            let name = a
+                .snapshot_node_name
+                .clone()
+                .unwrap_or_else(|| g.auto_name());
             g.reserve(name.clone());
             name
         };
@@ -254,7 +264,10 @@ impl State {
             }
         };
         if let Err(e) = chain.top.reopen(true).await {
-            tracing::warn!("snapshot: reopening {} read-only: {e}", chain.top.filename());
+            tracing::warn!(
+                "snapshot: reopening {} read-only: {e}",
+                chain.top.filename()
+            );
         }
         if let Err(e) = image.set_backing(Some(chain.top.clone())).await {
             if let Err(e) = chain.top.reopen(old.is_read_only()).await {

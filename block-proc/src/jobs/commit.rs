@@ -45,7 +45,10 @@ pub struct BlockCommit {
     top_node: Option<String>,
     top: Option<String>,
     backing_file: Option<String>,
-    #[allow(dead_code, reason = "bases are format nodes here: masking changes nothing")]
+    #[allow(
+        dead_code,
+        reason = "bases are format nodes here: masking changes nothing"
+    )]
     backing_mask_protocol: Option<bool>,
     speed: Option<i64>,
     on_error: Option<OnError>,
@@ -154,10 +157,7 @@ impl Commit {
             dropped.push(n);
         }
         self.overlay.set_backing(Some(self.base.clone())).await?;
-        let name = self
-            .backing_file
-            .as_deref()
-            .unwrap_or(self.base.filename());
+        let name = self.backing_file.as_deref().unwrap_or(self.base.filename());
         self.overlay
             .set_backing_file(Some((name, self.base.format())))
             .await?;
@@ -219,9 +219,8 @@ impl State {
                 })?
             }
             (None, Some(name)) if name != chain.top.filename() => {
-                find_backing_image(&chain.top, name).ok_or_else(|| {
-                    QmpError::generic(format!("Top image file {name} not found"))
-                })?
+                find_backing_image(&chain.top, name)
+                    .ok_or_else(|| QmpError::generic(format!("Top image file {name} not found")))?
             }
             _ => chain.top.clone(),
         };
@@ -233,10 +232,7 @@ impl State {
             }
             (Some(name), None) => {
                 let n = self.graph().lookup(None, Some(name))?;
-                let in_chain = |i: &Arc<Node>| {
-                    Arc::ptr_eq(i, &top)
-                        || find_in(&top, i)
-                };
+                let in_chain = |i: &Arc<Node>| Arc::ptr_eq(i, &top) || find_in(&top, i);
                 n.image().filter(in_chain).ok_or_else(|| {
                     QmpError::generic(format!("'{name}' is not in this backing file chain"))
                 })?
@@ -409,9 +405,7 @@ impl State {
             on_error,
             finish: Box::new(finish),
         });
-        let job = self
-            .jobs
-            .create(new, || Ok(mirror as Arc<dyn JobDriver>))?;
+        let job = self.jobs.create(new, || Ok(mirror as Arc<dyn JobDriver>))?;
         chain.node.dirty.attach(bitmap);
         self.jobs.start(&job);
         Ok(())

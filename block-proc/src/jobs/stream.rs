@@ -35,7 +35,10 @@ pub struct BlockStream {
     base: Option<String>,
     base_node: Option<String>,
     backing_file: Option<String>,
-    #[allow(dead_code, reason = "bases are format nodes here: masking changes nothing")]
+    #[allow(
+        dead_code,
+        reason = "bases are format nodes here: masking changes nothing"
+    )]
     backing_mask_protocol: Option<bool>,
     bottom: Option<String>,
     speed: Option<i64>,
