@@ -70,8 +70,12 @@ pub struct Commit {
     on_error: OnError,
     /// The graph's side of a successful end: the committed images leave it, and the
     /// base's node stands for the new base.
-    finish: Box<dyn Fn(&[Arc<Node>], &Arc<Node>, &Arc<Node>) + Send + Sync>,
+    finish: Box<GraphUpdate>,
 }
+
+/// The graph update at the end of an intermediate commit: (committed images, old base,
+/// new base).
+type GraphUpdate = dyn Fn(&[Arc<Node>], &Arc<Node>, &Arc<Node>) + Send + Sync;
 
 impl std::fmt::Debug for Commit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
