@@ -15,6 +15,7 @@ mod disk;
 mod mem;
 mod nbd;
 mod qmp;
+mod stream;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,15 @@ enum Which {
         #[arg(long, default_value_t = 2)]
         size: u64,
         /// Rounds (each runs every contender once).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
+    /// `block-stream` of a backing chain: splitvmm vs qemu-storage-daemon.
+    Stream {
+        /// Image size in MiB (half of it allocated in the base).
+        #[arg(long, default_value_t = 1024)]
+        size: u64,
+        /// Rounds (each runs both, alternating which goes first).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
@@ -98,6 +108,10 @@ fn main() -> std::process::ExitCode {
     let result = match args.which {
         Which::Qmp { seconds, rounds } => qmp::run(seconds, rounds),
         Which::Nbd { size, rounds } => return nbd_report(size, rounds, args.json),
+        Which::Stream { size, rounds } => {
+            let r = stream::run_all(size, rounds).map(|c| (c, String::new()));
+            return compared_report(r, &load, args.json);
+        }
         Which::Boot { rounds } => {
             let r = boot::run(rounds).map(|c| (vec![c], String::new()));
             return compared_report(r, &load, args.json);

@@ -1,9 +1,10 @@
 //! Block jobs over QMP on a real splitvmm (block-proc jailed as in production): drive-mirror
 //! as QEMU's iotests 041 drive it (complete, cancel before and after READY, pause, small
 //! buffers, speed, the not-found errors), the state machine as 219 checks it (every verb
-//! in every state, with QEMU's texts, and the JOB_STATUS_CHANGE sequences), and a guest
-//! that keeps writing through a mirror and its pivot. Images are made by qemu-img and
-//! checked with qemu-img compare/check.
+//! in every state, with QEMU's texts, and the JOB_STATUS_CHANGE sequences), a guest that
+//! keeps writing through a mirror and its pivot; block-stream as 030 drives it (and under
+//! the guest's load), external snapshots, and block-commit as 040 drives it. Images are
+//! made by qemu-img and checked with qemu-img compare/check/info/map.
 
 use std::path::Path;
 use std::process::Command;
@@ -1313,4 +1314,63 @@ fn guest_keeps_writing_through_stream() {
     assert!(guest_blocks > 0);
     std::fs::write(&chain, &expect).expect("write");
     assert!(compare(&img, "qcow2", &chain, "raw"));
+}
+
+/// 141's stream cancel: with `speed: 1` the first 512 KiB chunk goes and the job then
+/// waits; a cancel ends it with BLOCK_JOB_CANCELLED at that offset, and the chain is
+/// unchanged.
+#[test]
+fn stream_cancel_leaves_the_chain() {
+    let dir = TempDir::new("stream-cancel");
+    let (_backing, mid, test) = chain_images(&dir);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    c.ok("block-stream", json!({"device": "drive0", "speed": 1}));
+    for _ in 0..500 {
+        if c.job()["offset"] == 524288 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.ok("block-job-cancel", json!({"device": "drive0"}));
+    let ev = c.wait("BLOCK_JOB_CANCELLED");
+    assert_eq!(ev["data"]["type"], "stream");
+    assert_eq!(ev["data"]["offset"], 524288);
+    assert_eq!(ev["data"]["len"], 1 << 20);
+    assert_eq!(ev["data"]["speed"], 1);
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["backing_file"], mid.as_str());
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&test).as_deref(), Some(mid.as_str()));
+    assert!(compare(&test, "qcow2", &want, "raw"));
+}
+
+/// Active commit, soft-cancelled after READY: BLOCK_JOB_COMPLETED without the switch (the
+/// drive stays on its image), and the base can be committed into again (its locks are as
+/// before); the second time it completes.
+#[test]
+fn commit_active_cancel_after_ready_then_again() {
+    let dir = TempDir::new("commit-cancel");
+    let (backing, _mid, test) = chain_images(&dir);
+    qemu_io("qcow2", &test, &["write -P 0xab 768k 64k"]);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    c.ok("block-commit", json!({"device": "drive0", "base": backing}));
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-cancel", json!({"device": "drive0"}));
+    let done = wait_completed(&mut c);
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["type"], "commit");
+    assert_eq!(inserted_file(&mut c), test);
+    c.ok(
+        "block-commit",
+        json!({"device": "drive0", "job-id": "again"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("job-complete", json!({"id": "again"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(inserted_file(&mut c), backing);
+    quit(&mut vm, c);
+    assert!(compare(&backing, "raw", &want, "raw"));
 }
