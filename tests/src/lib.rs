@@ -449,6 +449,11 @@ pub struct StorageDaemon {
 impl StorageDaemon {
     /// Starts qemu-storage-daemon with its QMP socket at `qmp` and waits for the socket.
     pub fn start(qmp: &Path) -> Self {
+        Self::start_with(qmp, &[])
+    }
+
+    /// [`start`](Self::start) with more command-line arguments (`--blockdev ...`).
+    pub fn start_with(qmp: &Path, extra: &[&str]) -> Self {
         let _ = std::fs::remove_file(qmp);
         let child = Command::new("qemu-storage-daemon")
             .arg("--chardev")
@@ -457,6 +462,7 @@ impl StorageDaemon {
                 qmp.display()
             ))
             .args(["--monitor", "chardev=m"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

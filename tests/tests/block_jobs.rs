@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{RawQmp, Splitvmm, TempDir, kvm_or_skip, qemu_img_create, qemu_io, run};
+use tests::{RawQmp, Splitvmm, StorageDaemon, TempDir, kvm_or_skip, qemu_img_create, qemu_io, run};
 
 /// A QMP client that keeps every event, in order.
 struct Client {
@@ -1373,4 +1373,139 @@ fn commit_active_cancel_after_ready_then_again() {
     assert_eq!(inserted_file(&mut c), backing);
     quit(&mut vm, c);
     assert!(compare(&backing, "raw", &want, "raw"));
+}
+
+/// Differential: the argument checks of `block-stream`, `block-commit` and
+/// `blockdev-snapshot-sync` against qemu-storage-daemon 10 on the same chain (its top a
+/// node named `drive0` there, a drive `drive0` here): the same class and text for each,
+/// so the texts above are QEMU's in this very run.
+#[test]
+fn stream_commit_snapshot_errors_match_qemu() {
+    let dir = TempDir::new("jobs-vs-qemu");
+    let (_backing, mid, test) = chain_images(&dir);
+    let snap = dir.join("snap.qcow2").display().to_string();
+    let script: Vec<(&str, Value)> = vec![
+        ("block-stream", json!({"device": "nonexistent"})),
+        (
+            "block-stream",
+            json!({"device": "drive0", "base": "nothere"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "base": "x", "base-node": "x"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "base": "x", "bottom": "x"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "base-node": "x", "bottom": "x"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "base-node": "nothere"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "bottom": "nothere"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "backing-file": "foo"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "job-id": "j", "speed": -1}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "base": mid, "speed": "x"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "drive0", "on-error": "bogus"}),
+        ),
+        ("block-commit", json!({"device": "nonexistent"})),
+        (
+            "block-commit",
+            json!({"device": "drive0", "top": "badfile"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "base": "badfile"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "top-node": "badfile"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "base-node": "badfile"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "top": "x", "top-node": "x"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "base": "x", "base-node": "x"}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "top": mid, "base": mid}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "job-id": "c", "speed": -1}),
+        ),
+        (
+            "block-commit",
+            json!({"device": "drive0", "backing-file": "x"}),
+        ),
+        (
+            "blockdev-snapshot-sync",
+            json!({"node-name": "nope", "snapshot-file": snap}),
+        ),
+        (
+            "blockdev-snapshot-sync",
+            json!({"device": "nope", "snapshot-file": snap}),
+        ),
+        (
+            "blockdev-snapshot-sync",
+            json!({"snapshot-file": snap, "mode": "bogus"}),
+        ),
+        ("blockdev-snapshot", json!({"node": "nope", "overlay": "x"})),
+        ("query-block-jobs", json!({})),
+    ];
+    let play = |qmp: &mut RawQmp| -> Vec<Value> {
+        script
+            .iter()
+            .map(|(cmd, args)| {
+                let r = qmp.exec(cmd, args.clone());
+                match r.get("error") {
+                    Some(e) => json!({"class": e["class"], "desc": e["desc"]}),
+                    None => r["return"].clone(),
+                }
+            })
+            .collect()
+    };
+    let theirs = {
+        let blockdev =
+            format!("driver=qcow2,node-name=drive0,file.driver=file,file.filename={test}");
+        let qsd = StorageDaemon::start_with(&dir.join("qsd.sock"), &["--blockdev", &blockdev]);
+        play(&mut qsd.raw_qmp())
+    };
+    let (mut vm, c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    let ours = play(&mut vm.raw_qmp());
+    quit(&mut vm, c);
+    let diffs: Vec<String> = script
+        .iter()
+        .zip(theirs.iter().zip(&ours))
+        .filter(|(_, (a, b))| a != b)
+        .map(|((cmd, args), (a, b))| {
+            format!("{cmd} {args}\n  qemu-storage-daemon: {a}\n  splitvmm:            {b}")
+        })
+        .collect();
+    assert!(diffs.is_empty(), "replies differ:\n{}", diffs.join("\n"));
 }
