@@ -243,3 +243,51 @@ async fn locks_change_from_read_only_to_read_write_and_back() {
         "still read-only locked: {err}"
     );
 }
+
+/// `Node::reopen` (an external snapshot's old active image going read-only, and back):
+/// the node refuses writes and qemu-img reads alongside it; reopened read/write it writes
+/// again and locks writers out. A node opened read-only cannot be reopened read/write;
+/// while it shares writes, a read/write node on the same file opens (a commit's base).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reopen_read_only_and_share_writes_for_a_job() {
+    let dir = TempDir::new("lock-reopen");
+    let img = dir.file("r.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", &img, "1M"]);
+    let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
+    node.write(&[7; 512], 0, false).await.expect("write");
+    node.reopen(true).await.expect("read-only");
+    let e = node.write(&[8; 512], 0, false).await.expect_err("read-only");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    let (success, err) = stderr_settled("qemu-img", &["info", &img]);
+    assert!(success, "{err}");
+    let mut buf = [0u8; 512];
+    node.read(&mut buf, 0).await.expect("read");
+    assert_eq!(buf, [7; 512]);
+    node.reopen(false).await.expect("read/write");
+    node.write(&[9; 512], 512, false).await.expect("write again");
+    let (success, err) = stderr_of("qemu-img", &["info", &img]);
+    assert!(
+        !success && err.contains("Failed to get shared \"write\" lock"),
+        "{err}"
+    );
+    drop(node);
+    let ro = open(&img, ImageFormat::Qcow2, true, &dir).await;
+    let e = ro.reopen(false).await.expect_err("read-only descriptor");
+    assert!(e.to_string().contains("cannot be reopened read/write"), "{e}");
+    let e = Node::open(OpenOptions::new(img.clone(), ImageFormat::Qcow2, &dir.dirs()))
+        .await
+        .expect_err("a writer under a read-only node");
+    assert_eq!(e.to_string(), "Failed to get \"write\" lock");
+    ro.share_writes(true).expect("share");
+    let rw = Node::open(OpenOptions::new(img.clone(), ImageFormat::Qcow2, &dir.dirs()))
+        .await
+        .expect("a writer while shared");
+    rw.write(&[3; 512], 1024, false).await.expect("write");
+    // Taking the usual locks back conflicts while the writer holds its own.
+    ro.share_writes(false).expect_err("writer still there");
+    rw.release_locks();
+    ro.share_writes(false).expect("usual locks");
+    drop(rw);
+    let c = qemu_contents(&img, "qcow2");
+    assert_eq!((c[0], c[512], c[1024]), (7, 9, 3));
+}
