@@ -1198,6 +1198,20 @@ fn snapshot_with_a_blockdev_add_overlay() {
     let b = c.ok("query-block", json!({}));
     assert_eq!(b[0]["inserted"]["file"], over.as_str());
     assert_eq!(b[0]["inserted"]["node-name"], "ov");
+    assert_eq!(b[0]["inserted"]["backing_file_depth"], 2);
+    let nodes = c.ok("query-named-block-nodes", json!({}));
+    let ov = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "ov"))
+        .cloned()
+        .unwrap_or_else(|| panic!("ov not listed: {nodes}"));
+    assert_eq!(ov["backing_file"], top.as_str(), "{ov}");
+    assert_eq!(ov["backing_file_depth"], 2, "{ov}");
+    assert_eq!(
+        ov["image"]["backing-image"]["filename"],
+        top.as_str(),
+        "{ov}"
+    );
     // The drive reads the old image through the overlay: stream it in, then it stands
     // alone with the drive's contents.
     c.ok("block-stream", json!({"device": "drive0"}));

@@ -313,7 +313,9 @@ impl BlockNode {
     /// `backing_file_depth`.
     pub fn backing_depth(&self) -> u32 {
         match &self.kind {
-            Kind::Qcow2 { .. } => self.backing().map_or(0, |b| 1 + b.backing_depth()),
+            Kind::Qcow2 { image, .. } => self
+                .backing()
+                .map_or_else(|| image.backing_depth(), |b| 1 + b.backing_depth()),
             Kind::Drive { image } => image.backing_depth(),
             _ => 0,
         }
@@ -348,7 +350,11 @@ impl BlockNode {
                 let mut v = ipc::common::qapi_json(&image.info());
                 if let Value::Object(m) = &mut v {
                     m.insert("filename".into(), json!(self.filename));
-                    m.remove("backing-image");
+                    // Without a backing child, the image may still read through a drive's
+                    // old image (`blockdev-snapshot`): its own info says so.
+                    if self.backing().is_some() || flat {
+                        m.remove("backing-image");
+                    }
                     if let Some(b) = self.backing().filter(|_| !flat) {
                         m.insert("backing-image".into(), b.image_info(false));
                     }
@@ -379,6 +385,9 @@ impl BlockNode {
         m.insert("drv".into(), json!(self.driver.as_str()));
         let backing_file = match &self.kind {
             Kind::Drive { image } => image.info().backing_filename,
+            Kind::Qcow2 { image, .. } if self.backing().is_none() => {
+                image.backing().map(|b| b.filename().to_string())
+            }
             _ => self.backing().map(|b| b.filename().to_string()),
         };
         if let Some(b) = backing_file {

@@ -256,7 +256,10 @@ async fn nodes_reopen_read_only_and_share_writes_for_a_job() {
     let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
     node.write(&[7; 512], 0, false).await.expect("write");
     node.reopen(true).await.expect("read-only");
-    let e = node.write(&[8; 512], 0, false).await.expect_err("read-only");
+    let e = node
+        .write(&[8; 512], 0, false)
+        .await
+        .expect_err("read-only");
     assert_eq!(e.raw_os_error(), Some(libc::EPERM));
     let (success, err) = stderr_settled("qemu-img", &["info", &img]);
     assert!(success, "{err}");
@@ -264,7 +267,9 @@ async fn nodes_reopen_read_only_and_share_writes_for_a_job() {
     node.read(&mut buf, 0).await.expect("read");
     assert_eq!(buf, [7; 512]);
     node.reopen(false).await.expect("read/write");
-    node.write(&[9; 512], 512, false).await.expect("write again");
+    node.write(&[9; 512], 512, false)
+        .await
+        .expect("write again");
     let (success, err) = stderr_of("qemu-img", &["info", &img]);
     assert!(
         !success && err.contains("Failed to get shared \"write\" lock"),
@@ -273,15 +278,26 @@ async fn nodes_reopen_read_only_and_share_writes_for_a_job() {
     drop(node);
     let ro = open(&img, ImageFormat::Qcow2, true, &dir).await;
     let e = ro.reopen(false).await.expect_err("read-only descriptor");
-    assert!(e.to_string().contains("cannot be reopened read/write"), "{e}");
-    let e = Node::open(OpenOptions::new(img.clone(), ImageFormat::Qcow2, &dir.dirs()))
-        .await
-        .expect_err("a writer under a read-only node");
+    assert!(
+        e.to_string().contains("cannot be reopened read/write"),
+        "{e}"
+    );
+    let e = Node::open(OpenOptions::new(
+        img.clone(),
+        ImageFormat::Qcow2,
+        &dir.dirs(),
+    ))
+    .await
+    .expect_err("a writer under a read-only node");
     assert_eq!(e.to_string(), "Failed to get \"write\" lock");
     ro.share_writes(true).expect("share");
-    let rw = Node::open(OpenOptions::new(img.clone(), ImageFormat::Qcow2, &dir.dirs()))
-        .await
-        .expect("a writer while shared");
+    let rw = Node::open(OpenOptions::new(
+        img.clone(),
+        ImageFormat::Qcow2,
+        &dir.dirs(),
+    ))
+    .await
+    .expect("a writer while shared");
     rw.write(&[3; 512], 1024, false).await.expect("write");
     // Taking the usual locks back conflicts while the writer holds its own.
     ro.share_writes(false).expect_err("writer still there");
