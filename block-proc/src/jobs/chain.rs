@@ -114,6 +114,25 @@ impl State {
         })
     }
 
+    /// The drive whose backing chain `image` is in (below its active layer).
+    pub(crate) fn drive_chain_below(&self, image: &Arc<Node>) -> Option<DriveChain> {
+        self.drives.drives.iter().find_map(|d| {
+            let node = d.backend.current();
+            let top = node.image()?;
+            let chain = DriveChain {
+                device: d.config.id.clone(),
+                backend: d.backend.clone(),
+                node,
+                top,
+            };
+            chain
+                .backing_chain()
+                .iter()
+                .any(|n| Arc::ptr_eq(n, image))
+                .then_some(chain)
+        })
+    }
+
     /// The graph name of a chain image, if the graph has one for it.
     pub(crate) fn image_name(&self, image: &Arc<Node>) -> Option<String> {
         self.graph()

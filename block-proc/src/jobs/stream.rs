@@ -1,9 +1,12 @@
 //! The stream job (`block-stream`, and `block_stream`, its 2012 name; QMP reference §4):
-//! copies into a drive's active image every cluster it does not hold that some image
-//! between it and `base` holds (QEMU's copy-on-read of those clusters), in 512 KiB chunks,
-//! then makes `base` its backing (in the image header too: `backing-file` or the base's
-//! file name, or no backing file at all when the whole chain was streamed) and drops the
-//! streamed images from the chain and the graph.
+//! copies into an image of a drive's chain (its active image, or one below it that the
+//! graph names) every cluster it does not hold that some image between it and `base`
+//! holds (QEMU's copy-on-read of those clusters), in 512 KiB chunks, then makes `base` its
+//! backing (in the image header too: `backing-file` or the base's file name, or no backing
+//! file at all when the whole chain was streamed) and drops the streamed images from the
+//! chain and the graph. An image below the active one is reopened read/write for the job
+//! (possible for one that was a drive's active image before a snapshot) and read-only
+//! after it; the images above it then read through its new state.
 //!
 //! A chunk that has something to copy is copied with the drive's requests quiesced (no
 //! guest request in flight, none starting), after its allocation is read again: a guest
@@ -51,7 +54,13 @@ pub struct BlockStream {
 /// The stream job's driver. See the module documentation.
 pub struct Stream {
     backend: Arc<Backend>,
+    /// The image streamed into: the drive's active image, or one below it.
     top: Arc<Node>,
+    /// The images above `top` up to the active one, bottom-up (none when `top` is the
+    /// active image): they read through `top` and get its new imago instance at the end.
+    overlays: Vec<Arc<Node>>,
+    /// `top` was reopened read/write for the job and goes back to read-only after it.
+    restore_read_only: bool,
     base: Option<Arc<Node>>,
     /// The backing file name the header gets (`backing-file`, or the base's name).
     backing_file: Option<String>,
@@ -143,7 +152,11 @@ impl Stream {
         if self.plan(offset, len).await?.is_empty() {
             return Ok(0);
         }
-        let _quiesced = self.backend.quiesce().await;
+        // Only the active image takes guest writes.
+        let _quiesced = match self.overlays.is_empty() {
+            true => Some(self.backend.quiesce().await),
+            false => None,
+        };
         let mut copied = 0;
         for (off, n, zero) in self.plan(offset, len).await? {
             if zero {
@@ -221,6 +234,14 @@ impl Stream {
             (None, _) => None,
         };
         self.top.set_backing_file(header).await?;
+        if self.restore_read_only {
+            self.top.reopen(true).await?;
+        }
+        let mut below = self.top.clone();
+        for o in self.overlays.iter().rev() {
+            o.set_backing(Some(below)).await?;
+            below = o.clone();
+        }
         (self.finish)(dropped);
         Ok(())
     }
@@ -229,6 +250,18 @@ impl Stream {
 impl JobDriver for Stream {
     fn run(self: Arc<Self>, job: Arc<Job>) -> RunFuture {
         Box::pin(self.main(job))
+    }
+
+    /// `stream_clean`: an image reopened read/write for the job goes back to read-only.
+    fn abort(&self, _job: &Job) {
+        if self.restore_read_only {
+            let top = self.top.clone();
+            tokio::spawn(async move {
+                if let Err(e) = top.reopen(true).await {
+                    tracing::warn!("stream: reopening {} read-only: {e}", top.filename());
+                }
+            });
+        }
     }
 }
 
@@ -250,61 +283,117 @@ impl State {
             return Err(both("bottom", "base-node"));
         }
         let node = self.graph().lookup(Some(&a.device), Some(&a.device))?;
-        let chain = self.drive_chain(&node, "block-stream")?;
+        // The image streamed into: the drive's active image, or one below it.
+        let (chain, top) = match self.drive_chain(&node, "block-stream") {
+            Ok(c) => {
+                let top = c.top.clone();
+                (c, top)
+            }
+            Err(e) => {
+                let below = node
+                    .image()
+                    .and_then(|i| Some((self.drive_chain_below(&i)?, i)));
+                below.ok_or(e)?
+            }
+        };
+        let active = Arc::ptr_eq(&top, &chain.top);
+        let in_chain = |i: &Arc<Node>| {
+            let mut cur = top.backing();
+            while let Some(n) = cur {
+                if Arc::ptr_eq(&n, i) {
+                    return true;
+                }
+                cur = n.backing();
+            }
+            false
+        };
         // `None` inside: stream the whole chain.
         let mut base: Option<Arc<Node>> = None;
         if let Some(name) = &a.base {
-            base = Some(find_backing_image(&chain.top, name).ok_or_else(|| {
+            base = Some(find_backing_image(&top, name).ok_or_else(|| {
                 QmpError::generic(format!("Can't find '{name}' in the backing chain"))
             })?);
         }
         if let Some(name) = &a.base_node {
             let b = self.graph().lookup(None, Some(name))?;
-            let image = b
-                .image()
-                .filter(|i| !Arc::ptr_eq(i, &chain.top) && chain.contains(i))
-                .ok_or_else(|| {
-                    QmpError::generic(format!(
-                        "Node '{name}' is not a backing image of '{}'",
-                        a.device
-                    ))
-                })?;
+            let image = b.image().filter(|i| in_chain(i)).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Node '{name}' is not a backing image of '{}'",
+                    a.device
+                ))
+            })?;
             base = Some(image);
         }
         if let Some(name) = &a.bottom {
             let b = self.graph().lookup(None, Some(name))?;
-            let image = b.image().filter(|i| chain.contains(i)).ok_or_else(|| {
-                QmpError::generic(format!(
-                    "Node '{name}' is not in a chain starting from '{}'",
-                    a.device
-                ))
-            })?;
+            let image = b
+                .image()
+                .filter(|i| Arc::ptr_eq(i, &top) || in_chain(i))
+                .ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Node '{name}' is not in a chain starting from '{}'",
+                        a.device
+                    ))
+                })?;
             base = image.backing();
         }
-        self.check_chain_blockers(&chain, &base)?;
+        let blocked = if active {
+            self.check_chain_blockers(&chain, &base)?;
+            chain.device.clone()
+        } else {
+            let mut names = vec![node.name().to_string()];
+            let mut cur = top.backing();
+            while let Some(n) = cur.filter(|n| !is_base(&Some(n.clone()), &base)) {
+                names.extend(self.image_name(&n));
+                cur = n.backing();
+            }
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            self.jobs.check_blocker(&refs)?;
+            node.name().to_string()
+        };
         if base.is_none() && a.backing_file.is_some() {
             return Err(QmpError::generic(
                 "backing file specified, but streaming the entire chain",
             ));
         }
-        if chain.top.is_read_only() {
+        // `stream_start` reopens a read-only image read/write for the job.
+        let restore_read_only = top.is_read_only();
+        if restore_read_only && top.reopen(false).await.is_err() {
             return Err(QmpError::generic("Block node is read-only"));
         }
         if let Some(n) = &a.filter_node_name
             && self.graph().name_taken(n)
         {
+            if restore_read_only {
+                let _ = top.reopen(true).await;
+            }
             return Err(QmpError::generic(format!(
                 "Duplicate nodes with node-name='{n}'"
             )));
         }
+        // QEMU names the job after the node's device: an image below the active layer
+        // has none, so it needs an explicit `job-id` ("Invalid job ID ''").
+        let default_id = if active {
+            chain.device.clone()
+        } else {
+            String::new()
+        };
         let new = NewJob {
-            id: a.job_id.clone().unwrap_or_else(|| chain.device.clone()),
+            id: a.job_id.clone().unwrap_or(default_id),
             kind: JobType::Stream,
-            blocked_node: chain.device.clone(),
+            blocked_node: blocked,
             speed: a.speed.unwrap_or(0),
             auto_finalize: a.auto_finalize.unwrap_or(true),
             auto_dismiss: a.auto_dismiss.unwrap_or(true),
         };
+        let mut overlays = Vec::new();
+        if !active {
+            let mut cur = Some(chain.top.clone());
+            while let Some(n) = cur.filter(|n| !Arc::ptr_eq(n, &top)) {
+                cur = n.backing();
+                overlays.push(n);
+            }
+        }
         let graph = self.graph_handle();
         let finish = move |dropped: Vec<Arc<Node>>| {
             if let Some(g) = graph.upgrade() {
@@ -312,17 +401,27 @@ impl State {
                 drop(gone);
             }
         };
-        let DriveChain { backend, top, .. } = chain;
         let job = self.jobs.create(new, || {
             Ok(Arc::new(Stream {
-                backend,
-                top,
+                backend: chain.backend.clone(),
+                top: top.clone(),
+                overlays,
+                restore_read_only,
                 base,
                 backing_file: a.backing_file.clone(),
                 on_error: a.on_error.unwrap_or_default(),
                 finish: Box::new(finish),
             }))
-        })?;
+        });
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => {
+                if restore_read_only {
+                    let _ = top.reopen(true).await;
+                }
+                return Err(e);
+            }
+        };
         self.jobs.start(&job);
         Ok(json!({}))
     }
