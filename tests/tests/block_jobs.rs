@@ -1568,3 +1568,34 @@ fn stream_into_an_intermediate_image() {
     assert!(compare(&test, "qcow2", &want, "raw"));
     assert!(compare(&snap, "qcow2", &want, "raw"));
 }
+
+/// `auto-finalize: false` and `auto-dismiss: false` on a stream: it waits in `pending`
+/// (BLOCK_JOB_PENDING) with the chain unchanged until `job-finalize`, which rewrites it,
+/// then stays `concluded` until `job-dismiss`.
+#[test]
+fn stream_manual_finalize_changes_the_chain_at_finalization() {
+    let dir = TempDir::new("stream-finalize");
+    let (_backing, mid, test) = chain_images(&dir);
+    let want = snapshot_contents(&test, dir.path(), "want.raw");
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    c.ok(
+        "block-stream",
+        json!({"device": "drive0", "auto-finalize": false, "auto-dismiss": false}),
+    );
+    let pending = c.wait("BLOCK_JOB_PENDING");
+    assert_eq!(pending["data"], json!({"type": "stream", "id": "drive0"}));
+    assert_eq!(c.job()["status"], "pending");
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["backing_file"], mid.as_str(), "{b}");
+    c.ok("job-finalize", json!({"id": "drive0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(c.job()["status"], "concluded");
+    let b = c.ok("query-block", json!({}));
+    assert!(b[0]["inserted"].get("backing_file").is_none(), "{b}");
+    c.ok("job-dismiss", json!({"id": "drive0"}));
+    assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
+    quit(&mut vm, c);
+    assert_eq!(backing_filename(&test), None);
+    assert!(compare(&test, "qcow2", &want, "raw"));
+}

@@ -147,7 +147,7 @@ impl Commit {
             offset += n;
         }
         self.base.flush().await.map_err(JobError::Io)?;
-        self.switch_backing().await.map_err(JobError::Io)
+        Ok(())
     }
 
     /// `commit_prepare`: the base, read-only again, becomes the overlay's backing.
@@ -173,6 +173,12 @@ impl Commit {
 impl JobDriver for Commit {
     fn run(self: Arc<Self>, job: Arc<Job>) -> RunFuture {
         Box::pin(self.main(job))
+    }
+
+    /// `commit_prepare`: the new backing chain, at finalization (so a job waiting in
+    /// `pending` has changed nothing yet).
+    fn prepare(&self, _job: &Job) -> Result<(), String> {
+        super::block_on(self.switch_backing()).map_err(|e| ipc::common::os_error_text(&e))
     }
 
     /// Failed or cancelled: the new base is not used; the old one locks as before.

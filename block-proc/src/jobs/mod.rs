@@ -230,6 +230,14 @@ pub trait JobDriver: Send + Sync + 'static {
     fn query_extra(&self, _out: &mut Map<String, Value>) {}
 }
 
+/// Runs a job's asynchronous graph change from a synchronous callback (`prepare`), as
+/// QEMU's main loop runs its graph changes: on block-proc's multi-threaded runtime the
+/// worker hands its other tasks over meanwhile.
+pub(crate) fn block_on<T>(fut: impl Future<Output = T>) -> T {
+    let handle = tokio::runtime::Handle::current();
+    crate::block::commit::blocking(|| handle.block_on(fut))
+}
+
 /// QEMU's `RateLimit` (`include/qemu/ratelimit.h`), counting bytes per [`SLICE`].
 #[derive(Debug, Clone, Copy)]
 struct RateLimit {

@@ -214,7 +214,7 @@ impl Stream {
         if let Some(e) = first_error {
             return Err(JobError::Io(e));
         }
-        self.switch_backing().await.map_err(JobError::Io)
+        Ok(())
     }
 
     /// `stream_prepare`: base becomes the top image's backing, in memory and in its
@@ -250,6 +250,12 @@ impl Stream {
 impl JobDriver for Stream {
     fn run(self: Arc<Self>, job: Arc<Job>) -> RunFuture {
         Box::pin(self.main(job))
+    }
+
+    /// `stream_prepare`: the new backing chain, at finalization (so a job waiting in
+    /// `pending` has changed nothing yet).
+    fn prepare(&self, _job: &Job) -> Result<(), String> {
+        super::block_on(self.switch_backing()).map_err(|e| ipc::common::os_error_text(&e))
     }
 
     /// `stream_clean`: an image reopened read/write for the job goes back to read-only.
