@@ -1599,3 +1599,82 @@ fn stream_manual_finalize_changes_the_chain_at_finalization() {
     assert_eq!(backing_filename(&test), None);
     assert!(compare(&test, "qcow2", &want, "raw"));
 }
+
+/// Active commit under load: the workload guest writes and verifies on a qcow2 overlay
+/// while it is committed into its base, READY, and the drive switched to the base; the
+/// guest passes on the base, which is then a sound image with the overlay's data.
+#[test]
+fn guest_keeps_writing_through_active_commit() {
+    if !kvm_or_skip("guest_keeps_writing_through_active_commit") {
+        return;
+    }
+    let dir = TempDir::new("commit-guest");
+    let base = dir.join("base.qcow2");
+    qemu_img_create("qcow2", &base, "16M");
+    let base = base.display().to_string();
+    qemu_io("qcow2", &base, &["write -P 0x5a 8M 8M"]);
+    let img = dir.join("disk0.qcow2").display().to_string();
+    run(Command::new("qemu-img").args([
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &img,
+    ]));
+    let serial = format!("file:{}", dir.join("serial.log").display());
+    let d = dir.path().display().to_string();
+    let drive = format!("id=disk0,file={img},format=qcow2");
+    let mut vm = Splitvmm::start_in(
+        dir,
+        &[
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            "run=write-verify-loop seconds=6 bytes=8M",
+            "--memory",
+            "128M",
+            "--serial",
+            &serial,
+            "--image-dir",
+            &d,
+            "--drive",
+            &drive,
+        ],
+    );
+    let mut c = Client::new(&vm);
+    let log = vm.dir.join("serial.log");
+    tests::wait_for_text(&log, Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    c.ok("block-commit", json!({"device": "disk0"}));
+    let ready = c.wait("BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["type"], "commit");
+    c.ok("block-job-complete", json!({"device": "disk0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(inserted_file(&mut c), base);
+    let ev = c.wait("SHUTDOWN");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    let code = vm.wait_exit(Duration::from_secs(120)).code();
+    let serial = std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default();
+    assert_eq!(code, Some(0), "{serial}");
+    assert!(serial.contains("workload: PASS"), "{serial}");
+    run(Command::new("qemu-img").args(["check", "-q", &base]));
+    qemu_io("qcow2", &base, &["read -P 0x5a 8M 8M"]);
+    // Every block of the guest's share is its own pattern block or untouched zeroes.
+    let got = std::fs::read(snapshot_contents(&base, vm.dir.path(), "got.raw")).expect("read");
+    let mut guest_blocks = 0;
+    for (i, b) in got[..8 << 20].chunks(4096).enumerate() {
+        if b.iter().all(|x| *x == 0) {
+            continue;
+        }
+        let off = (i * 4096) as u64;
+        assert_eq!(&b[..8], b"SPLITVMM", "block at {off} is not a guest block");
+        assert_eq!(
+            b[16..24],
+            off.to_le_bytes(),
+            "block at {off} is another block's"
+        );
+        guest_blocks += 1;
+    }
+    assert!(guest_blocks > 0);
+}
