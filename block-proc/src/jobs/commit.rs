@@ -34,7 +34,8 @@ use crate::graph::BlockNode;
 /// `COMMIT_BUFFER_SIZE`: the chunk an intermediate commit copies at a time.
 const CHUNK: u64 = 512 << 10;
 
-/// `block-commit`'s arguments (QEMU 10).
+/// `block-commit`'s arguments (QEMU 10). `backing-mask-protocol` is not read: bases are
+/// format nodes here, so masking changes nothing.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockCommit {
@@ -45,11 +46,6 @@ pub struct BlockCommit {
     top_node: Option<String>,
     top: Option<String>,
     backing_file: Option<String>,
-    #[allow(
-        dead_code,
-        reason = "bases are format nodes here: masking changes nothing"
-    )]
-    backing_mask_protocol: Option<bool>,
     speed: Option<i64>,
     on_error: Option<OnError>,
     filter_node_name: Option<String>,

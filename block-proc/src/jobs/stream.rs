@@ -29,7 +29,8 @@ use crate::drives::Backend;
 /// `STREAM_CHUNK`.
 const CHUNK: u64 = 512 << 10;
 
-/// `block-stream`'s arguments (QEMU 10).
+/// `block-stream`'s arguments (QEMU 10). `backing-mask-protocol` is not read: bases are
+/// format nodes here, so masking changes nothing.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BlockStream {
@@ -38,11 +39,6 @@ pub struct BlockStream {
     base: Option<String>,
     base_node: Option<String>,
     backing_file: Option<String>,
-    #[allow(
-        dead_code,
-        reason = "bases are format nodes here: masking changes nothing"
-    )]
-    backing_mask_protocol: Option<bool>,
     bottom: Option<String>,
     speed: Option<i64>,
     on_error: Option<OnError>,
