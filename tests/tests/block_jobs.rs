@@ -1075,6 +1075,18 @@ fn commit_active_pivots_to_the_base() {
     assert_eq!(j["type"], "commit");
     assert_eq!(j["ready"], true);
     assert!(j.get("actively-synced").is_none(), "{j}");
+    assert_eq!(j["speed"], 0);
+    // 040 TestSetSpeed.
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 8 * 1024 * 1024}),
+    );
+    assert_eq!(c.job()["speed"], 8 * 1024 * 1024);
+    let (_, desc) = c.err(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": -1}),
+    );
+    assert_eq!(desc, "Parameter 'speed' expects a non-negative value");
     c.ok("block-job-complete", json!({"device": "drive0"}));
     let done = wait_completed(&mut c);
     assert!(done["data"].get("error").is_none(), "{done}");
