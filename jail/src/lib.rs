@@ -19,5 +19,5 @@ mod spawn;
 pub use deny::DenyList;
 pub use enter::{Jailed, LandlockRules, LandlockStatus, Policy, current_fds, enter, seccomp_mode};
 pub use error::JailError;
-pub use seccomp::{SeccompPolicy, base_runtime_policy};
+pub use seccomp::{SeccompPolicy, base_runtime_policy, thread_runtime_policy};
 pub use spawn::{Child, Namespaces, SpawnSpec, spawn};
