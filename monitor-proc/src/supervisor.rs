@@ -403,7 +403,8 @@ async fn start(
         None => None,
     };
     if cli.sandbox {
-        crate::sandbox::enter().map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
+        crate::sandbox::enter(cli.runas)
+            .map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
     } else {
         eprintln!("splitvmm: WARNING: --sandbox off: no process is confined. For debugging only.");
     }

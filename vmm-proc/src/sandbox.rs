@@ -109,14 +109,15 @@ pub fn seccomp_policy() -> SeccompPolicy {
     ]))
 }
 
-/// Enters the jail, keeping only `keep_fds` (and stdio) open.
-pub fn enter(keep_fds: &[i32]) -> Result<(), jail::JailError> {
+/// Enters the jail, keeping only `keep_fds` (and stdio) open, as `runas` if given.
+pub fn enter(keep_fds: &[i32], runas: Option<(u32, u32)>) -> Result<(), jail::JailError> {
     let policy = Policy {
         name: "vmm-proc",
         keep_fds: keep_fds.to_vec(),
         empty_root: true,
         landlock: None,
         drop_caps: true,
+        runas,
         seccomp: seccomp_policy(),
     };
     jail::enter(&policy).map(drop)

@@ -416,7 +416,7 @@ fn main() {
     // Everything from here runs as a compromised vmm-proc would: in its jail.
     let mut keep = vec![3, 4];
     keep.extend(mems.raw());
-    if let Err(e) = vmm_proc::sandbox::enter(&keep) {
+    if let Err(e) = vmm_proc::sandbox::enter(&keep, None) {
         say("jail", e);
         std::process::exit(2);
     }

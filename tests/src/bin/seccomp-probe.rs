@@ -35,6 +35,7 @@ fn main() {
                 empty_root: false,
                 landlock: None,
                 drop_caps: false,
+                runas: None,
                 seccomp,
             };
             jail::enter(&policy).map(drop)
@@ -75,7 +76,7 @@ fn try_openat(path: &str, flags: i32) -> String {
 }
 
 fn open_as_vmm_proc(last: &str) -> ! {
-    if let Err(e) = vmm_proc::sandbox::enter(&[3]) {
+    if let Err(e) = vmm_proc::sandbox::enter(&[3], None) {
         eprintln!("seccomp-probe: cannot enter vmm-proc's jail: {e}");
         std::process::exit(2);
     }
