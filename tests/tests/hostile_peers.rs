@@ -1,9 +1,11 @@
-//! A compromised vmm-proc against the real block-proc and monitor, over the real links.
+//! A compromised vmm-proc against the real block-proc and monitor, and a compromised
+//! block-proc against the real monitor and vmm-proc, over the real links.
 //!
-//! `SPLITVMM_HELPER_DIR` points the launcher at a directory where `block-proc` is the real
-//! one and `vmm-proc` is `hostile-vmm` (tests/src/bin/hostile-vmm.rs): the launcher starts
-//! both exactly as in production (namespaces, descriptors), block-proc and the monitor run
-//! under their real jails, and the hostile program enters vmm-proc's jail before it attacks.
+//! `SPLITVMM_HELPER_DIR` points the launcher at a directory where one child is the real
+//! one and the other a hostile program (tests/src/bin/hostile-vmm.rs, hostile-block.rs):
+//! the launcher starts both exactly as in production (namespaces, descriptors), the real
+//! processes run under their real jails, and the hostile program enters the jail of the
+//! process it replaces before it attacks.
 //! They answer with errors or drop the link; they never crash, and nothing outside the
 //! requests' ranges changes (the guest memory's sentinel bytes, the image's bytes).
 
@@ -18,12 +20,18 @@ use tests::{
 
 /// A helper directory named `name` inside `dir`: the real block-proc, hostile-vmm as vmm-proc.
 fn helper_dir(dir: &TempDir, name: &str) -> PathBuf {
+    helpers(dir, name, "block-proc", "hostile-vmm")
+}
+
+/// A helper directory named `name` inside `dir` with `block` as block-proc and `vmm` as
+/// vmm-proc (file names in the build directory).
+fn helpers(dir: &TempDir, name: &str, block: &str, vmm: &str) -> PathBuf {
     let helpers = dir.join(name);
     std::fs::create_dir_all(&helpers).expect("helper dir");
-    std::os::unix::fs::symlink(bin_dir().join("block-proc"), helpers.join("block-proc"))
-        .expect("link block-proc");
-    std::os::unix::fs::symlink(bin_dir().join("hostile-vmm"), helpers.join("vmm-proc"))
-        .expect("link hostile-vmm");
+    for (target, slot) in [(block, "block-proc"), (vmm, "vmm-proc")] {
+        std::os::unix::fs::symlink(bin_dir().join(target), helpers.join(slot))
+            .expect("link a helper");
+    }
     helpers
 }
 
@@ -263,4 +271,127 @@ fn the_monitor_refuses_a_vmm_proc_of_another_protocol_version() {
     );
     assert!(stderr.contains(&want), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Starts splitvmm with hostile-block in block-proc's slot, in a helper directory named
+/// for `scenario`, with or without a guest.
+fn start_hostile_block(scenario: &str, guest: bool) -> Splitvmm {
+    let dir = TempDir::new("hostile-block");
+    let img = disk(&dir);
+    let helpers = helpers(
+        &dir,
+        &format!("hostile-block-{scenario}"),
+        "hostile-block",
+        "vmm-proc",
+    );
+    let drive = format!("id=disk0,file={},format=raw", img.display());
+    let mut args = vec!["--drive", drive.as_str()];
+    if guest {
+        args.extend([
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            "run=idle",
+            "--memory",
+            "64M",
+        ]);
+    }
+    Splitvmm::start_in_env(dir, &args, &[("SPLITVMM_HELPER_DIR", helpers.as_path())])
+}
+
+fn block_findings(vm: &Splitvmm) -> Vec<String> {
+    let text = wait_for_text(&vm.stderr, Duration::from_secs(60), |t| {
+        t.contains("hostile-block: done")
+    });
+    text.lines()
+        .filter_map(|l| l.strip_prefix("hostile-block: "))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_monitor_survives_a_hostile_block_proc_and_passes_on_only_block_events() {
+    let mut vm = start_hostile_block("monitor", false);
+    let mut qmp = vm.raw_qmp();
+    // The attack answers this query-block; the events come before its reply.
+    qmp.send(br#"{"execute": "query-block", "id": 1}"#);
+    let mut events = Vec::new();
+    let r = loop {
+        let msg = qmp.read();
+        if msg.get("event").is_some() {
+            events.push(msg);
+        } else {
+            break msg;
+        }
+    };
+    assert_eq!(r["id"], 1, "{r}");
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    // Of the six events, only the block event with object data reached the client.
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "BLOCK_JOB_COMPLETED", "{events:?}");
+    assert_eq!(events[0]["data"]["device"], "spoofed", "{events:?}");
+    let f = block_findings(&vm);
+    expect(&f, "jailed: monitor");
+    expect(&f, "first request: QueryBlock");
+    expect(&f, "parts of no request: 500 sent");
+    expect(&f, "garbage frame: Ok(16)");
+    let r = qmp.cmd(r#"{"execute": "query-version", "id": 2}"#);
+    assert!(r["return"]["qemu"].is_object(), "{r}");
+    let stderr = wait_for_text(&vm.stderr, Duration::from_secs(10), |t| {
+        t.contains(r#"block-proc sent event "bad name\n{\"x\": 1}", which is not a block event"#)
+    });
+    // The garbage frame after them broke the link: block-proc's commands fail, clearly.
+    let r = qmp.cmd(r#"{"execute": "query-block", "id": 4}"#);
+    assert_eq!(r["error"]["desc"], "block-proc is not running", "{r}");
+    for dropped in [
+        "block-proc sent event \"SHUTDOWN\", which is not a block event; dropped",
+        "block-proc sent event \"STOP\", which is not a block event; dropped",
+        "block-proc sent event BLOCK_JOB_READY with bad data",
+        "block-proc sent event JOB_STATUS_CHANGE with data that is no object; dropped",
+        "block-proc sent part of a reply to unknown request 1000000",
+    ] {
+        assert!(stderr.contains(dropped), "no {dropped:?} in {stderr}");
+    }
+    let r = qmp.cmd(r#"{"execute": "quit", "id": 3}"#);
+    assert_eq!(r["return"], json!({}), "{r}");
+    let status = vm.wait_exit(Duration::from_secs(30));
+    assert!(status.code().is_some(), "{status}: {}", vm.stderr_text());
+    assert!(
+        !vm.stderr_text().contains("panicked"),
+        "{}",
+        vm.stderr_text()
+    );
+}
+
+#[test]
+fn vmm_proc_survives_a_hostile_block_proc() {
+    if !kvm_or_skip("vmm_proc_survives_a_hostile_block_proc") {
+        return;
+    }
+    let mut vm = start_hostile_block("vmm", true);
+    let f = block_findings(&vm);
+    expect(&f, "jailed: vmm");
+    expect(&f, "completions of no request: Ok(())");
+    expect(&f, "reply to no call: Ok(())");
+    expect(&f, "garbage frame: Ok(16)");
+    let vmm = pid_of(&vm, "vmm-proc");
+    let mut qmp = vm.raw_qmp();
+    // vmm-proc ignores what it never asked for and drops the data path at the garbage.
+    wait_for_text(&vm.stderr, Duration::from_secs(10), |t| {
+        t.contains("block-proc completed unknown request 0")
+            && t.contains("block-proc answered unknown call 424242")
+            && t.contains("data path from block-proc broken: bad frame")
+    });
+    let r = qmp.cmd(r#"{"execute": "query-status", "id": 1}"#);
+    assert_eq!(r["return"]["status"], "running", "{r}");
+    assert!(alive(vmm), "vmm-proc died: {}", vm.stderr_text());
+    let r = qmp.cmd(r#"{"execute": "quit", "id": 2}"#);
+    assert_eq!(r["return"], json!({}), "{r}");
+    let status = vm.wait_exit(Duration::from_secs(30));
+    let stderr = vm.stderr_text();
+    assert!(status.code().is_some(), "{status}: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("seccomp: forbidden"),
+        "{stderr}"
+    );
 }
