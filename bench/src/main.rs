@@ -12,6 +12,7 @@
 mod boot;
 mod compared;
 mod disk;
+mod load;
 mod mem;
 mod nbd;
 mod qmp;
@@ -75,6 +76,19 @@ enum Which {
         #[arg(long, default_value_t = 1024)]
         size: u64,
     },
+    /// QMP latency (p50, p99, max) with many clients at once while a mirror runs, and the
+    /// servers' PSS before and after: splitvmm vs qemu-storage-daemon.
+    Load {
+        /// QMP clients at once.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Queries per client.
+        #[arg(long, default_value_t = 50)]
+        queries: usize,
+        /// Rounds (each runs both, alternating which goes first).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// PSS beyond guest RAM with the workload guest running: splitvmm's processes vs QEMU.
     Mem {
         /// Rounds (each runs both, alternating which goes first).
@@ -98,6 +112,19 @@ fn main() -> std::process::ExitCode {
     let result = match args.which {
         Which::Qmp { seconds, rounds } => qmp::run(seconds, rounds),
         Which::Nbd { size, rounds } => return nbd_report(size, rounds, args.json),
+        Which::Load {
+            clients,
+            queries,
+            rounds,
+        } => {
+            return match load::run(clients, queries, rounds, args.json) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Which::Boot { rounds } => {
             let r = boot::run(rounds).map(|c| (vec![c], String::new()));
             return compared_report(r, &load, args.json);
