@@ -71,6 +71,17 @@ fn filters_forbid_what_each_process_must_never_do() {
         monitor.allows(libc::SYS_socket) && monitor.allows(libc::SYS_bind),
         "the monitor makes the sockets"
     );
+    // Once jailed, the monitor opens no file (`openat` fails with EACCES): what it reads
+    // and writes was opened at start-up or arrives as descriptors.
+    for nr in [
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_creat,
+        libc::SYS_open_by_handle_at,
+    ] {
+        assert!(!monitor.allows(nr), "the monitor may call {nr}");
+    }
     let launcher = monitor_proc::sandbox::launcher_denylist();
     assert!(
         !launcher.denies(libc::SYS_execve),
