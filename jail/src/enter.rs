@@ -326,14 +326,9 @@ fn switch_user(uid: u32, gid: u32) -> Result<(), JailError> {
     unistd::setgroups(&[gid]).map_err(step(format!("setgroups([{gid}]) for --runas")))?;
     unistd::setresgid(gid, gid, gid).map_err(step(format!("setresgid({gid}) for --runas")))?;
     unistd::setresuid(uid, uid, uid).map_err(step(format!("setresuid({uid}) for --runas")))?;
-    if unistd::setresuid(
-        unistd::Uid::from_raw(0),
-        unistd::Uid::from_raw(0),
-        unistd::Uid::from_raw(0),
-    )
-    .is_ok()
-        && !uid.is_root()
-    {
+    // Make sure: a process that could switch back would not have dropped anything.
+    let root = unistd::Uid::from_raw(0);
+    if !uid.is_root() && unistd::setresuid(root, root, root).is_ok() {
         return Err(JailError::Enter {
             step: format!("--runas {uid}:{gid}"),
             source: io::Error::other("the process could become root again"),

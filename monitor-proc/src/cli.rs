@@ -89,7 +89,7 @@ pub struct Cli {
     /// Drop to this user and group after start-up (monitor, block-proc and vmm-proc; the
     /// launcher stays root with only what starting a jailed child needs). Unix sockets and
     /// the pidfile are removed at exit as this user.
-    #[arg(long, value_name = "UID:GID", value_parser = parse_runas)]
+    #[arg(long, value_name = "UID:GID", value_parser = jail::parse_runas)]
     pub runas: Option<(u32, u32)>,
 
     /// Write the monitor's pid here once every socket is listening; removed at exit.
@@ -274,10 +274,6 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
         return Err("not a directory".into());
     }
     Ok(p)
-}
-
-fn parse_runas(s: &str) -> Result<(u32, u32), String> {
-    jail::parse_runas(s)
 }
 
 impl Cli {
