@@ -12,6 +12,7 @@
 mod boot;
 mod compared;
 mod disk;
+mod load;
 mod mem;
 mod nbd;
 mod qmp;
@@ -85,6 +86,19 @@ enum Which {
         #[arg(long, default_value_t = 1024)]
         size: u64,
     },
+    /// QMP latency (p50, p99, max) with many clients at once while a mirror runs, and the
+    /// servers' PSS before and after: splitvmm vs qemu-storage-daemon.
+    Load {
+        /// QMP clients at once.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Queries per client.
+        #[arg(long, default_value_t = 50)]
+        queries: usize,
+        /// Rounds (each runs both, alternating which goes first).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// PSS beyond guest RAM with the workload guest running: splitvmm's processes vs QEMU.
     Mem {
         /// Rounds (each runs both, alternating which goes first).
@@ -111,6 +125,19 @@ fn main() -> std::process::ExitCode {
         Which::Stream { size, rounds } => {
             let r = stream::run_all(size, rounds).map(|c| (c, String::new()));
             return compared_report(r, &load, args.json);
+        }
+        Which::Load {
+            clients,
+            queries,
+            rounds,
+        } => {
+            return match load::run(clients, queries, rounds, args.json) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
         }
         Which::Boot { rounds } => {
             let r = boot::run(rounds).map(|c| (vec![c], String::new()));

@@ -45,7 +45,11 @@ pub enum Error {
 
 /// Configures block-proc from the monitor's first request, enters the jail, then serves
 /// both links until the monitor says `Shutdown` or goes away.
-pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
+pub fn run(
+    monitor_fd: RawFd,
+    peer_fd: Option<RawFd>,
+    runas: Option<(u32, u32)>,
+) -> Result<(), Error> {
     let monitor = Channel::from_inherited(monitor_fd).ok_or(Error::BadFd(monitor_fd))?;
     let peer = peer_fd
         .map(|fd| Channel::from_inherited(fd).ok_or(Error::BadFd(fd)))
@@ -71,7 +75,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: Option<RawFd>) -> Result<(), Error> {
         // Everything open now is ours: the launcher closed the rest at spawn.
         let keep =
             jail::current_fds().map_err(|e| Error::Setup(format!("listing descriptors: {e}")))?;
-        if let Err(e) = sandbox::enter(&config.image_dirs, keep) {
+        if let Err(e) = sandbox::enter(&config.image_dirs, keep, runas) {
             monitor.send(
                 &reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))),
                 &[],

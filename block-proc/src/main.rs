@@ -14,12 +14,15 @@ struct Args {
     /// The descriptor of the link to vmm-proc, when a guest runs.
     #[arg(long)]
     peer_fd: Option<i32>,
+    /// Switch to this user and group in the jail (splitvmm's `--runas`).
+    #[arg(long, value_name = "UID:GID", value_parser = jail::parse_runas)]
+    runas: Option<(u32, u32)>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     ipc::logging::init("block-proc");
-    match block_proc::run(args.monitor_fd, args.peer_fd) {
+    match block_proc::run(args.monitor_fd, args.peer_fd, args.runas) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("block-proc: {e}");

@@ -65,7 +65,11 @@ pub fn seccomp_policy() -> SeccompPolicy {
 
 /// Enters the jail. Only descriptors it holds now stay open; file access is limited to
 /// `image_dirs`.
-pub fn enter(image_dirs: &[PathBuf], keep_fds: Vec<i32>) -> Result<(), jail::JailError> {
+pub fn enter(
+    image_dirs: &[PathBuf],
+    keep_fds: Vec<i32>,
+    runas: Option<(u32, u32)>,
+) -> Result<(), jail::JailError> {
     let policy = Policy {
         name: "block-proc",
         keep_fds,
@@ -75,6 +79,7 @@ pub fn enter(image_dirs: &[PathBuf], keep_fds: Vec<i32>) -> Result<(), jail::Jai
             read_only: Vec::new(),
         }),
         drop_caps: true,
+        runas,
         seccomp: seccomp_policy(),
     };
     jail::enter(&policy).map(drop)

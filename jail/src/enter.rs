@@ -39,6 +39,10 @@ pub struct Policy {
     pub landlock: Option<LandlockRules>,
     /// Drop every capability: bounding, ambient, effective, permitted and inheritable sets.
     pub drop_caps: bool,
+    /// Switch to this uid and gid, with no supplementary groups (`--runas UID:GID`), once
+    /// the root and Landlock are in place (they need the capabilities the switch clears).
+    /// Every thread switches (glibc's set*id calls reach them all).
+    pub runas: Option<(u32, u32)>,
     /// The syscall allowlist, installed last.
     pub seccomp: SeccompPolicy,
 }
@@ -72,7 +76,8 @@ const EMPTY_ROOT_MOUNT_POINT: &str = "/tmp";
 /// the process is still single-threaded if the policy uses an empty root, Landlock or drops
 /// capabilities (a mount namespace, Landlock and capabilities only apply to the calling
 /// thread). In order: close stray fds, `no_new_privs`, empty root, Landlock, rlimits,
-/// capabilities, SIGSYS handler, seccomp filter on all threads.
+/// bounding and ambient capabilities, uid and gid (`runas`), the other capability sets,
+/// SIGSYS handler, seccomp filter on all threads.
 pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
     // Compile first: a bad policy fails before anything irreversible happens.
     let program = policy.seccomp.compile()?;
@@ -98,7 +103,13 @@ pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
     resource::setrlimit(resource::Resource::RLIMIT_CORE, 0, 0)
         .map_err(step("setrlimit(RLIMIT_CORE, 0)"))?;
     if policy.drop_caps {
-        drop_capabilities()?;
+        drop_bounding_and_ambient()?;
+    }
+    if let Some((uid, gid)) = policy.runas {
+        switch_user(uid, gid)?;
+    }
+    if policy.drop_caps {
+        set_capabilities(0)?;
     }
     sigsys::install(policy.name)?;
     seccomp::install(&program)?;
@@ -240,20 +251,24 @@ fn restrict_paths(rules: &LandlockRules) -> Result<LandlockStatus, JailError> {
     Ok(status)
 }
 
-fn drop_capabilities() -> Result<(), JailError> {
-    let prctl = |option: libc::c_int, arg: libc::c_ulong| {
-        // SAFETY: capability prctls take integers only and touch no memory of ours.
-        unsafe {
-            libc::prctl(
-                option,
-                arg,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-            )
-        }
-    };
-    if prctl(
+fn cap_prctl(option: libc::c_int, arg: libc::c_ulong) -> libc::c_int {
+    // SAFETY: capability prctls take integers only and touch no memory of ours.
+    unsafe {
+        libc::prctl(
+            option,
+            arg,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    }
+}
+
+/// Clears the ambient set and drops from the bounding set every capability not in `keep`
+/// (a bit mask). The bounding set limits what an execve could ever grant (even to uid 0).
+/// Dropping needs CAP_SETPCAP, so it comes before capset and the uid switch.
+fn drop_bounding_and_ambient_except(keep: u64) -> Result<(), JailError> {
+    if cap_prctl(
         libc::PR_CAP_AMBIENT,
         libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
     ) != 0
@@ -262,12 +277,14 @@ fn drop_capabilities() -> Result<(), JailError> {
             io::Error::last_os_error(),
         ));
     }
-    // The bounding set limits what an execve could ever grant (even to uid 0). Dropping needs
-    // CAP_SETPCAP, so it comes before capset; PR_CAPBSET_READ fails past the last capability.
-    for cap in 0.. {
-        match prctl(libc::PR_CAPBSET_READ, cap) {
+    // PR_CAPBSET_READ fails past the last capability the kernel knows.
+    for cap in 0..64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        match cap_prctl(libc::PR_CAPBSET_READ, cap) {
             0 => {}
-            1 if prctl(libc::PR_CAPBSET_DROP, cap) == 0 => {}
+            1 if cap_prctl(libc::PR_CAPBSET_DROP, cap) == 0 => {}
             1 => {
                 return Err(step(format!(
                     "prctl(PR_CAPBSET_DROP, {cap}) (needs CAP_SETPCAP)"
@@ -276,16 +293,83 @@ fn drop_capabilities() -> Result<(), JailError> {
             _ => break,
         }
     }
+    Ok(())
+}
+
+fn drop_bounding_and_ambient() -> Result<(), JailError> {
+    drop_bounding_and_ambient_except(0)
+}
+
+/// Sets the effective and permitted sets to `caps` (a bit mask, which may only shrink
+/// them) and empties the inheritable set, on the calling thread.
+fn set_capabilities(caps: u64) -> Result<(), JailError> {
     // struct __user_cap_header_struct { u32 version; int pid; } and, for version 3, two
-    // struct __user_cap_data_struct { u32 effective, permitted, inheritable; }: all empty.
+    // struct __user_cap_data_struct { u32 effective, permitted, inheritable; }.
     let header: [u32; 2] = [0x2008_0522, 0];
-    let data = [0u32; 6];
+    let (low, high) = (caps as u32, (caps >> 32) as u32);
+    let data = [low, low, 0, high, high, 0];
     // SAFETY: header and data have the layouts capset(2) reads for _LINUX_CAPABILITY_VERSION_3
     // and live across the call; pid 0 means the calling thread.
     if unsafe { libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) } != 0 {
-        return Err(step("capset(all sets empty)")(io::Error::last_os_error()));
+        return Err(step(format!("capset({caps:#x})"))(
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
+}
+
+/// Becomes `uid`:`gid` with no supplementary groups, real, effective and saved ids alike,
+/// so there is no way back; the kernel clears the capabilities of a thread whose uids all
+/// leave 0. glibc applies each call to every thread of the process.
+fn switch_user(uid: u32, gid: u32) -> Result<(), JailError> {
+    let (uid, gid) = (unistd::Uid::from_raw(uid), unistd::Gid::from_raw(gid));
+    unistd::setgroups(&[gid]).map_err(step(format!("setgroups([{gid}]) for --runas")))?;
+    unistd::setresgid(gid, gid, gid).map_err(step(format!("setresgid({gid}) for --runas")))?;
+    unistd::setresuid(uid, uid, uid).map_err(step(format!("setresuid({uid}) for --runas")))?;
+    // Make sure: a process that could switch back would not have dropped anything.
+    let root = unistd::Uid::from_raw(0);
+    if !uid.is_root() && unistd::setresuid(root, root, root).is_ok() {
+        return Err(JailError::Enter {
+            step: format!("--runas {uid}:{gid}"),
+            source: io::Error::other("the process could become root again"),
+        });
+    }
+    Ok(())
+}
+
+/// Parses `UID:GID` (numeric ids), the value of `--runas` in every process.
+pub fn parse_runas(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
+    let id = |x: &str| {
+        x.parse::<u32>()
+            .map_err(|_| format!("'{x}' is not a numeric id"))
+    };
+    Ok((id(u)?, id(g)?))
+}
+
+/// For the launcher, which must keep starting jailed children: keeps only the capabilities
+/// in `keep` (bounding, effective, permitted; ambient and inheritable emptied), so what it
+/// execs can never hold more. Without CAP_SETPCAP (not started as root) the bounding set
+/// stays; the other sets still shrink to `keep`.
+pub fn keep_capabilities(keep: &[u32]) -> Result<(), JailError> {
+    let mask = keep.iter().fold(0u64, |m, c| m | (1 << c));
+    let permitted = permitted_capabilities()?;
+    if permitted & (1 << crate::cap::CAP_SETPCAP) != 0 {
+        drop_bounding_and_ambient_except(mask)?;
+    }
+    set_capabilities(permitted & mask)
+}
+
+/// The calling thread's permitted capability set.
+fn permitted_capabilities() -> Result<u64, JailError> {
+    let header: [u32; 2] = [0x2008_0522, 0];
+    let mut data = [0u32; 6];
+    // SAFETY: header and data have the layouts capget(2) uses for _LINUX_CAPABILITY_VERSION_3;
+    // the kernel writes at most the two data structs.
+    if unsafe { libc::syscall(libc::SYS_capget, header.as_ptr(), data.as_mut_ptr()) } != 0 {
+        return Err(step("capget")(io::Error::last_os_error()));
+    }
+    Ok(u64::from(data[1]) | (u64::from(data[4]) << 32))
 }
 
 /// Every descriptor this process has open now (for `Policy::keep_fds` in a process that

@@ -16,8 +16,22 @@ pub mod seccomp;
 mod sigsys;
 mod spawn;
 
+/// Capability numbers from `<linux/capability.h>` (libc does not export them), for
+/// [`keep_capabilities`].
+pub mod cap {
+    pub const CAP_DAC_OVERRIDE: u32 = 1;
+    pub const CAP_KILL: u32 = 5;
+    pub const CAP_SETGID: u32 = 6;
+    pub const CAP_SETUID: u32 = 7;
+    pub const CAP_SETPCAP: u32 = 8;
+    pub const CAP_SYS_ADMIN: u32 = 21;
+}
+
 pub use deny::DenyList;
-pub use enter::{Jailed, LandlockRules, LandlockStatus, Policy, current_fds, enter, seccomp_mode};
+pub use enter::{
+    Jailed, LandlockRules, LandlockStatus, Policy, current_fds, enter, keep_capabilities,
+    parse_runas, seccomp_mode,
+};
 pub use error::JailError;
-pub use seccomp::{SeccompPolicy, base_runtime_policy};
+pub use seccomp::{SeccompPolicy, base_runtime_policy, thread_runtime_policy};
 pub use spawn::{Child, Namespaces, SpawnSpec, spawn};

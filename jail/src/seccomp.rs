@@ -1,6 +1,6 @@
 //! Seccomp allowlists as reviewable data: a tiny DSL ([`allow`], [`allow_if`], [`fail_with`],
 //! [`arg_eq`], [`arg_masked_eq`]), the union of policies, compilation to BPF with seccompiler,
-//! installation on all threads, and [`base_runtime_policy`].
+//! installation on all threads, [`thread_runtime_policy`] and [`base_runtime_policy`].
 //!
 //! A compiled filter traps (SIGSYS) every syscall no rule allows. Rules of one syscall are
 //! OR-ed, the conditions of one rule AND-ed; an unconditional rule absorbs conditional ones.
@@ -319,10 +319,11 @@ pub(crate) fn install(program: &BpfProgram) -> Result<(), JailError> {
     Ok(seccompiler::apply_filter_all_threads(program)?)
 }
 
-/// What any Rust std/tokio process of ours needs to keep running once set up: memory, threads,
-/// signals, time, and I/O on fds it already holds. It opens nothing and creates no sockets.
-/// Build the tokio runtime before jailing (it reads cgroup files to count CPUs).
-pub fn base_runtime_policy() -> SeccompPolicy {
+/// What a Rust process of ours built on std threads alone (no tokio) needs once set up:
+/// memory, threads, signals, time, and I/O on fds it already holds, over `read`/`write`,
+/// `sendmsg`/`recvmsg` and epoll. It opens nothing and creates no sockets. vmm-proc's filter
+/// is this plus its KVM ioctls; every process's is at least this.
+pub fn thread_runtime_policy() -> SeccompPolicy {
     use libc::*;
     let no_exec = [arg_masked_eq(2, PROT_EXEC, 0)];
     // Threads share memory, files and signal handlers, and create no namespaces.
@@ -349,16 +350,18 @@ pub fn base_runtime_policy() -> SeccompPolicy {
         ),
         allow(SYS_munmap, "free, thread stacks"),
         allow(SYS_mremap, "realloc of large blocks"),
-        allow(
+        allow_if(
             SYS_madvise,
-            "malloc returns memory, glibc drops exited threads' stacks",
+            &[arg_eq(2, MADV_DONTNEED)],
+            "glibc returns a trimmed heap and the stacks of exited threads (MADV_DONTNEED \
+             only: nothing that changes how memory is shared, dumped or forked)",
         ),
         // Threads.
-        allow(SYS_futex, "Mutex, Condvar, thread join, tokio parking"),
+        allow(SYS_futex, "Mutex, Condvar, channels, thread join"),
         allow_if(
             SYS_clone,
             &[arg_masked_eq(0, thread_flags | ns_flags, thread_flags)],
-            "pthread_create (tokio workers, spawn_blocking); threads only: no fork, no namespaces",
+            "pthread_create; threads only: no fork, no namespaces",
         ),
         fail_with(
             SYS_clone3,
@@ -385,8 +388,11 @@ pub fn base_runtime_policy() -> SeccompPolicy {
             "std names its threads",
         ),
         allow(SYS_exit, "a thread ends"),
-        allow(SYS_sched_yield, "spin loops in std and tokio"),
-        allow(SYS_sched_getaffinity, "available_parallelism"),
+        allow(SYS_sched_yield, "spin loops in std"),
+        allow(
+            SYS_sched_getaffinity,
+            "glibc's pthread_create and available_parallelism",
+        ),
         // Signals.
         allow(
             SYS_rt_sigaction,
@@ -405,22 +411,27 @@ pub fn base_runtime_policy() -> SeccompPolicy {
             SYS_restart_syscall,
             "resumes a sleep or futex wait interrupted by SIGSTOP/SIGCONT",
         ),
-        allow(SYS_getpid, "the SIGSYS handler re-raises on this thread"),
+        allow(
+            SYS_getpid,
+            "pthread_kill and the SIGSYS handler name their own process",
+        ),
         allow(SYS_gettid, "the SIGSYS handler re-raises on this thread"),
-        allow(SYS_tgkill, "the SIGSYS handler re-raises SIGSYS; abort"),
+        allow(
+            SYS_tgkill,
+            "pthread_kill (vmm-proc kicks vCPU threads out of KVM_RUN), the SIGSYS handler, \
+             abort; a thread signals its own process",
+        ),
         // Time and randomness.
         allow(
             SYS_clock_gettime,
             "Instant and SystemTime when the vDSO is not used",
         ),
         allow(SYS_clock_nanosleep, "thread::sleep"),
-        allow(SYS_nanosleep, "thread::sleep on older glibc"),
-        allow(SYS_getrandom, "HashMap keys"),
+        allow(SYS_getrandom, "HashMap keys, seeded once per thread"),
         allow(SYS_exit_group, "the process ends"),
         // I/O on fds the process already holds.
         allow(SYS_read, "reads from held fds (IPC socket, pipes, eventfd)"),
         allow(SYS_write, "writes to held fds, logging to stderr"),
-        allow(SYS_readv, "vectored reads"),
         allow(SYS_writev, "vectored writes, logging"),
         allow(SYS_close, "drops of held fds"),
         allow(SYS_lseek, "file positions on held fds"),
@@ -434,33 +445,47 @@ pub fn base_runtime_policy() -> SeccompPolicy {
             "try_clone of held fds",
         ),
         allow(SYS_fstat, "metadata of held fds"),
-        allow(SYS_statx, "std's metadata of held fds"),
-        allow(SYS_newfstatat, "glibc's fstat (AT_EMPTY_PATH)"),
-        allow(SYS_prlimit64, "getrlimit (stack size for guard pages)"),
         allow_if(
             SYS_ioctl,
             &[arg_eq(1, FIONBIO)],
             "set_nonblocking on sockets",
         ),
         allow_if(SYS_ioctl, &[arg_eq(1, FIOCLEX)], "set FD_CLOEXEC"),
-        // Event loops.
-        allow(
-            SYS_epoll_create1,
-            "tokio/mio creates its poller at runtime start",
-        ),
-        allow(SYS_epoll_ctl, "tokio/mio registers fds"),
-        allow(SYS_epoll_wait, "tokio/mio waits for events"),
-        allow(SYS_epoll_pwait, "tokio/mio waits for events"),
-        allow(SYS_eventfd2, "tokio/mio wakers"),
-        allow(SYS_poll, "blocking waits on held fds"),
-        allow(SYS_ppoll, "blocking waits on held fds"),
+        // Event loops over held fds.
+        allow(SYS_epoll_create1, "a poller over held fds"),
+        allow(SYS_epoll_ctl, "registers held fds with the poller"),
+        allow(SYS_epoll_wait, "waits for events on held fds"),
+        allow(SYS_eventfd2, "wakers of a poller"),
         // Sockets the process was handed (creating, binding, connecting stays forbidden).
         allow(SYS_recvmsg, "IPC messages with SCM_RIGHTS"),
         allow(SYS_sendmsg, "IPC messages with SCM_RIGHTS"),
+    ])
+}
+
+/// What any Rust std/tokio process of ours needs to keep running once set up: the
+/// [`thread_runtime_policy`] plus what tokio, mio and std's socket and file I/O call. It
+/// opens nothing and creates no sockets. Build the tokio runtime before jailing (it reads
+/// cgroup files to count CPUs).
+pub fn base_runtime_policy() -> SeccompPolicy {
+    use libc::*;
+    thread_runtime_policy().union(&SeccompPolicy::new([
+        allow(
+            SYS_madvise,
+            "malloc returns memory (any advice: tokio's allocations go through glibc's \
+             tunables)",
+        ),
+        allow(SYS_nanosleep, "thread::sleep on older glibc"),
+        allow(SYS_readv, "vectored reads"),
+        allow(SYS_statx, "std's metadata of held fds"),
+        allow(SYS_newfstatat, "glibc's fstat (AT_EMPTY_PATH)"),
+        allow(SYS_prlimit64, "getrlimit (stack size for guard pages)"),
+        allow(SYS_epoll_pwait, "tokio/mio waits for events"),
+        allow(SYS_poll, "blocking waits on held fds"),
+        allow(SYS_ppoll, "blocking waits on held fds"),
         allow(SYS_recvfrom, "std's recv on held sockets"),
         allow(SYS_sendto, "std's send (MSG_NOSIGNAL) on held sockets"),
         allow(SYS_shutdown, "closing one direction of a held socket"),
-    ])
+    ]))
 }
 
 #[cfg(test)]
@@ -596,6 +621,33 @@ mod tests {
             "clone3 fails with ENOSYS, it is not allowed"
         );
         assert_eq!(base.syscall_count(), 51);
+        let threads = thread_runtime_policy();
+        assert_eq!(threads.syscall_count(), 40);
+        assert!((0..460).all(|nr| !threads.allows(nr) || base.allows(nr)));
+        for nr in [SYS_poll, SYS_recvfrom, SYS_sendto, SYS_shutdown, SYS_statx] {
+            assert!(!threads.allows(nr), "{nr}");
+        }
+        // madvise: MADV_DONTNEED only without tokio.
+        assert_eq!(
+            verdict(
+                &threads,
+                SYS_madvise,
+                [0, 4096, MADV_DONTNEED as u64, 0, 0, 0]
+            ),
+            RET_ALLOW
+        );
+        assert_eq!(
+            verdict(
+                &threads,
+                SYS_madvise,
+                [0, 4096, MADV_DONTFORK as u64, 0, 0, 0]
+            ),
+            RET_TRAP
+        );
+        assert_eq!(
+            verdict(&base, SYS_madvise, [0, 4096, MADV_DONTFORK as u64, 0, 0, 0]),
+            RET_ALLOW
+        );
     }
 
     #[test]

@@ -86,8 +86,10 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub sandbox: bool,
 
-    /// Drop to this user and group after start-up.
-    #[arg(long, value_name = "UID:GID", value_parser = parse_runas)]
+    /// Drop to this user and group after start-up (monitor, block-proc and vmm-proc; the
+    /// launcher stays root with only what starting a jailed child needs). Unix sockets and
+    /// the pidfile are removed at exit as this user.
+    #[arg(long, value_name = "UID:GID", value_parser = jail::parse_runas)]
     pub runas: Option<(u32, u32)>,
 
     /// Write the monitor's pid here once every socket is listening; removed at exit.
@@ -274,15 +276,6 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
     Ok(p)
 }
 
-fn parse_runas(s: &str) -> Result<(u32, u32), String> {
-    let (u, g) = s.split_once(':').ok_or("expected UID:GID")?;
-    let id = |x: &str| {
-        x.parse::<u32>()
-            .map_err(|_| format!("'{x}' is not a numeric id"))
-    };
-    Ok((id(u)?, id(g)?))
-}
-
 impl Cli {
     /// Checks that hold across options; each message names the option and value.
     pub fn validate(&self) -> Result<(), String> {
@@ -310,9 +303,9 @@ impl Cli {
                 "--incoming {uri}: incoming migration is not available in this build yet"
             ));
         }
-        if let Some((u, g)) = self.runas {
+        if let (Some((u, g)), false) = (self.runas, self.sandbox) {
             return Err(format!(
-                "--runas {u}:{g}: dropping privileges is not available in this build yet"
+                "--runas {u}:{g}: needs the sandbox (the user switch is part of each jail)"
             ));
         }
         Ok(())

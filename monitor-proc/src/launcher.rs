@@ -26,6 +26,24 @@ pub fn helper_dir() -> std::io::Result<PathBuf> {
     Ok(exe.parent().unwrap_or(Path::new("/")).to_path_buf())
 }
 
+/// What the launcher keeps (as uid 0, in its bounding, effective and permitted sets, so
+/// no child it execs can hold more): what starting and jailing a child needs.
+/// - `CAP_SYS_ADMIN`: new pid, mount, net, ipc, uts namespaces at clone; vmm-proc's empty
+///   root (mount, `pivot_root`);
+/// - `CAP_SETPCAP`: each child drops its bounding set;
+/// - `CAP_SETUID`, `CAP_SETGID`: each child switches to `--runas`;
+/// - `CAP_DAC_OVERRIDE`: block-proc opens the command line's images before it switches,
+///   as QEMU opens its `-drive` files before `-runas`;
+/// - `CAP_KILL`: stop children that run as another user.
+const LAUNCHER_CAPABILITIES: [u32; 6] = [
+    jail::cap::CAP_SYS_ADMIN,
+    jail::cap::CAP_SETPCAP,
+    jail::cap::CAP_SETUID,
+    jail::cap::CAP_SETGID,
+    jail::cap::CAP_DAC_OVERRIDE,
+    jail::cap::CAP_KILL,
+];
+
 struct Running {
     kind: ChildKind,
     pid: Pid,
@@ -33,19 +51,29 @@ struct Running {
 }
 
 /// Runs the launcher until the monitor says `Exit` or goes away. Never returns.
-pub fn run(chan: Channel, helpers: PathBuf, monitor: Pid, sandbox: bool) -> ! {
+pub fn run(
+    chan: Channel,
+    helpers: PathBuf,
+    monitor: Pid,
+    sandbox: bool,
+    runas: Option<(u32, u32)>,
+) -> ! {
     // Die with the monitor. Set before checking, so a monitor that died in between is seen.
     // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number has no memory effects.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if nix::unistd::getppid() != monitor {
         std::process::exit(0);
     }
-    if sandbox && let Err(e) = crate::sandbox::launcher_denylist().install("splitvmm launcher") {
-        eprintln!("splitvmm launcher: sandbox: {e}");
-        std::process::exit(1);
+    if sandbox {
+        let jailed = jail::keep_capabilities(&LAUNCHER_CAPABILITIES)
+            .and_then(|()| crate::sandbox::launcher_denylist().install("splitvmm launcher"));
+        if let Err(e) = jailed {
+            eprintln!("splitvmm launcher: sandbox: {e}");
+            std::process::exit(1);
+        }
     }
     let mut children: Vec<Running> = Vec::new();
-    let status = match serve(&chan, &helpers, &mut children) {
+    let status = match serve(&chan, &helpers, runas, &mut children) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("splitvmm launcher: {e}");
@@ -61,7 +89,12 @@ pub fn run(chan: Channel, helpers: PathBuf, monitor: Pid, sandbox: bool) -> ! {
     std::process::exit(status)
 }
 
-fn serve(chan: &Channel, helpers: &Path, children: &mut Vec<Running>) -> Result<(), IpcError> {
+fn serve(
+    chan: &Channel,
+    helpers: &Path,
+    runas: Option<(u32, u32)>,
+    children: &mut Vec<Running>,
+) -> Result<(), IpcError> {
     chan.handshake(Link::Launcher)?;
     loop {
         let (chan_ready, exited) = {
@@ -116,7 +149,7 @@ fn serve(chan: &Channel, helpers: &Path, children: &mut Vec<Running>) -> Result<
                 peer_link,
                 sandbox,
             } => {
-                let reply = match spawn(kind, peer_link, sandbox, helpers, req.fds) {
+                let reply = match spawn(kind, peer_link, sandbox, runas, helpers, req.fds) {
                     Ok(child) => {
                         let pid = child.pid.as_raw();
                         children.push(child);
@@ -161,6 +194,7 @@ fn spawn(
     kind: ChildKind,
     peer_link: bool,
     sandbox: bool,
+    runas: Option<(u32, u32)>,
     helpers: &Path,
     fds: Vec<OwnedFd>,
 ) -> Result<Running, String> {
@@ -168,6 +202,9 @@ fn spawn(
     let mut args: Vec<OsString> = vec!["--monitor-fd".into(), "3".into()];
     if peer_link {
         args.extend(["--peer-fd".into(), "4".into()]);
+    }
+    if let Some((uid, gid)) = runas {
+        args.extend(["--runas".into(), format!("{uid}:{gid}").into()]);
     }
     let namespaces = match (sandbox, kind) {
         (false, _) => Namespaces::default(),

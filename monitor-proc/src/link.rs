@@ -200,8 +200,13 @@ impl<P: Protocol> RpcClient<P> {
     }
 
     /// Keeps a part of a long reply, up to [`ipc::block::MAX_JSON_REPLY`] bytes per call;
-    /// past that the call fails (and later parts are dropped).
+    /// past that the call fails (and later parts are dropped). Parts of a call nobody waits
+    /// for are dropped at once: a hostile peer cannot make the monitor hoard them.
     fn add_part(&self, id: CallId, part: &str) {
+        if !self.pending().as_ref().is_some_and(|p| p.contains_key(&id)) {
+            tracing::warn!("{} sent part of a reply to unknown request {id}", P::PEER);
+            return;
+        }
         let mut parts = self.parts();
         let buf = parts.entry(id).or_default();
         if buf.len() + part.len() > ipc::block::MAX_JSON_REPLY {

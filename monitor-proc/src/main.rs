@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(mine);
-            launcher::run(theirs, helpers, monitor_pid, cli.sandbox)
+            launcher::run(theirs, helpers, monitor_pid, cli.sandbox, cli.runas)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(theirs);

@@ -60,7 +60,7 @@ pub fn seccomp_policy() -> SeccompPolicy {
 
 /// Enters the jail. The monitor keeps every descriptor it has (sockets, links, the
 /// runtime's): it made them all.
-pub fn enter() -> Result<(), jail::JailError> {
+pub fn enter(runas: Option<(u32, u32)>) -> Result<(), jail::JailError> {
     let keep_fds = jail::current_fds().map_err(|e| jail::JailError::Enter {
         step: "listing /proc/self/fd".into(),
         source: e,
@@ -71,6 +71,7 @@ pub fn enter() -> Result<(), jail::JailError> {
         empty_root: false,
         landlock: None,
         drop_caps: false,
+        runas,
         seccomp: seccomp_policy(),
     };
     jail::enter(&policy).map(drop)

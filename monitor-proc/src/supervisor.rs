@@ -286,14 +286,9 @@ async fn start(
     tokio::spawn(async move {
         let e = reader
             .read_loop(|(name, data)| {
-                let data = data.and_then(|d| match serde_json::from_str(&d) {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        tracing::warn!("block-proc sent event {name} with bad data: {e}");
-                        None
-                    }
-                });
-                bus.emit(&name, data);
+                if let Some(data) = block_event(&name, data.as_deref()) {
+                    bus.emit(&name, data);
+                }
             })
             .await;
         tracing::debug!("block-proc link closed: {e}");
@@ -403,7 +398,8 @@ async fn start(
         None => None,
     };
     if cli.sandbox {
-        crate::sandbox::enter().map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
+        crate::sandbox::enter(cli.runas)
+            .map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
     } else {
         eprintln!("splitvmm: WARNING: --sandbox off: no process is confined. For debugging only.");
     }
@@ -413,6 +409,31 @@ async fn start(
         cleanup.add(p.clone());
     }
     Ok((monitor, listeners))
+}
+
+/// Checks an event block-proc asks the monitor to emit; `Some(data)` to emit it. block-proc
+/// may be compromised, so it may only emit block and job events (`BLOCK_*`, `JOB_*`: never
+/// `SHUTDOWN`, `STOP` or anything a client would act on for the VM), each with a JSON object
+/// as its data, if any.
+fn block_event(name: &str, data: Option<&str>) -> Option<Option<serde_json::Value>> {
+    let well_formed = (name.starts_with("BLOCK_") || name.starts_with("JOB_"))
+        && name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+    if !well_formed {
+        tracing::warn!("block-proc sent event {name:?}, which is not a block event; dropped");
+        return None;
+    }
+    match data.map(serde_json::from_str::<serde_json::Value>) {
+        None => Some(None),
+        Some(Ok(v)) if v.is_object() => Some(Some(v)),
+        Some(Ok(_)) => {
+            tracing::warn!("block-proc sent event {name} with data that is no object; dropped");
+            None
+        }
+        Some(Err(e)) => {
+            tracing::warn!("block-proc sent event {name} with bad data ({e}); dropped");
+            None
+        }
+    }
 }
 
 /// Turns what vmm-proc reports into QMP events and state.
@@ -530,6 +551,27 @@ async fn reap(launcher: &mut Launcher, children: &mut Children) {
                 killed = true;
             }
             Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_proc_may_emit_only_block_and_job_events_with_object_data() {
+        let data = r#"{"device": "d"}"#;
+        assert_eq!(
+            block_event("BLOCK_JOB_READY", Some(data)),
+            Some(Some(json!({"device": "d"})))
+        );
+        assert_eq!(block_event("JOB_STATUS_CHANGE", None), Some(None));
+        for name in ["SHUTDOWN", "STOP", "RESUME", "BLOCK_job", "BLOCK_\n", ""] {
+            assert_eq!(block_event(name, Some(data)), None, "{name:?}");
+        }
+        for bad in ["{not json", "[1, 2]", "\"text\"", "7"] {
+            assert_eq!(block_event("BLOCK_JOB_READY", Some(bad)), None, "{bad}");
         }
     }
 }

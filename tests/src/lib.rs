@@ -145,10 +145,17 @@ impl Splitvmm {
 
     /// Like [`start`](Self::start), in a given directory (to put images there first).
     pub fn start_in(dir: TempDir, args: &[&str]) -> Self {
+        Self::start_in_env(dir, args, &[])
+    }
+
+    /// Like [`start_in`](Self::start_in), with extra environment variables (e.g.
+    /// `SPLITVMM_HELPER_DIR` to put a test program in a child's slot).
+    pub fn start_in_env(dir: TempDir, args: &[&str], env: &[(&str, &Path)]) -> Self {
         let qmp = dir.join("qmp.sock");
         let pidfile = dir.join("splitvmm.pid");
         let stderr = dir.join("stderr.log");
         let child = Command::new(bin_dir().join("splitvmm"))
+            .envs(env.iter().copied())
             .args(args)
             .arg("--qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))

@@ -75,7 +75,7 @@ const MAX_QUEUES: usize = 16;
 
 /// Sets up from the monitor's first request, enters the jail, then runs the VM and serves
 /// the monitor until `Shutdown` or until it goes away.
-pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
+pub fn run(monitor_fd: RawFd, peer_fd: RawFd, runas: Option<(u32, u32)>) -> Result<(), Error> {
     let monitor = Channel::from_inherited(monitor_fd).ok_or(Error::BadFd(monitor_fd))?;
     let block = Channel::from_inherited(peer_fd).ok_or(Error::BadFd(peer_fd))?;
     monitor.handshake(Link::MonitorVmm)?;
@@ -94,7 +94,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
             // Everything open now is ours and still needed (the launcher handed over only
             // what vmm-proc uses; set-up added the VM's descriptors).
             let keep = jail::current_fds().map_err(|e| format!("listing descriptors: {e}"))?;
-            sandbox::enter(&keep).map_err(|e| format!("vmm-proc sandbox: {e}"))?;
+            sandbox::enter(&keep, runas).map_err(|e| format!("vmm-proc sandbox: {e}"))?;
         }
         Ok(b)
     });

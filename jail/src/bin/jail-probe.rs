@@ -50,6 +50,7 @@ fn policy(extra: Vec<Rule>) -> Policy {
         empty_root: false,
         landlock: None,
         drop_caps: false,
+        runas: None,
         seccomp: base_runtime_policy().union(&SeccompPolicy::new(extra)),
     }
 }
@@ -66,6 +67,7 @@ fn socket() -> Result {
 fn idle() -> Result {
     let _ = jail::enter(&Policy {
         drop_caps: geteuid().is_root(),
+        runas: None,
         ..policy(Vec::new())
     })?;
     thread::spawn(|| ()).join().map_err(|_| "thread panicked")?;
@@ -120,6 +122,7 @@ fn ns_report() -> Result {
     let _ = jail::enter(&Policy {
         empty_root: true,
         drop_caps: true,
+        runas: None,
         ..policy(vec![
             allow(libc::SYS_openat, "list /"),
             allow(libc::SYS_getdents64, "list /"),

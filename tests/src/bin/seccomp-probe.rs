@@ -3,9 +3,20 @@
 //! syscall number.
 //!
 //! Usage: seccomp-probe vmm-proc|block-proc|splitvmm|launcher
+//!
+//! `seccomp-probe vmm-proc-open SYSCALL` runs as vmm-proc does, started by the test in
+//! vmm-proc's namespaces with a read-only descriptor at fd 3 (as the kernel file arrives):
+//! it enters vmm-proc's real jail (`vmm_proc::sandbox::enter`: empty root, no capabilities,
+//! the filter), prints what each way of opening a file gave (`openat /etc/passwd: EACCES`),
+//! then makes SYSCALL (`open`, `openat2`, `open_by_handle_at`, `creat`), which must kill it.
+
+use std::ffi::CString;
 
 fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
+    if which == "vmm-proc-open" {
+        open_as_vmm_proc(&std::env::args().nth(2).unwrap_or_default());
+    }
     let installed = match which.as_str() {
         "launcher" => monitor_proc::sandbox::launcher_denylist().install("launcher"),
         name => {
@@ -24,6 +35,7 @@ fn main() {
                 empty_root: false,
                 landlock: None,
                 drop_caps: false,
+                runas: None,
                 seccomp,
             };
             jail::enter(&policy).map(drop)
@@ -44,5 +56,71 @@ fn main() {
         )
     };
     eprintln!("seccomp-probe: ptrace returned {r}: the filter let it through");
+    std::process::exit(3);
+}
+
+/// What `openat(AT_FDCWD, path, flags)` gave: the fd's number or the errno's name.
+fn try_openat(path: &str, flags: i32) -> String {
+    let c = CString::new(path).expect("no NUL in a literal path");
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let fd = unsafe { libc::openat(libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd >= 0 {
+        return format!("opened fd {fd}");
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    match errno {
+        libc::EACCES => "EACCES".into(),
+        libc::ENOENT => "ENOENT".into(),
+        e => format!("errno {e}"),
+    }
+}
+
+fn open_as_vmm_proc(last: &str) -> ! {
+    if let Err(e) = vmm_proc::sandbox::enter(&[3], None) {
+        eprintln!("seccomp-probe: cannot enter vmm-proc's jail: {e}");
+        std::process::exit(2);
+    }
+    for (path, flags) in [
+        ("/etc/passwd", libc::O_RDONLY),
+        ("/proc/self/fd/3", libc::O_RDWR),
+        ("/proc/self/fd/3", libc::O_RDONLY),
+        ("/proc/1/root/etc/passwd", libc::O_RDONLY),
+    ] {
+        println!("openat {path} {flags:#o}: {}", try_openat(path, flags));
+    }
+    // The held descriptor stays what it was: read-only.
+    // SAFETY: writing one byte from a valid buffer to fd 3, which the test passed.
+    let w = unsafe { libc::write(3, b"x".as_ptr().cast(), 1) };
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    println!("write to fd 3: {w} errno {errno}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let path = c"/etc/passwd";
+    // SAFETY: raw syscalls with a valid path and null or zero other arguments; each must be
+    // trapped by the filter before the kernel reads anything.
+    let r = unsafe {
+        match last {
+            "open" => libc::syscall(libc::SYS_open, path.as_ptr(), libc::O_RDONLY),
+            "creat" => libc::syscall(libc::SYS_creat, path.as_ptr(), 0o600),
+            "openat2" => libc::syscall(
+                libc::SYS_openat2,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                std::ptr::null::<u8>(),
+                0,
+            ),
+            "open_by_handle_at" => libc::syscall(
+                libc::SYS_open_by_handle_at,
+                3,
+                std::ptr::null::<u8>(),
+                libc::O_RDONLY,
+            ),
+            other => {
+                eprintln!("seccomp-probe: unknown syscall {other:?}");
+                std::process::exit(2);
+            }
+        }
+    };
+    eprintln!("seccomp-probe: {last} returned {r}: the filter let it through");
     std::process::exit(3);
 }
