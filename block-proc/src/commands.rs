@@ -211,7 +211,8 @@ impl State {
             "block_resize" => self.block_resize(args(command, arguments)?).await?,
             "blockdev-add" => self.blockdev_add(arguments, fds).await?,
             "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,
-            "drive-mirror" => self.drive_mirror(args(command, arguments)?).await?,
+            "drive-mirror" => self.drive_mirror(args(command, arguments)?, fds).await?,
+            "blockdev-mirror" => self.blockdev_mirror(args(command, arguments)?).await?,
             c if crate::jobs::COMMANDS.contains(&c) => self.jobs.execute(command, arguments)?,
             _ => {
                 return Err(QmpError::command_not_found(format!(

@@ -553,12 +553,18 @@ impl BlockDevice for BlockNode {
     async fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let r = self.write_inner(buf, offset, fua).await;
         self.dirty.mark(offset, buf.len() as u64);
+        if r.is_ok() {
+            self.dirty.write_through(buf, offset).await;
+        }
         r
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> io::Result<()> {
         let r = self.zeroes_inner(offset, length, may_unmap).await;
         self.dirty.mark(offset, length);
+        if r.is_ok() {
+            self.dirty.zeroes_through(offset, length, may_unmap).await;
+        }
         r
     }
 
