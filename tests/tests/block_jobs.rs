@@ -616,3 +616,100 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
     run(Command::new("qemu-img").args(["check", "-q", &target]));
     assert!(Path::new(&target).exists());
 }
+
+/// iotests 094: `drive-mirror` to an NBD export (`format: nbd`, `mode: existing`,
+/// `sync: full`), READY, complete; the drive now uses the export, the events come in
+/// 094.out's order. `target` is the NBD name the mirror is given, `uri` the name QEMU
+/// shows for the node.
+fn mirror_to_nbd(c: &mut Client, target: &str, uri: &str) {
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "format": "nbd", "sync": "full",
+               "mode": "existing"}),
+    );
+    assert_eq!(c.sequence()[..2], ["created", "running"]);
+    let ready = c.wait("BLOCK_JOB_READY");
+    // What sync=full copies: the data allocated anywhere in the chain (64 KiB in the
+    // backing file, 64 KiB in the top image); the export is zeroed first, uncounted.
+    let size = 128 << 10;
+    assert_eq!(
+        ready["data"],
+        json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
+    );
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert_eq!(
+        done["data"],
+        json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
+    );
+    while c.sequence().last().map(String::as_str) != Some("null") {
+        c.wait("JOB_STATUS_CHANGE");
+    }
+    assert_eq!(
+        c.sequence(),
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["file"], uri, "{b}");
+    assert_eq!(b[0]["inserted"]["drv"], "nbd", "{b}");
+}
+
+#[test]
+fn mirror_to_an_nbd_export_of_qemu_nbd_as_iotests_094() {
+    let dir = TempDir::new("mirror-094");
+    let (_, top) = source_images(&dir);
+    let image = dir.join("export.raw");
+    qemu_img_create("raw", &image, "1M");
+    let sock = dir.join("nbd.sock");
+    let server = tests::qemu_nbd(&image, "raw", "exp", &sock, false);
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    let uri = format!("nbd+unix:///exp?socket={}", sock.display());
+    mirror_to_nbd(&mut c, &uri, &uri);
+    quit(&mut vm, c);
+    drop(server);
+    assert!(compare(&top, "qcow2", &image.display().to_string(), "raw"));
+}
+
+/// The same, to a writable export of another splitvmm (its `nbd-server-add`), named in
+/// the legacy `nbd:unix:PATH:exportname=X` form.
+#[test]
+fn mirror_to_an_nbd_export_of_another_splitvmm() {
+    let dir = TempDir::new("mirror-094-splitvmm");
+    let (_, top) = source_images(&dir);
+    let image = dir.join("export.raw").display().to_string();
+    qemu_img_create("raw", Path::new(&image), "1M");
+    let sock = dir.join("nbd.sock").display().to_string();
+    let d = dir.path().display().to_string();
+    let mut server = Splitvmm::start(&[
+        "--drive",
+        &format!("id=t0,file={image},format=raw"),
+        "--image-dir",
+        &d,
+    ]);
+    let mut s = Client::new(&server);
+    s.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    s.ok(
+        "nbd-server-add",
+        json!({"device": "t0", "name": "t", "writable": true}),
+    );
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    let target = format!("nbd:unix:{sock}:exportname=t");
+    let uri = format!("nbd+unix:///t?socket={sock}");
+    mirror_to_nbd(&mut c, &target, &uri);
+    quit(&mut vm, c);
+    quit(&mut server, s);
+    assert!(compare(&top, "qcow2", &image, "raw"));
+}
