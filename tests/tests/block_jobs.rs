@@ -713,3 +713,74 @@ fn mirror_to_an_nbd_export_of_another_splitvmm() {
     quit(&mut server, s);
     assert!(compare(&top, "qcow2", &image, "raw"));
 }
+
+/// `copy-mode`: in the background mode a write to the source reaches the target only
+/// through the (here throttled) copy; after `block-job-change` to write-blocking, a write
+/// is on the target by the time it completes, and the job reports `actively-synced`
+/// once in sync. Writes come from an NBD client of the source drive's export. The way
+/// back is refused as QEMU refuses it.
+#[test]
+fn mirror_write_blocking_after_block_job_change() {
+    let dir = TempDir::new("mirror-write-blocking");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.raw").display().to_string();
+    let sock = dir.join("nbd.sock").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    c.ok("nbd-server-add", json!({"device": "drive0", "writable": true}));
+    let uri = format!("nbd+unix:///drive0?socket={sock}");
+    // speed 1: the copy stalls after its first run, at the start of the image.
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "format": "raw",
+               "speed": 1}),
+    );
+    let at = |off: usize| -> Vec<u8> {
+        let bytes = std::fs::read(&target).expect("read the target");
+        bytes[off..off + (64 << 10)].to_vec()
+    };
+    tests::qemu_io("raw", &uri, &["write -P 0x77 768k 64k"]);
+    assert_ne!(at(768 << 10), vec![0x77; 64 << 10]);
+    assert_eq!(c.job()["actively-synced"], false);
+    // To the mode it is in: nothing to do.
+    c.ok(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "background"}),
+    );
+    c.ok(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "write-blocking"}),
+    );
+    // Already write-blocking: no change, no error.
+    c.ok(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "write-blocking"}),
+    );
+    tests::qemu_io("raw", &uri, &["write -P 0x66 896k 64k"]);
+    assert_eq!(at(896 << 10), vec![0x66; 64 << 10]);
+    let (class, desc) = c.err(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "background"}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(desc, "Change to copy mode 'background' is not implemented");
+    c.ok("block-job-set-speed", json!({"device": "drive0", "speed": 0}));
+    c.wait("BLOCK_JOB_READY");
+    let mut synced = c.job()["actively-synced"].clone();
+    for _ in 0..200 {
+        if synced == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        synced = c.job()["actively-synced"].clone();
+    }
+    assert_eq!(synced, true);
+    c.ok("block-job-cancel", json!({"device": "drive0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    quit(&mut vm, c);
+    assert!(compare(&top, "qcow2", &target, "raw"));
+}
