@@ -559,21 +559,16 @@ fn job_verbs_in_every_state() {
     quit(&mut vm, c);
 }
 
-/// The workload guest writes and verifies all along a mirror, READY and the pivot: it
-/// passes, on the target, and the target is a sound qcow2 image.
-#[test]
-fn guest_keeps_writing_through_mirror_and_pivot() {
-    if !kvm_or_skip("guest_keeps_writing_through_mirror_and_pivot") {
-        return;
-    }
-    let dir = TempDir::new("mirror-guest");
+/// The workload guest (write-verify-loop for 6 s) on a 16 MiB qcow2 disk, once it has
+/// begun writing; the path of its disk and of a mirror target beside it.
+fn workload_vm(dir: TempDir) -> (Splitvmm, Client, String, String) {
     let img = dir.join("disk0.qcow2");
     qemu_img_create("qcow2", &img, "16M");
     let target = dir.join("target.qcow2").display().to_string();
     let serial = format!("file:{}", dir.join("serial.log").display());
     let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={},format=qcow2", img.display());
-    let mut vm = Splitvmm::start_in(
+    let vm = Splitvmm::start_in(
         dir,
         &[
             "--kernel",
@@ -590,20 +585,22 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
             &drive,
         ],
     );
-    let mut c = Client::new(&vm);
+    let c = Client::new(&vm);
     let log = vm.dir.join("serial.log");
-    tests::wait_for_text(&log, Duration::from_secs(60), |t| {
-        t.contains("write-verify-loop: 1.")
+    // Its first progress line (about 1 s in, later on a loaded machine).
+    let serial = tests::wait_for_text(&log, Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: ")
     });
-    c.ok(
-        "drive-mirror",
-        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    assert!(
+        !serial.contains("workload: PASS") && !serial.contains("workload: FAIL"),
+        "the run ended early: {serial}"
     );
-    c.wait("BLOCK_JOB_READY");
-    c.ok("block-job-complete", json!({"device": "disk0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
-    assert!(done["data"].get("error").is_none(), "{done}");
-    assert_eq!(inserted_file(&mut c), target);
+    (vm, c, img.display().to_string(), target)
+}
+
+/// The guest's run ends: it shut itself down, splitvmm exits 0, the guest says PASS.
+/// (The directory stays until `vm` is dropped.)
+fn workload_passes(vm: &mut Splitvmm, mut c: Client) {
     let ev = c.wait("SHUTDOWN");
     assert_eq!(
         ev["data"],
@@ -613,8 +610,70 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
     let serial = std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default();
     assert_eq!(code, Some(0), "{serial}");
     assert!(serial.contains("workload: PASS"), "{serial}");
+}
+
+/// The workload guest writes and verifies all along a mirror, READY and the pivot: it
+/// passes, on the target, and the target is a sound qcow2 image.
+#[test]
+fn guest_keeps_writing_through_mirror_and_pivot() {
+    if !kvm_or_skip("guest_keeps_writing_through_mirror_and_pivot") {
+        return;
+    }
+    let (mut vm, mut c, _, target) = workload_vm(TempDir::new("mirror-guest"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "disk0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(inserted_file(&mut c), target);
+    workload_passes(&mut vm, c);
     run(Command::new("qemu-img").args(["check", "-q", &target]));
-    assert!(Path::new(&target).exists());
+}
+
+/// A soft cancel after READY while the workload guest writes: BLOCK_JOB_COMPLETED with
+/// offset == len, the drive stays on the source, and the target is a point-in-time copy:
+/// with the guest stopped (its I/O drained) at the cancel, the target equals what the
+/// drive reads (through an NBD export of it). The guest then goes on and passes.
+#[test]
+fn guest_keeps_writing_through_mirror_soft_cancel() {
+    if !kvm_or_skip("guest_keeps_writing_through_mirror_soft_cancel") {
+        return;
+    }
+    let (mut vm, mut c, img, target) = workload_vm(TempDir::new("mirror-guest-cancel"));
+    let sock = vm.dir.join("nbd.sock").display().to_string();
+    c.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("stop", json!({}));
+    c.ok("block-job-cancel", json!({"device": "disk0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    assert_eq!(inserted_file(&mut c), img);
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    c.ok("nbd-server-add", json!({"device": "disk0"}));
+    let uri = format!("nbd+unix:///disk0?socket={sock}");
+    let same = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "qcow2", &uri, &target])
+        .status()
+        .expect("qemu-img compare");
+    assert!(
+        same.success(),
+        "the target is not the source as of the cancel"
+    );
+    c.ok("nbd-server-stop", json!({}));
+    c.ok("cont", json!({}));
+    workload_passes(&mut vm, c);
+    run(Command::new("qemu-img").args(["check", "-q", &target]));
+    run(Command::new("qemu-img").args(["check", "-q", &img]));
 }
 
 /// iotests 094: `drive-mirror` to an NBD export (`format: nbd`, `mode: existing`,
@@ -730,7 +789,10 @@ fn mirror_write_blocking_after_block_job_change() {
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": sock}}}),
     );
-    c.ok("nbd-server-add", json!({"device": "drive0", "writable": true}));
+    c.ok(
+        "nbd-server-add",
+        json!({"device": "drive0", "writable": true}),
+    );
     let uri = format!("nbd+unix:///drive0?socket={sock}");
     // speed 1: the copy stalls after its first run, at the start of the image.
     c.ok(
@@ -767,7 +829,10 @@ fn mirror_write_blocking_after_block_job_change() {
     );
     assert_eq!(class, "GenericError");
     assert_eq!(desc, "Change to copy mode 'background' is not implemented");
-    c.ok("block-job-set-speed", json!({"device": "drive0", "speed": 0}));
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 0}),
+    );
     c.wait("BLOCK_JOB_READY");
     let mut synced = c.job()["actively-synced"].clone();
     for _ in 0..200 {

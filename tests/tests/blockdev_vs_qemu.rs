@@ -647,12 +647,19 @@ fn mirror_targets_and_errors_match_qemu() {
         script.push(mirror(&target, true, format));
         script.push(cancel.clone());
     }
-    script.push(mirror(&format!("nbd+unix:///exp?socket={qn}"), false, Some("raw")));
+    script.push(mirror(
+        &format!("nbd+unix:///exp?socket={qn}"),
+        false,
+        Some("raw"),
+    ));
     script.push(cancel.clone());
     let bm = |extra: Value| -> Step {
         (
             "blockdev-mirror",
-            with(json!({"device": "src", "target": "tgt", "sync": "full"}), extra),
+            with(
+                json!({"device": "src", "target": "tgt", "sync": "full"}),
+                extra,
+            ),
         )
     };
     script.extend([
