@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 
 def say(msg: str) -> None:
@@ -38,13 +38,14 @@ async def main(demo: str) -> int:
     wait_for(os.path.join(demo, "serial.log"), "write-verify-loop: ", 120)
     qmp = QMPClient("mirror-demo")
     await qmp.connect(os.path.join(demo, "qmp.sock"))
-    async with qmp.listen() as events:
+    listener = EventListener()
+    with qmp.listen(listener):
         say(f"drive-mirror disk0 -> {target} (sync=full) while the guest writes")
         await qmp.execute(
             "drive-mirror",
             {"device": "disk0", "target": target, "sync": "full", "format": "qcow2"},
         )
-        async for ev in events:
+        async for ev in listener:
             name, data = ev["event"], ev.get("data", {})
             if name == "BLOCK_JOB_READY":
                 say(f"BLOCK_JOB_READY after {data['offset']} bytes; block-job-complete")
