@@ -849,3 +849,53 @@ fn mirror_write_blocking_after_block_job_change() {
     quit(&mut vm, c);
     assert!(compare(&top, "qcow2", &target, "raw"));
 }
+
+/// `blockdev-mirror` between two `blockdev-add` nodes, the source exported over NBD: at
+/// completion the export moves to the target, as qemu-storage-daemon 10.0.2 moves it
+/// (`query-block-exports` then names the target; writes through the export land in it;
+/// the source, used by nothing, can be deleted).
+#[test]
+fn blockdev_mirror_moves_the_source_exports_at_completion() {
+    let dir = TempDir::new("blockdev-mirror-export");
+    let (src, tgt) = (dir.join("a.qcow2"), dir.join("b.qcow2"));
+    qemu_img_create("qcow2", &src, "4M");
+    qemu_img_create("qcow2", &tgt, "4M");
+    let src = src.display().to_string();
+    let tgt = tgt.display().to_string();
+    qemu_io("qcow2", &src, &["write -P 0x44 0 1M"]);
+    let sock = dir.join("nbd.sock").display().to_string();
+    let d = dir.path().display().to_string();
+    let mut vm = Splitvmm::start_in(dir, &["--image-dir", &d]);
+    let mut c = Client::new(&vm);
+    for (name, file) in [("src", &src), ("tgt", &tgt)] {
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": name,
+                   "file": {"driver": "file", "filename": file}}),
+        );
+    }
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    c.ok("nbd-server-add", json!({"device": "src", "writable": true}));
+    c.ok(
+        "blockdev-mirror",
+        json!({"device": "src", "target": "tgt", "sync": "full", "job-id": "j"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "j"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(
+        c.ok("query-block-exports", json!({})),
+        json!([{"id": "src", "type": "nbd", "node-name": "tgt", "shutting-down": false}])
+    );
+    let uri = format!("nbd+unix:///src?socket={sock}");
+    qemu_io("raw", &uri, &["write -P 0x55 2M 64k"]);
+    c.ok("blockdev-del", json!({"node-name": "src"}));
+    c.ok("nbd-server-stop", json!({}));
+    quit(&mut vm, c);
+    qemu_io("qcow2", &tgt, &["read -P 0x44 0 1M", "read -P 0x55 2M 64k"]);
+    qemu_io("qcow2", &src, &["read -P 0 2M 64k"]);
+}

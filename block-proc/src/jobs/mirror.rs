@@ -2,9 +2,10 @@
 //! copying what is written to the source meanwhile (a [`DirtyBitmap`] on the source node,
 //! fed by every write that reaches it), reports READY once both are in sync, and then
 //!
-//! - `block-job-complete`: quiesces the drive's requests, copies what is still dirty,
-//!   flushes the target and switches the drive to the target (the pivot); the guest goes
-//!   on with the target and no write is lost, since none is in flight at that moment;
+//! - `block-job-complete`: quiesces the drive's requests (and the source's exports'),
+//!   copies what is still dirty, flushes the target and switches the drive and the
+//!   exports to the target (the pivot); the guest goes on with the target and no write is
+//!   lost, since none is in flight at that moment;
 //! - soft cancel after READY: the same final copy, no pivot: the target is a
 //!   point-in-time copy, and the job ends with BLOCK_JOB_COMPLETED;
 //! - force cancel (or any cancel before READY): the job ends with BLOCK_JOB_CANCELLED.
@@ -30,7 +31,7 @@ use crate::block::{Backing, Node, OpenOptions};
 use crate::commands::State;
 use crate::device::BlockDevice;
 use crate::drives::{Backend, Quiesced};
-use crate::graph::BlockNode;
+use crate::graph::{Attached, BlockNode, UserQuiesced};
 use crate::jobs::{ErrorAction, Job};
 
 /// `DEFAULT_MIRROR_BUF_SIZE`.
@@ -141,6 +142,8 @@ struct Inner {
     should_complete: bool,
     /// The drive's requests wait from the final copy until the pivot (or its absence).
     quiesced: Option<Quiesced>,
+    /// So do those of the source's other users (exports), which the pivot moves too.
+    users: Vec<(Arc<Attached>, UserQuiesced)>,
     pivoted: bool,
 }
 
@@ -324,20 +327,28 @@ impl Mirror {
             }
             let complete = lock(&self.inner).should_complete;
             if complete || job.cancel_requested() {
-                // The final copy: no request to the drive in flight, none starting.
+                // The final copy: no request to the drive or to another user of the
+                // source (an export) in flight, none starting.
                 let quiesced = match &self.backend {
                     Some(b) => Some(b.quiesce().await),
                     None => None,
                 };
+                let mut users = Vec::new();
+                for user in self.source.users() {
+                    let held = user.quiesce().await;
+                    users.push((user, held));
+                }
                 if self.bitmap.dirty_bytes() > 0 {
                     continue;
                 }
                 if let Err(e) = self.target.flush().await {
-                    drop(quiesced);
+                    drop((quiesced, users));
                     self.failed(&job, 0, 0, false, e)?;
                     continue;
                 }
-                lock(&self.inner).quiesced = quiesced;
+                let mut inner = lock(&self.inner);
+                inner.quiesced = quiesced;
+                inner.users = users;
                 return Ok(());
             }
             job.sleep(SLICE).await;
@@ -357,6 +368,16 @@ impl JobDriver for Mirror {
             if let (Some(backend), Some(q)) = (&self.backend, &inner.quiesced) {
                 backend.replace(self.target.clone(), q);
             }
+            // Exports follow, as every parent of QEMU's source does.
+            for (user, q) in &inner.users {
+                if let Err(e) = user.replace(&self.target, q) {
+                    tracing::warn!(
+                        "mirror: an export of {} stays there: {}",
+                        self.source.name(),
+                        e.desc
+                    );
+                }
+            }
             inner.pivoted = true;
         }
         Ok(())
@@ -368,6 +389,7 @@ impl JobDriver for Mirror {
         let pivoted = {
             let mut inner = lock(&self.inner);
             inner.quiesced = None;
+            inner.users.clear();
             inner.pivoted
         };
         (self.finish)(pivoted);
