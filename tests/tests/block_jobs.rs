@@ -679,11 +679,11 @@ fn guest_keeps_writing_through_mirror_soft_cancel() {
 /// iotests 094: `drive-mirror` to an NBD export (`format: nbd`, `mode: existing`,
 /// `sync: full`), READY, complete; the drive now uses the export, the events come in
 /// 094.out's order. `target` is the NBD name the mirror is given, `uri` the name QEMU
-/// shows for the node.
-fn mirror_to_nbd(c: &mut Client, target: &str, uri: &str) {
+/// shows for the node, `format` `nbd` (094's) or `raw`.
+fn mirror_to_nbd(c: &mut Client, target: &str, format: &str, uri: &str) {
     c.ok(
         "drive-mirror",
-        json!({"device": "drive0", "target": target, "format": "nbd", "sync": "full",
+        json!({"device": "drive0", "target": target, "format": format, "sync": "full",
                "mode": "existing"}),
     );
     assert_eq!(c.sequence()[..2], ["created", "running"]);
@@ -720,7 +720,8 @@ fn mirror_to_nbd(c: &mut Client, target: &str, uri: &str) {
     );
     let b = c.ok("query-block", json!({}));
     assert_eq!(b[0]["inserted"]["file"], uri, "{b}");
-    assert_eq!(b[0]["inserted"]["drv"], "nbd", "{b}");
+    // `format: raw` is a raw node over the NBD node, as QEMU opens it.
+    assert_eq!(b[0]["inserted"]["drv"], format, "{b}");
 }
 
 #[test]
@@ -733,14 +734,14 @@ fn mirror_to_an_nbd_export_of_qemu_nbd_as_iotests_094() {
     let server = tests::qemu_nbd(&image, "raw", "exp", &sock, false);
     let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
     let uri = format!("nbd+unix:///exp?socket={}", sock.display());
-    mirror_to_nbd(&mut c, &uri, &uri);
+    mirror_to_nbd(&mut c, &uri, "nbd", &uri);
     quit(&mut vm, c);
     drop(server);
     assert!(compare(&top, "qcow2", &image.display().to_string(), "raw"));
 }
 
 /// The same, to a writable export of another splitvmm (its `nbd-server-add`), named in
-/// the legacy `nbd:unix:PATH:exportname=X` form.
+/// the legacy `nbd:unix:PATH:exportname=X` form, with `format: raw`.
 #[test]
 fn mirror_to_an_nbd_export_of_another_splitvmm() {
     let dir = TempDir::new("mirror-094-splitvmm");
@@ -767,7 +768,7 @@ fn mirror_to_an_nbd_export_of_another_splitvmm() {
     let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
     let target = format!("nbd:unix:{sock}:exportname=t");
     let uri = format!("nbd+unix:///t?socket={sock}");
-    mirror_to_nbd(&mut c, &target, &uri);
+    mirror_to_nbd(&mut c, &target, "raw", &uri);
     quit(&mut vm, c);
     quit(&mut server, s);
     assert!(compare(&top, "qcow2", &image, "raw"));

@@ -771,6 +771,31 @@ impl<'a> Adder<'a> {
     }
 }
 
+/// A `raw` node over all of `child`, as QEMU opens a protocol node given `format: raw`
+/// (drive-mirror's NBD targets).
+pub fn raw_node(
+    name: String,
+    child: &Arc<BlockNode>,
+    options: NodeOptions,
+) -> Result<Arc<BlockNode>, QmpError> {
+    // A raw node passes its users' claims on: with none yet, it takes nothing.
+    let claim = Claim::new(child, User::Node(name.clone()), Role::File, LockMode::NONE)?;
+    let desc = json!({"driver": "raw", "file": child.desc().clone()});
+    Ok(BlockNode::new(
+        name,
+        Driver::Raw,
+        Kind::Raw {
+            file: claim,
+            offset: 0,
+            size: None,
+        },
+        child.is_read_only(),
+        options,
+        child.filename().to_string(),
+        desc,
+    ))
+}
+
 /// An `nbd` node over a socket the monitor connected to `server` (a flat QAPI
 /// `SocketAddress`): runs the handshake for `export`. `(read_only, auto_read_only)`: how
 /// the node asks to be opened; a read-only export becomes a read-only node only with

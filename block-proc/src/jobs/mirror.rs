@@ -465,8 +465,9 @@ struct Start {
     device: Option<String>,
     blocked: String,
     target: Arc<BlockNode>,
-    /// The job made the target (drive-mirror): it leaves the graph unless pivoted to.
-    own_target: bool,
+    /// The nodes the command made (drive-mirror: the target and an NBD target's protocol
+    /// node), newest last: they leave the graph (closed) unless the job pivots to them.
+    own: Vec<String>,
     sync: SyncMode,
     zero_target: bool,
     granularity: Option<u64>,
@@ -549,6 +550,8 @@ impl State {
                 )));
             }
         }
+        // The nodes this command makes, besides the target (an NBD target's protocol node).
+        let mut own: Vec<String> = Vec::new();
         let (target, zero_target) = match parsed.map_err(QmpError::generic)? {
             Target::File(path) => {
                 let image = self
@@ -576,23 +579,62 @@ impl State {
                 let fd = fds.into_iter().next().ok_or_else(|| {
                     QmpError::generic("drive-mirror: the monitor sent no NBD connection")
                 })?;
+                // `format: nbd` is the protocol node itself; `raw` (or probed) a raw
+                // node over it, named as the target, the protocol node named by splitvmm.
+                let bare = a.format.as_deref() == Some("nbd");
                 let name = self.target_name(a.node_name.clone());
-                let node = crate::graph::open::nbd_node(
+                let child_name = if bare {
+                    name.clone()
+                } else {
+                    self.target_name(None)
+                };
+                let forget = |names: &[String]| {
+                    self.graph().remove_all(names);
+                };
+                let nbd_node = match crate::graph::open::nbd_node(
                     fd,
                     &t.server,
                     t.export.as_deref(),
-                    name,
+                    child_name.clone(),
                     (false, false),
                     crate::graph::NodeOptions::DRIVE,
                 )
                 .await
-                .map_err(|e| nbd_open_error(existing, &e.desc))?;
-                if existing && a.format.is_none() && probe_qcow2(&node).await {
-                    node.close().await;
+                {
+                    Ok(n) => n,
+                    Err(e) => {
+                        forget(&[name.clone(), child_name.clone()]);
+                        return Err(nbd_open_error(existing, &e.desc));
+                    }
+                };
+                if existing && a.format.is_none() && probe_qcow2(&nbd_node).await {
+                    nbd_node.close().await;
+                    forget(&[name.clone(), child_name.clone()]);
                     return Err(QmpError::generic(
                         "splitvmm reads no qcow2 image over NBD: the export holds one",
                     ));
                 }
+                let node = if bare {
+                    nbd_node
+                } else {
+                    self.graph().insert(nbd_node.clone(), false);
+                    own.push(child_name);
+                    let raw = crate::graph::open::raw_node(
+                        name.clone(),
+                        &nbd_node,
+                        crate::graph::NodeOptions::DRIVE,
+                    );
+                    match raw {
+                        Ok(r) => r,
+                        Err(e) => {
+                            forget(&[name.clone()]);
+                            for n in self.graph().remove_all(&own) {
+                                n.close().await;
+                            }
+                            return Err(e);
+                        }
+                    }
+                };
                 // An export does not read as zeroes to begin with.
                 (node, sync == SyncMode::Full)
             }
@@ -603,8 +645,11 @@ impl State {
             source,
             device,
             blocked,
+            own: {
+                own.push(target.name().to_string());
+                own
+            },
             target,
-            own_target: true,
             sync,
             zero_target,
             granularity: a.granularity,
@@ -653,7 +698,7 @@ impl State {
             device,
             blocked,
             target,
-            own_target: false,
+            own: Vec::new(),
             sync,
             zero_target: sync == SyncMode::Full,
             granularity: a.granularity,
@@ -724,10 +769,8 @@ impl State {
     /// `blockdev_mirror_common`'s checks, then the job.
     async fn start_mirror(&self, s: Start) -> Result<Value, QmpError> {
         let result = self.start_mirror_inner(&s);
-        if result.is_err() && s.own_target {
-            let gone = self
-                .graph()
-                .remove_all(std::slice::from_ref(&s.target.name().to_string()));
+        if result.is_err() {
+            let gone = self.graph().remove_all(&s.own);
             for n in gone {
                 n.close().await;
             }
@@ -797,19 +840,22 @@ impl State {
         };
         let graph = self.graph_handle();
         let finish = {
-            let (device, target, own) = (s.device.clone(), s.target.clone(), s.own_target);
+            let (device, target, own) = (s.device.clone(), s.target.clone(), s.own.clone());
             move |pivoted: bool| {
-                let gone = match (&graph.upgrade(), pivoted, &device) {
-                    (Some(g), true, Some(d)) => {
-                        crate::commands::lock_graph(g).replace_device(d, &target)
-                    }
-                    (Some(g), false, _) if own => crate::commands::lock_graph(g)
-                        .remove_all(&[target.name().to_string()])
-                        .pop(),
-                    _ => None,
+                let gone: Vec<Arc<BlockNode>> = match (&graph.upgrade(), pivoted, &device) {
+                    (Some(g), true, Some(d)) => crate::commands::lock_graph(g)
+                        .replace_device(d, &target)
+                        .into_iter()
+                        .collect(),
+                    (Some(g), false, _) => crate::commands::lock_graph(g).remove_all(&own),
+                    _ => Vec::new(),
                 };
-                if let Some(node) = gone {
-                    tokio::spawn(async move { node.close().await });
+                if !gone.is_empty() {
+                    tokio::spawn(async move {
+                        for node in gone {
+                            node.close().await;
+                        }
+                    });
                 }
             }
         };
