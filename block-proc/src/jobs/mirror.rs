@@ -627,8 +627,9 @@ impl State {
                     match raw {
                         Ok(r) => r,
                         Err(e) => {
-                            forget(&[name.clone()]);
-                            for n in self.graph().remove_all(&own) {
+                            forget(std::slice::from_ref(&name));
+                            let gone = self.graph().remove_all(&own);
+                            for n in gone {
                                 n.close().await;
                             }
                             return Err(e);
