@@ -500,10 +500,22 @@ fn job_verbs_in_every_state() {
         }
     };
     refused(&mut c, "running", &["complete", "finalize", "dismiss"]);
+    // Throttled to 1 B/s, the job sleeps after its first copy. A sleeping job pauses at
+    // once, and resumes at once: QEMU enters it, so both JOB_STATUS_CHANGEs come before
+    // the commands' replies.
+    for _ in 0..500 {
+        if c.job()["busy"] == false {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.job()["busy"], false);
     c.ok("job-pause", json!({"id": "job0"}));
+    assert_eq!(c.sequence().last().map(String::as_str), Some("paused"));
     c.wait_paused();
     refused(&mut c, "paused", &["complete", "finalize", "dismiss"]);
     c.ok("job-resume", json!({"id": "job0"}));
+    assert_eq!(c.sequence().last().map(String::as_str), Some("running"));
     c.ok("block-job-set-speed", json!({"device": "job0", "speed": 0}));
     c.wait("BLOCK_JOB_READY");
     refused(&mut c, "ready", &["finalize", "dismiss"]);
