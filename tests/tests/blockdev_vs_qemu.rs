@@ -615,7 +615,24 @@ fn mirror_targets_and_errors_match_qemu() {
         ("drive-mirror", a)
     };
     let cancel: Step = ("block-job-cancel", json!({"device": "j", "force": true}));
-    let mut script: Vec<Step> = vec![src, tgt, ro];
+    let child = (
+        ADD,
+        json!({"driver": "file", "node-name": "fchild", "filename": dir.join("mid.qcow2")}),
+    );
+    let parent = (
+        ADD,
+        json!({"driver": "raw", "node-name": "over", "file": "fchild"}),
+    );
+    let mut script: Vec<Step> = vec![src, tgt, ro, child, parent];
+    // A source must be a root node.
+    script.push((
+        "drive-mirror",
+        json!({"device": "fchild", "job-id": "j", "target": "nbd:", "sync": "full"}),
+    ));
+    script.push((
+        "blockdev-mirror",
+        json!({"device": "fchild", "job-id": "j", "target": "tgt", "sync": "full"}),
+    ));
     for (target, existing) in [
         (format!("nbd:unix:{missing}"), true),
         (format!("nbd:unix:{missing}"), false),

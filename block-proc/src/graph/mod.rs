@@ -1032,6 +1032,12 @@ impl Graph {
             })
     }
 
+    /// Whether no node has `node` as a child (QEMU's `bdrv_is_root_node`: devices and
+    /// exports do not count).
+    pub fn is_root(&self, node: &Arc<BlockNode>) -> bool {
+        self.parents(node).is_empty()
+    }
+
     /// Nodes that have `node` as a child, with the role.
     fn parents(&self, node: &Arc<BlockNode>) -> Vec<(Arc<BlockNode>, Role)> {
         self.open_entries()

@@ -498,7 +498,7 @@ impl State {
         a: DriveMirror,
         fds: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Value, QmpError> {
-        let source = self.graph().lookup(Some(&a.device), Some(&a.device))?;
+        let source = self.root_source(&a.device)?;
         let device = self.graph().device_of(source.name());
         let blocked = device.clone().unwrap_or_else(|| source.name().to_string());
         self.jobs.check_blocker(&[&blocked])?;
@@ -670,7 +670,7 @@ impl State {
     /// as the user built it (`MIRROR_LEAVE_BACKING_CHAIN`), and the target is pre-zeroed
     /// for `sync: full`.
     pub(crate) async fn blockdev_mirror(&self, a: BlockdevMirror) -> Result<Value, QmpError> {
-        let source = self.graph().lookup(Some(&a.device), Some(&a.device))?;
+        let source = self.root_source(&a.device)?;
         let device = self.graph().device_of(source.name());
         let blocked = device.clone().unwrap_or_else(|| source.name().to_string());
         let target = self.graph().lookup(Some(&a.target), Some(&a.target))?;
@@ -713,6 +713,16 @@ impl State {
             auto_dismiss: a.auto_dismiss,
         })
         .await
+    }
+
+    /// A mirror's source (`qmp_get_root_bs`): a device or node name, of a root node.
+    fn root_source(&self, name: &str) -> Result<Arc<BlockNode>, QmpError> {
+        let graph = self.graph();
+        let node = graph.lookup(Some(name), Some(name))?;
+        if !graph.is_root(&node) {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        Ok(node)
     }
 
     /// A drive-mirror target's node name: the given one, or a generated one.
