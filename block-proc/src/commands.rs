@@ -490,9 +490,12 @@ impl State {
                 .values()
                 .map(|e| e.device.node().name().to_string())
                 .collect();
-            if graph.is_drive_node(&name) || exported.contains(&name) {
+            // A block device uses it: a drive, an export, a mirror job's target.
+            if graph.is_drive_node(&name) || exported.contains(&name) || self.jobs.holds(&name) {
                 return Err(QmpError::generic(format!("Node {name} is in use")));
             }
+            // A job's source (QEMU's op blocker).
+            self.jobs.check_blocker(&[&name])?;
             graph.delete(&name, &|n| exported.contains(n))?
         };
         for node in &gone {

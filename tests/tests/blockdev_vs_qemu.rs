@@ -679,6 +679,27 @@ fn mirror_targets_and_errors_match_qemu() {
             ),
         )
     };
+    // While a mirror runs (throttled), its source and its target are the job's.
+    let t2 = dir.join("t2.raw");
+    qemu_img_create("raw", &t2, "1M");
+    script.extend([
+        (
+            ADD,
+            json!({"driver": "raw", "node-name": "t2", "file": file(&t2)}),
+        ),
+        bm(json!({"target": "t2", "job-id": "bj", "speed": 1})),
+        bm(json!({"device": "t2", "target": "tgt", "job-id": "k"})),
+        bm(json!({"device": "tgt", "target": "t2", "job-id": "k"})),
+        (
+            "drive-mirror",
+            json!({"device": "t2", "job-id": "k", "target": "nbd:", "sync": "full"}),
+        ),
+        ("block_resize", json!({"node-name": "t2", "size": 2 << 20})),
+        ("blockdev-del", json!({"node-name": "t2"})),
+        ("blockdev-del", json!({"node-name": "src"})),
+        ("block-job-cancel", json!({"device": "bj", "force": true})),
+        ("blockdev-del", json!({"node-name": "t2"})),
+    ]);
     script.extend([
         bm(json!({"target": "nope"})),
         bm(json!({"device": "nope"})),

@@ -144,6 +144,8 @@ struct Inner {
     quiesced: Option<Quiesced>,
     /// So do those of the source's other users (exports), which the pivot moves too.
     users: Vec<(Arc<Attached>, UserQuiesced)>,
+    /// `clean` ran: the target is no longer the job's.
+    cleaned: bool,
     pivoted: bool,
 }
 
@@ -390,6 +392,7 @@ impl JobDriver for Mirror {
             let mut inner = lock(&self.inner);
             inner.quiesced = None;
             inner.users.clear();
+            inner.cleaned = true;
             inner.pivoted
         };
         (self.finish)(pivoted);
@@ -403,6 +406,14 @@ impl JobDriver for Mirror {
     fn complete(&self, _job: &Job) -> Option<Result<(), QmpError>> {
         lock(&self.inner).should_complete = true;
         Some(Ok(()))
+    }
+
+    fn also_blocks(&self) -> Vec<String> {
+        if lock(&self.inner).cleaned {
+            Vec::new()
+        } else {
+            vec![self.target.name().to_string()]
+        }
     }
 
     fn query_extra(&self, out: &mut Map<String, Value>) {
@@ -715,11 +726,14 @@ impl State {
         .await
     }
 
-    /// A mirror's source (`qmp_get_root_bs`): a device or node name, of a root node.
+    /// A mirror's source (`qmp_get_root_bs`): a device or node name, of a root node (not
+    /// one a mirror uses: QEMU has put a node above it).
     fn root_source(&self, name: &str) -> Result<Arc<BlockNode>, QmpError> {
         let graph = self.graph();
         let node = graph.lookup(Some(name), Some(name))?;
-        if !graph.is_root(&node) {
+        // A device name finds the device's top node, which is the mirror filter when the
+        // device is being mirrored: that is a root (and its job's op blocker answers).
+        if !graph.is_root(&node) || (!graph.is_device(name) && self.jobs.in_mirror(name)) {
             return Err(QmpError::generic("Need a root block node"));
         }
         Ok(node)

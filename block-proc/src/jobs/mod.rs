@@ -223,6 +223,11 @@ pub trait JobDriver: Send + Sync + 'static {
     }
     /// Members of `query-block-jobs`' variant for this job type.
     fn query_extra(&self, _out: &mut Map<String, Value>) {}
+    /// Nodes the job blocks besides its main one (`block_job_add_bdrv`: a mirror's
+    /// target), until it has cleaned up.
+    fn also_blocks(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// `.change` (`block-job-change`, its arguments), if the job type has one.
     fn change(&self, _args: &Map<String, Value>) -> Result<(), QmpError> {
         Err(QmpError::generic("Job type does not support change"))
@@ -873,7 +878,11 @@ impl Jobs {
     /// as QEMU's op blocker.
     pub fn check_blocker(&self, names: &[&str]) -> Result<(), QmpError> {
         for job in self.list() {
-            if let Some(name) = names.iter().find(|n| **n == job.blocked_node) {
+            let also = job.driver.also_blocks();
+            if let Some(name) = names
+                .iter()
+                .find(|n| **n == job.blocked_node || also.iter().any(|a| a == **n))
+            {
                 return Err(QmpError::generic(format!(
                     "Node '{name}' is busy: block device is in use by block job: {}",
                     job.kind.as_str()
@@ -881,6 +890,24 @@ impl Jobs {
             }
         }
         Ok(())
+    }
+
+    /// Whether a mirror job uses the node (device) `name`, as its source or its target:
+    /// QEMU has a node above it then (the mirror filter, the target's job node), so it is
+    /// no longer a root node.
+    pub fn in_mirror(&self, name: &str) -> bool {
+        self.list().iter().any(|j| {
+            j.kind == JobType::Mirror
+                && (j.blocked_node == name || j.driver.also_blocks().iter().any(|a| a == name))
+        })
+    }
+
+    /// Whether `name` is a node a job holds besides its main one (a mirror's target),
+    /// which QEMU's `blockdev-del` finds in use.
+    pub fn holds(&self, name: &str) -> bool {
+        self.list()
+            .iter()
+            .any(|j| j.driver.also_blocks().iter().any(|a| a == name))
     }
 
     /// `job_create` + `block_job_create`'s checks (id, speed), then the job is listed in
