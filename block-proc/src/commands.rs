@@ -30,7 +30,8 @@ const NBD_MAX_STRING: usize = 4096;
 struct ExportEntry {
     /// The NBD export name.
     name: String,
-    node_name: String,
+    /// Its device, on the node it uses now (a mirror's completion moves it).
+    device: Arc<Attached>,
     /// When it was added (QEMU lists exports newest first).
     seq: u64,
 }
@@ -211,7 +212,8 @@ impl State {
             "block_resize" => self.block_resize(args(command, arguments)?).await?,
             "blockdev-add" => self.blockdev_add(arguments, fds).await?,
             "blockdev-del" => self.blockdev_del(args(command, arguments)?).await?,
-            "drive-mirror" => self.drive_mirror(args(command, arguments)?).await?,
+            "drive-mirror" => self.drive_mirror(args(command, arguments)?, fds).await?,
+            "blockdev-mirror" => self.blockdev_mirror(args(command, arguments)?).await?,
             "block-stream" | "block_stream" => self.block_stream(args(command, arguments)?).await?,
             "block-commit" => self.block_commit(args(command, arguments)?).await?,
             "blockdev-snapshot" => self.blockdev_snapshot(args(command, arguments)?).await?,
@@ -307,7 +309,6 @@ impl State {
         &self,
         id: String,
         name: String,
-        node_name: String,
         node: Arc<BlockNode>,
         writable: bool,
         description: Option<String>,
@@ -335,31 +336,24 @@ impl State {
             )));
         }
         // The export's permissions on the node (conflicts, read-only, image locks).
-        let device = Arc::new(Attached::export(&node, writable)?);
+        let device = Attached::export(&node, writable)?;
         server
             .add_export(Export {
                 name: name.clone(),
                 description,
-                device,
+                device: device.clone(),
                 writable,
             })
             .map_err(|e| QmpError::generic(e.to_string()))?;
         nbd.reported.remove(&name);
         let seq = nbd.next_seq;
         nbd.next_seq += 1;
-        nbd.exports.insert(
-            id,
-            ExportEntry {
-                name,
-                node_name,
-                seq,
-            },
-        );
+        nbd.exports.insert(id, ExportEntry { name, device, seq });
         Ok(json!({}))
     }
 
     fn nbd_server_add(&self, a: NbdServerAdd) -> Result<Value, QmpError> {
-        let (node_name, node) = self.lookup(Some(&a.device), Some(&a.device))?;
+        let (_, node) = self.lookup(Some(&a.device), Some(&a.device))?;
         let name = a.name.unwrap_or_else(|| a.device.clone());
         if !ipc::common::id_wellformed(&name) {
             return Err(QmpError::generic("Invalid block export id"));
@@ -369,7 +363,7 @@ impl State {
         }
         // nbd-server-add makes a read-only node's export read-only without complaint.
         let writable = a.writable.unwrap_or(false) && !node.is_read_only();
-        self.add_export(name.clone(), name, node_name, node, writable, a.description)
+        self.add_export(name.clone(), name, node, writable, a.description)
     }
 
     fn block_export_add(&self, a: BlockExportAdd) -> Result<Value, QmpError> {
@@ -388,7 +382,7 @@ impl State {
                 a.id
             )));
         }
-        let (node_name, node) = self.lookup(None, Some(&a.node_name))?;
+        let (_, node) = self.lookup(None, Some(&a.node_name))?;
         let writable = a.writable.unwrap_or(false);
         if writable && node.is_read_only() {
             return Err(QmpError::generic(
@@ -402,7 +396,7 @@ impl State {
             )));
         }
         let name = a.name.unwrap_or_else(|| a.node_name.clone());
-        self.add_export(a.id, name, node_name, node, writable, a.description)
+        self.add_export(a.id, name, node, writable, a.description)
     }
 
     fn export_remove(&self, a: ExportRemove) -> Result<Value, QmpError> {
@@ -443,7 +437,7 @@ impl State {
             .into_iter()
             .map(|(id, e)| {
                 let shutting_down = live.iter().find(|x| x.name == e.name).is_some_and(|x| x.shutting_down);
-                json!({ "id": id, "type": "nbd", "node-name": e.node_name, "shutting-down": shutting_down })
+                json!({ "id": id, "type": "nbd", "node-name": e.device.node().name(), "shutting-down": shutting_down })
             })
             .collect()
     }
@@ -501,11 +495,14 @@ impl State {
                 .nbd()
                 .exports
                 .values()
-                .map(|e| e.node_name.clone())
+                .map(|e| e.device.node().name().to_string())
                 .collect();
-            if graph.is_drive_node(&name) || exported.contains(&name) {
+            // A block device uses it: a drive, an export, a mirror job's target.
+            if graph.is_drive_node(&name) || exported.contains(&name) || self.jobs.holds(&name) {
                 return Err(QmpError::generic(format!("Node {name} is in use")));
             }
+            // A job's source (QEMU's op blocker).
+            self.jobs.check_blocker(&[&name])?;
             graph.delete(&name, &|n| exported.contains(n))?
         };
         for node in &gone {

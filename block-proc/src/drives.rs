@@ -178,6 +178,13 @@ impl Drive {
     /// QAPI `BlockDeviceInfo` of the drive's image.
     pub fn device_info(&self) -> BlockDeviceInfo {
         let current = self.backend.current();
+        // A node over no image of its own (a mirror pivoted to an NBD export): as
+        // query-named-block-nodes describes it.
+        if current.image().is_none()
+            && let Ok(info) = serde_json::from_value(current.device_info(false))
+        {
+            return info;
+        }
         let node = current.image().unwrap_or_else(|| self.node.clone());
         let image = node.info();
         BlockDeviceInfo {

@@ -21,6 +21,7 @@ pub mod common;
 pub mod handshake;
 pub mod launcher;
 pub mod logging;
+pub mod nbd_uri;
 pub mod vmm;
 pub mod vmm_block;
 

@@ -310,10 +310,7 @@ pub const DRIVE_MIRROR: &[Member] = &[
     Member::optional("on-source-error", ON_ERROR),
     Member::optional("on-target-error", ON_ERROR),
     Member::optional("unmap", ArgType::Bool),
-    Member::optional(
-        "copy-mode",
-        ArgType::Enum(&["background", "write-blocking"]),
-    ),
+    Member::optional("copy-mode", COPY_MODE),
     Member::optional("auto-finalize", ArgType::Bool),
     Member::optional("auto-dismiss", ArgType::Bool),
 ];
@@ -330,6 +327,27 @@ pub const BLOCK_STREAM: &[Member] = &[
     Member::optional("speed", ArgType::Int),
     Member::optional("on-error", ON_ERROR),
     Member::optional("filter-node-name", ArgType::Str),
+    Member::optional("auto-finalize", ArgType::Bool),
+    Member::optional("auto-dismiss", ArgType::Bool),
+];
+
+/// `BlockdevMirror`.
+pub const BLOCKDEV_MIRROR: &[Member] = &[
+    Member::optional("job-id", ArgType::Str),
+    Member::required("device", ArgType::Str),
+    Member::required("target", ArgType::Str),
+    Member::optional("replaces", ArgType::Str),
+    Member::required(
+        "sync",
+        ArgType::Enum(&["top", "full", "none", "incremental", "bitmap"]),
+    ),
+    Member::optional("speed", ArgType::Int),
+    Member::optional("granularity", ArgType::UInt32),
+    Member::optional("buf-size", ArgType::Int),
+    Member::optional("on-source-error", ON_ERROR),
+    Member::optional("on-target-error", ON_ERROR),
+    Member::optional("filter-node-name", ArgType::Str),
+    Member::optional("copy-mode", COPY_MODE),
     Member::optional("auto-finalize", ArgType::Bool),
     Member::optional("auto-dismiss", ArgType::Bool),
 ];
@@ -366,6 +384,33 @@ pub const BLOCKDEV_SNAPSHOT: &[Member] = &[
     Member::required("node", ArgType::Str),
     Member::required("overlay", ArgType::Str),
 ];
+
+/// QAPI `MirrorCopyMode`.
+const COPY_MODE: ArgType = ArgType::Enum(&["background", "write-blocking"]);
+
+/// QAPI `JobType`.
+const JOB_TYPES: &[&str] = &[
+    "commit",
+    "stream",
+    "mirror",
+    "backup",
+    "create",
+    "amend",
+    "snapshot-load",
+    "snapshot-save",
+    "snapshot-delete",
+];
+
+/// `BlockJobChangeOptions` (`block-job-change` is `'boxed': true`): a union on `type`,
+/// whose `mirror` branch has `copy-mode`.
+pub static BLOCK_JOB_CHANGE: Union = Union {
+    base: &[
+        Member::required("id", ArgType::Str),
+        Member::required("type", ArgType::Enum(JOB_TYPES)),
+    ],
+    tag: "type",
+    variants: &[("mirror", &[Member::required("copy-mode", COPY_MODE)])],
+};
 
 /// `block-job-set-speed`: both members are required on the wire.
 pub const BLOCK_JOB_SET_SPEED: &[Member] = &[
@@ -627,6 +672,33 @@ pub async fn connect_nbd_nodes(args: &Map<String, Value>) -> Result<Vec<OwnedFd>
         fds.push(fd);
     }
     Ok(fds)
+}
+
+/// `drive-mirror`'s monitor half: when `target` names an NBD export, connects its server
+/// and returns the socket for block-proc, which runs the handshake over it. A name that
+/// does not parse goes on unchanged (block-proc parses it again and reports the error in
+/// its place); a failed connection goes on as [`ipc::nbd_uri::CONNECT_ERROR_KEY`].
+pub async fn connect_mirror_target(
+    args: &Map<String, Value>,
+) -> (Map<String, Value>, Option<OwnedFd>) {
+    let mut args = args.clone();
+    let target = args
+        .get("target")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Ok(ipc::nbd_uri::Target::Nbd(t)) = ipc::nbd_uri::parse_target(target) else {
+        return (args, None);
+    };
+    match connect_socket(&t.server).await {
+        Ok(fd) => (args, Some(fd)),
+        Err((e, _)) => {
+            args.insert(
+                ipc::nbd_uri::CONNECT_ERROR_KEY.into(),
+                Value::String(e.desc),
+            );
+            (args, None)
+        }
+    }
 }
 
 /// Connects to a (schema-checked) QAPI `SocketAddress`. The flag says whether trying

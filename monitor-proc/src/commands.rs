@@ -101,7 +101,9 @@ pub const COMMANDS: &[CommandDef] = &[
     block("block-export-add", bc::BLOCK_EXPORT_ADD),
     block("block-export-del", bc::BLOCK_EXPORT_DEL),
     block("query-block-exports", &[]),
-    block("drive-mirror", bc::DRIVE_MIRROR),
+    // The monitor connects an NBD target's server, then forwards.
+    monitor("drive-mirror", bc::DRIVE_MIRROR),
+    block("blockdev-mirror", bc::BLOCKDEV_MIRROR),
     block("block-stream", bc::BLOCK_STREAM),
     block("block_stream", bc::BLOCK_STREAM),
     block("block-commit", bc::BLOCK_COMMIT),
@@ -116,6 +118,11 @@ pub const COMMANDS: &[CommandDef] = &[
     block("block-job-complete", bc::BLOCK_JOB_DEVICE),
     block("block-job-finalize", bc::JOB_ID),
     block("block-job-dismiss", bc::JOB_ID),
+    CommandDef {
+        name: "block-job-change",
+        args: ArgType::Union(&bc::BLOCK_JOB_CHANGE),
+        route: Route::Block,
+    },
     block("job-pause", bc::JOB_ID),
     block("job-resume", bc::JOB_ID),
     block("job-cancel", bc::JOB_ID),
@@ -260,6 +267,10 @@ async fn execute(
         "blockdev-add" => {
             let fds = bc::connect_nbd_nodes(args).await?;
             forward_fds(monitor, name, args, fds).await
+        }
+        "drive-mirror" => {
+            let (args, fd) = bc::connect_mirror_target(args).await;
+            forward(monitor, name, &args, fd).await
         }
         "nbd-server-stop" => {
             let v = forward(monitor, name, args, None).await?;

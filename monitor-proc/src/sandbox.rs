@@ -26,7 +26,8 @@ pub fn seccomp_policy() -> SeccompPolicy {
         allow(libc::SYS_bind, "QMP listening sockets"),
         allow(
             libc::SYS_connect,
-            "connect the NBD servers of blockdev-add driver=nbd nodes (block-proc may not)",
+            "connect the NBD servers of blockdev-add driver=nbd nodes and of drive-mirror NBD \
+             targets (block-proc may not)",
         ),
         allow(libc::SYS_listen, "QMP listening sockets"),
         allow(libc::SYS_accept4, "QMP clients"),

@@ -20,7 +20,7 @@ EXPECTED_COMMANDS = {
     "query-cpus-fast", "query-named-block-nodes", "blockdev-add", "blockdev-del", "block_resize",
     "nbd-server-start", "nbd-server-add", "nbd-server-remove", "nbd-server-stop",
     "block-export-add", "block-export-del", "query-block-exports",
-    "drive-mirror", "query-block-jobs", "query-jobs", "block-job-set-speed", "block-job-cancel",
+    "drive-mirror", "blockdev-mirror", "block-job-change", "query-block-jobs", "query-jobs", "block-job-set-speed", "block-job-cancel",
     "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
     "block-job-dismiss", "job-pause", "job-resume", "job-cancel", "job-complete",
     "job-finalize", "job-dismiss", "block-stream", "block_stream", "block-commit",

@@ -501,10 +501,22 @@ fn job_verbs_in_every_state() {
         }
     };
     refused(&mut c, "running", &["complete", "finalize", "dismiss"]);
+    // Throttled to 1 B/s, the job sleeps after its first copy. A sleeping job pauses at
+    // once, and resumes at once: QEMU enters it, so both JOB_STATUS_CHANGEs come before
+    // the commands' replies.
+    for _ in 0..500 {
+        if c.job()["busy"] == false {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.job()["busy"], false);
     c.ok("job-pause", json!({"id": "job0"}));
+    assert_eq!(c.sequence().last().map(String::as_str), Some("paused"));
     c.wait_paused();
     refused(&mut c, "paused", &["complete", "finalize", "dismiss"]);
     c.ok("job-resume", json!({"id": "job0"}));
+    assert_eq!(c.sequence().last().map(String::as_str), Some("running"));
     c.ok("block-job-set-speed", json!({"device": "job0", "speed": 0}));
     c.wait("BLOCK_JOB_READY");
     refused(&mut c, "ready", &["finalize", "dismiss"]);
@@ -560,21 +572,16 @@ fn job_verbs_in_every_state() {
     quit(&mut vm, c);
 }
 
-/// The workload guest writes and verifies all along a mirror, READY and the pivot: it
-/// passes, on the target, and the target is a sound qcow2 image.
-#[test]
-fn guest_keeps_writing_through_mirror_and_pivot() {
-    if !kvm_or_skip("guest_keeps_writing_through_mirror_and_pivot") {
-        return;
-    }
-    let dir = TempDir::new("mirror-guest");
+/// The workload guest (write-verify-loop for 6 s) on a 16 MiB qcow2 disk, once it has
+/// begun writing; the path of its disk and of a mirror target beside it.
+fn workload_vm(dir: TempDir) -> (Splitvmm, Client, String, String) {
     let img = dir.join("disk0.qcow2");
     qemu_img_create("qcow2", &img, "16M");
     let target = dir.join("target.qcow2").display().to_string();
     let serial = format!("file:{}", dir.join("serial.log").display());
     let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={},format=qcow2", img.display());
-    let mut vm = Splitvmm::start_in(
+    let vm = Splitvmm::start_in(
         dir,
         &[
             "--kernel",
@@ -591,20 +598,22 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
             &drive,
         ],
     );
-    let mut c = Client::new(&vm);
+    let c = Client::new(&vm);
     let log = vm.dir.join("serial.log");
-    tests::wait_for_text(&log, Duration::from_secs(60), |t| {
-        t.contains("write-verify-loop: 1.")
+    // Its first progress line (about 1 s in, later on a loaded machine).
+    let serial = tests::wait_for_text(&log, Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: ")
     });
-    c.ok(
-        "drive-mirror",
-        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    assert!(
+        !serial.contains("workload: PASS") && !serial.contains("workload: FAIL"),
+        "the run ended early: {serial}"
     );
-    c.wait("BLOCK_JOB_READY");
-    c.ok("block-job-complete", json!({"device": "disk0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
-    assert!(done["data"].get("error").is_none(), "{done}");
-    assert_eq!(inserted_file(&mut c), target);
+    (vm, c, img.display().to_string(), target)
+}
+
+/// The guest's run ends: it shut itself down, splitvmm exits 0, the guest says PASS.
+/// (The directory stays until `vm` is dropped.)
+fn workload_passes(vm: &mut Splitvmm, mut c: Client) {
     let ev = c.wait("SHUTDOWN");
     assert_eq!(
         ev["data"],
@@ -614,8 +623,295 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
     let serial = std::fs::read_to_string(vm.dir.join("serial.log")).unwrap_or_default();
     assert_eq!(code, Some(0), "{serial}");
     assert!(serial.contains("workload: PASS"), "{serial}");
+}
+
+/// The workload guest writes and verifies all along a mirror, READY and the pivot: it
+/// passes, on the target, and the target is a sound qcow2 image.
+#[test]
+fn guest_keeps_writing_through_mirror_and_pivot() {
+    if !kvm_or_skip("guest_keeps_writing_through_mirror_and_pivot") {
+        return;
+    }
+    let (mut vm, mut c, _, target) = workload_vm(TempDir::new("mirror-guest"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "disk0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(inserted_file(&mut c), target);
+    workload_passes(&mut vm, c);
     run(Command::new("qemu-img").args(["check", "-q", &target]));
-    assert!(Path::new(&target).exists());
+}
+
+/// A soft cancel after READY while the workload guest writes: BLOCK_JOB_COMPLETED with
+/// offset == len, the drive stays on the source, and the target is a point-in-time copy:
+/// with the guest stopped (its I/O drained) at the cancel, the target equals what the
+/// drive reads (through an NBD export of it). The guest then goes on and passes.
+#[test]
+fn guest_keeps_writing_through_mirror_soft_cancel() {
+    if !kvm_or_skip("guest_keeps_writing_through_mirror_soft_cancel") {
+        return;
+    }
+    let (mut vm, mut c, img, target) = workload_vm(TempDir::new("mirror-guest-cancel"));
+    let sock = vm.dir.join("nbd.sock").display().to_string();
+    c.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("stop", json!({}));
+    c.ok("block-job-cancel", json!({"device": "disk0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"]);
+    assert_eq!(inserted_file(&mut c), img);
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    c.ok("nbd-server-add", json!({"device": "disk0"}));
+    let uri = format!("nbd+unix:///disk0?socket={sock}");
+    let same = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "qcow2", &uri, &target])
+        .status()
+        .expect("qemu-img compare");
+    assert!(
+        same.success(),
+        "the target is not the source as of the cancel"
+    );
+    c.ok("nbd-server-stop", json!({}));
+    c.ok("cont", json!({}));
+    workload_passes(&mut vm, c);
+    run(Command::new("qemu-img").args(["check", "-q", &target]));
+    run(Command::new("qemu-img").args(["check", "-q", &img]));
+}
+
+/// iotests 094: `drive-mirror` to an NBD export (`format: nbd`, `mode: existing`,
+/// `sync: full`), READY, complete; the drive now uses the export, the events come in
+/// 094.out's order. `target` is the NBD name the mirror is given, `uri` the name QEMU
+/// shows for the node, `format` `nbd` (094's) or `raw`.
+fn mirror_to_nbd(c: &mut Client, target: &str, format: &str, uri: &str) {
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "format": format, "sync": "full",
+               "mode": "existing"}),
+    );
+    assert_eq!(c.sequence()[..2], ["created", "running"]);
+    let ready = c.wait("BLOCK_JOB_READY");
+    // What sync=full copies: the data allocated anywhere in the chain (64 KiB in the
+    // backing file, 64 KiB in the top image); the export is zeroed first, uncounted.
+    let size = 128 << 10;
+    assert_eq!(
+        ready["data"],
+        json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
+    );
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert_eq!(
+        done["data"],
+        json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
+    );
+    while c.sequence().last().map(String::as_str) != Some("null") {
+        c.wait("JOB_STATUS_CHANGE");
+    }
+    assert_eq!(
+        c.sequence(),
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    let b = c.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["file"], uri, "{b}");
+    // `format: raw` is a raw node over the NBD node, as QEMU opens it.
+    assert_eq!(b[0]["inserted"]["drv"], format, "{b}");
+}
+
+#[test]
+fn mirror_to_an_nbd_export_of_qemu_nbd_as_iotests_094() {
+    let dir = TempDir::new("mirror-094");
+    let (_, top) = source_images(&dir);
+    let image = dir.join("export.raw");
+    qemu_img_create("raw", &image, "1M");
+    let sock = dir.join("nbd.sock");
+    let server = tests::qemu_nbd(&image, "raw", "exp", &sock, false);
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    let uri = format!("nbd+unix:///exp?socket={}", sock.display());
+    mirror_to_nbd(&mut c, &uri, "nbd", &uri);
+    quit(&mut vm, c);
+    drop(server);
+    assert!(compare(&top, "qcow2", &image.display().to_string(), "raw"));
+}
+
+/// The same, to a writable export of another splitvmm (its `nbd-server-add`), named in
+/// the legacy `nbd:unix:PATH:exportname=X` form, with `format: raw`.
+#[test]
+fn mirror_to_an_nbd_export_of_another_splitvmm() {
+    let dir = TempDir::new("mirror-094-splitvmm");
+    let (_, top) = source_images(&dir);
+    let image = dir.join("export.raw").display().to_string();
+    qemu_img_create("raw", Path::new(&image), "1M");
+    let sock = dir.join("nbd.sock").display().to_string();
+    let d = dir.path().display().to_string();
+    let mut server = Splitvmm::start(&[
+        "--drive",
+        &format!("id=t0,file={image},format=raw"),
+        "--image-dir",
+        &d,
+    ]);
+    let mut s = Client::new(&server);
+    s.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    s.ok(
+        "nbd-server-add",
+        json!({"device": "t0", "name": "t", "writable": true}),
+    );
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    let target = format!("nbd:unix:{sock}:exportname=t");
+    let uri = format!("nbd+unix:///t?socket={sock}");
+    mirror_to_nbd(&mut c, &target, "raw", &uri);
+    quit(&mut vm, c);
+    quit(&mut server, s);
+    assert!(compare(&top, "qcow2", &image, "raw"));
+}
+
+/// `copy-mode`: in the background mode a write to the source reaches the target only
+/// through the (here throttled) copy; after `block-job-change` to write-blocking, a write
+/// is on the target by the time it completes, and the job reports `actively-synced`
+/// once in sync. Writes come from an NBD client of the source drive's export. The way
+/// back is refused as QEMU refuses it.
+#[test]
+fn mirror_write_blocking_after_block_job_change() {
+    let dir = TempDir::new("mirror-write-blocking");
+    let (_, top) = source_images(&dir);
+    let target = dir.join("target.raw").display().to_string();
+    let sock = dir.join("nbd.sock").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    c.ok(
+        "nbd-server-add",
+        json!({"device": "drive0", "writable": true}),
+    );
+    let uri = format!("nbd+unix:///drive0?socket={sock}");
+    // speed 1: the copy stalls after its first run, at the start of the image.
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "format": "raw",
+               "speed": 1}),
+    );
+    let at = |off: usize| -> Vec<u8> {
+        let bytes = std::fs::read(&target).expect("read the target");
+        bytes[off..off + (64 << 10)].to_vec()
+    };
+    tests::qemu_io("raw", &uri, &["write -P 0x77 768k 64k"]);
+    assert_ne!(at(768 << 10), vec![0x77; 64 << 10]);
+    assert_eq!(c.job()["actively-synced"], false);
+    // To the mode it is in: nothing to do.
+    c.ok(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "background"}),
+    );
+    c.ok(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "write-blocking"}),
+    );
+    // Already write-blocking: no change, no error.
+    c.ok(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "write-blocking"}),
+    );
+    tests::qemu_io("raw", &uri, &["write -P 0x66 896k 64k"]);
+    assert_eq!(at(896 << 10), vec![0x66; 64 << 10]);
+    let (class, desc) = c.err(
+        "block-job-change",
+        json!({"id": "drive0", "type": "mirror", "copy-mode": "background"}),
+    );
+    assert_eq!(class, "GenericError");
+    assert_eq!(desc, "Change to copy mode 'background' is not implemented");
+    c.ok(
+        "block-job-set-speed",
+        json!({"device": "drive0", "speed": 0}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    let mut synced = c.job()["actively-synced"].clone();
+    for _ in 0..200 {
+        if synced == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        synced = c.job()["actively-synced"].clone();
+    }
+    assert_eq!(synced, true);
+    c.ok("block-job-cancel", json!({"device": "drive0"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    quit(&mut vm, c);
+    assert!(compare(&top, "qcow2", &target, "raw"));
+}
+
+/// `blockdev-mirror` between two `blockdev-add` nodes, the source exported over NBD: at
+/// completion the export moves to the target, as qemu-storage-daemon 10.0.2 moves it
+/// (`query-block-exports` then names the target; writes through the export land in it;
+/// the source, used by nothing, can be deleted).
+#[test]
+fn blockdev_mirror_moves_the_source_exports_at_completion() {
+    let dir = TempDir::new("blockdev-mirror-export");
+    let (src, tgt) = (dir.join("a.qcow2"), dir.join("b.qcow2"));
+    qemu_img_create("qcow2", &src, "4M");
+    qemu_img_create("qcow2", &tgt, "4M");
+    let src = src.display().to_string();
+    let tgt = tgt.display().to_string();
+    qemu_io("qcow2", &src, &["write -P 0x44 0 1M"]);
+    let sock = dir.join("nbd.sock").display().to_string();
+    let d = dir.path().display().to_string();
+    let mut vm = Splitvmm::start_in(dir, &["--image-dir", &d]);
+    let mut c = Client::new(&vm);
+    for (name, file) in [("src", &src), ("tgt", &tgt)] {
+        c.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": name,
+                   "file": {"driver": "file", "filename": file}}),
+        );
+    }
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    c.ok("nbd-server-add", json!({"device": "src", "writable": true}));
+    c.ok(
+        "blockdev-mirror",
+        json!({"device": "src", "target": "tgt", "sync": "full", "job-id": "j"}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "j"}));
+    let done = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(
+        c.ok("query-block-exports", json!({})),
+        json!([{"id": "src", "type": "nbd", "node-name": "tgt", "shutting-down": false}])
+    );
+    let uri = format!("nbd+unix:///src?socket={sock}");
+    qemu_io("raw", &uri, &["write -P 0x55 2M 64k"]);
+    c.ok("blockdev-del", json!({"node-name": "src"}));
+    c.ok("nbd-server-stop", json!({}));
+    quit(&mut vm, c);
+    qemu_io("qcow2", &tgt, &["read -P 0x44 0 1M", "read -P 0x55 2M 64k"]);
+    qemu_io("qcow2", &src, &["read -P 0 2M 64k"]);
 }
 
 // ---- block-stream (iotests 030), external snapshots, block-commit (iotests 040) ----

@@ -48,6 +48,15 @@ fn play(qmp: &mut RawQmp, script: &[Step]) -> Vec<Value> {
             if *cmd == "block-export-del" && reply.get("return").is_some() {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
+            // A cancelled job ends after the reply: wait until it is gone.
+            if *cmd == "block-job-cancel" && reply.get("return").is_some() {
+                for _ in 0..1000 {
+                    if qmp.exec("query-jobs", json!({}))["return"] == json!([]) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
             outcome(&reply, cmd)
         })
         .collect()
@@ -565,4 +574,148 @@ fn nbd_nodes_and_locks_held_by_another_process_match_qemu() {
             ],
         );
     }
+}
+
+/// `drive-mirror` to NBD names (every form, bad ones, unreachable servers, a missing
+/// export, creation over NBD), `blockdev-mirror`'s errors and `block-job-change` on a
+/// missing job: the same errors as qemu-storage-daemon's. The source is a blockdev-add
+/// node (the daemon has no drives), so the jobs that start need a job id; each is
+/// force-cancelled at once.
+#[test]
+fn mirror_targets_and_errors_match_qemu() {
+    let dir = TempDir::new("diff-mirror");
+    images(&dir);
+    let qn = dir.join("qn.sock");
+    let export = dir.join("export.raw");
+    qemu_img_create("raw", &export, "1M");
+    let _server = qemu_nbd(&export, "raw", "exp", &qn, false);
+    let missing = dir.join("missing.sock").display().to_string();
+    let qn = qn.display().to_string();
+    let src = (
+        ADD,
+        json!({"driver": "raw", "node-name": "src", "file": file(&dir.join("base.raw"))}),
+    );
+    let tgt = (
+        ADD,
+        json!({"driver": "qcow2", "node-name": "tgt", "file": file(&dir.join("top.qcow2"))}),
+    );
+    let ro = (
+        ADD,
+        json!({"driver": "raw", "node-name": "ro", "read-only": true,
+               "file": {"driver": "file", "filename": dir.join("base.raw"), "read-only": true}}),
+    );
+    let mirror = |target: &str, existing: bool, format: Option<&str>| -> Step {
+        let mut a = json!({"device": "src", "job-id": "j", "target": target, "sync": "full"});
+        if existing {
+            a["mode"] = json!("existing");
+        }
+        if let Some(f) = format {
+            a["format"] = json!(f);
+        }
+        ("drive-mirror", a)
+    };
+    let cancel: Step = ("block-job-cancel", json!({"device": "j", "force": true}));
+    let child = (
+        ADD,
+        json!({"driver": "file", "node-name": "fchild", "filename": dir.join("mid.qcow2")}),
+    );
+    let parent = (
+        ADD,
+        json!({"driver": "raw", "node-name": "over", "file": "fchild"}),
+    );
+    let mut script: Vec<Step> = vec![src, tgt, ro, child, parent];
+    // A source must be a root node.
+    script.push((
+        "drive-mirror",
+        json!({"device": "fchild", "job-id": "j", "target": "nbd:", "sync": "full"}),
+    ));
+    script.push((
+        "blockdev-mirror",
+        json!({"device": "fchild", "job-id": "j", "target": "tgt", "sync": "full"}),
+    ));
+    for (target, existing) in [
+        (format!("nbd:unix:{missing}"), true),
+        (format!("nbd:unix:{missing}"), false),
+        (format!("nbd+unix:///exp?socket={missing}"), true),
+        ("nbd+unix:///x".into(), true),
+        (format!("nbd+unix:///exp?socket={qn}&foo=1"), true),
+        ("nbd://".into(), true),
+        ("nbd://127.0.0.1:99999/e".into(), true),
+        ("nbd://127.0.0.1:1/e".into(), true),
+        ("nbd+tcp://127.0.0.1:1/e".into(), true),
+        ("nbd:127.0.0.1:1:exportname=e".into(), true),
+        ("nbd:127.0.0.1".into(), true),
+        ("nbd:[::1]".into(), true),
+        ("nbd:".into(), true),
+        (format!("nbd:unix:{qn}:exportname="), true),
+        (format!("nbd:unix:{qn}:exportname=nope"), true),
+        (format!("nbd:unix:{qn}:exportname=nope"), false),
+        ("nbd+foo://x".into(), true),
+        ("foo:bar".into(), false),
+    ] {
+        script.push(mirror(&target, existing, Some("raw")));
+    }
+    // Mirrors that start: over each form of name, and with the format probed.
+    for (target, format) in [
+        (format!("nbd+unix:///exp?socket={qn}"), Some("raw")),
+        (format!("nbd:unix:{qn}:exportname=exp"), Some("nbd")),
+        (format!("nbd+unix:///exp?socket={qn}"), None),
+    ] {
+        script.push(mirror(&target, true, format));
+        script.push(cancel.clone());
+    }
+    script.push(mirror(
+        &format!("nbd+unix:///exp?socket={qn}"),
+        false,
+        Some("raw"),
+    ));
+    script.push(cancel.clone());
+    let bm = |extra: Value| -> Step {
+        (
+            "blockdev-mirror",
+            with(
+                json!({"device": "src", "target": "tgt", "sync": "full"}),
+                extra,
+            ),
+        )
+    };
+    // While a mirror runs (throttled), its source and its target are the job's.
+    let t2 = dir.join("t2.raw");
+    qemu_img_create("raw", &t2, "1M");
+    script.extend([
+        (
+            ADD,
+            json!({"driver": "raw", "node-name": "t2", "file": file(&t2)}),
+        ),
+        bm(json!({"target": "t2", "job-id": "bj", "speed": 1})),
+        bm(json!({"device": "t2", "target": "tgt", "job-id": "k"})),
+        bm(json!({"device": "tgt", "target": "t2", "job-id": "k"})),
+        (
+            "drive-mirror",
+            json!({"device": "t2", "job-id": "k", "target": "nbd:", "sync": "full"}),
+        ),
+        ("block_resize", json!({"node-name": "t2", "size": 2 << 20})),
+        ("blockdev-del", json!({"node-name": "t2"})),
+        ("blockdev-del", json!({"node-name": "src"})),
+        ("block-job-cancel", json!({"device": "bj", "force": true})),
+        ("blockdev-del", json!({"node-name": "t2"})),
+    ]);
+    script.extend([
+        bm(json!({"target": "nope"})),
+        bm(json!({"device": "nope"})),
+        bm(json!({"target": "src", "job-id": "j"})),
+        bm(json!({"target": "ro", "job-id": "j"})),
+        bm(json!({"job-id": "j", "granularity": 3})),
+        bm(json!({"job-id": "j", "granularity": 3000})),
+        bm(json!({"job-id": "j", "sync": "incremental", "buf-size": -1})),
+        bm(json!({"job-id": "j", "target": "src", "buf-size": -1})),
+        bm(json!({})),
+        bm(json!({"job-id": "j", "speed": -1})),
+        (
+            "block-job-change",
+            json!({"id": "nope", "type": "mirror", "copy-mode": "write-blocking"}),
+        ),
+        ("block-job-change", json!({"id": "nope", "type": "mirror"})),
+    ]);
+    compare(&dir, &script);
 }

@@ -159,6 +159,8 @@ pub struct BlockNode {
     claims: perm::Claims,
     /// The dirty bitmaps of the jobs that watch this node (see [`crate::jobs::dirty`]).
     pub(crate) dirty: crate::jobs::dirty::Tracker,
+    /// The devices attached to it (see [`Attached`]).
+    users: std::sync::Mutex<Vec<std::sync::Weak<Attached>>>,
 }
 
 fn eperm() -> io::Error {
@@ -196,6 +198,7 @@ impl BlockNode {
             depth: below + 1,
             claims: perm::Claims::default(),
             dirty: Default::default(),
+            users: Default::default(),
         })
     }
 
@@ -562,12 +565,18 @@ impl BlockDevice for BlockNode {
     async fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let r = self.write_inner(buf, offset, fua).await;
         self.dirty.mark(offset, buf.len() as u64);
+        if r.is_ok() {
+            self.dirty.write_through(buf, offset).await;
+        }
         r
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> io::Result<()> {
         let r = self.zeroes_inner(offset, length, may_unmap).await;
         self.dirty.mark(offset, length);
+        if r.is_ok() {
+            self.dirty.zeroes_through(offset, length, may_unmap).await;
+        }
         r
     }
 
@@ -714,16 +723,26 @@ impl BlockNode {
 
 /// A user's hold on a node that is also the device it uses: an NBD export's device.
 /// Dropping it (the export is gone) releases the claim.
+///
+/// A mirror that completes moves it to its target, as QEMU's `bdrv_replace_node` moves
+/// every parent of the source: it waits for the user's requests in flight and holds new
+/// ones ([`Attached::quiesce`]), then [`Attached::replace`]s the node. Each node lists
+/// the users attached to it for that ([`BlockNode::users`]).
 #[derive(Debug)]
 pub struct Attached {
-    claim: Claim,
+    claim: std::sync::RwLock<Claim>,
+    mode: crate::block::lock::LockMode,
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// An [`Attached`] user's requests wait while this is held.
+pub type UserQuiesced = tokio::sync::OwnedRwLockWriteGuard<()>;
 
 impl Attached {
     /// Claims `node` for a block device that reads it, and writes it if `writable`, in the
     /// two steps QEMU's exports take (attach sharing everything, then stop sharing resize,
     /// as an export's size is fixed), so conflicts are reported as QEMU reports them.
-    pub fn export(node: &Arc<BlockNode>, writable: bool) -> Result<Self, QmpError> {
+    pub fn export(node: &Arc<BlockNode>, writable: bool) -> Result<Arc<Self>, QmpError> {
         use crate::block::lock::{LockMode, Perms};
         let perm = if writable {
             Perms::CONSISTENT_READ.with(Perms::WRITE)
@@ -739,15 +758,52 @@ impl Attached {
                 shared: Perms::ALL,
             },
         )?;
-        claim.update(LockMode {
+        let mode = LockMode {
             perm,
             shared: Perms::ALL.without(Perms::RESIZE),
-        })?;
-        Ok(Self { claim })
+        };
+        claim.update(mode)?;
+        let me = Arc::new(Self {
+            claim: std::sync::RwLock::new(claim),
+            mode,
+            gate: Arc::default(),
+        });
+        node.attach_user(&me);
+        Ok(me)
     }
 
-    pub fn node(&self) -> &Arc<BlockNode> {
-        self.claim.node()
+    /// The node the device uses now.
+    pub fn node(&self) -> Arc<BlockNode> {
+        self.claim
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .node()
+            .clone()
+    }
+
+    /// Waits until no request is in flight; none starts until the guard is dropped.
+    pub async fn quiesce(&self) -> UserQuiesced {
+        self.gate.clone().write_owned().await
+    }
+
+    /// Moves the device to `node` with the same permissions (the caller holds
+    /// `_quiesced`). On a conflict the device stays where it was.
+    pub fn replace(
+        self: &Arc<Self>,
+        node: &Arc<BlockNode>,
+        _quiesced: &UserQuiesced,
+    ) -> Result<(), QmpError> {
+        let claim = Claim::new(node, User::Device, Role::Root, self.mode)?;
+        let old = std::mem::replace(
+            &mut *self
+                .claim
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            claim,
+        );
+        old.node().detach_user(self);
+        node.attach_user(self);
+        Ok(())
     }
 }
 
@@ -761,27 +817,61 @@ impl BlockDevice for Attached {
     }
 
     async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _g = self.gate.read().await;
         self.node().read(buf, offset).await
     }
 
     async fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let _g = self.gate.read().await;
         self.node().write(buf, offset, fua).await
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> io::Result<()> {
+        let _g = self.gate.read().await;
         self.node().write_zeroes(offset, length, may_unmap).await
     }
 
     async fn discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _g = self.gate.read().await;
         self.node().discard(offset, length).await
     }
 
     async fn flush(&self) -> io::Result<()> {
+        let _g = self.gate.read().await;
         self.node().flush().await
     }
 
     async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let _g = self.gate.read().await;
         self.node().block_status(offset, length).await
+    }
+}
+
+impl BlockNode {
+    /// The devices attached to the node (exports), as far as they are alive.
+    pub fn users(&self) -> Vec<Arc<Attached>> {
+        self.users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
+    fn attach_user(&self, user: &Arc<Attached>) {
+        let mut users = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        users.retain(|u| u.strong_count() > 0);
+        users.push(Arc::downgrade(user));
+    }
+
+    fn detach_user(&self, user: &Arc<Attached>) {
+        self.users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|u| u.strong_count() > 0 && !std::ptr::eq(u.as_ptr(), Arc::as_ptr(user)));
     }
 }
 
@@ -1037,6 +1127,12 @@ impl Graph {
                     node.unwrap_or_default()
                 ))
             })
+    }
+
+    /// Whether no node has `node` as a child (QEMU's `bdrv_is_root_node`: devices and
+    /// exports do not count).
+    pub fn is_root(&self, node: &Arc<BlockNode>) -> bool {
+        self.parents(node).is_empty()
     }
 
     /// Nodes that have `node` as a child, with the role.

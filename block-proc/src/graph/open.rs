@@ -759,58 +759,90 @@ impl<'a> Adder<'a> {
             .as_ref()
             .and_then(|p| self.fds.remove(p))
             .ok_or_else(|| err("blockdev-add: the monitor sent no connection for this NBD node"))?;
-        let export = o.export.clone().unwrap_or_default();
-        let client = NbdClient::connect_fd(fd, &export).await.map_err(|e| {
+        nbd_node(
+            fd,
+            &o.server,
+            o.export.as_deref(),
+            name,
+            (eff.read_only, eff.auto_read_only),
+            options,
+        )
+        .await
+    }
+}
+
+/// A `raw` node over all of `child`, as QEMU opens a protocol node given `format: raw`
+/// (drive-mirror's NBD targets).
+pub fn raw_node(
+    name: String,
+    child: &Arc<BlockNode>,
+    options: NodeOptions,
+) -> Result<Arc<BlockNode>, QmpError> {
+    // A raw node passes its users' claims on: with none yet, it takes nothing.
+    let claim = Claim::new(child, User::Node(name.clone()), Role::File, LockMode::NONE)?;
+    let desc = json!({"driver": "raw", "file": child.desc().clone()});
+    Ok(BlockNode::new(
+        name,
+        Driver::Raw,
+        Kind::Raw {
+            file: claim,
+            offset: 0,
+            size: None,
+        },
+        child.is_read_only(),
+        options,
+        child.filename().to_string(),
+        desc,
+    ))
+}
+
+/// An `nbd` node over a socket the monitor connected to `server` (a flat QAPI
+/// `SocketAddress`): runs the handshake for `export`. `(read_only, auto_read_only)`: how
+/// the node asks to be opened; a read-only export becomes a read-only node only with
+/// `auto-read-only`.
+pub async fn nbd_node(
+    fd: OwnedFd,
+    server: &Map<String, Value>,
+    export: Option<&str>,
+    name: String,
+    (read_only, auto_read_only): (bool, bool),
+    options: NodeOptions,
+) -> Result<Arc<BlockNode>, QmpError> {
+    let client = NbdClient::connect_fd(fd, export.unwrap_or_default())
+        .await
+        .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 err("Requested export not available")
             } else {
                 err(ipc::common::os_error_text(&e))
             }
         })?;
-        let mut read_only = eff.read_only;
-        if client.read_only() && !read_only {
-            if eff.auto_read_only {
-                read_only = true;
-            } else {
-                return Err(err("Could not open image: Permission denied"));
-            }
-        }
-        let str_of = |k: &str| o.server.get(k).and_then(Value::as_str).unwrap_or_default();
-        let suffix = if export.is_empty() {
-            String::new()
+    let mut read_only = read_only;
+    if client.read_only() && !read_only {
+        if auto_read_only {
+            read_only = true;
         } else {
-            format!("/{export}")
-        };
-        let filename = match str_of("type") {
-            "inet" => {
-                let host = str_of("host");
-                let host = if host.contains(':') && !host.starts_with('[') {
-                    format!("[{host}]")
-                } else {
-                    host.to_string()
-                };
-                format!("nbd://{host}:{}{suffix}", str_of("port"))
-            }
-            _ => format!("nbd+unix://{suffix}?socket={}", str_of("path")),
-        };
-        let mut desc = Map::new();
-        desc.insert("driver".into(), json!("nbd"));
-        if o.export.is_some() {
-            desc.insert("export".into(), json!(export));
+            return Err(err("Could not open image: Permission denied"));
         }
-        desc.insert("server".into(), Value::Object(o.server.clone()));
-        Ok(BlockNode::new(
-            name,
-            Driver::Nbd,
-            Kind::Nbd {
-                client: Arc::new(client),
-            },
-            read_only,
-            options,
-            filename,
-            Value::Object(desc),
-        ))
     }
+    let filename = ipc::nbd_uri::nbd_filename(server, export);
+    let mut desc = Map::new();
+    desc.insert("driver".into(), json!("nbd"));
+    if let Some(e) = export {
+        desc.insert("export".into(), json!(e));
+    }
+    desc.insert("server".into(), Value::Object(server.clone()));
+    Ok(BlockNode::new(
+        name,
+        Driver::Nbd,
+        Kind::Nbd {
+            client: Arc::new(client),
+        },
+        read_only,
+        options,
+        filename,
+        Value::Object(desc),
+    ))
 }
 
 /// QEMU's QDict hash of a key (`tdb_hash`), modulo its 512 buckets: a QDict iterates its

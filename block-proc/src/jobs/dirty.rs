@@ -7,9 +7,24 @@
 //! after the read marks it again and the range is copied again.
 //!
 //! With no bitmap attached, a write costs one atomic load.
+//!
+//! A mirror in `copy-mode: write-blocking` also registers a [`WriteThrough`]: a write that
+//! reached the node is then written to the mirror's target before it completes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// A future a [`WriteThrough`] returns.
+pub type ThroughFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Where a node's writes are copied synchronously (a write-blocking mirror's target).
+/// Failures are the copier's to handle: the write to the node itself has succeeded.
+pub trait WriteThrough: Send + Sync {
+    fn write<'a>(&'a self, buf: &'a [u8], offset: u64) -> ThroughFuture<'a>;
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> ThroughFuture<'_>;
+}
 
 /// One bit per granule of a device of fixed size.
 #[derive(Debug)]
@@ -143,6 +158,13 @@ impl DirtyBitmap {
 pub struct Tracker {
     attached: AtomicUsize,
     maps: Mutex<Vec<Arc<DirtyBitmap>>>,
+    through: Mutex<Option<Arc<dyn WriteThrough>>>,
+}
+
+impl std::fmt::Debug for dyn WriteThrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteThrough")
+    }
 }
 
 impl Tracker {
@@ -161,6 +183,37 @@ impl Tracker {
         let mut maps = self.lock();
         maps.retain(|m| !Arc::ptr_eq(m, map));
         self.attached.store(maps.len(), Ordering::Release);
+    }
+
+    /// From now on (`Some`), or no longer (`None`), writes to the node are copied to `w`
+    /// before they complete. Only with a bitmap attached.
+    pub fn set_write_through(&self, w: Option<Arc<dyn WriteThrough>>) {
+        *self.through.lock().unwrap_or_else(PoisonError::into_inner) = w;
+    }
+
+    fn through(&self) -> Option<Arc<dyn WriteThrough>> {
+        if self.attached.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.through
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A write of `buf` at `offset` succeeded: copies it where writes go through.
+    pub async fn write_through(&self, buf: &[u8], offset: u64) {
+        if let Some(w) = self.through() {
+            w.write(buf, offset).await;
+        }
+    }
+
+    /// The same for a write of zeroes. (A discard is not copied: what the node reads
+    /// after it depends on the node. Its range is dirty, for the background copy.)
+    pub async fn zeroes_through(&self, offset: u64, len: u64, unmap: bool) {
+        if let Some(w) = self.through() {
+            w.write_zeroes(offset, len, unmap).await;
+        }
     }
 
     /// A write to `[offset, offset+len)` completed (or failed: its range may have changed).

@@ -2,9 +2,10 @@
 //! copying what is written to the source meanwhile (a [`DirtyBitmap`] on the source node,
 //! fed by every write that reaches it), reports READY once both are in sync, and then
 //!
-//! - `block-job-complete`: quiesces the drive's requests, copies what is still dirty,
-//!   flushes the target and switches the drive to the target (the pivot); the guest goes
-//!   on with the target and no write is lost, since none is in flight at that moment;
+//! - `block-job-complete`: quiesces the drive's requests (and the source's exports'),
+//!   copies what is still dirty, flushes the target and switches the drive and the
+//!   exports to the target (the pivot); the guest goes on with the target and no write is
+//!   lost, since none is in flight at that moment;
 //! - soft cancel after READY: the same final copy, no pivot: the target is a
 //!   point-in-time copy, and the job ends with BLOCK_JOB_COMPLETED;
 //! - force cancel (or any cancel before READY): the job ends with BLOCK_JOB_CANCELLED.
@@ -13,14 +14,16 @@
 //! no data for is written to the target as zeroes (unmapped with `unmap`), so holes stay
 //! holes in a sparse target.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ipc::QmpError;
 use ipc::block::ImageFormat;
+use ipc::nbd_uri::Target;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::dirty::DirtyBitmap;
+use super::dirty::{DirtyBitmap, ThroughFuture, WriteThrough};
 use super::{JobDriver, JobError, JobType, NewJob, OnError, RunFuture, SLICE};
 use crate::block::create::{create_qcow2, create_raw};
 use crate::block::gate::DirGate;
@@ -28,7 +31,7 @@ use crate::block::{Backing, Node, OpenOptions};
 use crate::commands::State;
 use crate::device::BlockDevice;
 use crate::drives::{Backend, Quiesced};
-use crate::graph::BlockNode;
+use crate::graph::{Attached, BlockNode, UserQuiesced};
 use crate::jobs::{ErrorAction, Job};
 
 /// `DEFAULT_MIRROR_BUF_SIZE`.
@@ -45,6 +48,35 @@ pub enum SyncMode {
     None,
     Incremental,
     Bitmap,
+}
+
+/// QAPI `MirrorCopyMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    #[default]
+    Background,
+    WriteBlocking,
+}
+
+/// `blockdev-mirror`'s arguments (`BlockdevMirror`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevMirror {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    replaces: Option<String>,
+    sync: SyncMode,
+    speed: Option<i64>,
+    granularity: Option<u64>,
+    buf_size: Option<i64>,
+    on_source_error: Option<OnError>,
+    on_target_error: Option<OnError>,
+    filter_node_name: Option<String>,
+    copy_mode: Option<CopyMode>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
 }
 
 /// `drive-mirror`'s arguments (`DriveMirror`).
@@ -65,9 +97,12 @@ pub struct DriveMirror {
     on_source_error: Option<OnError>,
     on_target_error: Option<OnError>,
     unmap: Option<bool>,
-    copy_mode: Option<String>,
+    copy_mode: Option<CopyMode>,
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
+    /// The monitor's failure to connect an NBD target (see [`ipc::nbd_uri`]).
+    #[serde(rename = "splitvmm-connect-error")]
+    connect_error: Option<String>,
 }
 
 /// The mirror job's driver. See the module documentation.
@@ -86,6 +121,11 @@ pub struct Mirror {
     /// An active commit (`commit_active_start`): the job's type is `commit`, and its
     /// `query-block-jobs` entry has no mirror members.
     commit: bool,
+    /// `copy-mode: write-blocking` (set once; `block-job-change` can only set it).
+    write_blocking: AtomicBool,
+    /// Every write since the job was last clean went to the target too (write-blocking,
+    /// and no copy to the target failed since).
+    actively_synced: Arc<AtomicBool>,
     inner: Mutex<Inner>,
     /// The graph's side of the end: `true` after a pivot, `false` when the target goes.
     finish: Box<dyn Fn(bool) + Send + Sync>,
@@ -116,6 +156,10 @@ struct Inner {
     should_complete: bool,
     /// The drive's requests wait from the final copy until the pivot (or its absence).
     quiesced: Option<Quiesced>,
+    /// So do those of the source's other users (exports), which the pivot moves too.
+    users: Vec<(Arc<Attached>, UserQuiesced)>,
+    /// `clean` ran: the target is no longer the job's.
+    cleaned: bool,
     pivoted: bool,
 }
 
@@ -125,6 +169,34 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 
 fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// A write-blocking mirror's copy of the source's writes (QEMU's `do_sync_target_write`).
+/// The written range stays dirty too, for the background copy: a copy of the same range
+/// that read the source before this write may land on the target after it (QEMU waits
+/// for such copies instead), and copying it again makes that harmless.
+struct Through {
+    target: Arc<BlockNode>,
+    synced: Arc<AtomicBool>,
+}
+
+impl Through {
+    fn done(&self, r: std::io::Result<()>) {
+        if let Err(e) = r {
+            tracing::debug!("mirror write-through: {e}; left to the background copy");
+            self.synced.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl WriteThrough for Through {
+    fn write<'a>(&'a self, buf: &'a [u8], offset: u64) -> ThroughFuture<'a> {
+        Box::pin(async move { self.done(self.target.write(buf, offset, false).await) })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> ThroughFuture<'_> {
+        Box::pin(async move { self.done(self.target.write_zeroes(offset, len, unmap).await) })
+    }
 }
 
 impl Mirror {
@@ -143,9 +215,20 @@ impl Mirror {
             unmap: true,
             zero_target: false,
             commit: true,
+            write_blocking: AtomicBool::new(false),
+            actively_synced: Arc::new(AtomicBool::new(false)),
             inner: Mutex::new(Inner::default()),
             finish: c.finish,
         })
+    }
+
+    /// Guest writes go through to the target from now on.
+    fn start_write_through(&self) {
+        let through = Through {
+            target: self.target.clone(),
+            synced: self.actively_synced.clone(),
+        };
+        self.source.dirty.set_write_through(Some(Arc::new(through)));
     }
 
     /// Marks what the sync mode copies at the start (`mirror_dirty_init`).
@@ -235,6 +318,7 @@ impl Mirror {
         e: std::io::Error,
     ) -> Result<(), JobError> {
         self.bitmap.mark(offset, bytes);
+        self.actively_synced.store(false, Ordering::Release);
         let policy = if read {
             self.on_source_error
         } else {
@@ -269,6 +353,9 @@ impl Mirror {
                 cursor = next;
                 continue;
             }
+            if self.write_blocking.load(Ordering::Acquire) {
+                self.actively_synced.store(true, Ordering::Release);
+            }
             if !job.is_ready() {
                 if let Err(e) = self.target.flush().await {
                     self.failed(&job, 0, 0, false, e)?;
@@ -278,20 +365,28 @@ impl Mirror {
             }
             let complete = lock(&self.inner).should_complete;
             if complete || job.cancel_requested() {
-                // The final copy: no request to the drive in flight, none starting.
+                // The final copy: no request to the drive or to another user of the
+                // source (an export) in flight, none starting.
                 let quiesced = match &self.backend {
                     Some(b) => Some(b.quiesce().await),
                     None => None,
                 };
+                let mut users = Vec::new();
+                for user in self.source.users() {
+                    let held = user.quiesce().await;
+                    users.push((user, held));
+                }
                 if self.bitmap.dirty_bytes() > 0 {
                     continue;
                 }
                 if let Err(e) = self.target.flush().await {
-                    drop(quiesced);
+                    drop((quiesced, users));
                     self.failed(&job, 0, 0, false, e)?;
                     continue;
                 }
-                lock(&self.inner).quiesced = quiesced;
+                let mut inner = lock(&self.inner);
+                inner.quiesced = quiesced;
+                inner.users = users;
                 return Ok(());
             }
             job.sleep(SLICE).await;
@@ -311,16 +406,29 @@ impl JobDriver for Mirror {
             if let (Some(backend), Some(q)) = (&self.backend, &inner.quiesced) {
                 backend.replace(self.target.clone(), q);
             }
+            // Exports follow, as every parent of QEMU's source does.
+            for (user, q) in &inner.users {
+                if let Err(e) = user.replace(&self.target, q) {
+                    tracing::warn!(
+                        "mirror: an export of {} stays there: {}",
+                        self.source.name(),
+                        e.desc
+                    );
+                }
+            }
             inner.pivoted = true;
         }
         Ok(())
     }
 
     fn clean(&self, _job: &Job) {
+        self.source.dirty.set_write_through(None);
         self.source.dirty.detach(&self.bitmap);
         let pivoted = {
             let mut inner = lock(&self.inner);
             inner.quiesced = None;
+            inner.users.clear();
+            inner.cleaned = true;
             inner.pivoted
         };
         (self.finish)(pivoted);
@@ -336,11 +444,50 @@ impl JobDriver for Mirror {
         Some(Ok(()))
     }
 
-    fn query_extra(&self, out: &mut Map<String, Value>) {
-        // Background copy mode only: never actively synced.
-        if !self.commit {
-            out.insert("actively-synced".into(), false.into());
+    fn also_blocks(&self) -> Vec<String> {
+        if lock(&self.inner).cleaned {
+            Vec::new()
+        } else {
+            vec![self.target.name().to_string()]
         }
+    }
+
+    fn query_extra(&self, out: &mut Map<String, Value>) {
+        // An active commit's entry has no mirror members.
+        if !self.commit {
+            let synced = self.actively_synced.load(Ordering::Acquire);
+            out.insert("actively-synced".into(), synced.into());
+        }
+    }
+
+    /// `mirror_change`: only background → write-blocking. (A `type` other than mirror
+    /// has no `copy-mode`, which QEMU then reads as background.)
+    fn change(&self, args: &Map<String, Value>) -> Result<(), QmpError> {
+        let wanted = match args.get("copy-mode").and_then(Value::as_str) {
+            Some("write-blocking") => CopyMode::WriteBlocking,
+            _ => CopyMode::Background,
+        };
+        let current = if self.write_blocking.load(Ordering::Acquire) {
+            CopyMode::WriteBlocking
+        } else {
+            CopyMode::Background
+        };
+        if wanted == current {
+            return Ok(());
+        }
+        if wanted == CopyMode::Background {
+            return Err(QmpError::generic(
+                "Change to copy mode 'background' is not implemented",
+            ));
+        }
+        if self
+            .write_blocking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.start_write_through();
+        }
+        Ok(())
     }
 }
 
@@ -360,18 +507,61 @@ fn format_of(name: &str) -> Result<ImageFormat, QmpError> {
     }
 }
 
+/// What `drive-mirror` and `blockdev-mirror` share once the target is open
+/// (`blockdev_mirror_common` + `mirror_start_job`).
+struct Start {
+    job_id: Option<String>,
+    source: Arc<BlockNode>,
+    device: Option<String>,
+    blocked: String,
+    target: Arc<BlockNode>,
+    /// The nodes the command made (drive-mirror: the target and an NBD target's protocol
+    /// node), newest last: they leave the graph (closed) unless the job pivots to them.
+    own: Vec<String>,
+    sync: SyncMode,
+    zero_target: bool,
+    granularity: Option<u64>,
+    buf_size: Option<i64>,
+    speed: Option<i64>,
+    on_source_error: Option<OnError>,
+    on_target_error: Option<OnError>,
+    unmap: bool,
+    copy_mode: CopyMode,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+/// `sync: top` on a source without a backing file is `full`.
+fn effective_sync(sync: SyncMode, backed: bool) -> SyncMode {
+    if sync == SyncMode::Top && !backed {
+        SyncMode::Full
+    } else {
+        sync
+    }
+}
+
 impl State {
     /// `drive-mirror` (`qmp_drive_mirror` + `blockdev_mirror_common` + `mirror_start_job`),
-    /// its checks in QEMU's order.
-    pub(crate) async fn drive_mirror(&self, a: DriveMirror) -> Result<Value, QmpError> {
-        let source = self.graph().lookup(Some(&a.device), Some(&a.device))?;
+    /// its checks in QEMU's order. `fds`: the monitor's connection to an NBD target.
+    pub(crate) async fn drive_mirror(
+        &self,
+        a: DriveMirror,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Value, QmpError> {
+        let source = self.root_source(&a.device)?;
         let device = self.graph().device_of(source.name());
         let blocked = device.clone().unwrap_or_else(|| source.name().to_string());
         self.jobs.check_blocker(&[&blocked])?;
         let existing = a.mode.as_deref() == Some("existing");
+        // A bad name is reported where QEMU opens the target, below.
+        let parsed = ipc::nbd_uri::parse_target(&a.target);
+        let nbd = matches!(parsed, Ok(Target::Nbd(_)));
         let source_image = source.image();
         let source_format = source_image.as_ref().map(|i| i.format());
         let format = match (&a.format, source_format) {
+            // An NBD export is raw to splitvmm, the only format it reads over NBD.
+            (Some(f), _) if nbd && matches!(f.as_str(), "raw" | "nbd") => ImageFormat::Raw,
+            (None, _) if nbd && existing => ImageFormat::Raw,
             (Some(f), _) => format_of(f)?,
             (None, Some(f)) => f,
             (None, None) => {
@@ -381,20 +571,7 @@ impl State {
             }
         };
         let source_backing = source_image.as_ref().and_then(|i| i.backing());
-        let mut sync = a.sync;
-        if matches!(sync, SyncMode::Incremental | SyncMode::Bitmap) {
-            let name = if sync == SyncMode::Bitmap {
-                "bitmap"
-            } else {
-                "incremental"
-            };
-            return Err(QmpError::generic(format!(
-                "Sync mode '{name}' not supported"
-            )));
-        }
-        if source_backing.is_none() && sync == SyncMode::Top {
-            sync = SyncMode::Full;
-        }
+        let sync = effective_sync(a.sync, source_backing.is_some());
         // The target's backing: the source's backing (top), the source itself (none).
         let target_backing: Option<Arc<Node>> = match sync {
             SyncMode::None => source_image.clone(),
@@ -412,11 +589,6 @@ impl State {
                 "drive-mirror: 'replaces' is not supported",
             ));
         }
-        if a.copy_mode.as_deref() == Some("write-blocking") {
-            return Err(QmpError::generic(
-                "drive-mirror: copy-mode 'write-blocking' is not supported",
-            ));
-        }
         if let Some(n) = &a.node_name {
             let graph = self.graph();
             if !ipc::common::id_wellformed(n) {
@@ -428,44 +600,250 @@ impl State {
                 )));
             }
         }
+        // The nodes this command makes, besides the target (an NBD target's protocol node).
+        let mut own: Vec<String> = Vec::new();
+        let (target, zero_target) = match parsed.map_err(QmpError::generic)? {
+            Target::File(path) => {
+                let image = self
+                    .mirror_file_target(&path, existing, format, size, target_backing.as_ref())
+                    .await?;
+                let name = self.target_name(a.node_name.clone());
+                let read_only = image.read_only();
+                let node = BlockNode::drive(name, image, read_only);
+                (node, sync == SyncMode::Full && existing)
+            }
+            Target::Nbd(t) => {
+                if let Some(e) = &a.connect_error {
+                    return Err(nbd_open_error(existing, e));
+                }
+                if format != ImageFormat::Raw {
+                    return Err(QmpError::generic(
+                        "splitvmm writes NBD exports in format raw only: give format 'raw'",
+                    ));
+                }
+                if target_backing.is_some() && !existing {
+                    return Err(QmpError::generic(
+                        "Backing file not supported for file format 'raw'",
+                    ));
+                }
+                let fd = fds.into_iter().next().ok_or_else(|| {
+                    QmpError::generic("drive-mirror: the monitor sent no NBD connection")
+                })?;
+                // `format: nbd` is the protocol node itself; `raw` (or probed) a raw
+                // node over it, named as the target, the protocol node named by splitvmm.
+                let bare = a.format.as_deref() == Some("nbd");
+                let name = self.target_name(a.node_name.clone());
+                let child_name = if bare {
+                    name.clone()
+                } else {
+                    self.target_name(None)
+                };
+                let forget = |names: &[String]| {
+                    self.graph().remove_all(names);
+                };
+                let nbd_node = match crate::graph::open::nbd_node(
+                    fd,
+                    &t.server,
+                    t.export.as_deref(),
+                    child_name.clone(),
+                    (false, false),
+                    crate::graph::NodeOptions::DRIVE,
+                )
+                .await
+                {
+                    Ok(n) => n,
+                    Err(e) => {
+                        forget(&[name.clone(), child_name.clone()]);
+                        return Err(nbd_open_error(existing, &e.desc));
+                    }
+                };
+                if existing && a.format.is_none() && probe_qcow2(&nbd_node).await {
+                    nbd_node.close().await;
+                    forget(&[name.clone(), child_name.clone()]);
+                    return Err(QmpError::generic(
+                        "splitvmm reads no qcow2 image over NBD: the export holds one",
+                    ));
+                }
+                let node = if bare {
+                    nbd_node
+                } else {
+                    self.graph().insert(nbd_node.clone(), false);
+                    own.push(child_name);
+                    let raw = crate::graph::open::raw_node(
+                        name.clone(),
+                        &nbd_node,
+                        crate::graph::NodeOptions::DRIVE,
+                    );
+                    match raw {
+                        Ok(r) => r,
+                        Err(e) => {
+                            forget(std::slice::from_ref(&name));
+                            let gone = self.graph().remove_all(&own);
+                            for n in gone {
+                                n.close().await;
+                            }
+                            return Err(e);
+                        }
+                    }
+                };
+                // An export does not read as zeroes to begin with.
+                (node, sync == SyncMode::Full)
+            }
+        };
+        self.graph().insert(target.clone(), false);
+        self.start_mirror(Start {
+            job_id: a.job_id,
+            source,
+            device,
+            blocked,
+            own: {
+                own.push(target.name().to_string());
+                own
+            },
+            target,
+            sync,
+            zero_target,
+            granularity: a.granularity,
+            buf_size: a.buf_size,
+            speed: a.speed,
+            on_source_error: a.on_source_error,
+            on_target_error: a.on_target_error,
+            unmap: a.unmap.unwrap_or(true),
+            copy_mode: a.copy_mode.unwrap_or_default(),
+            auto_finalize: a.auto_finalize,
+            auto_dismiss: a.auto_dismiss,
+        })
+        .await
+    }
+
+    /// `blockdev-mirror`: between two nodes of the graph; the target's own backing stays
+    /// as the user built it (`MIRROR_LEAVE_BACKING_CHAIN`), and the target is pre-zeroed
+    /// for `sync: full`.
+    pub(crate) async fn blockdev_mirror(&self, a: BlockdevMirror) -> Result<Value, QmpError> {
+        let source = self.root_source(&a.device)?;
+        let device = self.graph().device_of(source.name());
+        let blocked = device.clone().unwrap_or_else(|| source.name().to_string());
+        let target = self.graph().lookup(Some(&a.target), Some(&a.target))?;
+        self.jobs.check_blocker(&[&blocked])?;
+        let target_blocked = self
+            .graph()
+            .device_of(target.name())
+            .unwrap_or_else(|| target.name().to_string());
+        self.jobs.check_blocker(&[&target_blocked])?;
+        if a.replaces.is_some() {
+            return Err(QmpError::generic(
+                "blockdev-mirror: 'replaces' is not supported",
+            ));
+        }
+        if a.filter_node_name.is_some() {
+            return Err(QmpError::generic(
+                "blockdev-mirror: 'filter-node-name' is not supported",
+            ));
+        }
+        let backed =
+            source.image().and_then(|i| i.backing()).is_some() || source.backing().is_some();
+        let sync = effective_sync(a.sync, backed);
+        self.start_mirror(Start {
+            job_id: a.job_id,
+            source,
+            device,
+            blocked,
+            target,
+            own: Vec::new(),
+            sync,
+            zero_target: sync == SyncMode::Full,
+            granularity: a.granularity,
+            buf_size: a.buf_size,
+            speed: a.speed,
+            on_source_error: a.on_source_error,
+            on_target_error: a.on_target_error,
+            unmap: true,
+            copy_mode: a.copy_mode.unwrap_or_default(),
+            auto_finalize: a.auto_finalize,
+            auto_dismiss: a.auto_dismiss,
+        })
+        .await
+    }
+
+    /// A mirror's source (`qmp_get_root_bs`): a device or node name, of a root node (not
+    /// one a mirror uses: QEMU has put a node above it).
+    fn root_source(&self, name: &str) -> Result<Arc<BlockNode>, QmpError> {
+        let graph = self.graph();
+        let node = graph.lookup(Some(name), Some(name))?;
+        // A device name finds the device's top node, which is the mirror filter when the
+        // device is being mirrored: that is a root (and its job's op blocker answers).
+        if !graph.is_root(&node) || (!graph.is_device(name) && self.jobs.in_mirror(name)) {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        Ok(node)
+    }
+
+    /// A drive-mirror target's node name: the given one, or a generated one.
+    fn target_name(&self, given: Option<String>) -> String {
+        let mut graph = self.graph();
+        let name = given.unwrap_or_else(|| graph.auto_name());
+        graph.reserve(name.clone());
+        name
+    }
+
+    /// Creates (unless `existing`) and opens a drive-mirror target file.
+    async fn mirror_file_target(
+        &self,
+        path: &str,
+        existing: bool,
+        format: ImageFormat,
+        size: u64,
+        target_backing: Option<&Arc<Node>>,
+    ) -> Result<Arc<Node>, QmpError> {
         let gate = DirGate::new(&self.image_dirs);
         if !existing {
-            let path = std::path::Path::new(&a.target);
-            let dir = match path.parent() {
+            let p = std::path::Path::new(path);
+            let dir = match p.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => std::path::PathBuf::from("."),
             };
             gate.admit(&dir.display().to_string())
                 .map_err(|e| QmpError::generic(e.to_string()))?;
-            let backing = target_backing
-                .as_ref()
-                .map(|b| (b.filename().to_string(), b.format()));
+            let backing = target_backing.map(|b| (b.filename().to_string(), b.format()));
             let created = match (format, &backing) {
                 (ImageFormat::Raw, Some(_)) => {
                     return Err(QmpError::generic(
                         "Backing file not supported for file format 'raw'",
                     ));
                 }
-                (ImageFormat::Raw, None) => create_raw(&a.target, size).await,
+                (ImageFormat::Raw, None) => create_raw(path, size).await,
                 (ImageFormat::Qcow2, b) => {
                     let b = b.as_ref().map(|(n, f)| (n.as_str(), *f));
-                    create_qcow2(&a.target, size, 65536, b).await
+                    create_qcow2(path, size, 65536, b).await
                 }
             };
             created.map_err(|e| QmpError::generic(e.to_string()))?;
         }
-        let backing = match (&target_backing, existing) {
+        let backing = match (target_backing, existing) {
             (Some(b), false) => Backing::Node(b.clone()),
             (None, false) => Backing::None,
             (_, true) => Backing::Default,
         };
-        let opts = OpenOptions::new(a.target.clone(), format, &self.image_dirs).backing(backing);
-        let image = Node::open(opts)
+        let opts = OpenOptions::new(path.to_string(), format, &self.image_dirs).backing(backing);
+        Node::open(opts)
             .await
-            .map_err(|e| QmpError::generic(e.to_string()))?;
-        let zero_target = sync == SyncMode::Full && existing;
-        // blockdev_mirror_common's checks.
-        let granularity = a.granularity.unwrap_or(0);
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+
+    /// `blockdev_mirror_common`'s checks, then the job.
+    async fn start_mirror(&self, s: Start) -> Result<Value, QmpError> {
+        let result = self.start_mirror_inner(&s);
+        if result.is_err() {
+            let gone = self.graph().remove_all(&s.own);
+            for n in gone {
+                n.close().await;
+            }
+        }
+        result
+    }
+
+    fn start_mirror_inner(&self, s: &Start) -> Result<Value, QmpError> {
+        let granularity = s.granularity.unwrap_or(0);
         if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
             return Err(QmpError::generic(
                 "Parameter 'granularity' expects a value in range [512B, 64MB]",
@@ -476,94 +854,123 @@ impl State {
                 "Parameter 'granularity' expects a power of 2",
             ));
         }
-        let buf_size = match a.buf_size {
+        if let SyncMode::Incremental | SyncMode::Bitmap = s.sync {
+            let name = if s.sync == SyncMode::Bitmap {
+                "bitmap"
+            } else {
+                "incremental"
+            };
+            return Err(QmpError::generic(format!(
+                "Sync mode '{name}' not supported"
+            )));
+        }
+        let buf_size = match s.buf_size {
             Some(n) if n < 0 => return Err(QmpError::generic("Invalid parameter 'buf-size'")),
             Some(0) | None => DEFAULT_BUF_SIZE,
             Some(n) => n as u64,
         };
-        let target_name = {
-            let mut graph = self.graph();
-            let name = a.node_name.clone().unwrap_or_else(|| graph.auto_name());
-            graph.reserve(name.clone());
-            name
-        };
-        let read_only = image.read_only();
-        let target = BlockNode::drive(target_name.clone(), image, read_only);
-        self.graph().insert(target.clone(), false);
+        if Arc::ptr_eq(&s.source, &s.target) {
+            return Err(QmpError::generic("Can't mirror node into itself"));
+        }
+        if s.target.is_read_only() {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
         let granularity = if granularity == 0 {
-            default_granularity(&target)
+            default_granularity(&s.target)
         } else {
             granularity
         };
         let buf_size = buf_size.next_multiple_of(granularity);
-        let backend = device.as_ref().and_then(|d| {
+        let backend = s.device.as_ref().and_then(|d| {
             self.drives
                 .drives
                 .iter()
                 .find(|x| &x.config.id == d)
                 .map(|x| x.backend.clone())
         });
+        let size = s.source.size();
         let bitmap = Arc::new(DirtyBitmap::new(size, granularity));
+        let synced = Arc::new(AtomicBool::new(false));
         let new = NewJob {
-            id: a
+            id: s
                 .job_id
                 .clone()
-                .unwrap_or_else(|| device.clone().unwrap_or_default()),
+                .unwrap_or_else(|| s.device.clone().unwrap_or_default()),
             kind: JobType::Mirror,
-            blocked_node: blocked,
-            speed: a.speed.unwrap_or(0),
-            auto_finalize: a.auto_finalize.unwrap_or(true),
-            auto_dismiss: a.auto_dismiss.unwrap_or(true),
+            blocked_node: s.blocked.clone(),
+            speed: s.speed.unwrap_or(0),
+            auto_finalize: s.auto_finalize.unwrap_or(true),
+            auto_dismiss: s.auto_dismiss.unwrap_or(true),
         };
         let graph = self.graph_handle();
         let finish = {
-            let (device, target, target_name) = (device.clone(), target.clone(), target_name);
+            let (device, target, own) = (s.device.clone(), s.target.clone(), s.own.clone());
             move |pivoted: bool| {
-                let gone = match (&graph.upgrade(), pivoted, &device) {
-                    (Some(g), true, Some(d)) => {
-                        crate::commands::lock_graph(g).replace_device(d, &target)
-                    }
-                    (Some(g), _, _) => crate::commands::lock_graph(g)
-                        .remove_all(std::slice::from_ref(&target_name))
-                        .pop(),
-                    _ => None,
+                let gone: Vec<Arc<BlockNode>> = match (&graph.upgrade(), pivoted, &device) {
+                    (Some(g), true, Some(d)) => crate::commands::lock_graph(g)
+                        .replace_device(d, &target)
+                        .into_iter()
+                        .collect(),
+                    (Some(g), false, _) => crate::commands::lock_graph(g).remove_all(&own),
+                    _ => Vec::new(),
                 };
-                if let Some(node) = gone {
-                    tokio::spawn(async move { node.close().await });
+                if !gone.is_empty() {
+                    tokio::spawn(async move {
+                        for node in gone {
+                            node.close().await;
+                        }
+                    });
                 }
             }
         };
         let make = || -> Result<Arc<dyn JobDriver>, QmpError> {
             Ok(Arc::new(Mirror {
-                source: source.clone(),
-                target: target.clone(),
+                source: s.source.clone(),
+                target: s.target.clone(),
                 backend,
                 bitmap: bitmap.clone(),
-                sync,
+                sync: s.sync,
                 buf_size,
-                on_source_error: a.on_source_error.unwrap_or_default(),
-                on_target_error: a.on_target_error.unwrap_or_default(),
-                unmap: a.unmap.unwrap_or(true),
-                zero_target,
+                on_source_error: s.on_source_error.unwrap_or_default(),
+                on_target_error: s.on_target_error.unwrap_or_default(),
+                unmap: s.unmap,
+                zero_target: s.zero_target,
+                write_blocking: AtomicBool::new(s.copy_mode == CopyMode::WriteBlocking),
+                actively_synced: synced.clone(),
                 commit: false,
                 inner: Mutex::new(Inner::default()),
                 finish: Box::new(finish),
             }))
         };
-        let job = match self.jobs.create(new, make) {
-            Ok(j) => j,
-            Err(e) => {
-                let gone = self
-                    .graph()
-                    .remove_all(std::slice::from_ref(&target.name().to_string()));
-                for n in gone {
-                    n.close().await;
-                }
-                return Err(e);
-            }
-        };
-        source.dirty.attach(bitmap);
+        let job = self.jobs.create(new, make)?;
+        s.source.dirty.attach(bitmap);
+        if s.copy_mode == CopyMode::WriteBlocking {
+            s.source.dirty.set_write_through(Some(Arc::new(Through {
+                target: s.target.clone(),
+                synced: synced.clone(),
+            })));
+        }
         self.jobs.start(&job);
         Ok(json!({}))
     }
+}
+
+/// An NBD target that did not open: as the open error reads, after QEMU's preface when it
+/// tried to create the image first (`mode: absolute-paths`).
+fn nbd_open_error(existing: bool, why: &str) -> QmpError {
+    if existing {
+        QmpError::generic(why)
+    } else {
+        QmpError::generic(format!(
+            "Protocol driver 'nbd' does not support creating new images, so an existing \
+             image must be selected as the target; however, opening the given target as an \
+             existing image failed: {why}"
+        ))
+    }
+}
+
+/// Whether an export holds a qcow2 image (what QEMU's probe would open as qcow2).
+async fn probe_qcow2(node: &BlockNode) -> bool {
+    let mut head = [0u8; 4];
+    node.size() >= 4 && node.read(&mut head, 0).await.is_ok() && head == *b"QFI\xfb"
 }

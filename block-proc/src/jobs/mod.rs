@@ -228,6 +228,15 @@ pub trait JobDriver: Send + Sync + 'static {
     }
     /// Members of `query-block-jobs`' variant for this job type.
     fn query_extra(&self, _out: &mut Map<String, Value>) {}
+    /// Nodes the job blocks besides its main one (`block_job_add_bdrv`: a mirror's
+    /// target), until it has cleaned up.
+    fn also_blocks(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// `.change` (`block-job-change`, its arguments), if the job type has one.
+    fn change(&self, _args: &Map<String, Value>) -> Result<(), QmpError> {
+        Err(QmpError::generic("Job type does not support change"))
+    }
 }
 
 /// Runs a job's asynchronous graph change from a synchronous callback (`prepare`), as
@@ -368,6 +377,30 @@ fn negative_speed() -> QmpError {
 }
 
 impl JobState {
+    /// Running → paused, ready → standby (unless paused already).
+    fn enter_pause(&mut self, job: &Job) {
+        if matches!(self.status, JobStatus::Paused | JobStatus::Standby) {
+            return;
+        }
+        let back = self.status;
+        let to = if back == JobStatus::Ready {
+            JobStatus::Standby
+        } else {
+            JobStatus::Paused
+        };
+        self.paused_from = Some(back);
+        self.transition(job, to);
+    }
+
+    /// Back to the state before the pause (if paused).
+    fn leave_pause(&mut self, job: &Job) {
+        if !matches!(self.status, JobStatus::Paused | JobStatus::Standby) {
+            return;
+        }
+        let back = self.paused_from.take().unwrap_or(JobStatus::Running);
+        self.transition(job, back);
+    }
+
     /// `job_state_transition_locked`: checks the table; sends JOB_STATUS_CHANGE.
     fn transition(&mut self, job: &Job, to: JobStatus) {
         let from = self.status;
@@ -496,14 +529,8 @@ impl Job {
             if s.pause_count == 0 || s.is_cancelled() {
                 return;
             }
-            let back = s.status;
-            let to = if back == JobStatus::Ready {
-                JobStatus::Standby
-            } else {
-                JobStatus::Paused
-            };
-            s.paused_from = Some(back);
-            s.transition(self, to);
+            // A pause command may have paused the sleeping job already.
+            s.enter_pause(self);
             s.busy = false;
         }
         loop {
@@ -512,8 +539,8 @@ impl Job {
                 let mut s = self.state();
                 if s.pause_count == 0 || s.is_cancelled() {
                     s.busy = true;
-                    let back = s.paused_from.take().unwrap_or(JobStatus::Running);
-                    s.transition(self, back);
+                    // ...and a resume command resumed it already.
+                    s.leave_pause(self);
                     return;
                 }
             }
@@ -832,6 +859,7 @@ pub const COMMANDS: &[&str] = &[
     "block-job-complete",
     "block-job-finalize",
     "block-job-dismiss",
+    "block-job-change",
     "job-pause",
     "job-resume",
     "job-cancel",
@@ -863,7 +891,11 @@ impl Jobs {
     /// as QEMU's op blocker.
     pub fn check_blocker(&self, names: &[&str]) -> Result<(), QmpError> {
         for job in self.list() {
-            if let Some(name) = names.iter().find(|n| **n == job.blocked_node) {
+            let also = job.driver.also_blocks();
+            if let Some(name) = names
+                .iter()
+                .find(|n| **n == job.blocked_node || also.iter().any(|a| a == **n))
+            {
                 return Err(QmpError::generic(format!(
                     "Node '{name}' is busy: block device is in use by block job: {}",
                     job.kind.as_str()
@@ -871,6 +903,24 @@ impl Jobs {
             }
         }
         Ok(())
+    }
+
+    /// Whether a mirror job uses the node (device) `name`, as its source or its target:
+    /// QEMU has a node above it then (the mirror filter, the target's job node), so it is
+    /// no longer a root node.
+    pub fn in_mirror(&self, name: &str) -> bool {
+        self.list().iter().any(|j| {
+            j.kind == JobType::Mirror
+                && (j.blocked_node == name || j.driver.also_blocks().iter().any(|a| a == name))
+        })
+    }
+
+    /// Whether `name` is a node a job holds besides its main one (a mirror's target),
+    /// which QEMU's `blockdev-del` finds in use.
+    pub fn holds(&self, name: &str) -> bool {
+        self.list()
+            .iter()
+            .any(|j| j.driver.also_blocks().iter().any(|a| a == name))
     }
 
     /// `job_create` + `block_job_create`'s checks (id, speed), then the job is listed in
@@ -1008,6 +1058,13 @@ impl Jobs {
                     _ => complete(&job)?,
                 }
             }
+            "block-job-change" => {
+                let a: Map<String, Value> = decode(command, arguments)?;
+                let id = a.get("id").and_then(Value::as_str).unwrap_or_default();
+                let job = self.block_job(id)?;
+                job.state().apply_verb(&job, Verb::Change)?;
+                job.driver.change(&a)?;
+            }
             "block-job-finalize" | "block-job-dismiss" => {
                 let a: IdArg = decode(command, arguments)?;
                 let job = self.block_job(&a.id)?;
@@ -1081,8 +1138,13 @@ fn user_pause(job: &Arc<Job>) -> Result<(), QmpError> {
     }
     s.user_paused = true;
     s.pause_count += 1;
+    // `job_pause_locked` enters a sleeping job, which pauses at once: its
+    // JOB_STATUS_CHANGE comes before the command's reply, as QEMU's.
+    if s.sleeping {
+        s.enter_pause(job);
+    }
     drop(s);
-    // To its pause point now, out of any sleep (`job_pause_locked` enters the job).
+    // To its pause point now, out of any sleep.
     job.kick();
     Ok(())
 }
@@ -1097,6 +1159,10 @@ fn user_resume(job: &Arc<Job>) -> Result<(), QmpError> {
     s.iostatus = IoStatus::Ok;
     s.user_paused = false;
     s.pause_count = s.pause_count.saturating_sub(1);
+    // `job_resume_locked` enters the job, which leaves its pause point at once.
+    if s.pause_count == 0 {
+        s.leave_pause(job);
+    }
     drop(s);
     job.kick();
     Ok(())
