@@ -11,11 +11,14 @@
 //!   its own locks and backing chain (see [`crate::drives`]).
 //! - Parents hold [`Claim`]s on their children, users (exports) on the nodes they use:
 //!   QEMU's permission model ([`perm`]), which also decides the image locks.
+//! - A `blkdebug` node ([`blkdebug`]) is a filter over its `image` child that fails the
+//!   requests its rules pick, for testing error policies.
 //! - [`open`] turns a `blockdev-add` definition into nodes, in QEMU's order and with its
 //!   errors; [`Graph::delete`] is `blockdev-del`'s graph half.
 //! - A node is a [`BlockDevice`]: `raw` nodes pass requests to their child, and each node
 //!   applies its own options (`discard`, `detect-zeroes`, `cache.no-flush`).
 
+pub mod blkdebug;
 pub mod open;
 pub mod perm;
 
@@ -31,6 +34,7 @@ use serde_json::{Map, Value, json};
 use crate::block::Node;
 use crate::device::{BlockDevice, Extent};
 use crate::nbd::NbdClient;
+use blkdebug::{Event, IoType};
 
 pub use perm::{Claim, Role, User};
 
@@ -53,6 +57,7 @@ pub enum Driver {
     Raw,
     Qcow2,
     Nbd,
+    Blkdebug,
 }
 
 impl Driver {
@@ -62,6 +67,7 @@ impl Driver {
             Self::Raw => "raw",
             Self::Qcow2 => "qcow2",
             Self::Nbd => "nbd",
+            Self::Blkdebug => "blkdebug",
         }
     }
 }
@@ -136,6 +142,11 @@ pub(crate) enum Kind {
     },
     /// `nbd`: a connected client.
     Nbd { client: Arc<NbdClient> },
+    /// `blkdebug`: `image`'s bytes, with the errors its rules inject.
+    Blkdebug {
+        image: Claim,
+        rules: blkdebug::Blkdebug,
+    },
     /// A `--drive`'s image, with its own locks and backing chain.
     Drive { image: Arc<Node> },
 }
@@ -165,6 +176,11 @@ fn eperm() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
 
+/// A request a blkdebug rule fails, or lets through.
+fn injected(errno: Option<i32>) -> io::Result<()> {
+    errno.map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+}
+
 type Fut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
 
 impl BlockNode {
@@ -178,7 +194,7 @@ impl BlockNode {
         desc: Value,
     ) -> Arc<Self> {
         let below = match &kind {
-            Kind::Raw { file, .. } => file.node().depth,
+            Kind::Raw { file, .. } | Kind::Blkdebug { image: file, .. } => file.node().depth,
             Kind::Qcow2 { file, backing, .. } => file
                 .node()
                 .depth
@@ -293,6 +309,7 @@ impl BlockNode {
     pub fn children(&self) -> Vec<(Role, Arc<BlockNode>)> {
         match &self.kind {
             Kind::Raw { file, .. } => vec![(Role::File, file.node().clone())],
+            Kind::Blkdebug { image, .. } => vec![(Role::Image, image.node().clone())],
             Kind::Qcow2 { file, backing, .. } => std::iter::once((Role::File, file.node().clone()))
                 .chain(backing.iter().map(|b| (Role::Backing, b.node().clone())))
                 .collect(),
@@ -360,6 +377,12 @@ impl BlockNode {
                 "filename": self.filename,
                 "format": "nbd",
             }),
+            Kind::Blkdebug { .. } => json!({
+                "virtual-size": size,
+                "filename": self.filename,
+                "format": "blkdebug",
+                "dirty-flag": false,
+            }),
             Kind::Drive { image } => {
                 let mut v = ipc::common::qapi_json(&image.info());
                 if let (true, Value::Object(m)) = (flat, &mut v) {
@@ -413,6 +436,7 @@ impl BlockNode {
                 offset: 0,
                 size: None,
             } => Box::pin(file.node().resize(size)).await,
+            Kind::Blkdebug { image, .. } => Box::pin(image.node().resize(size)).await,
             _ => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "Image format driver does not support resize",
@@ -435,6 +459,14 @@ impl BlockNode {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `bdrv_debug_event`: tells a blkdebug node that `event` happened (other drivers
+    /// ignore events).
+    fn debug_event(&self, event: Event) {
+        if let Kind::Blkdebug { rules, .. } = &self.kind {
+            rules.event(event);
         }
     }
 
@@ -531,6 +563,7 @@ impl BlockDevice for BlockNode {
                 size.unwrap_or_else(|| file.node().size().saturating_sub(*offset))
             }
             Kind::Nbd { client } => client.size(),
+            Kind::Blkdebug { image, .. } => image.node().size(),
         }
     }
 
@@ -544,9 +577,14 @@ impl BlockDevice for BlockNode {
             Kind::Qcow2 { image, .. } | Kind::Drive { image } => image.read(buf, offset).await,
             Kind::Raw { file, .. } => {
                 let at = self.window(offset, buf.len() as u64)?;
+                file.node().debug_event(Event::ReadAio);
                 Self::child_read(file.node(), buf, at).await
             }
             Kind::Nbd { client } => client.read(buf, offset).await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::Read, offset, buf.len() as u64))?;
+                Self::child_read(image.node(), buf, offset).await
+            }
         }
     }
 
@@ -598,9 +636,17 @@ impl BlockNode {
             }
             Kind::Raw { file, .. } => {
                 let at = self.window(offset, buf.len() as u64)?;
+                file.node().debug_event(Event::WriteAio);
                 Self::child_write(file.node(), buf, at, fua).await
             }
             Kind::Nbd { client } => client.write(buf, offset, fua).await,
+            Kind::Blkdebug { image, rules } => {
+                rules.event(Event::Pwritev);
+                injected(rules.check(IoType::Write, offset, buf.len() as u64))?;
+                let r = Self::child_write(image.node(), buf, offset, fua).await;
+                rules.event(Event::PwritevDone);
+                r
+            }
         }
     }
 
@@ -624,6 +670,13 @@ impl BlockNode {
                 Self::child_zeroes(file.node(), at, length, unmap).await
             }
             Kind::Nbd { client } => client.write_zeroes(offset, length, unmap).await,
+            Kind::Blkdebug { image, rules } => {
+                rules.event(Event::PwritevZero);
+                injected(rules.check(IoType::WriteZeroes, offset, length))?;
+                let r = Self::child_zeroes(image.node(), offset, length, unmap).await;
+                rules.event(Event::PwritevDone);
+                r
+            }
         }
     }
 
@@ -648,6 +701,10 @@ impl BlockNode {
                 Self::child_discard(file.node(), at, length).await
             }
             Kind::Nbd { client } => client.discard(offset, length).await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::Discard, offset, length))?;
+                Self::child_discard(image.node(), offset, length).await
+            }
         }
     }
 
@@ -659,8 +716,16 @@ impl BlockNode {
             Kind::File { image, .. } | Kind::Qcow2 { image, .. } | Kind::Drive { image } => {
                 image.flush().await
             }
-            Kind::Raw { file, .. } => Self::child_flush(file.node()).await,
+            Kind::Raw { file, .. } => {
+                file.node().debug_event(Event::FlushToOs);
+                file.node().debug_event(Event::FlushToDisk);
+                Self::child_flush(file.node()).await
+            }
             Kind::Nbd { client } => client.flush().await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::Flush, 0, 0))?;
+                Self::child_flush(image.node()).await
+            }
         }
     }
 
@@ -699,6 +764,10 @@ impl BlockNode {
                 Self::child_status(file.node(), at, length).await
             }
             Kind::Nbd { client } => client.block_status(offset, length).await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::BlockStatus, offset, length))?;
+                Self::child_status(image.node(), offset, length).await
+            }
         }
     }
 }

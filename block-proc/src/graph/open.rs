@@ -5,8 +5,9 @@
 //! For one definition, in order:
 //!
 //! 1. the root must have a `node-name`; `force-share` needs `read-only`;
-//! 2. a format node's (`raw`, `qcow2`) `file` child: a node name or device id, or a
-//!    nested definition opened first (and inserted into the graph, as QEMU does);
+//! 2. a format node's (`raw`, `qcow2`) `file` child, a `blkdebug` node's `image`: a node
+//!    name or device id, or a nested definition opened first (and inserted into the graph,
+//!    as QEMU does);
 //! 3. `detect-zeroes=unmap` needs `discard=unmap`; options splitvmm does not implement
 //!    are refused here, rather than ignored;
 //! 4. the node name: well-formed, not a device id, not taken, at most 31 characters; a
@@ -17,7 +18,8 @@
 //!    the header, then opens its backing: the node the header names (a `raw`/`qcow2` node
 //!    over a `file` node, read-only, generated names), a node name or nested definition
 //!    (`"Could not open backing file: ..."`), or none for `null`; `nbd` runs the NBD
-//!    handshake over the socket the monitor connected for it.
+//!    handshake over the socket the monitor connected for it; `blkdebug` opens its `image`
+//!    child first and reads its rules.
 //!
 //! Nested definitions inherit `read-only`, `auto-read-only`, `discard`, `cache.*` and
 //! `force-share` from their parent when they do not set them; a backing definition is
@@ -39,7 +41,7 @@ use serde_json::{Map, Value, json};
 use super::perm::Claim;
 use super::{
     BlockNode, DetectZeroes, Driver, Graph, Kind, MAX_BACKING_CHAIN, MAX_GRAPH_DEPTH,
-    MAX_NODE_NAME, NodeOptions, Role, User,
+    MAX_NODE_NAME, NodeOptions, Role, User, blkdebug,
 };
 use crate::block::header::Header;
 use crate::block::lock::{LockMode, Perms};
@@ -283,10 +285,11 @@ impl<'a> Adder<'a> {
             "raw" => Driver::Raw,
             "qcow2" => Driver::Qcow2,
             "nbd" => Driver::Nbd,
+            "blkdebug" => Driver::Blkdebug,
             other => {
                 return Err(err(format!(
-                    "Driver '{other}' is not supported by splitvmm (it has file, raw, qcow2 \
-                     and nbd)"
+                    "Driver '{other}' is not supported by splitvmm (it has file, raw, qcow2, \
+                     nbd and blkdebug)"
                 )));
             }
         };
@@ -295,6 +298,11 @@ impl<'a> Adder<'a> {
             Driver::Raw | Driver::Qcow2 => {
                 let r = def.get("file").unwrap_or(&Value::Null);
                 Some(self.child(r, &place, "file", eff.for_file()).await?)
+            }
+            // So does a blkdebug node its image.
+            Driver::Blkdebug => {
+                let r = def.get("image").unwrap_or(&Value::Null);
+                Some(self.child(r, &place, "image", eff.for_file()).await?)
             }
             _ => None,
         };
@@ -346,6 +354,10 @@ impl<'a> Adder<'a> {
                     .await?
             }
             Driver::Nbd => self.open_nbd(def, name, &place, &eff, options).await?,
+            Driver::Blkdebug => {
+                let child = file_child.ok_or_else(|| err("blkdebug: no image"))?;
+                Self::open_blkdebug(def, name, child, &eff, options)?
+            }
         };
         if node.depth() > MAX_GRAPH_DEPTH {
             return Err(err(format!(
@@ -511,6 +523,38 @@ impl<'a> Adder<'a> {
                 file: claim,
                 offset,
                 size,
+            },
+            eff.read_only,
+            options,
+            filename,
+            desc,
+        ))
+    }
+
+    fn open_blkdebug(
+        def: &Map<String, Value>,
+        name: String,
+        child: Arc<BlockNode>,
+        eff: &Effective,
+        options: NodeOptions,
+    ) -> Result<Arc<BlockNode>, QmpError> {
+        let o: blkdebug::Options = decode(def)?;
+        let rules = blkdebug::Blkdebug::new(&o)?;
+        // A filter: its users' claims are its claim on its image.
+        let claim = Claim::new(
+            &child,
+            User::Node(name.clone()),
+            Role::Image,
+            LockMode::NONE,
+        )?;
+        let desc = blkdebug::desc(&o, child.desc());
+        let filename = format!("json:{}", qemu_json(&desc));
+        Ok(BlockNode::new(
+            name,
+            Driver::Blkdebug,
+            Kind::Blkdebug {
+                image: claim,
+                rules,
             },
             eff.read_only,
             options,
