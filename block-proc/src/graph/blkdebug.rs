@@ -373,7 +373,9 @@ impl Blkdebug {
 }
 
 /// The node's `full_open_options` as QEMU flattens them (`inject-error.0.event`...), for
-/// its `json:` filename.
+/// its `json:` filename. QEMU flattens each rule in its dictionary's order, then copies
+/// the flat options once more in that dictionary's order; the insertion order decides
+/// the order in the filename of two keys that share a bucket.
 pub fn desc(o: &Options, image: &Value) -> Value {
     let mut m = Map::new();
     m.insert("driver".into(), json!("blkdebug"));
@@ -384,13 +386,18 @@ pub fn desc(o: &Options, image: &Value) -> Value {
     ] {
         for (i, rule) in rules.iter().enumerate() {
             if let Value::Object(r) = rule {
-                for (k, v) in r {
+                for (k, v) in super::open::qdict_order(r) {
                     m.insert(format!("{list}.{i}.{k}"), v.clone());
                 }
             }
         }
     }
-    Value::Object(m)
+    Value::Object(
+        super::open::qdict_order(&m)
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

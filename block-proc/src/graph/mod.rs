@@ -305,6 +305,17 @@ impl BlockNode {
         }
     }
 
+    /// Whether QEMU's `bdrv_get_info` answers for the node (so its image info has a
+    /// `dirty-flag`): image files and formats do, filters and raw nodes pass the question
+    /// down, NBD nodes do not.
+    fn has_info(&self) -> bool {
+        match &self.kind {
+            Kind::Raw { file: c, .. } | Kind::Blkdebug { image: c, .. } => c.node().has_info(),
+            Kind::Nbd { .. } => false,
+            _ => true,
+        }
+    }
+
     /// The node's children in the graph, with their roles.
     pub fn children(&self) -> Vec<(Role, Arc<BlockNode>)> {
         match &self.kind {
@@ -332,6 +343,8 @@ impl BlockNode {
         match &self.kind {
             Kind::Qcow2 { .. } => self.backing().map_or(0, |b| 1 + b.backing_depth()),
             Kind::Drive { image } => image.backing_depth(),
+            // QEMU counts through filters.
+            Kind::Blkdebug { image, .. } => 1 + image.node().backing_depth(),
             _ => 0,
         }
     }
@@ -355,9 +368,13 @@ impl BlockNode {
                     "filename": self.filename,
                     "format": "raw",
                 });
-                if let (Some(img), Value::Object(m)) = (self.storage(), &mut v) {
-                    m.insert("actual-size".into(), json!(img.info().actual_size));
-                    m.insert("dirty-flag".into(), json!(false));
+                if let Value::Object(m) = &mut v {
+                    if let Some(img) = self.storage() {
+                        m.insert("actual-size".into(), json!(img.info().actual_size));
+                    }
+                    if self.has_info() {
+                        m.insert("dirty-flag".into(), json!(false));
+                    }
                 }
                 v
             }
@@ -377,12 +394,19 @@ impl BlockNode {
                 "filename": self.filename,
                 "format": "nbd",
             }),
-            Kind::Blkdebug { .. } => json!({
-                "virtual-size": size,
-                "filename": self.filename,
-                "format": "blkdebug",
-                "dirty-flag": false,
-            }),
+            // A filter: QEMU shows its image as its backing image.
+            Kind::Blkdebug { image, .. } => {
+                let mut v = json!({
+                    "virtual-size": size,
+                    "filename": self.filename,
+                    "format": "blkdebug",
+                    "dirty-flag": false,
+                });
+                if let (false, Value::Object(m)) = (flat, &mut v) {
+                    m.insert("backing-image".into(), image.node().image_info(false));
+                }
+                v
+            }
             Kind::Drive { image } => {
                 let mut v = ipc::common::qapi_json(&image.info());
                 if let (true, Value::Object(m)) = (flat, &mut v) {

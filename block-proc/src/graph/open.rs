@@ -5,9 +5,8 @@
 //! For one definition, in order:
 //!
 //! 1. the root must have a `node-name`; `force-share` needs `read-only`;
-//! 2. a format node's (`raw`, `qcow2`) `file` child, a `blkdebug` node's `image`: a node
-//!    name or device id, or a nested definition opened first (and inserted into the graph,
-//!    as QEMU does);
+//! 2. a format node's (`raw`, `qcow2`) `file` child: a node name or device id, or a
+//!    nested definition opened first (and inserted into the graph, as QEMU does);
 //! 3. `detect-zeroes=unmap` needs `discard=unmap`; options splitvmm does not implement
 //!    are refused here, rather than ignored;
 //! 4. the node name: well-formed, not a device id, not taken, at most 31 characters; a
@@ -18,8 +17,8 @@
 //!    the header, then opens its backing: the node the header names (a `raw`/`qcow2` node
 //!    over a `file` node, read-only, generated names), a node name or nested definition
 //!    (`"Could not open backing file: ..."`), or none for `null`; `nbd` runs the NBD
-//!    handshake over the socket the monitor connected for it; `blkdebug` opens its `image`
-//!    child first and reads its rules.
+//!    handshake over the socket the monitor connected for it; `blkdebug` (a protocol driver,
+//!    named before its child, as in QEMU) opens its `image` child, then reads its rules.
 //!
 //! Nested definitions inherit `read-only`, `auto-read-only`, `discard`, `cache.*` and
 //! `force-share` from their parent when they do not set them; a backing definition is
@@ -299,11 +298,6 @@ impl<'a> Adder<'a> {
                 let r = def.get("file").unwrap_or(&Value::Null);
                 Some(self.child(r, &place, "file", eff.for_file()).await?)
             }
-            // So does a blkdebug node its image.
-            Driver::Blkdebug => {
-                let r = def.get("image").unwrap_or(&Value::Null);
-                Some(self.child(r, &place, "image", eff.for_file()).await?)
-            }
             _ => None,
         };
         let detect_zeroes = match c.detect_zeroes.as_deref() {
@@ -355,7 +349,9 @@ impl<'a> Adder<'a> {
             }
             Driver::Nbd => self.open_nbd(def, name, &place, &eff, options).await?,
             Driver::Blkdebug => {
-                let child = file_child.ok_or_else(|| err("blkdebug: no image"))?;
+                // A protocol driver: it opens its image once it has its name.
+                let r = def.get("image").unwrap_or(&Value::Null);
+                let child = self.child(r, &place, "image", eff.for_file()).await?;
                 Self::open_blkdebug(def, name, child, &eff, options)?
             }
         };
@@ -511,7 +507,8 @@ impl<'a> Adder<'a> {
             desc.insert("size".into(), json!(sz));
         }
         let desc = Value::Object(desc);
-        let filename = if windowed {
+        // A child QEMU can only describe as `json:` makes its raw parent `json:` too.
+        let filename = if windowed || child.filename().starts_with("json:") {
             format!("json:{}", qemu_json(&desc))
         } else {
             child.filename().to_string()
@@ -867,17 +864,23 @@ fn qdict_bucket(key: &str) -> u32 {
     1_103_515_243_u32.wrapping_mul(v).wrapping_add(12345) % 512
 }
 
-/// JSON as QEMU prints it in `json:` filenames: members in QDict order (by hash bucket;
-/// within a bucket the last inserted first), `", "` and `": "` between items.
+/// The members of `m` in the order a QDict made by inserting them in `m`'s order iterates
+/// them: by hash bucket, within a bucket the last inserted first.
+pub(super) fn qdict_order(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(usize, &String, &Value)> =
+        m.iter().enumerate().map(|(i, (k, v))| (i, k, v)).collect();
+    members.sort_by_key(|(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(*i)));
+    members.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// JSON as QEMU prints it in `json:` filenames: members in QDict order (see
+/// [`qdict_order`]), `", "` and `": "` between items.
 fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
-            let mut members: Vec<(usize, &String, &Value)> =
-                m.iter().enumerate().map(|(i, (k, v))| (i, k, v)).collect();
-            members.sort_by_key(|(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(*i)));
-            let items: Vec<String> = members
-                .iter()
-                .map(|(_, k, v)| format!("{}: {}", Value::String((*k).clone()), qemu_json(v)))
+            let items: Vec<String> = qdict_order(m)
+                .into_iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), qemu_json(v)))
                 .collect();
             format!("{{{}}}", items.join(", "))
         }
