@@ -9,3 +9,4 @@ target/release/bench qmp --json "$@"
 target/release/bench boot --json
 target/release/bench disk --json
 target/release/bench mem --json
+target/release/bench mirror --json
