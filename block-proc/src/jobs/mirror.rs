@@ -15,6 +15,7 @@
 //! zeroes (`sync=full`, no data written there yet). Up to 16 copies run at once, as in
 //! QEMU (one at a time with a `speed`).
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use ipc::QmpError;
@@ -218,6 +219,9 @@ impl Mirror {
                     .write_zeroes(offset, n, self.unmap)
                     .await
                     .map_err(|e| (false, e))
+            } else if self.copy_in_kernel(offset, n) {
+                self.written.mark(offset, n);
+                Ok(())
             } else {
                 self.written.mark(offset, n);
                 let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
@@ -240,6 +244,54 @@ impl Mirror {
             offset += n;
         }
         Ok(())
+    }
+
+    /// Copies `[offset, offset + n)` from a raw image file to a raw image file in the
+    /// kernel (`copy_file_range`, as `cp` does: no copy through user memory), if both
+    /// are such files. `false`: not done, for any reason (other images, another file
+    /// system, an I/O error), so the caller copies through a buffer, which also tells a
+    /// read error from a write error.
+    fn copy_in_kernel(&self, offset: u64, n: u64) -> bool {
+        let (Some(src), Some(dst)) = (self.source.file_image(), self.target.file_image()) else {
+            return false;
+        };
+        if self.target.is_read_only() || offset.saturating_add(n) > dst.size() {
+            return false;
+        }
+        let copied = crate::block::commit::blocking(|| {
+            let mut done = 0;
+            while done < n {
+                let (Ok(mut from), Ok(mut to)) = (
+                    libc::off64_t::try_from(offset + done),
+                    libc::off64_t::try_from(offset + done),
+                ) else {
+                    return false;
+                };
+                let want = usize::try_from(n - done).unwrap_or(usize::MAX);
+                // SAFETY: both descriptors are open image files borrowed for the call, and
+                // the two offsets are valid locals the kernel only reads and updates.
+                let k = unsafe {
+                    libc::copy_file_range(
+                        src.os_file().as_raw_fd(),
+                        &mut from,
+                        dst.os_file().as_raw_fd(),
+                        &mut to,
+                        want,
+                        0,
+                    )
+                };
+                match u64::try_from(k) {
+                    Ok(k) if k > 0 => done += k,
+                    _ => return false,
+                }
+            }
+            true
+        });
+        if copied {
+            // What a write through the node would have told the target's watchers.
+            self.target.dirty.mark(offset, n);
+        }
+        copied
     }
 
     /// Whether the target reads as zeroes over `[offset, offset + n)`: with `sync=full` it
