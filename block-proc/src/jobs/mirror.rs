@@ -13,7 +13,7 @@
 //! no data for is written to the target as zeroes (unmapped with `unmap`), so holes stay
 //! holes in a sparse target, or not written at all where the target is known to read as
 //! zeroes (`sync=full`, no data written there yet). Up to 16 copies run at once, as in
-//! QEMU (one at a time with a `speed`).
+//! QEMU (with a `speed`, no more together than one rate-limit slice allows).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -151,21 +151,28 @@ impl Mirror {
 
     /// Copies dirty runs from `from` on, up to [`MAX_IN_FLIGHT`] of them at once (each at
     /// most [`MAX_IO_BYTES`], together at most `buf-size`), as QEMU's mirror keeps several
-    /// copies in flight; with a `speed`, one at a time, so that the rate limiter weighs
-    /// every copy before the next starts. Returns where the next iteration starts, after
-    /// every copy started here ended; `Ok(None)`: clean.
+    /// copies in flight; with a `speed`, together at most what one rate-limit slice allows,
+    /// so that the rate limiter weighs them before the next ones start. Returns where the
+    /// next iteration starts, after every copy started here ended; `Ok(None)`: clean.
     async fn iteration(
         self: &Arc<Self>,
         job: &Arc<Job>,
         from: u64,
     ) -> Result<Option<u64>, JobError> {
         let max = self.buf_size.clamp(self.bitmap.granularity(), MAX_IO_BYTES);
-        let most = if job.speed() > 0 { 1 } else { MAX_IN_FLIGHT };
-        let mut budget = self.buf_size;
+        let mut budget = match job.speed() {
+            0 => self.buf_size,
+            speed => {
+                let slice = u128::from(speed) * SLICE.as_nanos() / 1_000_000_000;
+                self.buf_size
+                    .min(u64::try_from(slice).unwrap_or(u64::MAX))
+                    .max(self.bitmap.granularity())
+            }
+        };
         let mut cursor = from;
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut copies = tokio::task::JoinSet::new();
-        while runs.len() < most && budget > 0 {
+        while runs.len() < MAX_IN_FLIGHT && budget > 0 {
             let Some((start, bytes)) = self.bitmap.next_run(cursor, max.min(budget)) else {
                 break;
             };
