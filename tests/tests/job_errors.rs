@@ -9,6 +9,7 @@
 //!   after stop or enospc, room is made and `block-job-resume` lets the job finish;
 //! - an NBD source (served by qemu-nbd) that goes away mid-mirror: the job ends with the
 //!   error instead of hanging, and the target is left as it was.
+//! - the blkdebug write path as an NBD client of either server sees it (ENOSPC, once).
 //!
 //! The transcripts compare event names and data (not `len`/`offset`, which depend on how
 //! far each copy got when the error struck) and the `query-block-jobs` answers at the
@@ -429,4 +430,51 @@ fn nbd_source_that_disconnects_ends_the_job_with_an_error() {
     rec.ok("blockdev-del", json!({"node-name": "src"}));
     let len = std::fs::metadata(&tgt).expect("target").len();
     assert_eq!(len, 64 << 20, "the target keeps its size");
+}
+
+/// The blkdebug write path, as an NBD client sees it on both servers: a `raw` node over a
+/// `blkdebug` node, exported writable; a write arms the rule (`write_aio`, raised by the
+/// raw node), which fails the first write covering sector 8 with ENOSPC, once.
+#[test]
+fn blkdebug_write_errors_reach_an_nbd_client_as_in_qemu() {
+    let dir = TempDir::new("jerr-bdwrite");
+    let img = dir.join("w.raw");
+    qemu_img_create("raw", &img, "1M");
+    let sock = dir.join("nbd.sock");
+    let io = |cmd: &str| -> String {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(format!("nbd+unix:///w?socket={}", sock.display()))
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.lines().next().unwrap_or_default().to_string()
+    };
+    let (theirs, ours) = both(&dir, |rec| {
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "w", "file": {
+                "driver": "blkdebug", "image": {"driver": "file", "filename": img},
+                "inject-error": [{"event": "write_aio", "errno": 28, "sector": 8,
+                                  "once": true}]}}),
+        );
+        rec.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+        );
+        rec.ok("nbd-server-add", json!({"device": "w", "writable": true}));
+        let out = vec![
+            io("write 0 512"),
+            io("write 4096 512"),
+            io("write 4096 512"),
+            io("read 4096 512"),
+        ];
+        rec.ok("nbd-server-stop", json!({}));
+        rec.ok("blockdev-del", json!({"node-name": "w"}));
+        out
+    });
+    assert_eq!(theirs, ours, "qemu-storage-daemon, then splitvmm");
+    assert!(ours[1].contains("No space left on device"), "{ours:?}");
+    assert!(ours[2].starts_with("wrote"), "once: {ours:?}");
 }
