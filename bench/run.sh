@@ -10,3 +10,4 @@ target/release/bench load --json
 target/release/bench boot --json
 target/release/bench disk --json
 target/release/bench mem --json
+target/release/bench mirror --json

@@ -14,6 +14,7 @@ mod compared;
 mod disk;
 mod load;
 mod mem;
+mod mirror;
 mod nbd;
 mod qmp;
 mod stream;
@@ -99,6 +100,19 @@ enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// drive-mirror time to READY (splitvmm vs qemu-storage-daemon vs cp) and rate-limit
+    /// accuracy.
+    Mirror {
+        /// Image size in GiB (half of it allocated).
+        #[arg(long, default_value_t = 4)]
+        size: u64,
+        /// Rounds (each runs every contender once).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Image formats.
+        #[arg(long, value_delimiter = ',', default_value = "raw,qcow2")]
+        format: Vec<String>,
+    },
     /// PSS beyond guest RAM with the workload guest running: splitvmm's processes vs QEMU.
     Mem {
         /// Rounds (each runs both, alternating which goes first).
@@ -159,6 +173,14 @@ fn main() -> std::process::ExitCode {
             };
             let note = format!("QEMU drive: {}", qemu_cache.drive_options());
             return compared_report(disk::run(&o).map(|c| (c, note)), &load, args.json);
+        }
+        Which::Mirror {
+            size,
+            rounds,
+            format,
+        } => {
+            let r = mirror::run_all(size, rounds, &format);
+            return compared_report(r, &load, args.json);
         }
         Which::Mem {
             rounds,

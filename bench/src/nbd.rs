@@ -17,10 +17,11 @@ use std::process::{Child, Command, Stdio};
 use crate::wait_for;
 use std::time::Instant;
 
-/// One server exporting one image as `disk` on a unix socket.
-struct Server {
-    child: Child,
-    sock: PathBuf,
+/// One server exporting one image as `disk` on a unix socket (or, for the mirror
+/// benchmark, any server stopped the same way).
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) sock: PathBuf,
 }
 
 impl Drop for Server {

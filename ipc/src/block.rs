@@ -316,7 +316,7 @@ pub fn blockdev_nesting(args: &serde_json::Map<String, serde_json::Value>) -> us
 }
 
 /// The members of a `blockdev-add` definition that may hold nested definitions.
-pub const BLOCKDEV_CHILDREN: &[&str] = &["file", "backing"];
+pub const BLOCKDEV_CHILDREN: &[&str] = &["file", "backing", "image"];
 
 /// The path of `child` under the definition at `parent` (see [`blockdev_nbd_nodes`]).
 pub fn child_path(parent: &str, child: &str) -> String {

@@ -204,6 +204,106 @@ const BLOCKDEV_NBD: &[Member] = &[
     Member::optional("open-timeout", ArgType::UInt32),
 ];
 
+/// QAPI `BlkdebugEvent` (QEMU 10).
+const BLKDEBUG_EVENTS: &[&str] = &[
+    "l1_update",
+    "l1_grow_alloc_table",
+    "l1_grow_write_table",
+    "l1_grow_activate_table",
+    "l2_load",
+    "l2_update",
+    "l2_update_compressed",
+    "l2_alloc_cow_read",
+    "l2_alloc_write",
+    "read_aio",
+    "read_backing_aio",
+    "read_compressed",
+    "write_aio",
+    "write_compressed",
+    "vmstate_load",
+    "vmstate_save",
+    "cow_read",
+    "cow_write",
+    "reftable_load",
+    "reftable_grow",
+    "reftable_update",
+    "refblock_load",
+    "refblock_update",
+    "refblock_update_part",
+    "refblock_alloc",
+    "refblock_alloc_hookup",
+    "refblock_alloc_write",
+    "refblock_alloc_write_blocks",
+    "refblock_alloc_write_table",
+    "refblock_alloc_switch_table",
+    "cluster_alloc",
+    "cluster_alloc_bytes",
+    "cluster_free",
+    "flush_to_os",
+    "flush_to_disk",
+    "pwritev_rmw_head",
+    "pwritev_rmw_after_head",
+    "pwritev_rmw_tail",
+    "pwritev_rmw_after_tail",
+    "pwritev",
+    "pwritev_zero",
+    "pwritev_done",
+    "empty_image_prepare",
+    "l1_shrink_write_table",
+    "l1_shrink_free_l2_clusters",
+    "cor_write",
+    "cluster_alloc_space",
+    "none",
+];
+
+/// `BlkdebugInjectErrorOptions`.
+const BLKDEBUG_INJECT_ERROR: ArgType = ArgType::Struct(&[
+    Member::required("event", ArgType::Enum(BLKDEBUG_EVENTS)),
+    Member::optional("state", ArgType::Int),
+    Member::optional(
+        "iotype",
+        ArgType::Enum(&[
+            "read",
+            "write",
+            "write-zeroes",
+            "discard",
+            "flush",
+            "block-status",
+        ]),
+    ),
+    Member::optional("errno", ArgType::Int),
+    Member::optional("sector", ArgType::Int),
+    Member::optional("once", ArgType::Bool),
+    Member::optional("immediately", ArgType::Bool),
+]);
+
+/// `BlkdebugSetStateOptions`.
+const BLKDEBUG_SET_STATE: ArgType = ArgType::Struct(&[
+    Member::required("event", ArgType::Enum(BLKDEBUG_EVENTS)),
+    Member::optional("state", ArgType::Int),
+    Member::required("new_state", ArgType::Int),
+]);
+
+/// `BlockPermission`.
+const BLOCK_PERMISSION: ArgType =
+    ArgType::Enum(&["consistent-read", "write", "write-unchanged", "resize"]);
+
+/// `BlockdevOptionsBlkdebug`.
+static BLOCKDEV_BLKDEBUG: [Member; 12] = [
+    Member::required("image", ArgType::Alternate(&BLOCKDEV_REF)),
+    Member::optional("config", ArgType::Str),
+    Member::optional("align", ArgType::Int),
+    Member::optional("max-transfer", ArgType::Int32),
+    Member::optional("opt-write-zero", ArgType::Int32),
+    Member::optional("max-write-zero", ArgType::Int32),
+    Member::optional("opt-discard", ArgType::Int32),
+    Member::optional("max-discard", ArgType::Int32),
+    Member::optional("inject-error", ArgType::List(&BLKDEBUG_INJECT_ERROR)),
+    Member::optional("set-state", ArgType::List(&BLKDEBUG_SET_STATE)),
+    Member::optional("take-child-perms", ArgType::List(&BLOCK_PERMISSION)),
+    Member::optional("unshare-child-perms", ArgType::List(&BLOCK_PERMISSION)),
+];
+
 /// `BlockdevOptions`, `blockdev-add`'s argument (`'boxed': true`), with the variants
 /// splitvmm implements.
 pub static BLOCKDEV_OPTIONS: Union = Union {
@@ -214,6 +314,7 @@ pub static BLOCKDEV_OPTIONS: Union = Union {
         ("raw", &BLOCKDEV_RAW),
         ("qcow2", &BLOCKDEV_QCOW2),
         ("nbd", BLOCKDEV_NBD),
+        ("blkdebug", &BLOCKDEV_BLKDEBUG),
     ],
 };
 

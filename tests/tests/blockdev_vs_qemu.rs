@@ -719,3 +719,55 @@ fn mirror_targets_and_errors_match_qemu() {
     ]);
     compare(&dir, &script);
 }
+
+#[test]
+fn blkdebug_nodes_match_qemu() {
+    let dir = TempDir::new("diff-blkdebug");
+    images(&dir);
+    let a_raw = file(&dir.join("a.raw"));
+    let rule = json!([{"event": "read_aio", "errno": 5, "sector": 2048, "once": true}]);
+    let script: Vec<Step> = vec![
+        (
+            ADD,
+            json!({"driver": "blkdebug", "node-name": "d1", "image": a_raw,
+                   "inject-error": rule,
+                   "set-state": [{"event": "read_aio", "state": 1, "new_state": 2}]}),
+        ),
+        (
+            ADD,
+            json!({"driver": "raw", "node-name": "r1",
+                   "file": {"driver": "blkdebug", "image": "d1"}}),
+        ),
+        (ADD, json!({"driver": "blkdebug", "node-name": "d2"})),
+        (
+            ADD,
+            json!({"driver": "blkdebug", "node-name": "d2", "image": "nosuch"}),
+        ),
+        (
+            ADD,
+            json!({"driver": "blkdebug", "node-name": "d2", "image": a_raw,
+                   "inject-error": [{"event": "nope"}]}),
+        ),
+        (
+            ADD,
+            json!({"driver": "blkdebug", "node-name": "d2", "image": a_raw,
+                   "inject-error": [{"errno": 5}]}),
+        ),
+        (
+            ADD,
+            json!({"driver": "blkdebug", "node-name": "d2", "image": a_raw,
+                   "set-state": [{"event": "none"}]}),
+        ),
+        (
+            ADD,
+            json!({"driver": "blkdebug", "node-name": "d2", "image": a_raw,
+                   "inject-error": [{"event": "none", "iotype": "nope"}]}),
+        ),
+        ("query-named-block-nodes", json!({})),
+        (DEL, json!({"node-name": "d1"})),
+        (DEL, json!({"node-name": "r1"})),
+        (DEL, json!({"node-name": "d1"})),
+        ("query-named-block-nodes", json!({"flat": true})),
+    ];
+    compare(&dir, &script);
+}

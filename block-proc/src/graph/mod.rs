@@ -11,11 +11,14 @@
 //!   its own locks and backing chain (see [`crate::drives`]).
 //! - Parents hold [`Claim`]s on their children, users (exports) on the nodes they use:
 //!   QEMU's permission model ([`perm`]), which also decides the image locks.
+//! - A `blkdebug` node ([`blkdebug`]) is a filter over its `image` child that fails the
+//!   requests its rules pick, for testing error policies.
 //! - [`open`] turns a `blockdev-add` definition into nodes, in QEMU's order and with its
 //!   errors; [`Graph::delete`] is `blockdev-del`'s graph half.
 //! - A node is a [`BlockDevice`]: `raw` nodes pass requests to their child, and each node
 //!   applies its own options (`discard`, `detect-zeroes`, `cache.no-flush`).
 
+pub mod blkdebug;
 pub mod open;
 pub mod perm;
 
@@ -31,6 +34,7 @@ use serde_json::{Map, Value, json};
 use crate::block::Node;
 use crate::device::{BlockDevice, Extent};
 use crate::nbd::NbdClient;
+use blkdebug::{Event, IoType};
 
 pub use perm::{Claim, Role, User};
 
@@ -53,6 +57,7 @@ pub enum Driver {
     Raw,
     Qcow2,
     Nbd,
+    Blkdebug,
 }
 
 impl Driver {
@@ -62,6 +67,7 @@ impl Driver {
             Self::Raw => "raw",
             Self::Qcow2 => "qcow2",
             Self::Nbd => "nbd",
+            Self::Blkdebug => "blkdebug",
         }
     }
 }
@@ -136,6 +142,11 @@ pub(crate) enum Kind {
     },
     /// `nbd`: a connected client.
     Nbd { client: Arc<NbdClient> },
+    /// `blkdebug`: `image`'s bytes, with the errors its rules inject.
+    Blkdebug {
+        image: Claim,
+        rules: blkdebug::Blkdebug,
+    },
     /// A `--drive`'s image, with its own locks and backing chain.
     Drive { image: Arc<Node> },
 }
@@ -167,6 +178,11 @@ fn eperm() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
 
+/// A request a blkdebug rule fails, or lets through.
+fn injected(errno: Option<i32>) -> io::Result<()> {
+    errno.map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+}
+
 type Fut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
 
 impl BlockNode {
@@ -180,7 +196,7 @@ impl BlockNode {
         desc: Value,
     ) -> Arc<Self> {
         let below = match &kind {
-            Kind::Raw { file, .. } => file.node().depth,
+            Kind::Raw { file, .. } | Kind::Blkdebug { image: file, .. } => file.node().depth,
             Kind::Qcow2 { file, backing, .. } => file
                 .node()
                 .depth
@@ -292,10 +308,22 @@ impl BlockNode {
         }
     }
 
+    /// Whether QEMU's `bdrv_get_info` answers for the node (so its image info has a
+    /// `dirty-flag`): image files and formats do, filters and raw nodes pass the question
+    /// down, NBD nodes do not.
+    fn has_info(&self) -> bool {
+        match &self.kind {
+            Kind::Raw { file: c, .. } | Kind::Blkdebug { image: c, .. } => c.node().has_info(),
+            Kind::Nbd { .. } => false,
+            _ => true,
+        }
+    }
+
     /// The node's children in the graph, with their roles.
     pub fn children(&self) -> Vec<(Role, Arc<BlockNode>)> {
         match &self.kind {
             Kind::Raw { file, .. } => vec![(Role::File, file.node().clone())],
+            Kind::Blkdebug { image, .. } => vec![(Role::Image, image.node().clone())],
             Kind::Qcow2 { file, backing, .. } => std::iter::once((Role::File, file.node().clone()))
                 .chain(backing.iter().map(|b| (Role::Backing, b.node().clone())))
                 .collect(),
@@ -320,6 +348,8 @@ impl BlockNode {
                 .backing()
                 .map_or_else(|| image.backing_depth(), |b| 1 + b.backing_depth()),
             Kind::Drive { image } => image.backing_depth(),
+            // QEMU counts through filters.
+            Kind::Blkdebug { image, .. } => 1 + image.node().backing_depth(),
             _ => 0,
         }
     }
@@ -343,9 +373,13 @@ impl BlockNode {
                     "filename": self.filename,
                     "format": "raw",
                 });
-                if let (Some(img), Value::Object(m)) = (self.storage(), &mut v) {
-                    m.insert("actual-size".into(), json!(img.info().actual_size));
-                    m.insert("dirty-flag".into(), json!(false));
+                if let Value::Object(m) = &mut v {
+                    if let Some(img) = self.storage() {
+                        m.insert("actual-size".into(), json!(img.info().actual_size));
+                    }
+                    if self.has_info() {
+                        m.insert("dirty-flag".into(), json!(false));
+                    }
                 }
                 v
             }
@@ -369,6 +403,19 @@ impl BlockNode {
                 "filename": self.filename,
                 "format": "nbd",
             }),
+            // A filter: QEMU shows its image as its backing image.
+            Kind::Blkdebug { image, .. } => {
+                let mut v = json!({
+                    "virtual-size": size,
+                    "filename": self.filename,
+                    "format": "blkdebug",
+                    "dirty-flag": false,
+                });
+                if let (false, Value::Object(m)) = (flat, &mut v) {
+                    m.insert("backing-image".into(), image.node().image_info(false));
+                }
+                v
+            }
             Kind::Drive { image } => {
                 let mut v = ipc::common::qapi_json(&image.info());
                 if let (true, Value::Object(m)) = (flat, &mut v) {
@@ -425,6 +472,7 @@ impl BlockNode {
                 offset: 0,
                 size: None,
             } => Box::pin(file.node().resize(size)).await,
+            Kind::Blkdebug { image, .. } => Box::pin(image.node().resize(size)).await,
             _ => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "Image format driver does not support resize",
@@ -447,6 +495,14 @@ impl BlockNode {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `bdrv_debug_event`: tells a blkdebug node that `event` happened (other drivers
+    /// ignore events).
+    fn debug_event(&self, event: Event) {
+        if let Kind::Blkdebug { rules, .. } = &self.kind {
+            rules.event(event);
         }
     }
 
@@ -543,6 +599,7 @@ impl BlockDevice for BlockNode {
                 size.unwrap_or_else(|| file.node().size().saturating_sub(*offset))
             }
             Kind::Nbd { client } => client.size(),
+            Kind::Blkdebug { image, .. } => image.node().size(),
         }
     }
 
@@ -556,9 +613,14 @@ impl BlockDevice for BlockNode {
             Kind::Qcow2 { image, .. } | Kind::Drive { image } => image.read(buf, offset).await,
             Kind::Raw { file, .. } => {
                 let at = self.window(offset, buf.len() as u64)?;
+                file.node().debug_event(Event::ReadAio);
                 Self::child_read(file.node(), buf, at).await
             }
             Kind::Nbd { client } => client.read(buf, offset).await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::Read, offset, buf.len() as u64))?;
+                Self::child_read(image.node(), buf, offset).await
+            }
         }
     }
 
@@ -616,9 +678,17 @@ impl BlockNode {
             }
             Kind::Raw { file, .. } => {
                 let at = self.window(offset, buf.len() as u64)?;
+                file.node().debug_event(Event::WriteAio);
                 Self::child_write(file.node(), buf, at, fua).await
             }
             Kind::Nbd { client } => client.write(buf, offset, fua).await,
+            Kind::Blkdebug { image, rules } => {
+                rules.event(Event::Pwritev);
+                injected(rules.check(IoType::Write, offset, buf.len() as u64))?;
+                let r = Self::child_write(image.node(), buf, offset, fua).await;
+                rules.event(Event::PwritevDone);
+                r
+            }
         }
     }
 
@@ -642,6 +712,13 @@ impl BlockNode {
                 Self::child_zeroes(file.node(), at, length, unmap).await
             }
             Kind::Nbd { client } => client.write_zeroes(offset, length, unmap).await,
+            Kind::Blkdebug { image, rules } => {
+                rules.event(Event::PwritevZero);
+                injected(rules.check(IoType::WriteZeroes, offset, length))?;
+                let r = Self::child_zeroes(image.node(), offset, length, unmap).await;
+                rules.event(Event::PwritevDone);
+                r
+            }
         }
     }
 
@@ -666,6 +743,10 @@ impl BlockNode {
                 Self::child_discard(file.node(), at, length).await
             }
             Kind::Nbd { client } => client.discard(offset, length).await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::Discard, offset, length))?;
+                Self::child_discard(image.node(), offset, length).await
+            }
         }
     }
 
@@ -677,8 +758,16 @@ impl BlockNode {
             Kind::File { image, .. } | Kind::Qcow2 { image, .. } | Kind::Drive { image } => {
                 image.flush().await
             }
-            Kind::Raw { file, .. } => Self::child_flush(file.node()).await,
+            Kind::Raw { file, .. } => {
+                file.node().debug_event(Event::FlushToOs);
+                file.node().debug_event(Event::FlushToDisk);
+                Self::child_flush(file.node()).await
+            }
             Kind::Nbd { client } => client.flush().await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::Flush, 0, 0))?;
+                Self::child_flush(image.node()).await
+            }
         }
     }
 
@@ -717,6 +806,10 @@ impl BlockNode {
                 Self::child_status(file.node(), at, length).await
             }
             Kind::Nbd { client } => client.block_status(offset, length).await,
+            Kind::Blkdebug { image, rules } => {
+                injected(rules.check(IoType::BlockStatus, offset, length))?;
+                Self::child_status(image.node(), offset, length).await
+            }
         }
     }
 }

@@ -17,7 +17,8 @@
 //!    the header, then opens its backing: the node the header names (a `raw`/`qcow2` node
 //!    over a `file` node, read-only, generated names), a node name or nested definition
 //!    (`"Could not open backing file: ..."`), or none for `null`; `nbd` runs the NBD
-//!    handshake over the socket the monitor connected for it.
+//!    handshake over the socket the monitor connected for it; `blkdebug` (a protocol driver,
+//!    named before its child, as in QEMU) opens its `image` child, then reads its rules.
 //!
 //! Nested definitions inherit `read-only`, `auto-read-only`, `discard`, `cache.*` and
 //! `force-share` from their parent when they do not set them; a backing definition is
@@ -39,7 +40,7 @@ use serde_json::{Map, Value, json};
 use super::perm::Claim;
 use super::{
     BlockNode, DetectZeroes, Driver, Graph, Kind, MAX_BACKING_CHAIN, MAX_GRAPH_DEPTH,
-    MAX_NODE_NAME, NodeOptions, Role, User,
+    MAX_NODE_NAME, NodeOptions, Role, User, blkdebug,
 };
 use crate::block::header::Header;
 use crate::block::lock::{LockMode, Perms};
@@ -283,10 +284,11 @@ impl<'a> Adder<'a> {
             "raw" => Driver::Raw,
             "qcow2" => Driver::Qcow2,
             "nbd" => Driver::Nbd,
+            "blkdebug" => Driver::Blkdebug,
             other => {
                 return Err(err(format!(
-                    "Driver '{other}' is not supported by splitvmm (it has file, raw, qcow2 \
-                     and nbd)"
+                    "Driver '{other}' is not supported by splitvmm (it has file, raw, qcow2, \
+                     nbd and blkdebug)"
                 )));
             }
         };
@@ -346,6 +348,12 @@ impl<'a> Adder<'a> {
                     .await?
             }
             Driver::Nbd => self.open_nbd(def, name, &place, &eff, options).await?,
+            Driver::Blkdebug => {
+                // A protocol driver: it opens its image once it has its name.
+                let r = def.get("image").unwrap_or(&Value::Null);
+                let child = self.child(r, &place, "image", eff.for_file()).await?;
+                Self::open_blkdebug(def, name, child, &eff, options)?
+            }
         };
         if node.depth() > MAX_GRAPH_DEPTH {
             return Err(err(format!(
@@ -499,7 +507,8 @@ impl<'a> Adder<'a> {
             desc.insert("size".into(), json!(sz));
         }
         let desc = Value::Object(desc);
-        let filename = if windowed {
+        // A child QEMU can only describe as `json:` makes its raw parent `json:` too.
+        let filename = if windowed || child.filename().starts_with("json:") {
             format!("json:{}", qemu_json(&desc))
         } else {
             child.filename().to_string()
@@ -511,6 +520,38 @@ impl<'a> Adder<'a> {
                 file: claim,
                 offset,
                 size,
+            },
+            eff.read_only,
+            options,
+            filename,
+            desc,
+        ))
+    }
+
+    fn open_blkdebug(
+        def: &Map<String, Value>,
+        name: String,
+        child: Arc<BlockNode>,
+        eff: &Effective,
+        options: NodeOptions,
+    ) -> Result<Arc<BlockNode>, QmpError> {
+        let o: blkdebug::Options = decode(def)?;
+        let rules = blkdebug::Blkdebug::new(&o)?;
+        // A filter: its users' claims are its claim on its image.
+        let claim = Claim::new(
+            &child,
+            User::Node(name.clone()),
+            Role::Image,
+            LockMode::NONE,
+        )?;
+        let desc = blkdebug::desc(&o, child.desc());
+        let filename = format!("json:{}", qemu_json(&desc));
+        Ok(BlockNode::new(
+            name,
+            Driver::Blkdebug,
+            Kind::Blkdebug {
+                image: claim,
+                rules,
             },
             eff.read_only,
             options,
@@ -855,17 +896,23 @@ fn qdict_bucket(key: &str) -> u32 {
     1_103_515_243_u32.wrapping_mul(v).wrapping_add(12345) % 512
 }
 
-/// JSON as QEMU prints it in `json:` filenames: members in QDict order (by hash bucket;
-/// within a bucket the last inserted first), `", "` and `": "` between items.
+/// The members of `m` in the order a QDict made by inserting them in `m`'s order iterates
+/// them: by hash bucket, within a bucket the last inserted first.
+pub(super) fn qdict_order(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(usize, &String, &Value)> =
+        m.iter().enumerate().map(|(i, (k, v))| (i, k, v)).collect();
+    members.sort_by_key(|(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(*i)));
+    members.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// JSON as QEMU prints it in `json:` filenames: members in QDict order (see
+/// [`qdict_order`]), `", "` and `": "` between items.
 fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
-            let mut members: Vec<(usize, &String, &Value)> =
-                m.iter().enumerate().map(|(i, (k, v))| (i, k, v)).collect();
-            members.sort_by_key(|(i, k, _)| (qdict_bucket(k), std::cmp::Reverse(*i)));
-            let items: Vec<String> = members
-                .iter()
-                .map(|(_, k, v)| format!("{}: {}", Value::String((*k).clone()), qemu_json(v)))
+            let items: Vec<String> = qdict_order(m)
+                .into_iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), qemu_json(v)))
                 .collect();
             format!("{{{}}}", items.join(", "))
         }

@@ -31,6 +31,8 @@ use crate::block::lock::{self, LockMode, Perms};
 pub enum Role {
     File,
     Backing,
+    /// A blkdebug node's child.
+    Image,
     /// A block device (an export, a command's temporary user).
     Root,
 }
@@ -40,6 +42,7 @@ impl Role {
         match self {
             Self::File => "file",
             Self::Backing => "backing",
+            Self::Image => "image",
             Self::Root => "root",
         }
     }
@@ -189,7 +192,7 @@ fn conflict(node: &str, entries: &[Entry]) -> Result<(), QmpError> {
 impl BlockNode {
     /// Applies `change` to the node's claims if the result is allowed (see the module
     /// documentation), and passes the new total on: to the OFD locks of a `file` node, to
-    /// the child of a `raw` node.
+    /// the child of a `raw` or `blkdebug` node.
     pub(super) fn change_claims(
         &self,
         change: impl FnOnce(&mut Vec<Entry>),
@@ -216,7 +219,9 @@ impl BlockNode {
                     lock::change(image.os_file(), before, after)
                         .map_err(|e| QmpError::generic(e.to_string()))?;
                 }
-                Kind::Raw { file, .. } => file.update(after)?,
+                Kind::Raw { file, .. } | Kind::Blkdebug { image: file, .. } => {
+                    file.update(after)?;
+                }
                 _ => {}
             }
         }

@@ -61,6 +61,11 @@ impl DirtyBitmap {
         self.granularity
     }
 
+    /// The size in bytes the bitmap covers.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     fn lock(&self) -> MutexGuard<'_, Bits> {
         self.bits.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -12,8 +12,11 @@
 //!
 //! Copying follows the source's allocation: a range the source reads as zeroes and holds
 //! no data for is written to the target as zeroes (unmapped with `unmap`), so holes stay
-//! holes in a sparse target.
+//! holes in a sparse target, or not written at all where the target is known to read as
+//! zeroes (`sync=full`, no data written there yet). Up to 16 copies run at once, as in
+//! QEMU (with a `speed`, no more together than one rate-limit slice allows).
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +41,8 @@ use crate::jobs::{ErrorAction, Job};
 const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 /// `MAX_IO_BYTES`: the largest single copy.
 const MAX_IO_BYTES: u64 = 1 << 20;
+/// `MAX_IN_FLIGHT`: the most copies running at once.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// QAPI `MirrorSyncMode` (the ones mirror accepts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -112,6 +117,8 @@ pub struct Mirror {
     /// The drive whose requests go to `source` (pivoted at completion).
     backend: Option<Arc<Backend>>,
     bitmap: Arc<DirtyBitmap>,
+    /// Where this job wrote data to the target (see [`Mirror::target_reads_zero`]).
+    written: DirtyBitmap,
     sync: SyncMode,
     buf_size: u64,
     on_source_error: OnError,
@@ -207,6 +214,7 @@ impl Mirror {
             source: c.source,
             target: c.target,
             backend: Some(c.backend),
+            written: DirtyBitmap::new(c.bitmap.size(), c.bitmap.granularity()),
             bitmap: c.bitmap,
             sync: SyncMode::None,
             buf_size: DEFAULT_BUF_SIZE,
@@ -259,32 +267,88 @@ impl Mirror {
         Ok(())
     }
 
-    /// Copies one dirty run at most `max` bytes long from `from` on. `Ok(None)`: clean.
-    async fn iteration(&self, job: &Arc<Job>, from: u64) -> Result<Option<u64>, JobError> {
+    /// Copies dirty runs from `from` on, up to [`MAX_IN_FLIGHT`] of them at once (each at
+    /// most [`MAX_IO_BYTES`], together at most `buf-size`), as QEMU's mirror keeps several
+    /// copies in flight; with a `speed`, together at most what one rate-limit slice allows,
+    /// so that the rate limiter weighs them before the next ones start. Returns where the
+    /// next iteration starts, after every copy started here ended; `Ok(None)`: clean.
+    async fn iteration(
+        self: &Arc<Self>,
+        job: &Arc<Job>,
+        from: u64,
+    ) -> Result<Option<u64>, JobError> {
         let max = self.buf_size.clamp(self.bitmap.granularity(), MAX_IO_BYTES);
-        let Some((start, bytes)) = self.bitmap.next_run(from, max) else {
-            return Ok(None);
+        let mut budget = match job.speed() {
+            0 => self.buf_size,
+            speed => {
+                let slice = u128::from(speed) * SLICE.as_nanos() / 1_000_000_000;
+                self.buf_size
+                    .min(u64::try_from(slice).unwrap_or(u64::MAX))
+                    .max(self.bitmap.granularity())
+            }
         };
-        self.bitmap.clear(start, bytes);
+        let mut cursor = from;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut copies = tokio::task::JoinSet::new();
+        while runs.len() < MAX_IN_FLIGHT && budget > 0 {
+            let Some((start, bytes)) = self.bitmap.next_run(cursor, max.min(budget)) else {
+                break;
+            };
+            // A range written again while its copy runs is copied after that copy ended,
+            // never beside it (the older data could land last).
+            if runs
+                .iter()
+                .any(|&(s, b)| start < s + b && s < start + bytes)
+            {
+                break;
+            }
+            self.bitmap.clear(start, bytes);
+            runs.push((start, bytes));
+            budget = budget.saturating_sub(bytes);
+            cursor = start + bytes;
+            let (me, job) = (self.clone(), job.clone());
+            copies.spawn(async move { me.copy(&job, start, bytes).await });
+        }
+        if runs.is_empty() {
+            return Ok(None);
+        }
+        let mut result = Ok(());
+        while let Some(r) = copies.join_next().await {
+            let r =
+                r.unwrap_or_else(|e| Err(JobError::Msg(format!("mirror copy: {e}"), libc::EIO)));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result.map(|()| Some(cursor))
+    }
+
+    /// Copies `[start, start + bytes)` (cleared in the bitmap by the caller): data as data,
+    /// what the source reads as zeroes and holds no data for as zeroes, unless the target
+    /// still reads as zeroes there.
+    async fn copy(&self, job: &Arc<Job>, start: u64, bytes: u64) -> Result<(), JobError> {
         let end = start + bytes;
         let mut offset = start;
         while offset < end {
             // What the source holds there decides between copying data and writing zeroes.
             let extent = match self.source.block_status(offset, end - offset).await {
                 Ok(e) => e.first().copied(),
-                Err(e) => {
-                    self.failed(job, offset, end - offset, true, e)?;
-                    return Ok(Some(end));
-                }
+                Err(e) => return self.failed(job, offset, end - offset, true, e),
             };
             let n = extent.map_or(end - offset, |e| e.length.clamp(1, end - offset));
             let zero = extent.is_some_and(|e| e.zero && !e.data);
-            let result = if zero {
+            let result = if zero && self.target_reads_zero(offset, n) {
+                Ok(())
+            } else if zero {
                 self.target
                     .write_zeroes(offset, n, self.unmap)
                     .await
                     .map_err(|e| (false, e))
+            } else if self.copy_in_kernel(offset, n) {
+                self.written.mark(offset, n);
+                Ok(())
             } else {
+                self.written.mark(offset, n);
                 let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
                 match self.source.read(&mut buf, offset).await {
                     Err(e) => Err((true, e)),
@@ -296,8 +360,7 @@ impl Mirror {
                 }
             };
             if let Err((read, e)) = result {
-                self.failed(job, offset, end - offset, read, e)?;
-                return Ok(Some(end));
+                return self.failed(job, offset, end - offset, read, e);
             }
             job.progress(n);
             if !zero {
@@ -305,7 +368,67 @@ impl Mirror {
             }
             offset += n;
         }
-        Ok(Some(end))
+        Ok(())
+    }
+
+    /// Copies `[offset, offset + n)` from a raw image file to a raw image file in the
+    /// kernel (`copy_file_range`, as `cp` does: no copy through user memory), if both
+    /// are such files. `false`: not done, for any reason (other images, another file
+    /// system, an I/O error), so the caller copies through a buffer, which also tells a
+    /// read error from a write error.
+    fn copy_in_kernel(&self, offset: u64, n: u64) -> bool {
+        let (Some(src), Some(dst)) = (self.source.file_image(), self.target.file_image()) else {
+            return false;
+        };
+        if self.target.is_read_only() || offset.saturating_add(n) > dst.size() {
+            return false;
+        }
+        let copied = crate::block::commit::blocking(|| {
+            let mut done = 0;
+            while done < n {
+                let (Ok(mut from), Ok(mut to)) = (
+                    libc::off64_t::try_from(offset + done),
+                    libc::off64_t::try_from(offset + done),
+                ) else {
+                    return false;
+                };
+                let want = usize::try_from(n - done).unwrap_or(usize::MAX);
+                // SAFETY: both descriptors are open image files borrowed for the call, and
+                // the two offsets are valid locals the kernel only reads and updates.
+                let k = unsafe {
+                    libc::copy_file_range(
+                        src.os_file().as_raw_fd(),
+                        &mut from,
+                        dst.os_file().as_raw_fd(),
+                        &mut to,
+                        want,
+                        0,
+                    )
+                };
+                match u64::try_from(k) {
+                    Ok(k) if k > 0 => done += k,
+                    _ => return false,
+                }
+            }
+            true
+        });
+        if copied {
+            // What a write through the node would have told the target's watchers.
+            self.target.dirty.mark(offset, n);
+        }
+        copied
+    }
+
+    /// Whether the target reads as zeroes over `[offset, offset + n)`: with `sync=full` it
+    /// starts as zeroes (a new image without backing, or an existing one zeroed by
+    /// [`Mirror::dirty_init`]), and stays so where this job wrote no data (QEMU 10's
+    /// zero bitmap), so those zeroes need not be written again.
+    fn target_reads_zero(&self, offset: u64, n: u64) -> bool {
+        self.sync == SyncMode::Full
+            && !self
+                .written
+                .next_run(offset, n)
+                .is_some_and(|(s, _)| s >= offset && s < offset + n)
     }
 
     /// A failed read or write: the range is dirty again; the policy decides.
@@ -929,6 +1052,7 @@ impl State {
                 target: s.target.clone(),
                 backend,
                 bitmap: bitmap.clone(),
+                written: DirtyBitmap::new(size, granularity),
                 sync: s.sync,
                 buf_size,
                 on_source_error: s.on_source_error.unwrap_or_default(),

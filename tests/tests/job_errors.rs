@@ -1,0 +1,480 @@
+//! Block job error policies for real, each scenario played on qemu-storage-daemon 10 and on
+//! splitvmm with the same commands and compared event by event:
+//!
+//! - iotests 041 TestReadErrors: a mirror whose source sits on a `blkdebug` node that
+//!   fails one read with EIO, with `on-source-error` report, ignore and stop (BLOCK_JOB_ERROR,
+//!   the io-status, resume after stop, the completion error text);
+//! - a mirror target on a full filesystem (a 3 MiB tmpfs, 2 MiB of it taken, mounted in a mount namespace of
+//!   the test's own): `on-target-error` report, ignore, stop and enospc meet a real ENOSPC;
+//!   after stop or enospc, room is made and `block-job-resume` lets the job finish;
+//! - an NBD source (served by qemu-nbd) that goes away mid-mirror: the job ends with the
+//!   error instead of hanging, and the target is left as it was.
+//! - the blkdebug write path as an NBD client of either server sees it (ENOSPC, once).
+//!
+//! The transcripts compare event names and data (not `len`/`offset`, which depend on how
+//! far each copy got when the error struck) and the `query-block-jobs` answers at the
+//! interesting moments.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use tests::{RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_io, qemu_nbd};
+
+/// A QMP connection that keeps every event it reads, in order.
+struct Rec {
+    q: RawQmp,
+    log: Vec<Value>,
+    /// Events before this index were already consumed by [`Rec::until`].
+    pos: usize,
+}
+
+impl Rec {
+    fn new(q: RawQmp) -> Self {
+        Self {
+            q,
+            log: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    fn exec(&mut self, execute: &str, arguments: Value) -> Value {
+        let msg = json!({ "execute": execute, "arguments": arguments });
+        self.q.send(msg.to_string().as_bytes());
+        loop {
+            let v = self.q.read();
+            if v.get("event").is_some() {
+                self.log.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
+        let r = self.exec(execute, arguments.clone());
+        r.get("return")
+            .unwrap_or_else(|| panic!("{execute} {arguments}: {r}"))
+            .clone()
+    }
+
+    /// Reads until an event (after the last one consumed) satisfies `want`.
+    fn until(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            if let Some(i) = self.log[self.pos..].iter().position(&want) {
+                self.pos += i + 1;
+                return self.log[self.pos - 1].clone();
+            }
+            let v = self.q.read();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.log.push(v);
+        }
+    }
+
+    fn status(&mut self, status: &str) {
+        self.until(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == status);
+    }
+
+    fn event(&mut self, name: &str) -> Value {
+        self.until(|e| e["event"] == name)
+    }
+
+    /// `query-block-jobs` without what depends on timing.
+    fn jobs(&mut self) -> Value {
+        let mut v = self.ok("query-block-jobs", json!({}));
+        if let Value::Array(a) = &mut v {
+            for j in a {
+                if let Value::Object(m) = j {
+                    for k in ["len", "offset", "busy"] {
+                        m.remove(k);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The events so far, as `{"event", "data"}` without `len`/`offset` (and timestamps).
+    fn transcript(&self) -> Vec<Value> {
+        self.log
+            .iter()
+            .map(|e| {
+                let mut d = e["data"].clone();
+                if let Value::Object(m) = &mut d {
+                    m.remove("len");
+                    m.remove("offset");
+                }
+                json!({"event": e["event"], "data": d})
+            })
+            .collect()
+    }
+}
+
+/// Runs `scenario` on qemu-storage-daemon and on splitvmm (allowed into `dir`); returns
+/// both results, QEMU's first.
+fn both<T>(dir: &TempDir, scenario: impl Fn(&mut Rec) -> T) -> (T, T) {
+    let theirs = {
+        let qsd = StorageDaemon::start(&dir.join("qsd.sock"));
+        let mut r = Rec::new(qsd.raw_qmp());
+        scenario(&mut r)
+    };
+    let ours = {
+        let d = dir.path().display().to_string();
+        let vm = Splitvmm::start(&["--image-dir", &d]);
+        let mut r = Rec::new(vm.raw_qmp());
+        scenario(&mut r)
+    };
+    (theirs, ours)
+}
+
+fn same_files(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("qemu-img compare")
+        .success()
+}
+
+/// 041 TestReadErrors' blkdebug rules: armed by a read in state 1, one EIO on the read that
+/// covers 1 MiB (sector 2048), the state toggling on every read.
+fn read_error_rules() -> Value {
+    json!({
+        "inject-error": [{"event": "read_aio", "state": 1, "errno": 5, "sector": 2048,
+                          "once": true, "immediately": false}],
+        "set-state": [{"event": "read_aio", "state": 1, "new_state": 2},
+                      {"event": "read_aio", "state": 2, "new_state": 1}],
+    })
+}
+
+/// The source of 041 TestReadErrors as nodes: `raw` over `blkdebug` over the file (QEMU's
+/// `blkdebug:RULES:backing.img` with `backing_fmt=raw`).
+fn blkdebug_source(rec: &mut Rec, image: &Path) {
+    let mut dbg = json!({"driver": "blkdebug",
+                         "image": {"driver": "file", "filename": image}});
+    if let (Value::Object(d), Value::Object(r)) = (&mut dbg, read_error_rules()) {
+        d.extend(r);
+    }
+    rec.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src", "file": dbg}),
+    );
+}
+
+/// One TestReadErrors case: the transcript, the `query-block-jobs` answers taken on the
+/// way, and whether the target ended equal to the source.
+fn read_error_case(dir: &TempDir, policy: &str) -> (Vec<Value>, Vec<Value>, bool) {
+    let src = dir.join("src.raw");
+    let tgt = dir.join("tgt.raw");
+    let (theirs, ours) = both(dir, |rec| {
+        qemu_img_create("raw", &tgt, "2M");
+        blkdebug_source(rec, &src);
+        rec.ok(
+            "drive-mirror",
+            json!({"device": "src", "job-id": "drive0", "target": tgt, "format": "raw",
+                   "mode": "existing", "sync": "full", "on-source-error": policy}),
+        );
+        let mut queries = Vec::new();
+        match policy {
+            "report" => {}
+            "stop" => {
+                rec.status("paused");
+                queries.push(rec.jobs());
+                rec.ok("block-job-resume", json!({"device": "drive0"}));
+                rec.event("BLOCK_JOB_READY");
+                queries.push(rec.jobs());
+                rec.ok("block-job-complete", json!({"device": "drive0"}));
+            }
+            _ => {
+                rec.event("BLOCK_JOB_READY");
+                queries.push(rec.jobs());
+                rec.ok("block-job-complete", json!({"device": "drive0"}));
+            }
+        }
+        rec.status("null");
+        rec.ok("blockdev-del", json!({"node-name": "src"}));
+        let equal = same_files(&src, &tgt);
+        std::fs::remove_file(&tgt).expect("remove target");
+        (rec.transcript(), queries, equal)
+    });
+    assert_eq!(
+        theirs.0, ours.0,
+        "{policy}: events differ (qemu-storage-daemon, then splitvmm)"
+    );
+    assert_eq!(theirs.1, ours.1, "{policy}: query-block-jobs differs");
+    assert_eq!(theirs.2, ours.2, "{policy}: target contents differ");
+    ours
+}
+
+fn source_image(dir: &TempDir) {
+    let src = dir.join("src.raw");
+    qemu_img_create("raw", &src, "2M");
+    qemu_io(
+        "raw",
+        &src.display().to_string(),
+        &["write -P 0x11 0 1M", "write -P 0x22 1M 1M"],
+    );
+}
+
+#[test]
+fn read_error_report_ends_the_job_with_eio() {
+    let dir = TempDir::new("jerr-report");
+    source_image(&dir);
+    let (events, _, _) = read_error_case(&dir, "report");
+    assert!(
+        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "report", "device": "drive0", "operation": "read"}})),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "BLOCK_JOB_COMPLETED"
+                && e["data"]["error"] == "Input/output error"),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn read_error_ignore_goes_on_and_copies_everything() {
+    let dir = TempDir::new("jerr-ignore");
+    source_image(&dir);
+    let (events, queries, equal) = read_error_case(&dir, "ignore");
+    assert!(
+        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "ignore", "device": "drive0", "operation": "read"}})),
+        "{events:#?}"
+    );
+    assert_eq!(queries[0][0]["paused"], false);
+    assert_eq!(queries[0][0]["io-status"], "ok");
+    assert!(equal, "the target must be a full copy");
+}
+
+#[test]
+fn read_error_stop_pauses_with_io_status_failed_until_resumed() {
+    let dir = TempDir::new("jerr-stop");
+    source_image(&dir);
+    let (events, queries, equal) = read_error_case(&dir, "stop");
+    assert!(
+        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "stop", "device": "drive0", "operation": "read"}})),
+        "{events:#?}"
+    );
+    assert_eq!(queries[0][0]["status"], "paused");
+    assert_eq!(queries[0][0]["io-status"], "failed");
+    assert_eq!(queries[1][0]["io-status"], "ok");
+    assert!(equal, "the target must be a full copy");
+}
+
+/// Mounts a tmpfs of `size` at `at` in a mount namespace of this test thread's own (the
+/// processes it starts inherit it; the host and the other tests never see the mount).
+fn private_tmpfs(at: &Path, size: &str) {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    std::fs::create_dir_all(at).expect("mount point");
+    unshare(CloneFlags::CLONE_NEWNS).unwrap_or_else(|e| {
+        panic!("a full filesystem needs a mount namespace (CAP_SYS_ADMIN, e.g. root): {e}")
+    });
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("make the mounts private");
+    mount(
+        Some("tmpfs"),
+        at,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some(format!("size={size}").as_str()),
+    )
+    .expect("mount tmpfs");
+}
+
+/// One full-filesystem case: a 2 MiB source mirrored to a raw target on a 3 MiB tmpfs
+/// that a 2 MiB filler leaves 1 MiB of.
+/// With `stop`/`enospc`, room is made after the pause (the filler goes) and the job
+/// resumes and completes.
+fn enospc_case(dir: &TempDir, policy: &str) -> (Vec<Value>, Vec<Value>) {
+    let src = dir.join("src.raw");
+    let full = dir.join("full");
+    let tgt = full.join("tgt.raw");
+    let filler = full.join("filler");
+    let (theirs, ours) = both(dir, |rec| {
+        qemu_img_create("raw", &tgt, "2M");
+        std::fs::write(&filler, vec![0x55u8; 2 << 20]).expect("filler");
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "src",
+                   "file": {"driver": "file", "filename": src}}),
+        );
+        rec.ok(
+            "drive-mirror",
+            json!({"device": "src", "job-id": "drive0", "target": tgt, "format": "raw",
+                   "mode": "existing", "sync": "full", "on-target-error": policy}),
+        );
+        let mut queries = Vec::new();
+        match policy {
+            "report" => rec.status("null"),
+            "ignore" => {
+                // Ignored errors are retried: the job stays busy and never gets READY.
+                rec.event("BLOCK_JOB_ERROR");
+                queries.push(rec.jobs());
+                rec.ok(
+                    "block-job-cancel",
+                    json!({"device": "drive0", "force": true}),
+                );
+                rec.status("null");
+            }
+            _ => {
+                rec.status("paused");
+                queries.push(rec.jobs());
+                std::fs::remove_file(&filler).expect("make room");
+                rec.ok("block-job-resume", json!({"device": "drive0"}));
+                rec.event("BLOCK_JOB_READY");
+                queries.push(rec.jobs());
+                rec.ok("block-job-complete", json!({"device": "drive0"}));
+                rec.status("null");
+                assert!(
+                    same_files(&src, &tgt),
+                    "{policy}: the target is a full copy"
+                );
+            }
+        }
+        rec.ok("blockdev-del", json!({"node-name": "src"}));
+        let _ = std::fs::remove_file(&tgt);
+        let _ = std::fs::remove_file(&filler);
+        // Only the first error of a kind matters: an ignored one repeats until the cancel.
+        let mut t = rec.transcript();
+        t.dedup();
+        (t, queries)
+    });
+    assert_eq!(theirs.0, ours.0, "{policy}: events differ");
+    assert_eq!(theirs.1, ours.1, "{policy}: query-block-jobs differs");
+    ours
+}
+
+#[test]
+fn mirror_to_a_full_filesystem_follows_on_target_error() {
+    let dir = TempDir::new("jerr-enospc");
+    source_image(&dir);
+    private_tmpfs(&dir.join("full"), "3M");
+    let enospc = "No space left on device";
+    let (events, _) = enospc_case(&dir, "report");
+    assert!(
+        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "report", "device": "drive0", "operation": "write"}})),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"]["error"] == enospc),
+        "{events:#?}"
+    );
+    let (events, queries) = enospc_case(&dir, "ignore");
+    assert!(
+        events.iter().any(|e| e["data"]["action"] == "ignore"),
+        "{events:#?}"
+    );
+    assert_eq!(queries[0][0]["io-status"], "ok");
+    for policy in ["stop", "enospc"] {
+        let (events, queries) = enospc_case(&dir, policy);
+        assert!(
+            events.iter().any(|e| e["data"]["action"] == "stop"),
+            "{policy}: {events:#?}"
+        );
+        assert_eq!(queries[0][0]["io-status"], "nospace", "{policy}");
+        assert_eq!(queries[1][0]["io-status"], "ok", "{policy}");
+    }
+}
+
+/// A mirror from an NBD source whose server goes away mid-copy: a read error (report: the
+/// job ends; it must not hang), and the target keeps what was copied before.
+#[test]
+fn nbd_source_that_disconnects_ends_the_job_with_an_error() {
+    let dir = TempDir::new("jerr-nbd");
+    let big = dir.join("big.raw");
+    qemu_img_create("raw", &big, "64M");
+    qemu_io("raw", &big.display().to_string(), &["write -P 0x33 0 64M"]);
+    let tgt = dir.join("tgt.raw");
+    qemu_img_create("raw", &tgt, "64M");
+    let sock = dir.join("nbd.sock");
+    let server = qemu_nbd(&big, "raw", "big", &sock, true);
+    let d = dir.path().display().to_string();
+    let vm = Splitvmm::start(&["--image-dir", &d]);
+    let mut rec = Rec::new(vm.raw_qmp());
+    rec.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "src", "read-only": true, "export": "big",
+               "server": {"type": "unix", "path": sock}}),
+    );
+    // Slow enough that the server is gone long before the copy ends (1 MiB/s of 64 MiB).
+    rec.ok(
+        "drive-mirror",
+        json!({"device": "src", "job-id": "drive0", "target": tgt, "format": "raw",
+               "mode": "existing", "sync": "full", "speed": 1 << 20}),
+    );
+    rec.status("running");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(server);
+    let err = rec.event("BLOCK_JOB_ERROR");
+    assert_eq!(err["data"]["operation"], "read", "{err}");
+    let done = rec.event("BLOCK_JOB_COMPLETED");
+    assert!(
+        done["data"]["error"].is_string(),
+        "the job must end with an error: {done}"
+    );
+    rec.status("null");
+    assert_eq!(rec.jobs(), json!([]));
+    // splitvmm still answers, and the source node can go.
+    rec.ok("blockdev-del", json!({"node-name": "src"}));
+    let len = std::fs::metadata(&tgt).expect("target").len();
+    assert_eq!(len, 64 << 20, "the target keeps its size");
+}
+
+/// The blkdebug write path, as an NBD client sees it on both servers: a `raw` node over a
+/// `blkdebug` node, exported writable; a write arms the rule (`write_aio`, raised by the
+/// raw node), which fails the first write covering sector 8 with ENOSPC, once.
+#[test]
+fn blkdebug_write_errors_reach_an_nbd_client_as_in_qemu() {
+    let dir = TempDir::new("jerr-bdwrite");
+    let img = dir.join("w.raw");
+    qemu_img_create("raw", &img, "1M");
+    let sock = dir.join("nbd.sock");
+    let io = |cmd: &str| -> String {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(format!("nbd+unix:///w?socket={}", sock.display()))
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.lines().next().unwrap_or_default().to_string()
+    };
+    let (theirs, ours) = both(&dir, |rec| {
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "w", "file": {
+                "driver": "blkdebug", "image": {"driver": "file", "filename": img},
+                "inject-error": [{"event": "write_aio", "errno": 28, "sector": 8,
+                                  "once": true}]}}),
+        );
+        rec.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+        );
+        rec.ok("nbd-server-add", json!({"device": "w", "writable": true}));
+        let out = vec![
+            io("write 0 512"),
+            io("write 4096 512"),
+            io("write 4096 512"),
+            io("read 4096 512"),
+        ];
+        rec.ok("nbd-server-stop", json!({}));
+        rec.ok("blockdev-del", json!({"node-name": "w"}));
+        out
+    });
+    assert_eq!(theirs, ours, "qemu-storage-daemon, then splitvmm");
+    assert!(ours[1].contains("No space left on device"), "{ours:?}");
+    assert!(ours[2].starts_with("wrote"), "once: {ours:?}");
+}
