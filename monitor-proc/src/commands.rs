@@ -222,6 +222,9 @@ async fn execute(
                 }
                 None => monitor.set_runstate(target),
             }
+            if name == "cont" {
+                monitor.clear_io_errors();
+            }
             Ok(json!({}))
         }
         "system_reset" => {
@@ -269,7 +272,7 @@ async fn execute(
         "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
         "query-cpus-fast" => vm_commands::query_cpus_fast(monitor).await,
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
-            BlockReply::Block(info) => Ok(ipc::common::qapi_json(&info)),
+            BlockReply::Block(info) => Ok(ipc::common::qapi_json(&monitor.with_io_status(info))),
             other => Err(QmpError::generic(format!(
                 "block-proc: unexpected reply {other:?}"
             ))),

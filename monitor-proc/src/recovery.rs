@@ -96,7 +96,9 @@ fn str_arg<'a>(args: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 
 impl Recovery {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The configuration block-proc was started with (sent again to its successor).
@@ -128,13 +130,21 @@ impl Recovery {
             inner.unreplayable = Some(format!("{command} changed the block graph"));
         } else if let Some(kind) = job_kind(command) {
             let id = str_arg(args, "job-id").or_else(|| str_arg(args, "device"));
-            for j in inner.running.iter_mut().filter(|j| Some(j.id.as_str()) == id) {
+            for j in inner
+                .running
+                .iter_mut()
+                .filter(|j| Some(j.id.as_str()) == id)
+            {
                 j.kind = Some(kind);
                 j.speed = args.get("speed").and_then(Value::as_u64).unwrap_or(0);
             }
         } else if matches!(command, "block-job-complete" | "job-complete") {
             let id = str_arg(args, "device").or_else(|| str_arg(args, "id"));
-            for j in inner.running.iter_mut().filter(|j| Some(j.id.as_str()) == id) {
+            for j in inner
+                .running
+                .iter_mut()
+                .filter(|j| Some(j.id.as_str()) == id)
+            {
                 j.completing = true;
             }
         }
@@ -314,7 +324,10 @@ mod tests {
         {
             let inner = r.lock();
             let m = &inner.running[0];
-            assert_eq!((m.kind, m.len, m.offset, m.speed), (Some("mirror"), 10, 10, 7));
+            assert_eq!(
+                (m.kind, m.len, m.offset, m.speed),
+                (Some("mirror"), 10, 10, 7)
+            );
             assert_eq!(inner.running[1].kind, Some("stream"));
         }
         // A stream that ends is gone; nothing changed that a replay cannot restore.

@@ -297,8 +297,8 @@ async fn start(
     let mut runstate = RunState::Running;
     let vmm = match (&cli.kernel, vmm_peer) {
         (Some(kernel), Some(peer_fd)) => {
-            let (vmm_mon, vmm_child) = Channel::pair()
-                .map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
+            let (vmm_mon, vmm_child) =
+                Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
             // vmm-proc opens nothing: the monitor opens what it needs, before any jail.
             let mut fds: Vec<OwnedFd> = vec![open_kvm()?];
             if let Some(serial) = open_serial(&cli.serial)? {
@@ -420,7 +420,9 @@ async fn spawn_block(
         block_fds.push(block_end.into_fd());
         vmm_peer = Some(vmm_end.into_fd());
     }
-    let pid = launcher.spawn(ChildKind::Block, sandbox, &block_fds).await?;
+    let pid = launcher
+        .spawn(ChildKind::Block, sandbox, &block_fds)
+        .await?;
     children.0.push((ChildKind::Block, pid));
     drop(block_fds);
     let chan = handshake(block_mon, Link::MonitorBlock, "block-proc").await?;
@@ -543,6 +545,9 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
             });
             if e.io_status {
                 data["nospace"] = e.nospace.into();
+            }
+            if e.action == ipc::vmm::ErrorAction::Stop {
+                m.set_io_error(&e.device, e.nospace);
             }
             data["reason"] = if e.nospace {
                 "No space left on device"

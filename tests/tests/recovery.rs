@@ -117,6 +117,10 @@ fn guest_stopped(c: &mut RawQmp, mut events: Vec<Value>) -> Vec<Value> {
         c.ok("query-status", json!({})),
         json!({"running": false, "status": "io-error"})
     );
+    // Answered by the new block-proc, with the status the error left.
+    let block = c.ok("query-block", json!({}));
+    assert_eq!(block[0]["device"], "disk0", "{block}");
+    assert_eq!(block[0]["io-status"], "failed", "{block}");
     events
 }
 
@@ -124,6 +128,7 @@ fn guest_stopped(c: &mut RawQmp, mut events: Vec<Value>) -> Vec<Value> {
 /// reads back, also those in flight when block-proc died. The image is sound.
 fn guest_passes(mut vm: Splitvmm, c: &mut RawQmp) {
     c.cont();
+    assert_eq!(c.ok("query-block", json!({}))[0]["io-status"], "ok");
     let ev = c.event("SHUTDOWN");
     assert_eq!(
         ev["data"],
@@ -150,16 +155,12 @@ fn a_killed_block_proc_is_restarted_under_the_paused_guest_and_no_write_is_lost(
     let mut c = vm.raw_qmp();
     let (events, _) = kill_and_recover(&vm, &mut c);
     guest_stopped(&mut c, events);
-    // The new block-proc serves the drive.
-    let block = c.ok("query-block", json!({}));
-    assert_eq!(block[0]["device"], "disk0", "{block}");
     guest_passes(vm, &mut c);
 }
 
 #[test]
 fn recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports() {
-    if !kvm_or_skip("recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports")
-    {
+    if !kvm_or_skip("recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports") {
         return;
     }
     let dir = TempDir::new("recover-jobs");
@@ -196,7 +197,8 @@ fn recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports() 
                "speed": 65536}),
     );
     let info = |export: &str| {
-        run(Command::new("nbdinfo").args(["--json", &format!("nbd+unix:///{export}?socket={sock}")]))
+        run(Command::new("nbdinfo")
+            .args(["--json", &format!("nbd+unix:///{export}?socket={sock}")]))
     };
     let before: Value = serde_json::from_str(&info("extra")).expect("nbdinfo json");
     let (events, _) = kill_and_recover(&vm, &mut c);
@@ -205,7 +207,12 @@ fn recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports() 
     assert_eq!(done.len(), 1, "{events:?}");
     let data = &done[0]["data"];
     assert_eq!(
-        (&data["type"], &data["device"], &data["speed"], &data["error"]),
+        (
+            &data["type"],
+            &data["device"],
+            &data["speed"],
+            &data["error"]
+        ),
         (
             &json!("mirror"),
             &json!("disk0"),
@@ -232,7 +239,10 @@ fn recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports() 
     assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
     // The node, the server (same socket) and the export are back.
     let after: Value = serde_json::from_str(&info("extra")).expect("nbdinfo json");
-    assert_eq!(after["exports"][0]["export-size"], before["exports"][0]["export-size"]);
+    assert_eq!(
+        after["exports"][0]["export-size"],
+        before["exports"][0]["export-size"]
+    );
     let out = tests::output(Command::new("qemu-io").args([
         "-r",
         "-f",
@@ -242,7 +252,8 @@ fn recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports() 
         &format!("nbd+unix:///extra?socket={sock}"),
     ]));
     assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
+        out.status.success()
+            && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)

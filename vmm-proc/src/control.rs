@@ -189,9 +189,9 @@ impl Vm {
                 }
             },
             VmmRequest::SystemReset => self.reset(false).map(|()| VmmReply::Done),
-            VmmRequest::ReconnectBlock => Err(QmpError::generic(
-                "ReconnectBlock came without its socket",
-            )),
+            VmmRequest::ReconnectBlock => {
+                Err(QmpError::generic("ReconnectBlock came without its socket"))
+            }
             VmmRequest::QueryBlockStats => Ok(VmmReply::BlockStats(self.bus.disk_stats())),
             VmmRequest::Shutdown => {
                 // Threads first: the I/O thread must be gone before block-proc is.
