@@ -1,6 +1,6 @@
 //! The process tree: every process jailed with its seccomp filter, block-proc answering
-//! `query-block` across the process boundary, a dying child noticed at once and everything
-//! torn down with nothing left behind.
+//! `query-block` across the process boundary, everything torn down with nothing left
+//! behind. (A dying block-proc is restarted: `recovery.rs`.)
 
 use std::time::{Duration, Instant};
 
