@@ -75,11 +75,20 @@ fn start_guest(dir: TempDir, append: &str) -> Splitvmm {
     )
 }
 
-/// Kills block-proc once the guest's loop has verified a first round, and checks what the
-/// monitor reports up to the restart. Returns the events and the new block-proc's pid.
-fn kill_and_recover(vm: &Splitvmm, c: &mut RawQmp) -> (Vec<Value>, i32) {
+/// The guest loop's progress lines so far.
+fn progress(vm: &Splitvmm) -> usize {
+    std::fs::read_to_string(vm.dir.join("serial.log"))
+        .unwrap_or_default()
+        .matches("write-verify-loop: ")
+        .count()
+}
+
+/// Kills block-proc once the guest's loop has reported progress beyond `seen` lines (it
+/// is writing and verifying), and checks what the monitor reports up to the restart.
+/// Returns the events.
+fn kill_and_recover(vm: &Splitvmm, c: &mut RawQmp, seen: usize) -> Vec<Value> {
     wait_for_text(&vm.dir.join("serial.log"), Duration::from_secs(60), |t| {
-        t.contains("write-verify-loop: 1.")
+        t.matches("write-verify-loop: ").count() > seen
     });
     let old = block_proc(vm);
     sigkill(old);
@@ -99,7 +108,7 @@ fn kill_and_recover(vm: &Splitvmm, c: &mut RawQmp) -> (Vec<Value>, i32) {
     // Jailed as the first one was.
     assert_eq!(proc_status_field(new, "Seccomp").as_deref(), Some("2"));
     assert_eq!(proc_status_field(new, "NoNewPrivs").as_deref(), Some("1"));
-    (events, new)
+    events
 }
 
 /// The guest's disk reported the loss, and the guest stopped in `io-error` (the BLOCK_IO_ERROR
@@ -150,10 +159,15 @@ fn a_killed_block_proc_is_restarted_under_the_paused_guest_and_no_write_is_lost(
     }
     let vm = start_guest(
         TempDir::new("recover"),
-        "run=write-verify-loop seconds=8 bytes=8M",
+        "run=write-verify-loop seconds=12 bytes=8M",
     );
     let mut c = vm.raw_qmp();
-    let (events, _) = kill_and_recover(&vm, &mut c);
+    let events = kill_and_recover(&vm, &mut c, 0);
+    guest_stopped(&mut c, events);
+    // Once more, on the restarted block-proc, after the guest went on writing.
+    let seen = progress(&vm);
+    c.cont();
+    let events = kill_and_recover(&vm, &mut c, seen);
     guest_stopped(&mut c, events);
     guest_passes(vm, &mut c);
 }
@@ -201,7 +215,7 @@ fn recovery_ends_a_running_mirror_in_error_and_restores_nodes_and_nbd_exports() 
             .args(["--json", &format!("nbd+unix:///{export}?socket={sock}")]))
     };
     let before: Value = serde_json::from_str(&info("extra")).expect("nbdinfo json");
-    let (events, _) = kill_and_recover(&vm, &mut c);
+    let events = kill_and_recover(&vm, &mut c, 0);
     // The job died with block-proc: QEMU's sequence for a failed job, from the monitor.
     let done = named(&events, "BLOCK_JOB_COMPLETED");
     assert_eq!(done.len(), 1, "{events:?}");
