@@ -11,6 +11,7 @@
 //!   ◄── VmmMessage::Event(RunState | Reset)  (STOP / RESUME / RESET on the QMP side)
 //!   ◄───────────── VmmMessage::Reply{id}
 //!   ◄── VmmMessage::Event(GuestShutdown | Reset | GuestPanicked)   (the guest did it)
+//!   VmmCall{id, ReconnectBlock} + data-path socket ─►   after a block-proc restart
 //!   VmmCall{id, Shutdown} ──────────────►   stop, reply, exit
 //! ```
 //!
@@ -38,6 +39,7 @@ impl Message for VmmCall {
                     + usize::from(c.kernel == KernelImage::File)
                     + usize::from(c.initrd)
             }
+            VmmRequest::ReconnectBlock => 1,
             _ => 0,
         }
     }
@@ -59,6 +61,10 @@ pub enum VmmRequest {
     QueryBlockStats,
     /// Stop the vCPUs and exit.
     Shutdown,
+    /// block-proc was restarted (crash recovery): the new data-path socket travels with
+    /// the message. vmm-proc checks the new block-proc offers the same drives, hands it the
+    /// guest's memory and sends it every request still in flight.
+    ReconnectBlock,
 }
 
 /// Where the guest kernel comes from.

@@ -15,6 +15,9 @@
 //!
 //! A request's segments are guest-physical ranges of the shared memory; no data crosses
 //! the socket. Completions carry the request's tag and a virtio-blk status.
+//!
+//! After a block-proc restart (crash recovery) vmm-proc makes the same sequence on the new
+//! link, then submits again every request the dead block-proc had not completed.
 
 use serde::{Deserialize, Serialize};
 

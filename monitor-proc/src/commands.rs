@@ -229,6 +229,9 @@ async fn execute(
                 }
                 None => monitor.set_runstate(target),
             }
+            if name == "cont" {
+                monitor.clear_io_errors();
+            }
             Ok(json!({}))
         }
         "system_reset" => {
@@ -280,7 +283,7 @@ async fn execute(
         "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
         "query-cpus-fast" => vm_commands::query_cpus_fast(monitor).await,
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
-            BlockReply::Block(info) => Ok(ipc::common::qapi_json(&info)),
+            BlockReply::Block(info) => Ok(ipc::common::qapi_json(&monitor.with_io_status(info))),
             other => Err(QmpError::generic(format!(
                 "block-proc: unexpected reply {other:?}"
             ))),
@@ -302,8 +305,9 @@ async fn forward(
     forward_fds(monitor, name, args, fd.into_iter().collect()).await
 }
 
-/// [`forward`] with any number of descriptors (at most [`ipc::channel::MAX_FDS`]).
-async fn forward_fds(
+/// [`forward`] with any number of descriptors (at most [`ipc::channel::MAX_FDS`]). What
+/// succeeds is recorded for crash recovery.
+pub(crate) async fn forward_fds(
     monitor: &Monitor,
     name: &str,
     args: &Map<String, Value>,
@@ -323,11 +327,15 @@ async fn forward_fds(
         arguments: Value::Object(args.clone()).to_string(),
         fds: count,
     };
-    let fds: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
-    match monitor.block.call(request, &fds).await? {
-        BlockReply::Json(text) => serde_json::from_str(&text).map_err(|e| {
-            QmpError::generic(format!("block-proc answered {name} with bad JSON: {e}"))
-        }),
+    let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+    match monitor.block.call(request, &borrowed).await? {
+        BlockReply::Json(text) => {
+            let v = serde_json::from_str(&text).map_err(|e| {
+                QmpError::generic(format!("block-proc answered {name} with bad JSON: {e}"))
+            })?;
+            monitor.recovery.record(name, args, &fds);
+            Ok(v)
+        }
         other => Err(QmpError::generic(format!(
             "block-proc: unexpected reply {other:?}"
         ))),

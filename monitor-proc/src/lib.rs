@@ -10,6 +10,7 @@
 //! - [`commands`]: the command table and handlers; [`block_commands`]: the block and NBD
 //!   commands' schemas and their monitor-side work (sockets); [`vm_commands`]: commands
 //!   that combine block-proc's and vmm-proc's answers (`query-blockstats`);
+//! - [`recovery`]: what block-proc's restart after a crash replays;
 //! - [`events`], [`state`], [`signals`], [`sandbox`].
 
 pub mod block_commands;
@@ -19,6 +20,7 @@ pub mod events;
 pub mod launcher;
 pub mod link;
 pub mod qmp;
+pub mod recovery;
 pub mod sandbox;
 pub mod server;
 pub mod signals;

@@ -1,7 +1,8 @@
 //! The monitor's end of a link to a child: requests with correlation ids, answered in any
 //! order, and the child's unsolicited events. One reader task per link routes replies to
 //! their waiting callers and events to a handler; when the link breaks, every waiting
-//! caller gets an error at once.
+//! caller gets an error at once. A link can be [re-attached](RpcClient::reattach) to a
+//! restarted child (crash recovery), so every holder of the client keeps using it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,7 +103,8 @@ type Pending<R> = Mutex<Option<Waiters<R>>>;
 
 /// The monitor's end of a link.
 pub struct RpcClient<P: Protocol> {
-    chan: AsyncChannel,
+    /// The link; replaced when the child is restarted.
+    chan: std::sync::RwLock<Arc<AsyncChannel>>,
     next_id: AtomicU64,
     /// `None` once the link is broken.
     pending: Pending<P::Reply>,
@@ -127,11 +129,29 @@ impl<P: Protocol> RpcClient<P> {
     /// Wraps a link whose handshake is done.
     pub fn new(chan: AsyncChannel) -> Arc<Self> {
         Arc::new(Self {
-            chan,
+            chan: std::sync::RwLock::new(Arc::new(chan)),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Some(HashMap::new())),
             parts: Mutex::default(),
         })
+    }
+
+    fn chan(&self) -> Arc<AsyncChannel> {
+        self.chan
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts a restarted child's link (handshake done) in place of the broken one; calls
+    /// made from now on go to it. Run [`read_loop`](Self::read_loop) again to read it.
+    pub fn reattach(&self, chan: AsyncChannel) {
+        *self
+            .chan
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(chan);
+        self.parts().clear();
+        *self.pending() = Some(HashMap::new());
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Option<Waiters<P::Reply>>> {
@@ -152,7 +172,7 @@ impl<P: Protocol> RpcClient<P> {
             .as_mut()
             .ok_or_else(|| gone(P::PEER))?
             .insert(id, tx);
-        if let Err(e) = self.chan.send(&P::call(id, request), fds).await {
+        if let Err(e) = self.chan().send(&P::call(id, request), fds).await {
             if let Some(p) = self.pending().as_mut() {
                 p.remove(&id);
             }
@@ -164,8 +184,9 @@ impl<P: Protocol> RpcClient<P> {
 
     /// Reads the link until it breaks; events go to `on_event`. Returns why it broke.
     pub async fn read_loop(&self, mut on_event: impl FnMut(P::Event)) -> IpcError {
+        let chan = self.chan();
         let err = loop {
-            match self.chan.recv::<P::Incoming>().await {
+            match chan.recv::<P::Incoming>().await {
                 Ok(r) => match P::split(r.msg) {
                     Incoming::Part(id, part) => self.add_part(id, &part),
                     Incoming::Reply(id, result) => {
@@ -188,8 +209,11 @@ impl<P: Protocol> RpcClient<P> {
                 Err(e) => break e,
             }
         };
-        // Dropping the senders fails every waiting call.
-        self.pending().take();
+        // Dropping the senders fails every waiting call (unless a restarted child's link
+        // has already taken this one's place: `reattach` dropped them).
+        if Arc::ptr_eq(&self.chan(), &chan) {
+            self.pending().take();
+        }
         err
     }
 

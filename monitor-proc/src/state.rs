@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use ipc::block::{BlockInfo, IoStatus};
 use ipc::common::RunState;
 use ipc::launcher::{ChildKind, LaunchRequest};
 use ipc::{AsyncChannel, QmpError};
@@ -60,7 +61,12 @@ pub struct Monitor {
     pub cpus: u8,
     /// Host thread ids of the children, from the launcher.
     pub threads: Option<ThreadQuery>,
+    /// What a restarted block-proc is given back.
+    pub recovery: Arc<crate::recovery::Recovery>,
     runstate: Mutex<RunState>,
+    /// Drives whose I/O status is not `ok`: set by an error that stopped the VM, cleared
+    /// by `cont` (QEMU's `blk_iostatus_set_err` and `bdrv_iostatus_reset`).
+    io_errors: Mutex<Vec<(String, IoStatus)>>,
     shutdown: mpsc::UnboundedSender<ShutdownCause>,
 }
 
@@ -117,7 +123,9 @@ impl Monitor {
             nbd: Default::default(),
             cpus: 0,
             threads: None,
+            recovery: Arc::default(),
             runstate: Mutex::new(runstate),
+            io_errors: Mutex::default(),
             shutdown,
         }
     }
@@ -144,6 +152,44 @@ impl Monitor {
             (false, true) => self.events.emit("RESUME", None),
             _ => {}
         }
+    }
+
+    fn io_errors(&self) -> std::sync::MutexGuard<'_, Vec<(String, IoStatus)>> {
+        self.io_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A request on `device` failed and stopped the VM. The first error sticks, as in
+    /// QEMU.
+    pub fn set_io_error(&self, device: &str, nospace: bool) {
+        let mut errors = self.io_errors();
+        if !errors.iter().any(|e| e.0 == device) {
+            let status = if nospace {
+                IoStatus::Nospace
+            } else {
+                IoStatus::Failed
+            };
+            errors.push((device.to_string(), status));
+        }
+    }
+
+    /// `cont`: every drive's I/O status is `ok` again.
+    pub fn clear_io_errors(&self) {
+        self.io_errors().clear();
+    }
+
+    /// `query-block`'s drives with the I/O status the monitor keeps.
+    pub fn with_io_status(&self, mut drives: Vec<BlockInfo>) -> Vec<BlockInfo> {
+        let errors = self.io_errors();
+        for d in &mut drives {
+            if let (Some(s), Some((_, e))) =
+                (&mut d.io_status, errors.iter().find(|e| e.0 == d.device))
+            {
+                *s = *e;
+            }
+        }
+        drives
     }
 
     /// Asks the supervisor to shut everything down.

@@ -6,6 +6,12 @@
 //! serve QMP. Shutdown (quit, a signal, or a child's death): SHUTDOWN event → ask the
 //! children to exit, kill those that do not → stop the launcher → flush every QMP client →
 //! remove the sockets and the pidfile.
+//!
+//! A block-proc death is recovered instead when [`crate::recovery`] allows it: the jobs it
+//! ran end in error, the launcher starts a new block-proc (jailed as the first), the
+//! monitor configures it and replays the journal, and vmm-proc is handed the new data path
+//! and sends it the guest requests still in flight. The guest meanwhile stops in
+//! `io-error` (vmm-proc's doing) until `cont`.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -30,6 +36,8 @@ use crate::state::{Monitor, ShutdownCause, ThreadQuery};
 
 /// How long a child gets to exit after being asked before it is killed.
 const CHILD_EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long each step of restarting block-proc may take.
+const RESTART_STEP: Duration = Duration::from_secs(30);
 
 /// A fatal start-up or runtime problem, said once on stderr.
 #[derive(Debug, thiserror::Error)]
@@ -176,17 +184,32 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
             for l in listeners {
                 tokio::spawn(l.serve(monitor.clone(), sessions.clone()));
             }
-            let cause = tokio::select! {
-                Some(cause) = shutdown_rx.recv() => cause,
-                () = signals.wait() => ShutdownCause::Signal,
-                Some((kind, pid, status)) = launcher.exits.recv() => {
-                    children.0.retain(|c| c.1 != pid);
-                    let (text, mut data) = describe(status);
-                    eprintln!("splitvmm: {} (pid {pid}) {text}; shutting down", kind.name());
-                    data["process"] = kind.name().into();
-                    data["pid"] = pid.into();
-                    monitor.events.emit(&format!("{VENDOR_PREFIX}CHILD_EXITED"), Some(data));
-                    ShutdownCause::ChildDied
+            let cause = loop {
+                tokio::select! {
+                    Some(cause) = shutdown_rx.recv() => break cause,
+                    () = signals.wait() => break ShutdownCause::Signal,
+                    Some((kind, pid, status)) = launcher.exits.recv() => {
+                        children.0.retain(|c| c.1 != pid);
+                        let (text, mut data) = describe(status);
+                        data["process"] = kind.name().into();
+                        data["pid"] = pid.into();
+                        monitor.events.emit(&format!("{VENDOR_PREFIX}CHILD_EXITED"), Some(data));
+                        if kind == ChildKind::Block {
+                            match monitor.recovery.begin() {
+                                Ok(config) => {
+                                    eprintln!("splitvmm: block-proc (pid {pid}) {text}; restarting it");
+                                    match restart_block(config, cli.sandbox, &mut launcher, &mut children, &monitor).await {
+                                        Ok(()) => continue,
+                                        Err(e) => eprintln!("splitvmm: cannot restart block-proc: {e}; shutting down"),
+                                    }
+                                }
+                                Err(why) => eprintln!("splitvmm: block-proc (pid {pid}) {text}; not restarted ({why}); shutting down"),
+                            }
+                        } else {
+                            eprintln!("splitvmm: {} (pid {pid}) {text}; shutting down", kind.name());
+                        }
+                        break ShutdownCause::ChildDied;
+                    }
                 }
             };
             // Like QEMU's exit path: SHUTDOWN, and no STOP for the final stop.
@@ -246,27 +269,10 @@ async fn start(
         }
         listeners.push(l);
     }
-    let pair = || Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")));
-    let (block_mon, block_child) = pair()?;
-    let peer = if cli.kernel.is_some() {
-        Some(pair()?)
-    } else {
-        None
-    };
-
     // block-proc first: vmm-proc asks it for the drives during its own set-up.
-    let mut block_fds = vec![block_child.into_fd()];
-    let mut vmm_peer = None;
-    if let Some((vmm_end, block_end)) = peer {
-        block_fds.push(block_end.into_fd());
-        vmm_peer = Some(vmm_end.into_fd());
-    }
-    let pid = launcher
-        .spawn(ChildKind::Block, cli.sandbox, &block_fds)
-        .await?;
-    children.0.push((ChildKind::Block, pid));
-    drop(block_fds);
-    let block = connect::<link::Block>(block_mon, Link::MonitorBlock).await?;
+    let (block, vmm_peer) =
+        spawn_block(launcher, children, cli.sandbox, cli.kernel.is_some()).await?;
+    let block = RpcClient::<link::Block>::new(block);
     let mut image_dirs = cli.image_dir.clone();
     for d in &cli.drive {
         let dir = std::path::absolute(&d.file)
@@ -281,32 +287,18 @@ async fn start(
         sandbox: cli.sandbox,
     };
     let events = EventBus::default();
-    let reader = block.clone();
-    let bus = events.clone();
-    tokio::spawn(async move {
-        let e = reader
-            .read_loop(|(name, data)| {
-                if let Some(data) = block_event(&name, data.as_deref()) {
-                    bus.emit(&name, data);
-                }
-            })
-            .await;
-        tracing::debug!("block-proc link closed: {e}");
-    });
-    match block.call(BlockRequest::Configure(config), &[]).await {
-        Ok(BlockReply::Done) => {}
-        Ok(other) => {
-            return Err(SupervisorError::Start(format!(
-                "block-proc: unexpected reply {other:?}"
-            )));
-        }
-        Err(e) => return Err(SupervisorError::Start(e.desc)),
-    }
+    let recovery = Arc::new(crate::recovery::Recovery::default());
+    read_block_events(&block, &events, &recovery);
+    recovery.set_config(config.clone());
+    configure_block(&block, config)
+        .await
+        .map_err(SupervisorError::Start)?;
 
     let mut runstate = RunState::Running;
     let vmm = match (&cli.kernel, vmm_peer) {
         (Some(kernel), Some(peer_fd)) => {
-            let (vmm_mon, vmm_child) = pair()?;
+            let (vmm_mon, vmm_child) =
+                Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
             // vmm-proc opens nothing: the monitor opens what it needs, before any jail.
             let mut fds: Vec<OwnedFd> = vec![open_kvm()?];
             if let Some(serial) = open_serial(&cli.serial)? {
@@ -370,6 +362,7 @@ async fn start(
     );
     monitor.cpus = if vmm.is_some() { cli.cpus } else { 0 };
     monitor.threads = launcher.thread_query();
+    monitor.recovery = recovery;
     let monitor = Arc::new(monitor);
     if let Some((vmm, config, fds)) = vmm {
         let reader = vmm.clone();
@@ -436,6 +429,115 @@ fn block_event(name: &str, data: Option<&str>) -> Option<Option<serde_json::Valu
     }
 }
 
+/// Starts block-proc through the launcher and makes the handshake. With `guest`, also the
+/// data-path socketpair: block-proc gets one end, vmm-proc's end is returned.
+async fn spawn_block(
+    launcher: &mut Launcher,
+    children: &mut Children,
+    sandbox: bool,
+    guest: bool,
+) -> Result<(AsyncChannel, Option<OwnedFd>), SupervisorError> {
+    let pair = || Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")));
+    let (block_mon, block_child) = pair()?;
+    let mut block_fds = vec![block_child.into_fd()];
+    let mut vmm_peer = None;
+    if guest {
+        let (vmm_end, block_end) = pair()?;
+        block_fds.push(block_end.into_fd());
+        vmm_peer = Some(vmm_end.into_fd());
+    }
+    let pid = launcher
+        .spawn(ChildKind::Block, sandbox, &block_fds)
+        .await?;
+    children.0.push((ChildKind::Block, pid));
+    drop(block_fds);
+    let chan = handshake(block_mon, Link::MonitorBlock, "block-proc").await?;
+    Ok((chan, vmm_peer))
+}
+
+/// Reads block-proc's link until it breaks: replies to their callers, events to QMP
+/// clients (and to the recovery record).
+fn read_block_events(
+    block: &Arc<RpcClient<link::Block>>,
+    events: &EventBus,
+    recovery: &Arc<crate::recovery::Recovery>,
+) {
+    let (reader, bus, recovery) = (block.clone(), events.clone(), recovery.clone());
+    tokio::spawn(async move {
+        let e = reader
+            .read_loop(|(name, data)| {
+                if let Some(data) = block_event(&name, data.as_deref()) {
+                    recovery.observe(&name, data.as_ref());
+                    bus.emit(&name, data);
+                }
+            })
+            .await;
+        tracing::debug!("block-proc link closed: {e}");
+    });
+}
+
+/// block-proc's first request: its drives and image directories (it then jails itself).
+async fn configure_block(
+    block: &RpcClient<link::Block>,
+    config: BlockConfig,
+) -> Result<(), String> {
+    match block.call(BlockRequest::Configure(config), &[]).await {
+        Ok(BlockReply::Done) => Ok(()),
+        Ok(other) => Err(format!("block-proc: unexpected reply {other:?}")),
+        Err(e) => Err(e.desc),
+    }
+}
+
+/// Puts a new block-proc where the dead one was (see the module's documentation), and
+/// reports it with `CHILD_RESTARTED`.
+async fn restart_block(
+    config: BlockConfig,
+    sandbox: bool,
+    launcher: &mut Launcher,
+    children: &mut Children,
+    monitor: &Arc<Monitor>,
+) -> Result<(), String> {
+    monitor.recovery.fail_jobs(monitor);
+    let step = |what: &'static str| move |_| format!("{what} took over {RESTART_STEP:?}");
+    let (chan, vmm_peer) = tokio::time::timeout(
+        RESTART_STEP,
+        spawn_block(launcher, children, sandbox, monitor.vmm.is_some()),
+    )
+    .await
+    .map_err(step("starting block-proc"))?
+    .map_err(|e| e.to_string())?;
+    monitor.block.reattach(chan);
+    read_block_events(&monitor.block, &monitor.events, &monitor.recovery);
+    tokio::time::timeout(RESTART_STEP, configure_block(&monitor.block, config))
+        .await
+        .map_err(step("configuring block-proc"))??;
+    tokio::time::timeout(RESTART_STEP, monitor.recovery.replay(monitor))
+        .await
+        .map_err(step("replaying the block configuration"))?
+        .map_err(|e| e.desc)?;
+    if let (Some(vmm), Some(peer)) = (&monitor.vmm, vmm_peer) {
+        tokio::time::timeout(
+            RESTART_STEP,
+            vmm.call(VmmRequest::ReconnectBlock, &[peer.as_fd()]),
+        )
+        .await
+        .map_err(step("reconnecting vmm-proc"))?
+        .map_err(|e| format!("vmm-proc: {}", e.desc))?;
+    }
+    let pid = children
+        .0
+        .iter()
+        .rev()
+        .find(|c| c.0 == ChildKind::Block)
+        .map_or(0, |c| c.1);
+    eprintln!("splitvmm: block-proc restarted (pid {pid})");
+    monitor.events.emit(
+        &format!("{VENDOR_PREFIX}CHILD_RESTARTED"),
+        Some(json!({ "process": "block-proc", "pid": pid })),
+    );
+    Ok(())
+}
+
 /// Turns what vmm-proc reports into QMP events and state.
 fn vmm_event(m: &Monitor, ev: VmmEvent) {
     match ev {
@@ -464,6 +566,9 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
             });
             if e.io_status {
                 data["nospace"] = e.nospace.into();
+            }
+            if e.action == ipc::vmm::ErrorAction::Stop {
+                m.set_io_error(&e.device, e.nospace);
             }
             data["reason"] = if e.nospace {
                 "No space left on device"
@@ -511,11 +616,19 @@ async fn connect<P: link::Protocol>(
     chan: Channel,
     which: Link,
 ) -> Result<Arc<RpcClient<P>>, SupervisorError> {
+    Ok(RpcClient::new(handshake(chan, which, P::PEER).await?))
+}
+
+async fn handshake(
+    chan: Channel,
+    which: Link,
+    peer: &str,
+) -> Result<AsyncChannel, SupervisorError> {
     let chan = AsyncChannel::new(chan).map_err(|e| SupervisorError::Start(e.to_string()))?;
     chan.handshake(which)
         .await
-        .map_err(|e| SupervisorError::Start(format!("{}: {e}", P::PEER)))?;
-    Ok(RpcClient::new(chan))
+        .map_err(|e| SupervisorError::Start(format!("{peer}: {e}")))?;
+    Ok(chan)
 }
 
 /// Asks the children to exit: vmm-proc first (it stops using the disks), then block-proc.

@@ -1,6 +1,6 @@
 //! The process tree: every process jailed with its seccomp filter, block-proc answering
-//! `query-block` across the process boundary, a dying child noticed at once and everything
-//! torn down with nothing left behind.
+//! `query-block` across the process boundary, everything torn down with nothing left
+//! behind. (A dying block-proc is restarted: `recovery.rs`.)
 
 use std::time::{Duration, Instant};
 
@@ -145,51 +145,6 @@ fn query_block_is_answered_by_block_proc() {
     let r = c.reply();
     assert_eq!(r["id"], 2);
     assert_eq!(r["return"][0]["device"], "disk0", "{r}");
-}
-
-#[test]
-fn a_killed_block_proc_is_reported_and_everything_shuts_down() {
-    let dir = TempDir::new("kill");
-    let img = dir.join("disk.raw");
-    qemu_img_create("raw", &img, "1M");
-    let drive = format!("id=disk0,file={},format=raw", img.display());
-    let mut vm = Splitvmm::start_in(dir, &["--drive", &drive]);
-    let t = tree(&vm);
-    let block = pid_of(&t, "block-proc");
-    let mut c = vm.raw_qmp();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(block),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
-    let ev = c.read();
-    assert_eq!(ev["event"], "__org.splitvmm_CHILD_EXITED", "{ev}");
-    assert_eq!(
-        ev["data"],
-        json!({"process": "block-proc", "pid": block, "signal": "SIGKILL", "signal-number": 9})
-    );
-    let ev = c.read();
-    assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
-    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-error"}));
-    let status = vm.wait_exit(Duration::from_secs(15));
-    assert_eq!(status.code(), Some(1), "{}", vm.stderr_text());
-    assert!(
-        vm.stderr_text().contains(&format!(
-            "block-proc (pid {block}) was killed by signal 9 (SIGKILL)"
-        )),
-        "{}",
-        vm.stderr_text()
-    );
-    assert!(!vm.qmp.exists(), "socket left behind");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while t.iter().any(|(_, p)| alive(*p)) {
-        assert!(
-            Instant::now() < deadline,
-            "processes left behind: {:?}",
-            t.iter().filter(|(_, p)| alive(*p)).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -44,6 +44,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub enum Input {
     Monitor(VmmCall),
+    /// `ReconnectBlock` (its call id) with the restarted block-proc's data-path socket.
+    ReconnectBlock(ipc::CallId, std::os::fd::OwnedFd),
     /// The monitor's link closed or broke.
     MonitorGone(IpcError),
     Guest(usize, GuestEvent),
@@ -123,6 +125,15 @@ impl Vm {
                     Ok(false) => break Ok(()),
                     Err(e) => break Err(e),
                 },
+                Ok(Input::ReconnectBlock(id, fd)) => {
+                    let result = self
+                        .reconnect_block(fd)
+                        .map(|()| VmmReply::Done)
+                        .map_err(QmpError::generic);
+                    if let Err(e) = self.monitor.send(&VmmMessage::Reply { id, result }, &[]) {
+                        break Err(e);
+                    }
+                }
                 Ok(Input::Guest(vcpu, event)) => {
                     if let Err(e) = self.guest(vcpu, event) {
                         break Err(e);
@@ -178,6 +189,9 @@ impl Vm {
                 }
             },
             VmmRequest::SystemReset => self.reset(false).map(|()| VmmReply::Done),
+            VmmRequest::ReconnectBlock => {
+                Err(QmpError::generic("ReconnectBlock came without its socket"))
+            }
             VmmRequest::QueryBlockStats => Ok(VmmReply::BlockStats(self.bus.disk_stats())),
             VmmRequest::Shutdown => {
                 // Threads first: the I/O thread must be gone before block-proc is.
@@ -304,6 +318,28 @@ impl Vm {
                 Some(_) => {}
             }
         }
+        Ok(())
+    }
+
+    /// A restarted block-proc (crash recovery): checks it offers the guest's drives, hands
+    /// it guest memory, then the I/O thread sends it the requests still in flight.
+    fn reconnect_block(&mut self, fd: std::os::fd::OwnedFd) -> Result<(), String> {
+        let block = Channel::from_fd(fd);
+        block
+            .handshake(ipc::Link::VmmBlock)
+            .map_err(|e| format!("block-proc: {e}"))?;
+        let offered: Vec<String> = crate::list_drives(&block)?
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        let guest: Vec<String> = self.bus.disk_stats().into_iter().map(|d| d.id).collect();
+        if offered != guest {
+            return Err(format!(
+                "the restarted block-proc offers drives {offered:?}, the guest has {guest:?}"
+            ));
+        }
+        crate::share_memory(&block, &self.ram)?;
+        self.io_command(IoCommand::Reconnect(block));
         Ok(())
     }
 

@@ -15,6 +15,11 @@
 //! Every request stays in the in-flight table until block-proc answers it, whatever the
 //! run state; a completion for a device reset since is dropped (the guest forgot it).
 //!
+//! If block-proc dies, each disk reports a `stop` error (the VM stops in `io-error`), and pausing no longer waits for those requests. When the monitor
+//! has started a new block-proc, `Reconnect` hands over the new link and every request
+//! still in flight is sent to it again (DESIGN.md §3: nothing acknowledged is lost, and
+//! nothing unacknowledged is forgotten).
+//!
 //! A failed request follows its disk's `werror`/`rerror`: `report` answers IOERR, `ignore`
 //! answers OK, `stop` (and `enospc` on ENOSPC) keeps the request aside and asks the
 //! controller to stop the VM; it is sent again when the VM resumes. Each failure is
@@ -106,6 +111,9 @@ pub enum IoCommand {
     Resume,
     /// Reset every device (the VM is paused and drained); answer when done.
     Reset(Sender<()>),
+    /// A restarted block-proc's data path (already handshaken and given the guest's
+    /// memory): send it every request in flight.
+    Reconnect(Channel),
     Exit,
 }
 
@@ -267,6 +275,7 @@ impl IoThread {
                     }
                     let _ = done.send(());
                 }
+                Ok(IoCommand::Reconnect(block)) => self.reconnect(block),
                 Ok(IoCommand::Exit) => return false,
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
@@ -274,8 +283,10 @@ impl IoThread {
         }
     }
 
+    /// Pausing waits for the requests in flight, unless block-proc is gone: they then wait
+    /// for its successor.
     fn answer_drained(&mut self) {
-        if self.in_flight.is_empty() {
+        if self.in_flight.is_empty() || !self.block_alive {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -401,12 +412,57 @@ impl IoThread {
     }
 
     fn block_lost(&mut self) {
+        if !self.block_alive {
+            return;
+        }
         self.block_alive = false;
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
             self.block.as_fd().as_raw_fd(),
             EpollEvent::default(),
         );
+        // Every disk lost its backend: one `stop` error each, a write if a write was in
+        // flight on it (else a read), so the VM stops in `io-error` until `cont`.
+        for (disk, dev) in self.disks.iter().enumerate() {
+            let write = self
+                .in_flight
+                .values()
+                .any(|f| f.disk == disk && !matches!(f.acct, Acct::Read | Acct::None));
+            let _ = self.controller.send(Input::BlockIoError(BlockIoError {
+                device: lock(dev).drive.id.clone(),
+                index: disk as u16,
+                write,
+                action: ErrorAction::Stop,
+                nospace: false,
+                io_status: true,
+            }));
+        }
+        self.answer_drained();
+    }
+
+    /// Takes a restarted block-proc's link and sends it every request in flight.
+    fn reconnect(&mut self, block: Channel) {
+        if self.block_alive {
+            self.block_lost();
+        }
+        self.block = block;
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            self.block.as_fd().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_BLOCK),
+        ) {
+            tracing::error!("I/O thread: watching the new block-proc link: {e}");
+            return;
+        }
+        self.block_alive = true;
+        let mut again: Vec<IoRequest> = Vec::new();
+        for f in self.in_flight.values_mut() {
+            f.started = Instant::now();
+            again.push(f.request.clone());
+        }
+        again.sort_unstable_by_key(|r| r.tag);
+        tracing::info!("block-proc restarted: {} requests sent again", again.len());
+        self.submit(again);
     }
 
     fn on_block_message(&mut self) {

@@ -226,6 +226,21 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
     let bus = Arc::new(Bus::new(uart, disks.clone()));
 
     // block-proc maps the same memory to serve guest I/O.
+    share_memory(block, &ram)?;
+    Ok(Built {
+        ram,
+        machine,
+        inits,
+        bus,
+        disks,
+        queue_events,
+        boot,
+    })
+}
+
+/// Hands guest memory to block-proc, which maps it to serve guest I/O (at start-up, and
+/// to a block-proc restarted after a crash).
+pub(crate) fn share_memory(block: &Channel, ram: &GuestRam) -> Result<(), String> {
     block
         .send(
             &VmmToBlock::Call {
@@ -243,22 +258,14 @@ fn build(config: &VmmConfig, fds: Vec<OwnedFd>, block: &Channel) -> Result<Built
         BlockToVmm::Reply {
             id: 2,
             result: Ok(VmmBlockAnswer::Done),
-        } => {}
-        BlockToVmm::Reply { result: Err(e), .. } => return Err(format!("block-proc: {e}")),
-        other => return Err(format!("block-proc: unexpected answer {other:?}")),
+        } => Ok(()),
+        BlockToVmm::Reply { result: Err(e), .. } => Err(format!("block-proc: {e}")),
+        other => Err(format!("block-proc: unexpected answer {other:?}")),
     }
-    Ok(Built {
-        ram,
-        machine,
-        inits,
-        bus,
-        disks,
-        queue_events,
-        boot,
-    })
 }
 
-fn list_drives(block: &Channel) -> Result<Vec<GuestDrive>, String> {
+/// The drives block-proc offers the guest.
+pub(crate) fn list_drives(block: &Channel) -> Result<Vec<GuestDrive>, String> {
     block
         .send(
             &VmmToBlock::Call {
@@ -294,7 +301,13 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
             loop {
                 match reader.recv::<VmmCall>() {
                     Ok(r) => {
-                        if tx.send(Input::Monitor(r.msg)).is_err() {
+                        let input = match (&r.msg.request, r.fds.into_iter().next()) {
+                            (VmmRequest::ReconnectBlock, Some(fd)) => {
+                                Input::ReconnectBlock(r.msg.id, fd)
+                            }
+                            _ => Input::Monitor(r.msg),
+                        };
+                        if tx.send(input).is_err() {
                             return;
                         }
                     }
