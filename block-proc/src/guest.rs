@@ -180,9 +180,13 @@ fn submit<D: BlockDevice>(
                 (false, Some(mem)) => execute(&devices, &mem, &req).await,
                 _ => IoStatus::IoErr,
             };
+            let node_name = (status != IoStatus::Ok)
+                .then(|| devices.get(usize::from(req.device))?.device.node_name())
+                .flatten();
             let done = BlockToVmm::Completed(vec![IoCompletion {
                 tag: req.tag,
                 status,
+                node_name,
             }]);
             if let Err(e) = peer.send(&done, &[]).await {
                 tracing::debug!("cannot complete request {}: {e}", req.tag);

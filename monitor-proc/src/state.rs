@@ -1,8 +1,10 @@
 //! The monitor's shared state: what QMP commands read and change, and the way they ask the
 //! supervisor to shut down.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use ipc::block::{BlockInfo, IoStatus};
 use ipc::common::RunState;
 use ipc::launcher::{ChildKind, LaunchRequest};
 use ipc::{AsyncChannel, QmpError};
@@ -22,6 +24,8 @@ pub enum ShutdownCause {
     ChildDied,
     /// The guest powered off through the debug-exit port with this value (0 = PASS).
     GuestShutdown(u32),
+    /// The guest reset itself under `--no-reboot`.
+    GuestReset,
 }
 
 impl ShutdownCause {
@@ -32,18 +36,23 @@ impl ShutdownCause {
             Self::Signal => "host-signal",
             Self::ChildDied => "host-error",
             Self::GuestShutdown(_) => "guest-shutdown",
+            Self::GuestReset => "guest-reset",
         }
     }
 
     /// The SHUTDOWN event's `guest` member: whether the guest asked for it.
     pub fn guest(self) -> bool {
-        matches!(self, Self::GuestShutdown(_))
+        matches!(self, Self::GuestShutdown(_) | Self::GuestReset)
     }
 
-    /// Whether splitvmm exits with status 0: after `quit` or a signal, and after a guest
-    /// that powered off with the debug-exit value 0 (PASS).
+    /// Whether splitvmm exits with status 0: after `quit` or a signal, after a guest
+    /// that powered off with the debug-exit value 0 (PASS), and after a guest reset under
+    /// `--no-reboot` (as QEMU `-no-reboot` exits 0).
     pub fn success(self) -> bool {
-        matches!(self, Self::Quit | Self::Signal | Self::GuestShutdown(0))
+        matches!(
+            self,
+            Self::Quit | Self::Signal | Self::GuestShutdown(0) | Self::GuestReset
+        )
     }
 }
 
@@ -61,6 +70,9 @@ pub struct Monitor {
     /// Host thread ids of the children, from the launcher.
     pub threads: Option<ThreadQuery>,
     runstate: Mutex<RunState>,
+    /// The drives a guest I/O error stopped the VM for, with their `io-status`
+    /// (`failed` or `nospace`) until `cont`; the others are `ok`.
+    io_errors: Mutex<HashMap<String, IoStatus>>,
     shutdown: mpsc::UnboundedSender<ShutdownCause>,
 }
 
@@ -118,6 +130,7 @@ impl Monitor {
             cpus: 0,
             threads: None,
             runstate: Mutex::new(runstate),
+            io_errors: Mutex::default(),
             shutdown,
         }
     }
@@ -143,6 +156,43 @@ impl Monitor {
             (true, false) => self.events.emit("STOP", None),
             (false, true) => self.events.emit("RESUME", None),
             _ => {}
+        }
+    }
+
+    /// A guest request on `device` failed and its policy stops the VM: its io-status
+    /// becomes `nospace` or `failed`, unless an earlier error already set it (QEMU's
+    /// `blk_iostatus_set_err`).
+    pub fn io_error(&self, device: &str, nospace: bool) {
+        self.io_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(device.to_string())
+            .or_insert(if nospace {
+                IoStatus::Nospace
+            } else {
+                IoStatus::Failed
+            });
+    }
+
+    /// `cont`: every drive's io-status back to `ok` (QEMU's `blk_iostatus_reset`).
+    pub fn reset_io_status(&self) {
+        self.io_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Puts the io-status guest errors left into `query-block`'s answer (block-proc says
+    /// which drives keep one).
+    pub fn fill_io_status(&self, info: &mut [BlockInfo]) {
+        let errors = self
+            .io_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for b in info {
+            if let (Some(status), Some(e)) = (&mut b.io_status, errors.get(&b.device)) {
+                *status = *e;
+            }
         }
     }
 

@@ -455,14 +455,14 @@ impl IoThread {
                 let nospace = c.status == IoStatus::NoSpace;
                 let policy = if write { d.werror } else { d.rerror };
                 let action = ErrorAction::of(policy, nospace);
-                let stops = matches!(policy, OnError::Stop | OnError::Enospc);
                 let _ = self.controller.send(Input::BlockIoError(BlockIoError {
                     device: d.drive.id.clone(),
+                    node_name: c.node_name.clone(),
                     index: f.disk as u16,
                     write,
                     action,
                     nospace,
-                    io_status: stops,
+                    io_status: OnError::keeps_io_status(d.werror, d.rerror),
                 }));
                 action
             });

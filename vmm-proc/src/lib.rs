@@ -114,7 +114,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
         }
     };
     monitor.send(&reply(Ok(VmmReply::Done)), &[])?;
-    vm.serve(config.start_paused)?;
+    vm.serve(config.start_paused, config.no_reboot)?;
     Ok(())
 }
 

@@ -53,9 +53,10 @@ pub enum VcpuAck {
 pub enum GuestEvent {
     /// Power off: a write to the debug-exit port (with its value), or ACPI S5 (value 0).
     PowerOff(u32),
-    /// The i8042 reset line (`0xfe` to port 0x64, also the ACPI reset register).
+    /// The i8042 reset line (`0xfe` to port 0x64, also the ACPI reset register), or a
+    /// triple fault.
     Reset,
-    /// Triple fault, KVM internal error or failed entry.
+    /// KVM internal error or failed entry.
     Panicked(String),
 }
 
@@ -262,9 +263,12 @@ impl Vcpu {
                 bus.mmio_write(addr, data);
                 Next::Continue
             }
-            Ok(VcpuExit::Shutdown) => Next::Stop(GuestEvent::Panicked(format!(
-                "vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN)"
-            ))),
+            // A triple fault resets the machine, as on a PC (and in QEMU: RESET with
+            // reason guest-reset).
+            Ok(VcpuExit::Shutdown) => {
+                tracing::info!("vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN): resetting");
+                Next::Stop(GuestEvent::Reset)
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: KVM set exit_reason to KVM_EXIT_INTERNAL_ERROR, so `internal` is
                 // the union member it filled in.
