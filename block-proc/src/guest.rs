@@ -116,6 +116,7 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
         return e;
     }
     let devices: Arc<[GuestDevice<D>]> = devices.into();
+    let outbox = Arc::new(std::sync::Mutex::new(Outbox::default()));
     let mut memory: Option<Arc<GuestMemory>> = None;
     loop {
         let received = match peer.recv::<VmmToBlock>().await {
@@ -155,7 +156,7 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
                 BlockToVmm::Reply { id, result }
             }
             VmmToBlock::Submit(batch) => {
-                submit(&peer, &devices, memory.as_ref(), batch);
+                submit(&peer, &outbox, &devices, memory.as_ref(), batch);
                 continue;
             }
         };
@@ -165,16 +166,70 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
     }
 }
 
+/// The most completions one `Completed` message carries (well inside a frame, even with
+/// node names).
+const MAX_COMPLETIONS: usize = 1024;
+
+/// Completions on their way back to vmm-proc: whichever request finishes while no other
+/// is sending becomes the sender and sends everything that has gathered, until nothing
+/// is left; the others only add theirs. Under load one message (one `sendmsg`, one
+/// wake-up of vmm-proc's I/O thread) carries many completions; alone, a completion
+/// goes at once.
+#[derive(Debug, Default)]
+struct Outbox {
+    done: Vec<IoCompletion>,
+    sending: bool,
+}
+
+fn lock(o: &std::sync::Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
+    o.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn complete(peer: &AsyncChannel, outbox: &std::sync::Mutex<Outbox>, c: IoCompletion) {
+    {
+        let mut o = lock(outbox);
+        o.done.push(c);
+        if o.sending {
+            return;
+        }
+        o.sending = true;
+    }
+    // Let the requests that are ready on this worker finish first, to go in the same
+    // message.
+    tokio::task::yield_now().await;
+    loop {
+        let batch = {
+            let mut o = lock(outbox);
+            if o.done.is_empty() {
+                o.sending = false;
+                return;
+            }
+            let cut = o.done.len().min(MAX_COMPLETIONS);
+            let rest = o.done.split_off(cut);
+            std::mem::replace(&mut o.done, rest)
+        };
+        if let Err(e) = peer.send(&BlockToVmm::Completed(batch), &[]).await {
+            tracing::debug!("cannot complete guest requests: {e}");
+        }
+    }
+}
+
 /// Starts every request of a batch; each completes on its own.
 fn submit<D: BlockDevice>(
     peer: &Arc<AsyncChannel>,
+    outbox: &Arc<std::sync::Mutex<Outbox>>,
     devices: &Arc<[GuestDevice<D>]>,
     memory: Option<&Arc<GuestMemory>>,
     batch: Vec<IoRequest>,
 ) {
     let oversized = batch.len() > MAX_BATCH;
     for req in batch {
-        let (peer, devices, memory) = (peer.clone(), devices.clone(), memory.cloned());
+        let (peer, outbox, devices, memory) = (
+            peer.clone(),
+            outbox.clone(),
+            devices.clone(),
+            memory.cloned(),
+        );
         tokio::spawn(async move {
             let status = match (oversized, memory) {
                 (false, Some(mem)) => execute(&devices, &mem, &req).await,
@@ -183,14 +238,12 @@ fn submit<D: BlockDevice>(
             let node_name = (status != IoStatus::Ok)
                 .then(|| devices.get(usize::from(req.device))?.device.node_name())
                 .flatten();
-            let done = BlockToVmm::Completed(vec![IoCompletion {
+            let c = IoCompletion {
                 tag: req.tag,
                 status,
                 node_name,
-            }]);
-            if let Err(e) = peer.send(&done, &[]).await {
-                tracing::debug!("cannot complete request {}: {e}", req.tag);
-            }
+            };
+            complete(&peer, &outbox, c).await;
         });
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! - A queue's ioeventfd fires → pop every available chain, answer the invalid ones at
 //!   once, and send the rest to block-proc as batched `Submit`s whose segments point into
-//!   guest memory.
+//!   guest memory. While a queue has requests in flight its notifications stay off
+//!   (`VIRTQ_USED_F_NO_NOTIFY`, or a stale `avail_event` with event idx): each of their
+//!   completions makes the thread look at the queue anyway, so a driver that keeps it
+//!   busy submits without a notify exit. The last completion turns them back on.
 //! - block-proc's `Completed` → write each status byte, put the chain on the used ring,
 //!   interrupt the guest through the disk's irqfd if it asked for interrupts. If that
 //!   leaves nothing in flight, watch those queues for a few µs, notifications off: a
@@ -287,10 +290,14 @@ impl IoThread {
             return;
         };
         let mut batch = Vec::new();
+        let busy = self
+            .in_flight
+            .values()
+            .any(|f| f.disk == disk && f.queue == queue);
         {
             let mut d = lock(&dev);
             let generation = d.generation();
-            let parsed = d.pop_requests(queue);
+            let parsed = d.pop_requests(queue, busy);
             let mut answered = false;
             for p in parsed {
                 match p {
@@ -437,11 +444,17 @@ impl IoThread {
 
     fn complete(&mut self, done: Vec<IoCompletion>) {
         let mut touched: Vec<(usize, usize)> = Vec::new();
+        // The queues these requests came from: their notifications stay off while they
+        // have requests in flight, so they are looked at again now.
+        let mut seen: Vec<(usize, usize)> = Vec::new();
         for c in done {
             let Some(f) = self.in_flight.remove(&c.tag) else {
                 tracing::warn!("block-proc completed unknown request {}", c.tag);
                 continue;
             };
+            if !seen.contains(&(f.disk, f.queue)) {
+                seen.push((f.disk, f.queue));
+            }
             let Some(dev) = self.disks.get(f.disk) else {
                 continue;
             };
@@ -505,6 +518,13 @@ impl IoThread {
             }
         }
         self.answer_drained();
+        if !self.paused {
+            // New requests the driver made without notifying; a queue left with nothing
+            // in flight gets its notifications back.
+            for (disk, queue) in seen {
+                self.process_queue(disk, queue);
+            }
+        }
         self.poll_queues(touched);
     }
 
