@@ -2,6 +2,11 @@
 //! guest's RAM once (a memfd), then submits batches of virtio-blk requests whose segments
 //! are guest-physical ranges. Data moves between the image and that mapping directly.
 //!
+//! A small request (at most [`INLINE_BYTES`]) is polled once where the batch arrived:
+//! served from the page cache or the write buffered, it is done there and needs no task;
+//! otherwise it, like every large request, runs on a task of its own. Completions go back
+//! through an [`Outbox`], many to a message under load.
+//!
 //! vmm-proc may be compromised. Every segment is checked against the guest memory size and
 //! every sector range against the device size, with overflow-checked arithmetic; a request
 //! that fails a check completes with `IoErr` and touches nothing. The memfd must be sealed
@@ -185,21 +190,29 @@ fn lock(o: &std::sync::Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
     o.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn complete(peer: &AsyncChannel, outbox: &std::sync::Mutex<Outbox>, c: IoCompletion) {
+/// Adds `done` to the outbox and, unless another task is sending, sends everything
+/// gathered until nothing is left. With `gather`, it first lets the requests that are
+/// ready on this worker finish, to go in the same message.
+async fn complete(
+    peer: Arc<AsyncChannel>,
+    outbox: Arc<std::sync::Mutex<Outbox>>,
+    done: Vec<IoCompletion>,
+    gather: bool,
+) {
     {
-        let mut o = lock(outbox);
-        o.done.push(c);
-        if o.sending {
+        let mut o = lock(&outbox);
+        o.done.extend(done);
+        if o.sending || o.done.is_empty() {
             return;
         }
         o.sending = true;
     }
-    // Let the requests that are ready on this worker finish first, to go in the same
-    // message.
-    tokio::task::yield_now().await;
+    if gather {
+        tokio::task::yield_now().await;
+    }
     loop {
         let batch = {
-            let mut o = lock(outbox);
+            let mut o = lock(&outbox);
             if o.done.is_empty() {
                 o.sending = false;
                 return;
@@ -214,7 +227,36 @@ async fn complete(peer: &AsyncChannel, outbox: &std::sync::Mutex<Outbox>, c: IoC
     }
 }
 
-/// Starts every request of a batch; each completes on its own.
+/// Requests moving at most this much are first tried on the task that received them: a
+/// read the page cache holds or a buffered write finishes on that first try, and needs
+/// no task of its own (no spawn, no hop to another worker). Larger ones always get a
+/// task, so the copies of a batch of large requests run on both workers.
+const INLINE_BYTES: u64 = 64 << 10;
+
+/// One request, checked and run, as its completion.
+async fn run<D: BlockDevice>(
+    devices: Arc<[GuestDevice<D>]>,
+    memory: Option<Arc<GuestMemory>>,
+    oversized: bool,
+    req: IoRequest,
+) -> IoCompletion {
+    let status = match (oversized, memory) {
+        (false, Some(mem)) => execute(&devices, &mem, &req).await,
+        _ => IoStatus::IoErr,
+    };
+    let node_name = (status != IoStatus::Ok)
+        .then(|| devices.get(usize::from(req.device))?.device.node_name())
+        .flatten();
+    IoCompletion {
+        tag: req.tag,
+        status,
+        node_name,
+    }
+}
+
+/// Starts every request of a batch. Small ones are polled once here; those that finish
+/// at once are answered together, the others (and every large one) complete on their own
+/// tasks.
 fn submit<D: BlockDevice>(
     peer: &Arc<AsyncChannel>,
     outbox: &Arc<std::sync::Mutex<Outbox>>,
@@ -222,29 +264,39 @@ fn submit<D: BlockDevice>(
     memory: Option<&Arc<GuestMemory>>,
     batch: Vec<IoRequest>,
 ) {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
     let oversized = batch.len() > MAX_BATCH;
+    let mut done = Vec::new();
     for req in batch {
-        let (peer, outbox, devices, memory) = (
-            peer.clone(),
-            outbox.clone(),
-            devices.clone(),
-            memory.cloned(),
-        );
+        let small = req.segments.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES;
+        let mut request = Box::pin(run(devices.clone(), memory.cloned(), oversized, req));
+        // A future polled with a no-op waker and then moved to a task is polled again at
+        // once by the task, with the task's waker, so no wake-up is lost.
+        if small
+            && let Poll::Ready(c) = request
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            done.push(c);
+            continue;
+        }
+        let (peer, outbox) = (peer.clone(), outbox.clone());
         tokio::spawn(async move {
-            let status = match (oversized, memory) {
-                (false, Some(mem)) => execute(&devices, &mem, &req).await,
-                _ => IoStatus::IoErr,
-            };
-            let node_name = (status != IoStatus::Ok)
-                .then(|| devices.get(usize::from(req.device))?.device.node_name())
-                .flatten();
-            let c = IoCompletion {
-                tag: req.tag,
-                status,
-                node_name,
-            };
-            complete(&peer, &outbox, c).await;
+            let c = request.await;
+            complete(peer, outbox, vec![c], true).await;
         });
+    }
+    // Sent from here if the socket takes it at once; if it would wait, from a task of
+    // its own: this loop must keep reading, or vmm-proc, blocked sending us requests,
+    // would never read the completions we wait to send.
+    let mut send = Box::pin(complete(peer.clone(), outbox.clone(), done, false));
+    if send
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+    {
+        tokio::spawn(send);
     }
 }
 
