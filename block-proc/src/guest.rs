@@ -2,7 +2,8 @@
 //! guest's RAM once (a memfd), then submits batches of virtio-blk requests whose segments
 //! are guest-physical ranges. Data moves between the image and that mapping directly.
 //!
-//! A small request (at most [`INLINE_BYTES`]) is polled once where the batch arrived:
+//! A small request (at most [`INLINE_BYTES`]), or one that came alone, is polled once
+//! where the batch arrived:
 //! served from the page cache or the write buffered, it is done there and needs no task;
 //! otherwise it, like every large request, runs on a task of its own. Completions go back
 //! through an [`Outbox`], many to a message under load.
@@ -229,8 +230,9 @@ async fn complete(
 
 /// Requests moving at most this much are first tried on the task that received them: a
 /// read the page cache holds or a buffered write finishes on that first try, and needs
-/// no task of its own (no spawn, no hop to another worker). Larger ones always get a
-/// task, so the copies of a batch of large requests run on both workers.
+/// no task of its own (no spawn, no hop to another worker). So is a request that came
+/// alone (at queue depth 1 the hop would only add latency). Larger ones in a batch get a
+/// task, so their copies run on both workers.
 const INLINE_BYTES: u64 = 64 << 10;
 
 /// One request, checked and run, as its completion.
@@ -254,9 +256,9 @@ async fn run<D: BlockDevice>(
     }
 }
 
-/// Starts every request of a batch. Small ones are polled once here; those that finish
-/// at once are answered together, the others (and every large one) complete on their own
-/// tasks.
+/// Starts every request of a batch. Small ones (and a lone one) are polled once here;
+/// those that finish at once are answered together, the others (and every large one of a
+/// batch) complete on their own tasks.
 fn submit<D: BlockDevice>(
     peer: &Arc<AsyncChannel>,
     outbox: &Arc<std::sync::Mutex<Outbox>>,
@@ -267,13 +269,14 @@ fn submit<D: BlockDevice>(
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
     let oversized = batch.len() > MAX_BATCH;
+    let alone = batch.len() == 1;
     let mut done = Vec::new();
     for req in batch {
         let small = req.segments.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES;
         let mut request = Box::pin(run(devices.clone(), memory.cloned(), oversized, req));
         // A future polled with a no-op waker and then moved to a task is polled again at
         // once by the task, with the task's waker, so no wake-up is lost.
-        if small
+        if (small || alone)
             && let Poll::Ready(c) = request
                 .as_mut()
                 .poll(&mut Context::from_waker(Waker::noop()))
