@@ -41,6 +41,8 @@ pub enum VcpuEvent {
 /// A vCPU's answer to an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuAck {
+    /// The thread runs (and has its name, which `query-cpus-fast` looks for).
+    Started,
     Paused,
     Resumed,
     Reset(Result<(), String>),
@@ -176,6 +178,7 @@ enum Next {
 impl Vcpu {
     fn run(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let _ = self.acks.send((self.index, VcpuAck::Started));
         let mut running = false;
         loop {
             if !running {
