@@ -151,7 +151,9 @@ pub fn splitvmm_bin() -> Result<PathBuf, String> {
 /// `splitvmm --kernel builtin:workload ...` for `spec`.
 pub fn splitvmm(spec: &Spec<'_>) -> Result<Command, String> {
     let mut cmd = Command::new(splitvmm_bin()?);
+    // --no-reboot as QEMU's -no-reboot below: a crashing guest ends the run.
     cmd.args(["--kernel", "builtin:workload", "--append", spec.append])
+        .arg("--no-reboot")
         .arg("--memory")
         .arg(format!("{}M", spec.memory_mib))
         .arg("--serial")

@@ -34,6 +34,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
 
+    /// The name of the node requests go to, where there is one (QMP `BLOCK_IO_ERROR`'s
+    /// `node-name`).
+    fn node_name(&self) -> Option<String> {
+        None
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     fn read(&self, buf: &mut [u8], offset: u64) -> impl Future<Output = io::Result<()>> + Send;
 

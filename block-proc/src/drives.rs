@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ipc::QmpError;
 use ipc::block::{
-    BlockConfig, BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, DriveConfig, IoStatus,
+    BlockConfig, BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, DriveConfig, IoStatus, OnError,
 };
 
 use crate::block::{Backing, Node, OpenOptions};
@@ -71,6 +71,10 @@ impl BlockDevice for Backend {
         self.current().is_read_only()
     }
 
+    fn node_name(&self) -> Option<String> {
+        Some(self.current().name().to_string())
+    }
+
     async fn read(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let _g = self.gate.read().await;
         self.current().read(buf, offset).await
@@ -120,7 +124,8 @@ pub struct Drives {
     pub drives: Vec<Drive>,
     /// Directories images may be opened under (`blockdev-add` uses them too).
     pub image_dirs: Vec<std::path::PathBuf>,
-    /// A guest device is attached (vmm-proc runs), so the drives have an io-status.
+    /// A guest device is attached (vmm-proc runs), so drives whose error policy can stop
+    /// the VM have an io-status.
     attached: bool,
 }
 
@@ -219,7 +224,11 @@ impl Drive {
             kind: "unknown".into(),
             removable: false,
             locked: false,
-            io_status: attached.then_some(IoStatus::Ok),
+            // The monitor fills in the status a guest error left; block-proc only says
+            // whether the drive keeps one.
+            io_status: (attached
+                && OnError::keeps_io_status(self.config.werror, self.config.rerror))
+            .then_some(IoStatus::Ok),
             inserted: Some(self.device_info()),
         }
     }

@@ -2,6 +2,12 @@
 //! guest's RAM once (a memfd), then submits batches of virtio-blk requests whose segments
 //! are guest-physical ranges. Data moves between the image and that mapping directly.
 //!
+//! A small request (at most [`INLINE_BYTES`]), or one that came alone, is polled once
+//! where the batch arrived:
+//! served from the page cache or the write buffered, it is done there and needs no task;
+//! otherwise it, like every large request, runs on a task of its own. Completions go back
+//! through an [`Outbox`], many to a message under load.
+//!
 //! vmm-proc may be compromised. Every segment is checked against the guest memory size and
 //! every sector range against the device size, with overflow-checked arithmetic; a request
 //! that fails a check completes with `IoErr` and touches nothing. The memfd must be sealed
@@ -116,6 +122,7 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
         return e;
     }
     let devices: Arc<[GuestDevice<D>]> = devices.into();
+    let outbox = Arc::new(std::sync::Mutex::new(Outbox::default()));
     let mut memory: Option<Arc<GuestMemory>> = None;
     loop {
         let received = match peer.recv::<VmmToBlock>().await {
@@ -155,7 +162,7 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
                 BlockToVmm::Reply { id, result }
             }
             VmmToBlock::Submit(batch) => {
-                submit(&peer, &devices, memory.as_ref(), batch);
+                submit(&peer, &outbox, &devices, memory.as_ref(), batch);
                 continue;
             }
         };
@@ -165,29 +172,134 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
     }
 }
 
-/// Starts every request of a batch; each completes on its own.
+/// The most completions one `Completed` message carries (well inside a frame, even with
+/// node names).
+const MAX_COMPLETIONS: usize = 1024;
+
+/// Completions on their way back to vmm-proc: whichever request finishes while no other
+/// is sending becomes the sender and sends everything that has gathered, until nothing
+/// is left; the others only add theirs. Under load one message (one `sendmsg`, one
+/// wake-up of vmm-proc's I/O thread) carries many completions; alone, a completion
+/// goes at once.
+#[derive(Debug, Default)]
+struct Outbox {
+    done: Vec<IoCompletion>,
+    sending: bool,
+}
+
+fn lock(o: &std::sync::Mutex<Outbox>) -> std::sync::MutexGuard<'_, Outbox> {
+    o.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Adds `done` to the outbox and, unless another task is sending, sends everything
+/// gathered until nothing is left. With `gather`, it first lets the requests that are
+/// ready on this worker finish, to go in the same message.
+async fn complete(
+    peer: Arc<AsyncChannel>,
+    outbox: Arc<std::sync::Mutex<Outbox>>,
+    done: Vec<IoCompletion>,
+    gather: bool,
+) {
+    {
+        let mut o = lock(&outbox);
+        o.done.extend(done);
+        if o.sending || o.done.is_empty() {
+            return;
+        }
+        o.sending = true;
+    }
+    if gather {
+        tokio::task::yield_now().await;
+    }
+    loop {
+        let batch = {
+            let mut o = lock(&outbox);
+            if o.done.is_empty() {
+                o.sending = false;
+                return;
+            }
+            let cut = o.done.len().min(MAX_COMPLETIONS);
+            let rest = o.done.split_off(cut);
+            std::mem::replace(&mut o.done, rest)
+        };
+        if let Err(e) = peer.send(&BlockToVmm::Completed(batch), &[]).await {
+            tracing::debug!("cannot complete guest requests: {e}");
+        }
+    }
+}
+
+/// Requests moving at most this much are first tried on the task that received them: a
+/// read the page cache holds or a buffered write finishes on that first try, and needs
+/// no task of its own (no spawn, no hop to another worker). So is a request that came
+/// alone (at queue depth 1 the hop would only add latency). Larger ones in a batch get a
+/// task, so their copies run on both workers.
+const INLINE_BYTES: u64 = 64 << 10;
+
+/// One request, checked and run, as its completion.
+async fn run<D: BlockDevice>(
+    devices: Arc<[GuestDevice<D>]>,
+    memory: Option<Arc<GuestMemory>>,
+    oversized: bool,
+    req: IoRequest,
+) -> IoCompletion {
+    let status = match (oversized, memory) {
+        (false, Some(mem)) => execute(&devices, &mem, &req).await,
+        _ => IoStatus::IoErr,
+    };
+    let node_name = (status != IoStatus::Ok)
+        .then(|| devices.get(usize::from(req.device))?.device.node_name())
+        .flatten();
+    IoCompletion {
+        tag: req.tag,
+        status,
+        node_name,
+    }
+}
+
+/// Starts every request of a batch. Small ones (and a lone one) are polled once here;
+/// those that finish at once are answered together, the others (and every large one of a
+/// batch) complete on their own tasks.
 fn submit<D: BlockDevice>(
     peer: &Arc<AsyncChannel>,
+    outbox: &Arc<std::sync::Mutex<Outbox>>,
     devices: &Arc<[GuestDevice<D>]>,
     memory: Option<&Arc<GuestMemory>>,
     batch: Vec<IoRequest>,
 ) {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
     let oversized = batch.len() > MAX_BATCH;
+    let alone = batch.len() == 1;
+    let mut done = Vec::new();
     for req in batch {
-        let (peer, devices, memory) = (peer.clone(), devices.clone(), memory.cloned());
+        let small = req.segments.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES;
+        let mut request = Box::pin(run(devices.clone(), memory.cloned(), oversized, req));
+        // A future polled with a no-op waker and then moved to a task is polled again at
+        // once by the task, with the task's waker, so no wake-up is lost.
+        if (small || alone)
+            && let Poll::Ready(c) = request
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            done.push(c);
+            continue;
+        }
+        let (peer, outbox) = (peer.clone(), outbox.clone());
         tokio::spawn(async move {
-            let status = match (oversized, memory) {
-                (false, Some(mem)) => execute(&devices, &mem, &req).await,
-                _ => IoStatus::IoErr,
-            };
-            let done = BlockToVmm::Completed(vec![IoCompletion {
-                tag: req.tag,
-                status,
-            }]);
-            if let Err(e) = peer.send(&done, &[]).await {
-                tracing::debug!("cannot complete request {}: {e}", req.tag);
-            }
+            let c = request.await;
+            complete(peer, outbox, vec![c], true).await;
         });
+    }
+    // Sent from here if the socket takes it at once; if it would wait, from a task of
+    // its own: this loop must keep reading, or vmm-proc, blocked sending us requests,
+    // would never read the completions we wait to send.
+    let mut send = Box::pin(complete(peer.clone(), outbox.clone(), done, false));
+    if send
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+    {
+        tokio::spawn(send);
     }
 }
 

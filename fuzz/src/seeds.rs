@@ -141,6 +141,7 @@ pub fn ipc_decode() -> Vec<Seed> {
                         initrd: false,
                         cmdline: "console=ttyS0".into(),
                         start_paused: true,
+                        no_reboot: false,
                         sandbox: true,
                         serial: false,
                         error_policies: Vec::new(),
@@ -239,6 +240,7 @@ pub fn ipc_decode() -> Vec<Seed> {
                 &BlockToVmm::Completed(vec![IoCompletion {
                     tag: 7,
                     status: IoStatus::IoErr,
+                    node_name: Some("#block001".into()),
                 }]),
             ),
         ),

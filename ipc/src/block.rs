@@ -97,6 +97,15 @@ pub enum OnError {
     Stop,
 }
 
+impl OnError {
+    /// Whether a drive with these policies keeps an I/O status (QEMU's
+    /// `blk_iostatus_is_enabled`: `werror` `stop` or `enospc`, or `rerror` `stop`). Only
+    /// such drives show `io-status` in `query-block` and `nospace` in `BLOCK_IO_ERROR`.
+    pub fn keeps_io_status(werror: OnError, rerror: OnError) -> bool {
+        matches!(werror, OnError::Stop | OnError::Enospc) || rerror == OnError::Stop
+    }
+}
+
 /// One `--drive`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DriveConfig {

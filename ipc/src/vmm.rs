@@ -87,6 +87,8 @@ pub struct VmmConfig {
     pub cmdline: String,
     /// `--paused`: stay in `prelaunch` until `cont`.
     pub start_paused: bool,
+    /// `--no-reboot`: a guest reset (i8042 reset line, triple fault) shuts down instead.
+    pub no_reboot: bool,
     pub sandbox: bool,
     /// Whether a serial output descriptor travels with the message (`--serial null`: no).
     pub serial: bool,
@@ -154,12 +156,17 @@ pub struct OpStats {
 pub enum VmmEvent {
     /// The run state changed (the monitor emits STOP or RESUME).
     RunState(RunState),
-    /// The machine was reset: by the guest (i8042 reset) or by `system_reset`.
+    /// The machine was reset: by the guest (i8042 reset, triple fault) or by
+    /// `system_reset`.
     Reset { guest: bool },
     /// The guest powered off by writing `code` to the debug-exit port (0 means PASS).
     /// The vCPUs are stopped; the monitor shuts splitvmm down.
     GuestShutdown { code: u32 },
-    /// The guest crashed (triple fault, KVM internal error, failed entry); the vCPUs are
+    /// The guest reset itself (i8042 reset line, triple fault) under `--no-reboot`: the
+    /// vCPUs are stopped and the monitor shuts splitvmm down (QEMU's SHUTDOWN reason
+    /// `guest-reset`).
+    GuestResetShutdown,
+    /// The guest crashed (KVM internal error, failed entry); the vCPUs are
     /// stopped and the run state becomes `guest-panicked` right after.
     GuestPanicked,
     /// A guest disk request failed (QMP `BLOCK_IO_ERROR`). With `action` stop the run state
@@ -171,13 +178,15 @@ pub enum VmmEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockIoError {
     pub device: String,
+    /// The node the drive's requests went to, if block-proc said.
+    pub node_name: Option<String>,
     /// The disk's index (its place among the guest's virtio devices).
     pub index: u16,
     pub write: bool,
     pub action: ErrorAction,
     /// Whether the error was ENOSPC.
     pub nospace: bool,
-    /// Whether the drive keeps an I/O status (its policy can stop the VM); QEMU reports
+    /// Whether the drive keeps an I/O status ([`OnError::keeps_io_status`]); QEMU reports
     /// `nospace` only for those.
     pub io_status: bool,
 }

@@ -119,10 +119,13 @@ pub enum IoStatus {
 }
 
 /// A finished request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IoCompletion {
     pub tag: u64,
     pub status: IoStatus,
+    /// For a request that failed in the image, the node the drive's requests went to
+    /// (QMP `BLOCK_IO_ERROR`'s `node-name`; a mirror's pivot changes it); else `None`.
+    pub node_name: Option<String>,
 }
 
 /// block-proc to vmm-proc.

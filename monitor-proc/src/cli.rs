@@ -77,6 +77,11 @@ pub struct Cli {
     #[arg(long)]
     pub paused: bool,
 
+    /// Exit instead of rebooting when the guest resets itself (i8042 reset line, triple
+    /// fault), as QEMU's -no-reboot: SHUTDOWN with reason guest-reset.
+    #[arg(long = "no-reboot")]
+    pub no_reboot: bool,
+
     /// A directory images (and their backing files) may be opened under. May be repeated;
     /// each drive's own directory is always allowed.
     #[arg(long = "image-dir", value_name = "DIR", value_parser = parse_dir)]

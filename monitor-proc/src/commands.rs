@@ -222,15 +222,22 @@ async fn execute(
             } else {
                 (VmmRequest::Cont, RunState::Running)
             };
+            // QEMU's qmp_cont resets every drive's io-status before it starts the VM (so
+            // an error of the retried requests sets it again), unless the VM needs a reset.
+            if name == "cont"
+                && !matches!(
+                    monitor.runstate(),
+                    RunState::Shutdown | RunState::GuestPanicked
+                )
+            {
+                monitor.reset_io_status();
+            }
             match &monitor.vmm {
                 // vmm-proc reports the new state as an event before it answers.
                 Some(vmm) => {
                     vmm.call(request, &[]).await?;
                 }
                 None => monitor.set_runstate(target),
-            }
-            if name == "cont" {
-                monitor.clear_io_errors();
             }
             Ok(json!({}))
         }
@@ -283,7 +290,10 @@ async fn execute(
         "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
         "query-cpus-fast" => vm_commands::query_cpus_fast(monitor).await,
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
-            BlockReply::Block(info) => Ok(ipc::common::qapi_json(&monitor.with_io_status(info))),
+            BlockReply::Block(mut info) => {
+                monitor.fill_io_status(&mut info);
+                Ok(ipc::common::qapi_json(&info))
+            }
             other => Err(QmpError::generic(format!(
                 "block-proc: unexpected reply {other:?}"
             ))),

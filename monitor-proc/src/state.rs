@@ -1,6 +1,7 @@
 //! The monitor's shared state: what QMP commands read and change, and the way they ask the
 //! supervisor to shut down.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ipc::block::{BlockInfo, IoStatus};
@@ -23,6 +24,8 @@ pub enum ShutdownCause {
     ChildDied,
     /// The guest powered off through the debug-exit port with this value (0 = PASS).
     GuestShutdown(u32),
+    /// The guest reset itself under `--no-reboot`.
+    GuestReset,
 }
 
 impl ShutdownCause {
@@ -33,18 +36,23 @@ impl ShutdownCause {
             Self::Signal => "host-signal",
             Self::ChildDied => "host-error",
             Self::GuestShutdown(_) => "guest-shutdown",
+            Self::GuestReset => "guest-reset",
         }
     }
 
     /// The SHUTDOWN event's `guest` member: whether the guest asked for it.
     pub fn guest(self) -> bool {
-        matches!(self, Self::GuestShutdown(_))
+        matches!(self, Self::GuestShutdown(_) | Self::GuestReset)
     }
 
-    /// Whether splitvmm exits with status 0: after `quit` or a signal, and after a guest
-    /// that powered off with the debug-exit value 0 (PASS).
+    /// Whether splitvmm exits with status 0: after `quit` or a signal, after a guest
+    /// that powered off with the debug-exit value 0 (PASS), and after a guest reset under
+    /// `--no-reboot` (as QEMU `-no-reboot` exits 0).
     pub fn success(self) -> bool {
-        matches!(self, Self::Quit | Self::Signal | Self::GuestShutdown(0))
+        matches!(
+            self,
+            Self::Quit | Self::Signal | Self::GuestShutdown(0) | Self::GuestReset
+        )
     }
 }
 
@@ -64,9 +72,9 @@ pub struct Monitor {
     /// What a restarted block-proc is given back.
     pub recovery: Arc<crate::recovery::Recovery>,
     runstate: Mutex<RunState>,
-    /// Drives whose I/O status is not `ok`: set by an error that stopped the VM, cleared
-    /// by `cont` (QEMU's `blk_iostatus_set_err` and `bdrv_iostatus_reset`).
-    io_errors: Mutex<Vec<(String, IoStatus)>>,
+    /// The drives a guest I/O error stopped the VM for, with their `io-status`
+    /// (`failed` or `nospace`) until `cont`; the others are `ok`.
+    io_errors: Mutex<HashMap<String, IoStatus>>,
     shutdown: mpsc::UnboundedSender<ShutdownCause>,
 }
 
@@ -154,42 +162,41 @@ impl Monitor {
         }
     }
 
-    fn io_errors(&self) -> std::sync::MutexGuard<'_, Vec<(String, IoStatus)>> {
+    /// A guest request on `device` failed and its policy stops the VM: its io-status
+    /// becomes `nospace` or `failed`, unless an earlier error already set it (QEMU's
+    /// `blk_iostatus_set_err`).
+    pub fn io_error(&self, device: &str, nospace: bool) {
         self.io_errors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A request on `device` failed and stopped the VM. The first error sticks, as in
-    /// QEMU.
-    pub fn set_io_error(&self, device: &str, nospace: bool) {
-        let mut errors = self.io_errors();
-        if !errors.iter().any(|e| e.0 == device) {
-            let status = if nospace {
+            .entry(device.to_string())
+            .or_insert(if nospace {
                 IoStatus::Nospace
             } else {
                 IoStatus::Failed
-            };
-            errors.push((device.to_string(), status));
-        }
+            });
     }
 
-    /// `cont`: every drive's I/O status is `ok` again.
-    pub fn clear_io_errors(&self) {
-        self.io_errors().clear();
+    /// `cont`: every drive's io-status back to `ok` (QEMU's `blk_iostatus_reset`).
+    pub fn reset_io_status(&self) {
+        self.io_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
-    /// `query-block`'s drives with the I/O status the monitor keeps.
-    pub fn with_io_status(&self, mut drives: Vec<BlockInfo>) -> Vec<BlockInfo> {
-        let errors = self.io_errors();
-        for d in &mut drives {
-            if let (Some(s), Some((_, e))) =
-                (&mut d.io_status, errors.iter().find(|e| e.0 == d.device))
-            {
-                *s = *e;
+    /// Puts the io-status guest errors left into `query-block`'s answer (block-proc says
+    /// which drives keep one).
+    pub fn fill_io_status(&self, info: &mut [BlockInfo]) {
+        let errors = self
+            .io_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for b in info {
+            if let (Some(status), Some(e)) = (&mut b.io_status, errors.get(&b.device)) {
+                *status = *e;
             }
         }
-        drives
     }
 
     /// Asks the supervisor to shut everything down.

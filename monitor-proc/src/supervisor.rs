@@ -332,6 +332,7 @@ async fn start(
                 initrd: cli.initrd.is_some(),
                 cmdline: cli.append.clone(),
                 start_paused: cli.paused,
+                no_reboot: cli.no_reboot,
                 sandbox: cli.sandbox,
                 serial: cli.serial != Serial::Null,
                 error_policies: cli
@@ -552,23 +553,30 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
                 .emit("RESET", Some(json!({ "guest": guest, "reason": reason })));
         }
         VmmEvent::GuestShutdown { code } => m.request_shutdown(ShutdownCause::GuestShutdown(code)),
+        VmmEvent::GuestResetShutdown => m.request_shutdown(ShutdownCause::GuestReset),
         // QEMU's order: GUEST_PANICKED, then STOP with the run state change that follows.
         VmmEvent::GuestPanicked => m
             .events
             .emit("GUEST_PANICKED", Some(json!({ "action": "pause" }))),
-        // Likewise BLOCK_IO_ERROR, then STOP when the action stops the VM.
+        // Likewise BLOCK_IO_ERROR, then STOP when the action stops the VM. As in QEMU's
+        // blk_error_action, a stopping error sets the drive's io-status first.
         VmmEvent::BlockIoError(e) => {
+            if e.action == ipc::vmm::ErrorAction::Stop {
+                m.io_error(&e.device, e.nospace);
+            }
+            // QAPI member order: qom-path, device, node-name, operation, action, nospace,
+            // reason.
             let mut data = json!({
                 "qom-path": format!("/machine/peripheral-anon/device[{}]/virtio-backend", e.index),
                 "device": e.device,
-                "operation": if e.write { "write" } else { "read" },
-                "action": e.action.as_qapi_str(),
             });
+            if let Some(node) = e.node_name {
+                data["node-name"] = node.into();
+            }
+            data["operation"] = if e.write { "write" } else { "read" }.into();
+            data["action"] = e.action.as_qapi_str().into();
             if e.io_status {
                 data["nospace"] = e.nospace.into();
-            }
-            if e.action == ipc::vmm::ErrorAction::Stop {
-                m.set_io_error(&e.device, e.nospace);
             }
             data["reason"] = if e.nospace {
                 "No space left on device"

@@ -21,6 +21,17 @@ const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
 /// Starts splitvmm paused with `guest` as its kernel, `--serial file:`, and `drives`
 /// (`(id, file, format, extra options)`); returns it and a negotiated QMP connection.
 fn boot(dir: TempDir, guest: &Guest, cpus: u8, drives: &[String]) -> (Splitvmm, RawQmp) {
+    boot_with(dir, guest, cpus, drives, &[])
+}
+
+/// [`boot`] with more command-line options.
+fn boot_with(
+    dir: TempDir,
+    guest: &Guest,
+    cpus: u8,
+    drives: &[String],
+    extra: &[&str],
+) -> (Splitvmm, RawQmp) {
     let kernel = dir.join("guest.elf");
     guest.write(&kernel);
     let serial = dir.join("serial.log");
@@ -41,6 +52,7 @@ fn boot(dir: TempDir, guest: &Guest, cpus: u8, drives: &[String]) -> (Splitvmm, 
     for d in drives {
         args.extend(["--drive", d]);
     }
+    args.extend(extra);
     let vm = Splitvmm::start_in(dir, &args);
     let qmp = vm.raw_qmp();
     (vm, qmp)
@@ -447,43 +459,75 @@ fn the_i8042_reset_line_resets_the_machine() {
     assert_eq!(status(&mut qmp), "running");
 }
 
-#[test]
-fn a_crashing_guest_is_reported_panicked_until_reset() {
-    if !kvm_or_skip("a_crashing_guest_is_reported_panicked_until_reset") {
-        return;
-    }
+/// A guest that says "crash" and triple-faults: a store to a non-canonical address is a
+/// #GP, and with no IDT that is a triple fault (`KVM_EXIT_SHUTDOWN`).
+fn triple_fault_guest() -> Guest {
     let mut g = Guest::new(1);
     g.print(0, "crash\r\n");
-    // A non-canonical address: #GP with no IDT, a triple fault.
     g.w32(0, 0x8000_0000_0000_0000, 1);
+    g.print(0, "survived the fault\r\n");
     g.idle(0);
-    let (vm, mut qmp) = boot(TempDir::new("vm-panic"), &g, 1, &[]);
+    g
+}
+
+#[test]
+fn a_triple_fault_resets_the_machine_as_qemu_does() {
+    if !kvm_or_skip("a_triple_fault_resets_the_machine_as_qemu_does") {
+        return;
+    }
+    let (vm, mut qmp) = boot(TempDir::new("vm-triple"), &triple_fault_guest(), 1, &[]);
     qmp.cont();
-    let ev = qmp.event("GUEST_PANICKED");
-    assert_eq!(ev["data"], json!({ "action": "pause" }));
-    qmp.event("STOP");
-    assert_eq!(
-        status_of(&mut qmp),
-        json!({ "running": false, "status": "guest-panicked" })
-    );
-    let (class, desc) = qmp.err("cont", json!({}));
-    assert_eq!(
-        (class.as_str(), desc.as_str()),
-        ("GenericError", "Resetting the Virtual Machine is required")
-    );
-    qmp.ok("system_reset", json!({}));
-    qmp.event("RESET");
-    assert_eq!(status(&mut qmp), "prelaunch");
-    qmp.cont();
-    qmp.event("GUEST_PANICKED");
-    wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
-        t.matches("crash").count() == 2
+    // Every fault is a guest reset and the guest boots again; nothing stops the VM.
+    let mut resets = 0;
+    while resets < 3 {
+        let msg = qmp.read();
+        match msg["event"].as_str() {
+            Some("RESET") => {
+                assert_eq!(
+                    msg["data"],
+                    json!({ "guest": true, "reason": "guest-reset" })
+                );
+                resets += 1;
+            }
+            Some(other) => panic!("unexpected event {other}: {msg}"),
+            None => panic!("unexpected message {msg}"),
+        }
+    }
+    let text = wait_for_text(&serial(&vm), Duration::from_secs(20), |t| {
+        t.matches("crash").count() >= 3
     });
-    assert!(
-        vm.stderr_text().contains("triple fault"),
+    assert!(!text.contains("survived"), "{text:?}");
+    assert_eq!(status(&mut qmp), "running");
+}
+
+#[test]
+fn with_no_reboot_a_triple_fault_shuts_down_with_reason_guest_reset() {
+    if !kvm_or_skip("with_no_reboot_a_triple_fault_shuts_down_with_reason_guest_reset") {
+        return;
+    }
+    let (mut vm, mut qmp) = boot_with(
+        TempDir::new("vm-no-reboot"),
+        &triple_fault_guest(),
+        1,
+        &[],
+        &["--no-reboot"],
+    );
+    qmp.cont();
+    // QEMU -no-reboot: no RESET, one SHUTDOWN, and exit status 0.
+    let msg = qmp.read();
+    assert_eq!(msg["event"], "SHUTDOWN", "{msg}");
+    assert_eq!(
+        msg["data"],
+        json!({ "guest": true, "reason": "guest-reset" })
+    );
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(20)).code(),
+        Some(0),
         "{}",
         vm.stderr_text()
     );
+    let text = std::fs::read_to_string(serial(&vm)).unwrap_or_default();
+    assert_eq!(text, "crash\r\n");
 }
 
 #[test]
@@ -891,8 +935,85 @@ fn query_blockstats_counts_what_the_guest_did() {
     assert_eq!(class, "GenericError");
 }
 
-/// A guest that writes one block at 512 KiB, reads it back and compares: fails at the
-/// write while the test has shrunk the disk under it.
+/// BLOCK_IO_ERROR's members in QEMU's order (qapi/block-core.json), `node-name` and
+/// `nospace` present as they are for a `-drive` whose policy can stop the VM.
+const BLOCK_IO_ERROR_MEMBERS: [&str; 7] = [
+    "qom-path",
+    "device",
+    "node-name",
+    "operation",
+    "action",
+    "nospace",
+    "reason",
+];
+
+/// An object's member names, in the order they came on the wire.
+fn keys(v: &Value) -> Vec<&str> {
+    v.as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// `query-block`'s `io-status` of `device` (`None` when the drive keeps none).
+fn io_status(qmp: &mut RawQmp, device: &str) -> Option<String> {
+    let list = qmp.ok("query-block", json!({}));
+    let info = list
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["device"] == device))
+        .unwrap_or_else(|| panic!("no {device} in {list}"))
+        .clone();
+    info.get("io-status")
+        .map(|s| s.as_str().unwrap_or_default().to_string())
+}
+
+/// A tmpfs of a few pages mounted for one test, unmounted on drop: a real file system
+/// that runs out of space.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &std::path::Path, size: &str) -> Self {
+        let out = tests::output(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size}"))
+                .arg("tmpfs")
+                .arg(at),
+        );
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs on {} (the test needs root, as the suite does): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_path_buf())
+    }
+
+    /// Fills the file system with `name` until a write fails with ENOSPC.
+    fn fill(&self, name: &str) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join(name);
+        let mut f = std::fs::File::create(&path).expect("create the filler");
+        let chunk = [0x5au8; 4096];
+        loop {
+            match f.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A guest that writes one block at 512 KiB, reads it back, compares and says "read
+/// back", then idles (so the VM still runs when the test looks at it afterwards): fails at
+/// the write while the test has shrunk the disk under it.
 fn write_past_a_shrink_guest() -> Guest {
     let mut g = Guest::new(1);
     let mut disk = Disk::setup(&mut g, 0, 0, 1, 0);
@@ -906,8 +1027,23 @@ fn write_past_a_shrink_guest() -> Guest {
     g.expect8(0, w, S_OK);
     g.expect8(0, r, S_OK);
     g.expect_same(0, data, back, BLOCK);
-    g.pass(0);
+    g.print(0, "read back\r\n");
+    g.idle(0);
     g
+}
+
+/// Waits for [`write_past_a_shrink_guest`] to have read its block back, and checks the
+/// image holds it.
+fn read_back(vm: &Splitvmm, img: &std::path::Path) {
+    let text = wait_for_text(&serial(vm), Duration::from_secs(20), |t| {
+        t.contains("read back") || t.contains("FAIL")
+    });
+    assert!(text.contains("read back"), "{text:?}");
+    let bytes = std::fs::read(img).expect("image");
+    assert_eq!(
+        bytes[512 << 10..(512 << 10) + 4096],
+        guest::pattern(5, 128)[..]
+    );
 }
 
 #[test]
@@ -922,7 +1058,7 @@ fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
         "id=disk0,file={},format=raw,werror=stop,rerror=stop",
         img.display()
     );
-    let (mut vm, mut qmp) = boot(dir, &write_past_a_shrink_guest(), 1, &[drive]);
+    let (vm, mut qmp) = boot(dir, &write_past_a_shrink_guest(), 1, &[drive]);
     qmp.ok(
         "block_resize",
         json!({ "device": "disk0", "size": 256 << 10 }),
@@ -933,15 +1069,17 @@ fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
         ev["data"],
         json!({
             "qom-path": "/machine/peripheral-anon/device[0]/virtio-backend",
-            "device": "disk0", "operation": "write", "action": "stop",
-            "nospace": false, "reason": "Input/output error",
+            "device": "disk0", "node-name": "#block001", "operation": "write",
+            "action": "stop", "nospace": false, "reason": "Input/output error",
         })
     );
+    assert_eq!(keys(&ev["data"]), BLOCK_IO_ERROR_MEMBERS);
     qmp.event("STOP");
     assert_eq!(
         status_of(&mut qmp),
         json!({ "running": false, "status": "io-error" })
     );
+    assert_eq!(io_status(&mut qmp, "disk0"), Some("failed".into()));
     assert!(
         !std::fs::read_to_string(serial(&vm))
             .unwrap_or_default()
@@ -953,17 +1091,57 @@ fn werror_stop_pauses_in_io_error_and_cont_retries_the_write() {
         json!({ "device": "disk0", "size": 1 << 20 }),
     );
     qmp.cont();
-    assert_eq!(
-        guest_exit(&mut vm, &mut qmp),
-        Some(0),
-        "{}",
-        vm.stderr_text()
+    // cont set it back to ok before retrying the write, which succeeds now.
+    read_back(&vm, &img);
+    assert_eq!(io_status(&mut qmp, "disk0"), Some("ok".into()));
+    assert_eq!(status(&mut qmp), "running");
+}
+
+#[test]
+fn enospc_stops_the_vm_with_io_status_nospace_until_cont_retries() {
+    if !kvm_or_skip("enospc_stops_the_vm_with_io_status_nospace_until_cont_retries") {
+        return;
+    }
+    // The image lives on a full tmpfs: the guest's write into a hole of the sparse image
+    // needs a page the file system does not have.
+    let small = TempDir::new("vm-enospc-fs");
+    let fs = SmallFs::mount(small.path(), "256k");
+    let img = small.join("disk0.raw");
+    qemu_img_create("raw", &img, "1M");
+    let filler = fs.fill("filler");
+    // The default werror is enospc, which stops the VM on ENOSPC (and keeps an io-status).
+    let drive = format!("id=disk0,file={},format=raw", img.display());
+    let (vm, mut qmp) = boot(
+        TempDir::new("vm-enospc"),
+        &write_past_a_shrink_guest(),
+        1,
+        &[drive],
     );
-    let bytes = std::fs::read(&img).expect("image");
+    assert_eq!(io_status(&mut qmp, "disk0"), Some("ok".into()));
+    qmp.cont();
+    let ev = qmp.event("BLOCK_IO_ERROR");
     assert_eq!(
-        bytes[512 << 10..(512 << 10) + 4096],
-        guest::pattern(5, 128)[..]
+        ev["data"],
+        json!({
+            "qom-path": "/machine/peripheral-anon/device[0]/virtio-backend",
+            "device": "disk0", "node-name": "#block001", "operation": "write",
+            "action": "stop", "nospace": true, "reason": "No space left on device",
+        })
     );
+    assert_eq!(keys(&ev["data"]), BLOCK_IO_ERROR_MEMBERS);
+    qmp.event("STOP");
+    assert_eq!(status(&mut qmp), "io-error");
+    assert_eq!(io_status(&mut qmp, "disk0"), Some("nospace".into()));
+    // Still nospace while stopped; `stop` does not reset it, `cont` does.
+    qmp.ok("stop", json!({}));
+    assert_eq!(io_status(&mut qmp, "disk0"), Some("nospace".into()));
+    std::fs::remove_file(&filler).expect("free the space");
+    qmp.cont();
+    read_back(&vm, &img);
+    assert_eq!(io_status(&mut qmp, "disk0"), Some("ok".into()));
+    assert_eq!(status(&mut qmp), "running");
+    drop(vm);
+    drop(fs);
 }
 
 #[test]
@@ -988,6 +1166,9 @@ fn werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error() {
     g.expect8(0, r, S_OK);
     g.pass(0);
     let (mut vm, mut qmp) = boot(dir, &g, 1, &[drive]);
+    // Neither policy can stop the VM: the drive keeps no io-status (QEMU's
+    // blk_iostatus_is_enabled).
+    assert_eq!(io_status(&mut qmp, "disk0"), None);
     qmp.ok(
         "block_resize",
         json!({ "device": "disk0", "size": 256 << 10 }),
@@ -996,7 +1177,19 @@ fn werror_report_fails_the_write_and_rerror_ignore_hides_the_read_error() {
     let mut actions = Vec::new();
     for _ in 0..2 {
         let ev = qmp.event("BLOCK_IO_ERROR");
-        assert!(ev["data"].get("nospace").is_none(), "{ev}");
+        // No nospace: the drive keeps no io-status.
+        assert_eq!(
+            keys(&ev["data"]),
+            [
+                "qom-path",
+                "device",
+                "node-name",
+                "operation",
+                "action",
+                "reason"
+            ],
+            "{ev}"
+        );
         actions.push((
             ev["data"]["operation"]
                 .as_str()

@@ -98,6 +98,26 @@ fn boot_once(dir: TempDir, cpus: u8, append: &str, drives: &[String]) -> (Finish
     finish(vm, qmp)
 }
 
+/// `qemu-img compare` of `image` (through its backing chain) against `want` written to a
+/// raw file: QEMU's own reading says the image holds exactly those bytes (a shorter
+/// `want` stands for zeroes up to the image's size).
+fn qemu_img_compare(dir: &TempDir, want: &[u8], image: &std::path::Path, format: &str) {
+    let expected = dir.join("expected.raw");
+    std::fs::write(&expected, want).expect("write the expected image");
+    let out = tests::output(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", format])
+            .arg(&expected)
+            .arg(image),
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn write_then_verify(format: &str, cpus: u8) {
     let dir = TempDir::new("workload-write");
     let img = dir.join(&format!("disk0.{format}"));
@@ -114,6 +134,7 @@ fn write_then_verify(format: &str, cpus: u8) {
     let want = written_image(7, 3, 8 << 20);
     assert!(bytes[..8 << 20] == want[..], "the image is not the pattern");
     assert!(bytes[8 << 20..].iter().all(|&b| b == 0), "written past 8M");
+    qemu_img_compare(&dir, &want, &img, format);
     if format == "qcow2" {
         run(Command::new("qemu-img").args(["check", "-q"]).arg(&img));
     }
@@ -181,6 +202,7 @@ fn write_over_a_backing_chain(cpus: u8) {
         bytes == want,
         "the chain does not read as pattern over its backing data"
     );
+    qemu_img_compare(&dir, &want, &top, "qcow2");
     run(Command::new("qemu-img").args(["check", "-q"]).arg(&top));
     // The layers below were opened read-only and are untouched.
     assert!(

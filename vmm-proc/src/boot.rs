@@ -181,8 +181,8 @@ pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
     };
     s.gdt.base = GDT_ADDR;
     s.gdt.limit = (GDT.len() * 8 - 1) as u16;
-    // No IDT: an exception the guest does not expect becomes a triple fault, which the
-    // VMM reports as a guest panic.
+    // No IDT: an exception the guest does not expect becomes a triple fault, which
+    // resets the machine (or with --no-reboot shuts it down).
     s.idt.base = 0;
     s.idt.limit = 0;
     s.cr0 = CR0;

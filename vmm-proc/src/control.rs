@@ -9,9 +9,10 @@
 //! | running | `stop` | paused | STOP |
 //! | shutdown, guest-panicked | `cont` | (error: "Resetting the Virtual Machine is required") | |
 //! | any | `system_reset` | running if it was running, else prelaunch | RESET (guest: false) |
-//! | running | i8042 reset (a guest reboot) | running | RESET (guest: true) |
+//! | running | i8042 reset or triple fault (a guest reboot) | running | RESET (guest: true) |
 //! | any | debug-exit write, ACPI S5 | shutdown | GuestShutdown (the monitor then exits) |
-//! | any | triple fault, internal error | guest-panicked | GUEST_PANICKED, STOP |
+//! | running | guest reset under `--no-reboot` | shutdown | GuestResetShutdown (likewise) |
+//! | any | KVM internal error, failed entry | guest-panicked | GUEST_PANICKED, STOP |
 //! | any | a reset that fails (e.g. the kernel file no longer loads) | guest-panicked | GUEST_PANICKED, STOP |
 //!
 //! Pausing is complete when every vCPU has acknowledged and every request in flight has
@@ -69,6 +70,8 @@ pub struct Vm {
     bus: Arc<Bus>,
     ram: GuestRam,
     boot: BootSource,
+    /// `--no-reboot`: a guest reset shuts down instead.
+    no_reboot: bool,
 }
 
 /// Everything the controller drives.
@@ -107,12 +110,14 @@ impl Vm {
             bus: p.bus,
             ram: p.ram,
             boot: p.boot,
+            no_reboot: false,
         }
     }
 
     /// Starts the guest (unless `--paused`), then serves the monitor until `Shutdown` or
-    /// until its link goes away.
-    pub fn serve(mut self, start_paused: bool) -> Result<(), IpcError> {
+    /// until its link goes away. With `no_reboot`, a guest reset shuts down instead.
+    pub fn serve(mut self, start_paused: bool, no_reboot: bool) -> Result<(), IpcError> {
+        self.no_reboot = no_reboot;
         if !start_paused {
             // No RESUME event: the monitor starts out in `running`, as QEMU without -S.
             self.resume_all();
@@ -228,6 +233,15 @@ impl Vm {
                 // The monitor exits on this; no STOP for the final stop, as in QEMU.
                 self.state = RunState::Shutdown;
                 self.event(VmmEvent::GuestShutdown { code })
+            }
+            GuestEvent::Reset if self.no_reboot => {
+                if self.state == RunState::Shutdown {
+                    return Ok(());
+                }
+                tracing::info!("vCPU {vcpu}: guest reset; --no-reboot: shutting down");
+                self.pause_all();
+                self.state = RunState::Shutdown;
+                self.event(VmmEvent::GuestResetShutdown)
             }
             GuestEvent::Reset => {
                 tracing::info!("vCPU {vcpu}: guest reset");

@@ -2,7 +2,10 @@
 //!
 //! - A queue's ioeventfd fires → pop every available chain, answer the invalid ones at
 //!   once, and send the rest to block-proc as batched `Submit`s whose segments point into
-//!   guest memory.
+//!   guest memory. While a queue has requests in flight its notifications stay off
+//!   (`VIRTQ_USED_F_NO_NOTIFY`, or a stale `avail_event` with event idx): each of their
+//!   completions makes the thread look at the queue anyway, so a driver that keeps it
+//!   busy submits without a notify exit. The last completion turns them back on.
 //! - block-proc's `Completed` → write each status byte, put the chain on the used ring,
 //!   interrupt the guest through the disk's irqfd if it asked for interrupts. If that
 //!   leaves nothing in flight, watch those queues for a few µs, notifications off: a
@@ -298,10 +301,14 @@ impl IoThread {
             return;
         };
         let mut batch = Vec::new();
+        let busy = self
+            .in_flight
+            .values()
+            .any(|f| f.disk == disk && f.queue == queue);
         {
             let mut d = lock(&dev);
             let generation = d.generation();
-            let parsed = d.pop_requests(queue);
+            let parsed = d.pop_requests(queue, busy);
             let mut answered = false;
             for p in parsed {
                 match p {
@@ -428,13 +435,15 @@ impl IoThread {
                 .in_flight
                 .values()
                 .any(|f| f.disk == disk && !matches!(f.acct, Acct::Read | Acct::None));
+            let d = lock(dev);
             let _ = self.controller.send(Input::BlockIoError(BlockIoError {
-                device: lock(dev).drive.id.clone(),
+                device: d.drive.id.clone(),
+                node_name: None,
                 index: disk as u16,
                 write,
                 action: ErrorAction::Stop,
                 nospace: false,
-                io_status: true,
+                io_status: OnError::keeps_io_status(d.werror, d.rerror),
             }));
         }
         self.answer_drained();
@@ -493,11 +502,17 @@ impl IoThread {
 
     fn complete(&mut self, done: Vec<IoCompletion>) {
         let mut touched: Vec<(usize, usize)> = Vec::new();
+        // The queues these requests came from: their notifications stay off while they
+        // have requests in flight, so they are looked at again now.
+        let mut seen: Vec<(usize, usize)> = Vec::new();
         for c in done {
             let Some(f) = self.in_flight.remove(&c.tag) else {
                 tracing::warn!("block-proc completed unknown request {}", c.tag);
                 continue;
             };
+            if !seen.contains(&(f.disk, f.queue)) {
+                seen.push((f.disk, f.queue));
+            }
             let Some(dev) = self.disks.get(f.disk) else {
                 continue;
             };
@@ -511,14 +526,14 @@ impl IoThread {
                 let nospace = c.status == IoStatus::NoSpace;
                 let policy = if write { d.werror } else { d.rerror };
                 let action = ErrorAction::of(policy, nospace);
-                let stops = matches!(policy, OnError::Stop | OnError::Enospc);
                 let _ = self.controller.send(Input::BlockIoError(BlockIoError {
                     device: d.drive.id.clone(),
+                    node_name: c.node_name.clone(),
                     index: f.disk as u16,
                     write,
                     action,
                     nospace,
-                    io_status: stops,
+                    io_status: OnError::keeps_io_status(d.werror, d.rerror),
                 }));
                 action
             });
@@ -561,6 +576,13 @@ impl IoThread {
             }
         }
         self.answer_drained();
+        if !self.paused {
+            // New requests the driver made without notifying; a queue left with nothing
+            // in flight gets its notifications back.
+            for (disk, queue) in seen {
+                self.process_queue(disk, queue);
+            }
+        }
         self.poll_queues(touched);
     }
 

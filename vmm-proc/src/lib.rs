@@ -114,7 +114,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd, runas: Option<(u32, u32)>) -> Resu
         }
     };
     monitor.send(&reply(Ok(VmmReply::Done)), &[])?;
-    vm.serve(config.start_paused)?;
+    vm.serve(config.start_paused, config.no_reboot)?;
     Ok(())
 }
 
@@ -352,6 +352,18 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
             )
             .map_err(|e| format!("vCPU thread: {e}"))?,
         );
+    }
+    // The monitor may ask for the vCPU threads (query-cpus-fast) as soon as we answer:
+    // each must be running, under its name, by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut started = 0;
+    while started < vcpus.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match acks.recv_timeout(left) {
+            Ok((_, vcpu::VcpuAck::Started)) => started += 1,
+            Ok(_) => {}
+            Err(_) => return Err("the vCPU threads did not start".into()),
+        }
     }
     Ok(Vm::new(Parts {
         vm: b.machine.vm,

@@ -41,6 +41,8 @@ pub enum VcpuEvent {
 /// A vCPU's answer to an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuAck {
+    /// The thread runs (and has its name, which `query-cpus-fast` looks for).
+    Started,
     Paused,
     Resumed,
     Reset(Result<(), String>),
@@ -53,9 +55,10 @@ pub enum VcpuAck {
 pub enum GuestEvent {
     /// Power off: a write to the debug-exit port (with its value), or ACPI S5 (value 0).
     PowerOff(u32),
-    /// The i8042 reset line (`0xfe` to port 0x64, also the ACPI reset register).
+    /// The i8042 reset line (`0xfe` to port 0x64, also the ACPI reset register), or a
+    /// triple fault.
     Reset,
-    /// Triple fault, KVM internal error or failed entry.
+    /// KVM internal error or failed entry.
     Panicked(String),
 }
 
@@ -175,6 +178,7 @@ enum Next {
 impl Vcpu {
     fn run(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let _ = self.acks.send((self.index, VcpuAck::Started));
         let mut running = false;
         loop {
             if !running {
@@ -262,9 +266,12 @@ impl Vcpu {
                 bus.mmio_write(addr, data);
                 Next::Continue
             }
-            Ok(VcpuExit::Shutdown) => Next::Stop(GuestEvent::Panicked(format!(
-                "vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN)"
-            ))),
+            // A triple fault resets the machine, as on a PC (and in QEMU: RESET with
+            // reason guest-reset).
+            Ok(VcpuExit::Shutdown) => {
+                tracing::info!("vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN): resetting");
+                Next::Stop(GuestEvent::Reset)
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: KVM set exit_reason to KVM_EXIT_INTERNAL_ERROR, so `internal` is
                 // the union member it filled in.

@@ -847,7 +847,16 @@ impl BlockDevice for Node {
 
     async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let fa = self.fa.read().await;
-        Self::read_call(|| fa.read(&mut *buf, offset))
+        match without_waiting(|| fa.read(&mut *buf, offset)) {
+            Err(e) if would_block(&e) => {
+                // It has to wait for the disk: give way once first, so a caller that tried
+                // it in passing (the guest path polls small requests once before giving
+                // them a task) hands it to a task rather than waiting here.
+                tokio::task::yield_now().await;
+                blocking(|| fa.read(&mut *buf, offset))
+            }
+            r => r,
+        }
     }
 
     async fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

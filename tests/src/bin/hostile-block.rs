@@ -179,6 +179,7 @@ fn attack_vmm(peer: &Channel) {
         .map(|tag| IoCompletion {
             tag: tag * 7919,
             status: IoStatus::Ok,
+            node_name: None,
         })
         .collect();
     say(

@@ -503,6 +503,7 @@ fn attack_monitor(monitor: &Channel) {
     say("event flood", format!("{sent} sent"));
     let bogus = VmmMessage::Event(ipc::vmm::VmmEvent::BlockIoError(ipc::vmm::BlockIoError {
         device: "no-such-disk\"\n{}".into(),
+        node_name: Some("no\"node\n".into()),
         index: u16::MAX,
         write: true,
         action: ipc::vmm::ErrorAction::Report,

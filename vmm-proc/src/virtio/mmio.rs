@@ -221,8 +221,12 @@ impl BlkDevice {
     }
 
     /// Takes every request the driver made available on queue `q`, with notifications
-    /// suppressed meanwhile (event idx) and re-armed at the end, so none is missed.
-    pub fn pop_requests(&mut self, q: usize) -> Vec<Parsed> {
+    /// suppressed meanwhile. They are re-armed at the end (and the ring looked at once
+    /// more, so none is missed) only if the queue is left with nothing in flight: `busy`
+    /// says requests of this queue were in flight already, and any request taken now is
+    /// too. While a queue has requests in flight the I/O thread looks at it again at each
+    /// of their completions, so the driver need not notify (each notify is a guest exit).
+    pub fn pop_requests(&mut self, q: usize, busy: bool) -> Vec<Parsed> {
         let info = self.info();
         let mut out = Vec::new();
         if !self.activated {
@@ -249,6 +253,9 @@ impl BlkDevice {
             };
             for chain in iter {
                 out.push(blk::parse(mem, chain, &info));
+            }
+            if busy || out.iter().any(|p| matches!(p, Parsed::Submit(_))) {
+                break;
             }
             match queue.enable_notification(mem) {
                 Ok(true) => continue,
@@ -558,7 +565,7 @@ mod tests {
         w(&mut d, reg::QUEUE_READY, 1);
         w(&mut d, reg::STATUS, 1 | 2 | 8 | 4);
         assert_ne!(r(&mut d, reg::STATUS) & STATUS_NEEDS_RESET, 0);
-        assert!(d.pop_requests(0).is_empty());
+        assert!(d.pop_requests(0, false).is_empty());
         let g = d.generation();
         w(&mut d, reg::STATUS, 0);
         assert_eq!((r(&mut d, reg::STATUS), d.generation()), (0, g + 1));
