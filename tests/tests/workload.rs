@@ -159,6 +159,20 @@ fn builtin_workload_writes_the_exact_pattern_to_raw_on_one_vcpu() {
 }
 
 #[test]
+fn builtin_workload_writes_the_exact_pattern_to_raw_on_two_vcpus() {
+    if kvm_or_skip("builtin_workload_writes_the_exact_pattern_to_raw_on_two_vcpus") {
+        write_then_verify("raw", 2);
+    }
+}
+
+#[test]
+fn builtin_workload_writes_the_exact_pattern_to_qcow2_on_one_vcpu() {
+    if kvm_or_skip("builtin_workload_writes_the_exact_pattern_to_qcow2_on_one_vcpu") {
+        write_then_verify("qcow2", 1);
+    }
+}
+
+#[test]
 fn builtin_workload_writes_the_exact_pattern_to_qcow2_on_two_vcpus() {
     if kvm_or_skip("builtin_workload_writes_the_exact_pattern_to_qcow2_on_two_vcpus") {
         write_then_verify("qcow2", 2);
