@@ -148,6 +148,29 @@ impl Splitvmm {
         Self::start_in_env(dir, args, &[])
     }
 
+    /// The embedded workload guest (`--kernel builtin:workload --append APPEND`, 128 MiB)
+    /// with one `--drive`, its serial console in `serial.log` and `dir` as its image
+    /// directory (so jobs may create targets there).
+    pub fn start_workload(dir: TempDir, append: &str, drive: &str) -> Self {
+        let serial = format!("file:{}", dir.join("serial.log").display());
+        let images = dir.path().display().to_string();
+        let args = [
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            append,
+            "--memory",
+            "128M",
+            "--serial",
+            &serial,
+            "--image-dir",
+            &images,
+            "--drive",
+            drive,
+        ];
+        Self::start_in(dir, &args)
+    }
+
     /// Like [`start_in`](Self::start_in), with extra environment variables (e.g.
     /// `SPLITVMM_HELPER_DIR` to put a test program in a child's slot).
     pub fn start_in_env(dir: TempDir, args: &[&str], env: &[(&str, &Path)]) -> Self {
@@ -411,6 +434,21 @@ impl RawQmp {
             e["class"].as_str().unwrap_or_default().into(),
             e["desc"].as_str().unwrap_or_default().into(),
         )
+    }
+
+    /// Reads events up to and including the first named `last` (a reply fails the test);
+    /// returns them all, in order.
+    pub fn events_until(&mut self, last: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.read();
+            assert!(v.get("event").is_some(), "a reply nobody asked for: {v}");
+            let done = v["event"] == last;
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
     }
 
     /// Reads messages until an event named `name` arrives; returns it.

@@ -578,26 +578,8 @@ fn workload_vm(dir: TempDir) -> (Splitvmm, Client, String, String) {
     let img = dir.join("disk0.qcow2");
     qemu_img_create("qcow2", &img, "16M");
     let target = dir.join("target.qcow2").display().to_string();
-    let serial = format!("file:{}", dir.join("serial.log").display());
-    let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={},format=qcow2", img.display());
-    let vm = Splitvmm::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:workload",
-            "--append",
-            "run=write-verify-loop seconds=6",
-            "--memory",
-            "128M",
-            "--serial",
-            &serial,
-            "--image-dir",
-            &d,
-            "--drive",
-            &drive,
-        ],
-    );
+    let vm = Splitvmm::start_workload(dir, "run=write-verify-loop seconds=6", &drive);
     let c = Client::new(&vm);
     let log = vm.dir.join("serial.log");
     // Its first progress line (about 1 s in, later on a loaded machine).
@@ -1553,26 +1535,8 @@ fn guest_keeps_writing_through_stream() {
     run(Command::new("qemu-img").args([
         "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &img,
     ]));
-    let serial = format!("file:{}", dir.join("serial.log").display());
-    let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={img},format=qcow2");
-    let mut vm = Splitvmm::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:workload",
-            "--append",
-            "run=write-verify-loop seconds=6 bytes=8M",
-            "--memory",
-            "128M",
-            "--serial",
-            &serial,
-            "--image-dir",
-            &d,
-            "--drive",
-            &drive,
-        ],
-    );
+    let mut vm = Splitvmm::start_workload(dir, "run=write-verify-loop seconds=6 bytes=8M", &drive);
     let mut c = Client::new(&vm);
     let log = vm.dir.join("serial.log");
     tests::wait_for_text(&log, Duration::from_secs(60), |t| {
@@ -1925,26 +1889,8 @@ fn guest_keeps_writing_through_active_commit() {
     run(Command::new("qemu-img").args([
         "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &img,
     ]));
-    let serial = format!("file:{}", dir.join("serial.log").display());
-    let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={img},format=qcow2");
-    let mut vm = Splitvmm::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:workload",
-            "--append",
-            "run=write-verify-loop seconds=6 bytes=8M",
-            "--memory",
-            "128M",
-            "--serial",
-            &serial,
-            "--image-dir",
-            &d,
-            "--drive",
-            &drive,
-        ],
-    );
+    let mut vm = Splitvmm::start_workload(dir, "run=write-verify-loop seconds=6 bytes=8M", &drive);
     let mut c = Client::new(&vm);
     let log = vm.dir.join("serial.log");
     tests::wait_for_text(&log, Duration::from_secs(60), |t| {

@@ -31,20 +31,6 @@ fn sigkill(pid: i32) {
     .expect("SIGKILL");
 }
 
-/// Reads events up to and including the first named `last`; returns them all.
-fn events_until(c: &mut RawQmp, last: &str) -> Vec<Value> {
-    let mut seen = Vec::new();
-    loop {
-        let v = c.read();
-        assert!(v.get("event").is_some(), "a reply nobody asked for: {v}");
-        let done = v["event"] == last;
-        seen.push(v);
-        if done {
-            return seen;
-        }
-    }
-}
-
 fn named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["event"] == name).collect()
 }
@@ -53,26 +39,8 @@ fn named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
 fn start_guest(dir: TempDir, append: &str) -> Splitvmm {
     let img = dir.join("disk0.qcow2");
     qemu_img_create("qcow2", &img, "16M");
-    let serial = format!("file:{}", dir.join("serial.log").display());
-    let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={},format=qcow2", img.display());
-    Splitvmm::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:workload",
-            "--append",
-            append,
-            "--memory",
-            "128M",
-            "--serial",
-            &serial,
-            "--image-dir",
-            &d,
-            "--drive",
-            &drive,
-        ],
-    )
+    Splitvmm::start_workload(dir, append, &drive)
 }
 
 /// The guest loop's progress lines so far.
@@ -92,7 +60,7 @@ fn kill_and_recover(vm: &Splitvmm, c: &mut RawQmp, seen: usize) -> Vec<Value> {
     });
     let old = block_proc(vm);
     sigkill(old);
-    let events = events_until(c, "__org.splitvmm_CHILD_RESTARTED");
+    let events = c.events_until("__org.splitvmm_CHILD_RESTARTED");
     let exited = named(&events, "__org.splitvmm_CHILD_EXITED");
     assert_eq!(
         exited.first().map(|e| e["data"].clone()),
@@ -298,7 +266,7 @@ fn a_block_proc_that_keeps_dying_ends_splitvmm() {
     for _ in 0..MAX_RESTARTS {
         let pid = block_proc(&vm);
         sigkill(pid);
-        let events = events_until(&mut c, "__org.splitvmm_CHILD_RESTARTED");
+        let events = c.events_until("__org.splitvmm_CHILD_RESTARTED");
         assert_eq!(named(&events, "__org.splitvmm_CHILD_EXITED").len(), 1);
         // Without a guest no drive reports an error and no state changes.
         assert!(named(&events, "BLOCK_IO_ERROR").is_empty(), "{events:?}");

@@ -6,25 +6,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tests::{
-    RawQmp, Splitvmm, TempDir, alive, descendants, kvm_or_skip, proc_name, qemu_img_create, run,
+    Splitvmm, TempDir, alive, descendants, kvm_or_skip, proc_name, qemu_img_create, run,
     wait_for_text,
 };
-
-/// The events up to and including `last`, as they come.
-fn events_until(c: &mut RawQmp, last: &str) -> Vec<Value> {
-    let mut seen = Vec::new();
-    loop {
-        let v = c.read();
-        assert!(v.get("event").is_some(), "unexpected reply {v}");
-        let done = v["event"] == last;
-        seen.push(v);
-        if done {
-            return seen;
-        }
-    }
-}
 
 #[test]
 fn a_killed_vmm_proc_shuts_down_with_a_reason_and_cancels_the_mirror_cleanly() {
@@ -35,26 +21,8 @@ fn a_killed_vmm_proc_shuts_down_with_a_reason_and_cancels_the_mirror_cleanly() {
     let img = dir.join("disk0.qcow2");
     qemu_img_create("qcow2", &img, "16M");
     let target = dir.join("target.qcow2").display().to_string();
-    let serial = format!("file:{}", dir.join("serial.log").display());
-    let d = dir.path().display().to_string();
     let drive = format!("id=disk0,file={},format=qcow2", img.display());
-    let mut vm = Splitvmm::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:workload",
-            "--append",
-            "run=write-verify-loop seconds=120",
-            "--memory",
-            "128M",
-            "--serial",
-            &serial,
-            "--image-dir",
-            &d,
-            "--drive",
-            &drive,
-        ],
-    );
+    let mut vm = Splitvmm::start_workload(dir, "run=write-verify-loop seconds=120", &drive);
     let mut c = vm.raw_qmp();
     wait_for_text(&vm.dir.join("serial.log"), Duration::from_secs(60), |t| {
         t.contains("write-verify-loop: 1.")
@@ -80,7 +48,7 @@ fn a_killed_vmm_proc_shuts_down_with_a_reason_and_cancels_the_mirror_cleanly() {
     )
     .expect("SIGKILL");
 
-    let events = events_until(&mut c, "SHUTDOWN");
+    let events = c.events_until("SHUTDOWN");
     let exited = events
         .iter()
         .find(|e| e["event"] == "__org.splitvmm_CHILD_EXITED")
@@ -95,7 +63,7 @@ fn a_killed_vmm_proc_shuts_down_with_a_reason_and_cancels_the_mirror_cleanly() {
         json!({"guest": false, "reason": "host-error"})
     );
     // Then the job, cancelled by the shutdown as QEMU's `quit` cancels it.
-    let events = events_until(&mut c, "BLOCK_JOB_CANCELLED");
+    let events = c.events_until("BLOCK_JOB_CANCELLED");
     let cancelled = events.last().cloned().unwrap_or_default();
     assert_eq!(cancelled["data"]["device"], "disk0", "{cancelled}");
     assert_eq!(cancelled["data"]["type"], "mirror", "{cancelled}");
