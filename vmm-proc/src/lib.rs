@@ -27,6 +27,7 @@ pub mod linux;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod sandbox;
 pub mod vcpu;
 pub mod virtio;
