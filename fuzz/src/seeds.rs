@@ -144,6 +144,7 @@ pub fn ipc_decode() -> Vec<Seed> {
                         sandbox: true,
                         serial: false,
                         error_policies: Vec::new(),
+                        incoming: false,
                     }),
                 },
             ),

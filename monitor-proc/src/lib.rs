@@ -18,6 +18,7 @@ pub mod commands;
 pub mod events;
 pub mod launcher;
 pub mod link;
+pub mod migration;
 pub mod qmp;
 pub mod sandbox;
 pub mod server;

@@ -60,6 +60,8 @@ pub struct Monitor {
     pub cpus: u8,
     /// Host thread ids of the children, from the launcher.
     pub threads: Option<ThreadQuery>,
+    /// Migration parameters, capabilities and connection.
+    pub migration: crate::migration::Migration,
     runstate: Mutex<RunState>,
     shutdown: mpsc::UnboundedSender<ShutdownCause>,
 }
@@ -117,6 +119,7 @@ impl Monitor {
             nbd: Default::default(),
             cpus: 0,
             threads: None,
+            migration: Default::default(),
             runstate: Mutex::new(runstate),
             shutdown,
         }

@@ -356,8 +356,11 @@ async fn start(
                         rerror: d.rerror,
                     })
                     .collect(),
+                incoming: cli.incoming.is_some(),
             };
-            if cli.paused {
+            if cli.incoming.is_some() {
+                runstate = RunState::InMigrate;
+            } else if cli.paused {
                 runstate = RunState::Prelaunch;
             }
             Some((vmm, config, fds))
@@ -375,6 +378,9 @@ async fn start(
     );
     monitor.cpus = if vmm.is_some() { cli.cpus } else { 0 };
     monitor.threads = launcher.thread_query();
+    if cli.incoming.is_some() {
+        monitor.migration.set_incoming();
+    }
     let monitor = Arc::new(monitor);
     if let Some((vmm, config, fds)) = vmm {
         let reader = vmm.clone();
@@ -387,6 +393,13 @@ async fn start(
         vmm.call(VmmRequest::Configure(config), &fds)
             .await
             .map_err(|e| SupervisorError::Start(format!("vmm-proc: {}", e.desc)))?;
+    }
+
+    // `--incoming URI` listens before the jail, like the QMP sockets.
+    if let Some(uri) = cli.incoming.as_deref().filter(|u| *u != "defer") {
+        crate::migration::listen_at_start(&monitor, uri)
+            .await
+            .map_err(|e| SupervisorError::Start(format!("--incoming {uri}: {e}")))?;
     }
 
     // The pidfile says "ready": it appears (renamed into place, which needs no open)
@@ -451,6 +464,18 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
             }
             .into();
             m.events.emit("BLOCK_IO_ERROR", Some(data));
+        }
+        VmmEvent::Migration(status) => {
+            if m.migration.events_on() {
+                m.events
+                    .emit("MIGRATION", Some(json!({ "status": status.as_qapi_str() })));
+            }
+        }
+        VmmEvent::MigrationPass(pass) => {
+            if m.migration.events_on() {
+                m.events
+                    .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
+            }
         }
     }
 }

@@ -141,7 +141,10 @@ impl Bus {
     pub fn restore_serial(&self, s: &crate::migration::state::SerialRegs) -> Result<(), String> {
         // vm-superio's only refusal, checked first so the output is never lost.
         if s.in_buffer.len() > SERIAL_FIFO {
-            return Err(format!("serial: {} bytes in a 64-byte FIFO", s.in_buffer.len()));
+            return Err(format!(
+                "serial: {} bytes in a 64-byte FIFO",
+                s.in_buffer.len()
+            ));
         }
         let mut serial = lock(&self.serial);
         let trigger = serial.interrupt_evt().clone();

@@ -26,7 +26,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ipc::vmm_block::{BlockToVmm, IoCompletion, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
+use ipc::vmm_block::{BlockToVmm, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
 use ipc::{Channel, IpcError, MAX_FRAME};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -35,6 +35,8 @@ use ipc::block::OnError;
 use ipc::vmm::{BlockIoError, ErrorAction};
 
 use crate::control::Input;
+use crate::memory::RamMap;
+use crate::migration::DevicePages;
 use crate::virtio::blk::{Acct, Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
 use crate::virtio::mmio::BlkDevice;
 
@@ -154,6 +156,9 @@ pub struct IoThread {
     poll: PollWindow,
     /// The controller, told about failed requests.
     controller: Sender<Input>,
+    /// Where completed requests mark the guest pages they wrote, for a migration.
+    device_pages: Arc<DevicePages>,
+    ram: RamMap,
 }
 
 fn lock(d: &Mutex<BlkDevice>) -> MutexGuard<'_, BlkDevice> {
@@ -170,6 +175,7 @@ impl IoThread {
         wake: EventFd,
         commands: Receiver<IoCommand>,
         controller: Sender<Input>,
+        (device_pages, ram): (Arc<DevicePages>, RamMap),
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let add = |fd: i32, token: u64| {
@@ -199,6 +205,8 @@ impl IoThread {
             held: Vec::new(),
             poll: PollWindow::default(),
             controller,
+            device_pages,
+            ram,
         })
     }
 
@@ -495,6 +503,16 @@ impl IoThread {
                 stats.wr_highest_offset = stats.wr_highest_offset.max(f.end);
             }
             d.complete(f.queue, f.head, Some((f.status_gpa, status)), used);
+            // block-proc wrote a read's data into guest memory and we wrote the status
+            // byte: KVM's dirty log sees neither.
+            if f.request.op == IoOp::Read {
+                for seg in &f.request.segments {
+                    self.device_pages.mark(seg.gpa, u64::from(seg.len));
+                }
+            }
+            if let Some(off) = self.ram.file_offset(f.status_gpa, 1) {
+                self.device_pages.mark(off, 1);
+            }
             if !touched.contains(&(f.disk, f.queue)) {
                 touched.push((f.disk, f.queue));
             }

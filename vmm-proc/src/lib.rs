@@ -115,7 +115,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd) -> Result<(), Error> {
         }
     };
     monitor.send(&reply(Ok(VmmReply::Done)), &[])?;
-    vm.serve(config.start_paused)?;
+    vm.serve(config.start_paused, config.incoming)?;
     Ok(())
 }
 
@@ -295,7 +295,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
             loop {
                 match reader.recv::<VmmCall>() {
                     Ok(r) => {
-                        if tx.send(Input::Monitor(r.msg)).is_err() {
+                        if tx.send(Input::Monitor(r.msg, r.fds)).is_err() {
                             return;
                         }
                     }
@@ -310,6 +310,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
 
     let (io_tx, io_rx) = channel();
     let io_wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let device_pages = Arc::new(migration::DevicePages::new(b.ram.size));
     let io = IoThread::new(
         block,
         b.disks.clone(),
@@ -317,6 +318,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
         io_wake.try_clone().map_err(|e| format!("eventfd: {e}"))?,
         io_rx,
         inputs_tx.clone(),
+        (device_pages.clone(), b.ram.map),
     )
     .map_err(|e| format!("I/O thread: {e}"))?;
     let io_thread = std::thread::Builder::new()
@@ -354,5 +356,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
         bus: b.bus,
         ram: b.ram,
         boot: b.boot,
+        inputs_tx,
+        device_pages,
     }))
 }

@@ -252,8 +252,8 @@ impl Machine {
         }
         let tsc_khz = vcpus.first().and_then(|fd| fd.get_tsc_khz().ok());
         let xsave2 = kvm.check_extension_int(Cap::Xsave2);
-        let xsave_ok = usize::try_from(xsave2)
-            .is_ok_and(|n| n <= crate::migration::state::XSAVE_SIZE);
+        let xsave_ok =
+            usize::try_from(xsave2).is_ok_and(|n| n <= crate::migration::state::XSAVE_SIZE);
         Ok(Self {
             vm,
             vcpus,

@@ -125,12 +125,27 @@ pub fn seccomp_policy() -> SeccompPolicy {
             "reset: the PIT back to power-on; migration: the source's PIT",
         ),
         ioctl(KVM_GET_REGS, "migration: a paused vCPU's general registers"),
-        ioctl(KVM_GET_SREGS, "migration: a paused vCPU's special registers"),
-        ioctl(KVM_GET_MSRS, "migration: a paused vCPU's MSRs, the TSC among them"),
+        ioctl(
+            KVM_GET_SREGS,
+            "migration: a paused vCPU's special registers",
+        ),
+        ioctl(
+            KVM_GET_MSRS,
+            "migration: a paused vCPU's MSRs, the TSC among them",
+        ),
         ioctl(KVM_GET_LAPIC, "migration: a paused vCPU's local APIC"),
-        ioctl(KVM_GET_MP_STATE, "migration: whether a vCPU runs, halts or waits for SIPI"),
-        ioctl(KVM_GET_XSAVE, "migration: a paused vCPU's FPU/SSE/AVX state"),
-        ioctl(KVM_SET_XSAVE, "migration: the source vCPU's FPU/SSE/AVX state"),
+        ioctl(
+            KVM_GET_MP_STATE,
+            "migration: whether a vCPU runs, halts or waits for SIPI",
+        ),
+        ioctl(
+            KVM_GET_XSAVE,
+            "migration: a paused vCPU's FPU/SSE/AVX state",
+        ),
+        ioctl(
+            KVM_SET_XSAVE,
+            "migration: the source vCPU's FPU/SSE/AVX state",
+        ),
         ioctl(KVM_GET_XCRS, "migration: a paused vCPU's XCR0"),
         ioctl(KVM_SET_XCRS, "migration: the source vCPU's XCR0"),
         ioctl(
@@ -141,9 +156,18 @@ pub fn seccomp_policy() -> SeccompPolicy {
             KVM_SET_VCPU_EVENTS,
             "migration: the source vCPU's pending exceptions, interrupts and NMIs",
         ),
-        ioctl(KVM_GET_DEBUGREGS, "migration: a paused vCPU's debug registers"),
-        ioctl(KVM_SET_DEBUGREGS, "migration: the source vCPU's debug registers"),
-        ioctl(KVM_GET_IRQCHIP, "migration: the PICs' and the IOAPIC's state"),
+        ioctl(
+            KVM_GET_DEBUGREGS,
+            "migration: a paused vCPU's debug registers",
+        ),
+        ioctl(
+            KVM_SET_DEBUGREGS,
+            "migration: the source vCPU's debug registers",
+        ),
+        ioctl(
+            KVM_GET_IRQCHIP,
+            "migration: the PICs' and the IOAPIC's state",
+        ),
         ioctl(KVM_GET_PIT2, "migration: the PIT's state"),
         ioctl(KVM_GET_CLOCK, "migration: the VM's kvmclock value"),
         ioctl(KVM_SET_CLOCK, "migration: the source's kvmclock value"),

@@ -51,8 +51,7 @@ pub fn migratable_msrs(fd: &VcpuFd, known: &[u32]) -> Vec<u32> {
             }]) else {
                 return false;
             };
-            fd.get_msrs(&mut msrs).is_ok_and(|n| n == 1)
-                && fd.set_msrs(&msrs).is_ok_and(|n| n == 1)
+            fd.get_msrs(&mut msrs).is_ok_and(|n| n == 1) && fd.set_msrs(&msrs).is_ok_and(|n| n == 1)
         })
         .collect()
 }
@@ -205,6 +204,9 @@ pub struct BlkRegs {
 /// Everything outside the vCPUs and RAM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceState {
+    /// Whether the guest was running when the source stopped it (the destination runs
+    /// it only then, as QEMU's global state says).
+    pub running: bool,
     pub serial: SerialRegs,
     pub disks: Vec<BlkRegs>,
     /// PIC master, PIC slave, IOAPIC.
@@ -225,8 +227,7 @@ pub fn save_vm(vm: &VmFd) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2, kvm_clock
             chip_id,
             ..Default::default()
         };
-        vm.get_irqchip(&mut chip)
-            .map_err(step("KVM_GET_IRQCHIP"))?;
+        vm.get_irqchip(&mut chip).map_err(step("KVM_GET_IRQCHIP"))?;
         chips.push(chip);
     }
     let pit = vm.get_pit2().map_err(step("KVM_GET_PIT2"))?;
@@ -267,6 +268,7 @@ mod tests {
     #[test]
     fn device_state_round_trips_and_refuses_garbage() {
         let s = DeviceState {
+            running: true,
             serial: SerialRegs {
                 line_control: 3,
                 in_buffer: vec![b'a'],

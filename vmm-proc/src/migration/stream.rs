@@ -69,7 +69,10 @@ pub struct StreamConfig {
 pub enum Section {
     Config(StreamConfig),
     Pages(Vec<u8>),
-    Vcpu { index: u32, state: Vec<u8> },
+    Vcpu {
+        index: u32,
+        state: Vec<u8>,
+    },
     Devices(Vec<u8>),
     End,
     /// The destination's answer: `Ok` after a successful load, or why it failed.
@@ -155,10 +158,12 @@ impl PageBatch {
     pub fn push(&mut self, offset: u64, page: &[u8]) -> bool {
         debug_assert!(offset.is_multiple_of(PAGE as u64) && page.len() == PAGE);
         if is_zero(page) {
-            self.buf.extend_from_slice(&(offset | PAGE_ZERO).to_le_bytes());
+            self.buf
+                .extend_from_slice(&(offset | PAGE_ZERO).to_le_bytes());
             self.zero += 1;
         } else {
-            self.buf.extend_from_slice(&(offset | PAGE_NORMAL).to_le_bytes());
+            self.buf
+                .extend_from_slice(&(offset | PAGE_NORMAL).to_le_bytes());
             self.buf.extend_from_slice(page);
             self.normal += 1;
         }
@@ -311,7 +316,11 @@ const fn crc_tables() -> [[u32; 256]; 8] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[0][i] = c;
@@ -441,7 +450,13 @@ mod tests {
         // A zero page is 8 bytes on the wire, a normal one 8 + 4096.
         assert_eq!(p.len(), 8 + 8 + PAGE);
         let pages: Vec<_> = PageIter::new(p).collect::<Result<_, _>>().expect("pages");
-        assert_eq!(pages[0], PageRecord { offset: 0, data: None });
+        assert_eq!(
+            pages[0],
+            PageRecord {
+                offset: 0,
+                data: None
+            }
+        );
         assert_eq!(pages[1].offset, 0x3000);
         assert_eq!(pages[1].data, Some(&[0xa5u8; PAGE][..]));
         assert_eq!(
