@@ -164,3 +164,201 @@ fn a_dirtying_guest_migrates_and_its_pages_check_out_on_the_destination() {
     // 2 s, before and after the switch-over.
     run_to_pass_after_migration("run=dirty rate=64M seconds=8", 2, "free");
 }
+
+/// What the proxy between source and destination does to the stream.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tamper {
+    /// Flip a bit of the source's byte at this offset.
+    flip_at: Option<u64>,
+    /// Keep the destination's answers from the source.
+    drop_answers: bool,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the destination's unix socket `uri`, doing
+/// `tamper`; returns the `tcp:` URI the source migrates to.
+fn proxy(uri: &str, tamper: Tamper) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let port = listener.local_addr().expect("addr").port();
+    let path = uri.strip_prefix("unix:").expect("unix uri").to_string();
+    std::thread::spawn(move || {
+        let Ok((mut src, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(mut dst) = std::os::unix::net::UnixStream::connect(&path) else {
+            return;
+        };
+        let (mut src_r, mut dst_w) = (
+            src.try_clone().expect("clone"),
+            dst.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut at = 0u64;
+            while let Ok(n) = src_r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Some(k) = tamper.flip_at
+                    && (at..at + n as u64).contains(&k)
+                {
+                    buf[(k - at) as usize] ^= 0x10;
+                }
+                at += n as u64;
+                if dst_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = dst_w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = dst.read(&mut buf) {
+            if n == 0 || (!tamper.drop_answers && src.write_all(&buf[..n]).is_err()) {
+                break;
+            }
+        }
+        if !tamper.drop_answers {
+            let _ = src.shutdown(std::net::Shutdown::Write);
+        } else {
+            // Hold the source's side open: it waits for an answer that never comes.
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    });
+    format!("tcp:127.0.0.1:{port}")
+}
+
+/// The guest on `src` is running and ends with PASS there.
+fn source_goes_on_to_pass(mut src: Vm) {
+    assert_eq!(src.status(), "running", "{}", src.vm.stderr_text());
+    let (code, last) = src.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "source: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// The dirtying guest: any page the migration lost or mangled fails it.
+const DIRTY: &str = "run=dirty rate=32M seconds=10";
+
+#[test]
+fn a_corrupted_stream_fails_on_both_sides_and_the_source_keeps_running() {
+    if !kvm_or_skip("a_corrupted_stream_fails_on_both_sides_and_the_source_keeps_running") {
+        return;
+    }
+    let mut src = Vm::start("mig-src", DIRTY, "128M", 1, &[]);
+    let (mut dst, uri) = destination(DIRTY, "128M", 1, &[]);
+    let via = proxy(
+        &uri,
+        Tamper {
+            flip_at: Some(3 << 20),
+            ..Tamper::default()
+        },
+    );
+    src.qmp
+        .ok("migrate-set-parameters", json!({ "max-bandwidth": 0 }));
+    src.qmp.ok("migrate", json!({ "uri": via }));
+    src.migration_event("failed");
+    let info = query_migrate(&mut src.qmp);
+    assert_eq!(info["status"], "failed", "{info}");
+    let desc = info["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("checksum"), "source error-desc: {info}");
+    dst.migration_event("failed");
+    let dinfo = query_migrate(&mut dst.qmp);
+    assert!(
+        dinfo["error-desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("checksum mismatch (corrupted)")),
+        "{dinfo}"
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    source_goes_on_to_pass(src);
+}
+
+#[test]
+fn a_destination_that_dies_mid_stream_fails_the_migration_not_the_guest() {
+    if !kvm_or_skip("a_destination_that_dies_mid_stream_fails_the_migration_not_the_guest") {
+        return;
+    }
+    let mut src = Vm::start("mig-src", DIRTY, "128M", 1, &[]);
+    let (mut dst, uri) = destination(DIRTY, "128M", 1, &[]);
+    // Slow enough to still be sending when the destination goes.
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 16 << 20 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": uri }));
+    src.migration_event("active");
+    std::thread::sleep(Duration::from_millis(500));
+    dst.vm.child.kill().expect("kill the destination");
+    src.migration_event("failed");
+    let info = query_migrate(&mut src.qmp);
+    assert!(info["error-desc"].is_string(), "{info}");
+    source_goes_on_to_pass(src);
+}
+
+/// Starts a migration through a proxy (so a phase can be held), cancels it once `phase`
+/// is reached, and checks the guest goes on on the source.
+fn cancel_in(phase: &str) {
+    let mut src = Vm::start("mig-src", DIRTY, "128M", 1, &[]);
+    let (mut dst, uri) = destination(DIRTY, "128M", 1, &[]);
+    let via = proxy(
+        &uri,
+        Tamper {
+            drop_answers: phase == "device",
+            ..Tamper::default()
+        },
+    );
+    let bandwidth = if phase == "device" { 0 } else { 8 << 20 };
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": bandwidth }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": via }));
+    if phase != "setup" {
+        src.migration_event(phase);
+    }
+    if phase == "device" {
+        // Held until the (never forwarded) acknowledgement: the guest is stopped.
+        let t0 = std::time::Instant::now();
+        while src.status() != "finish-migrate" {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no switch-over");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The destination loaded and would run: take it away first.
+        dst.vm.child.kill().expect("kill the destination");
+    }
+    src.qmp.ok("migrate_cancel", json!({}));
+    src.migration_event("cancelled");
+    let info = query_migrate(&mut src.qmp);
+    assert_eq!(info, json!({ "status": "cancelled" }));
+    // A second cancel is fine, as in QEMU.
+    src.qmp.ok("migrate_cancel", json!({}));
+    if phase != "device" {
+        dst.migration_event("failed");
+    }
+    source_goes_on_to_pass(src);
+}
+
+#[test]
+fn cancel_right_after_migrate_leaves_the_guest_running() {
+    if !kvm_or_skip("cancel_right_after_migrate_leaves_the_guest_running") {
+        return;
+    }
+    cancel_in("setup");
+}
+
+#[test]
+fn cancel_while_active_leaves_the_guest_running() {
+    if !kvm_or_skip("cancel_while_active_leaves_the_guest_running") {
+        return;
+    }
+    cancel_in("active");
+}
+
+#[test]
+fn cancel_during_the_switch_over_resumes_the_guest() {
+    if !kvm_or_skip("cancel_during_the_switch_over_resumes_the_guest") {
+        return;
+    }
+    cancel_in("device");
+}

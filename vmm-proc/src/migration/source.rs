@@ -105,7 +105,7 @@ impl Source {
             i.expected_downtime = self.shared.params().downtime_limit;
         });
         let mut w = BufWriter::with_capacity(1 << 20, &self.sock);
-        let io = |e: stream::StreamError| self.failure(e.to_string());
+        let io = |e: stream::StreamError| self.stream_failure(e);
         stream::write_header(&mut w).map_err(io)?;
         stream::write_section(&mut w, &Section::Config(self.config)).map_err(io)?;
         self.dirty_logging(true)?;
@@ -131,8 +131,7 @@ impl Source {
             let pass_start = Instant::now();
             let before = totals.bytes;
             self.send_pages(&mut w, &mut pending, &mut totals, Some(throttle_start))?;
-            w.flush()
-                .map_err(|e| self.failure(format!("migration stream: {e}")))?;
+            w.flush().map_err(|e| self.stream_failure(e.into()))?;
             let pass_ms = pass_start.elapsed().as_secs_f64() * 1000.0;
             let sent = totals.bytes - before;
             self.sync(&mut pending)?;
@@ -205,8 +204,7 @@ impl Source {
         state_bytes += saved.devices.len() as u64 + 9;
         stream::write_section(&mut w, &Section::Devices(saved.devices)).map_err(io)?;
         stream::write_section(&mut w, &Section::End).map_err(io)?;
-        w.flush()
-            .map_err(|e| self.failure(format!("migration stream: {e}")))?;
+        w.flush().map_err(|e| self.stream_failure(e.into()))?;
         totals.bytes += state_bytes + 9;
         let downtime_bytes = totals.bytes - before;
         drop(w);
@@ -248,6 +246,25 @@ impl Source {
         }
     }
 
+    /// The error for a failed write: the destination's own reason if it stopped reading
+    /// because the stream was bad (it sends that back before it closes), the cancellation
+    /// if that is what shut the socket, else the error itself.
+    fn stream_failure(&self, e: stream::StreamError) -> String {
+        if self.shared.cancelled() {
+            return cancelled();
+        }
+        if let stream::StreamError::Io(io) = &e
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+            && let Ok(Section::Ack(Err(why))) = stream::read_section(&mut &self.sock)
+        {
+            return format!("the destination failed to load: {why}");
+        }
+        e.to_string()
+    }
+
     /// Sends every page set in `pending` (clearing it), as zero or normal pages, keeping
     /// to `max-bandwidth` from `throttle` on (no limit when `None`: the guest is stopped).
     fn send_pages(
@@ -270,7 +287,7 @@ impl Source {
             batch.normal = 0;
             let wire = payload.len() as u64 + 9;
             stream::write_section(w, &Section::Pages(payload))
-                .map_err(|e| self.failure(e.to_string()))?;
+                .map_err(|e| self.stream_failure(e))?;
             totals.bytes += wire;
             totals.zero += zero;
             totals.normal += normal;
