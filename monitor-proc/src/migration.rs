@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipc::QmpError;
-use ipc::common::os_error_text;
+use ipc::common::{RunState, os_error_text};
 use ipc::vmm::{MigrationInfo, MigrationParams, MigrationStatus, VmmReply, VmmRequest};
 use serde_json::{Map, Value, json};
 
@@ -230,6 +230,14 @@ pub async fn migrate(monitor: &Monitor, args: &Map<String, Value>) -> Result<Val
         .is_some_and(MigrationStatus::in_progress)
     {
         return Err(QmpError::generic("There's a migration process in progress"));
+    }
+    // QEMU's `migrate_prepare` checks, before any connection is made.
+    if let VmmReply::Status(RunState::PostMigrate) =
+        vmm.call(VmmRequest::QueryStatus, &[]).await?
+    {
+        return Err(QmpError::generic(
+            "Can't migrate the vm that was paused due to previous migration",
+        ));
     }
     let sock = connect(&addr).await?;
     let keep = sock

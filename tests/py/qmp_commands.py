@@ -24,6 +24,9 @@ EXPECTED_COMMANDS = {
     "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
     "block-job-dismiss", "job-pause", "job-resume", "job-cancel", "job-complete",
     "job-finalize", "job-dismiss",
+    "migrate", "migrate_cancel", "migrate-incoming", "query-migrate", "migrate-set-parameters",
+    "query-migrate-parameters", "migrate_set_speed", "migrate_set_downtime",
+    "migrate-set-capabilities", "query-migrate-capabilities",
 }
 
 

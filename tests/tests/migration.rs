@@ -362,3 +362,89 @@ fn cancel_during_the_switch_over_resumes_the_guest() {
     }
     cancel_in("device");
 }
+
+#[test]
+fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
+    if !kvm_or_skip("incoming_defer_then_migrate_incoming_and_paused_until_cont") {
+        return;
+    }
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let mut dst = Vm::start(
+        "mig-dst",
+        append,
+        "64M",
+        1,
+        &["--incoming", "defer", "--paused"],
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    assert_eq!(query_migrate(&mut dst.qmp), json!({}));
+    let sock = dst.vm.dir.join("mig.sock");
+    let uri = format!("unix:{}", sock.display());
+
+    // QEMU's errors, in QEMU's words.
+    assert_eq!(
+        src.qmp.err("migrate-incoming", json!({ "uri": uri })).1,
+        "'-incoming' was not specified on the command line"
+    );
+    assert_eq!(
+        dst.qmp.err("migrate", json!({ "uri": "tcp:127.0.0.1:1" })).1,
+        "Guest is waiting for an incoming migration"
+    );
+    assert_eq!(
+        src.qmp.err("migrate", json!({ "uri": "exec:cat" })).1,
+        "unknown migration protocol: exec:cat"
+    );
+    assert_eq!(
+        src.qmp.err("migrate", json!({})).1,
+        "need either 'uri' or 'channels' argument"
+    );
+    assert_eq!(
+        src.qmp
+            .err("migrate-set-parameters", json!({ "downtime-limit": 2_000_001 }))
+            .1,
+        "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
+    );
+    assert_eq!(
+        src.qmp.ok("query-migrate-parameters", json!({})),
+        json!({ "downtime-limit": 300, "max-bandwidth": 134217728, "avail-switchover-bandwidth": 0 })
+    );
+    src.qmp.ok("migrate_set_speed", json!({ "value": -5 }));
+    src.qmp.ok("migrate_set_downtime", json!({ "value": 0.5 }));
+    assert_eq!(
+        src.qmp.ok("query-migrate-parameters", json!({})),
+        json!({ "downtime-limit": 500, "max-bandwidth": 0, "avail-switchover-bandwidth": 0 })
+    );
+    assert_eq!(
+        src.qmp.ok("query-migrate-capabilities", json!({})),
+        json!([{ "capability": "events", "state": true }])
+    );
+
+    dst.qmp.ok("migrate-incoming", json!({ "uri": uri }));
+    assert_eq!(
+        dst.qmp.err("migrate-incoming", json!({ "uri": uri })).1,
+        "The incoming migration has already been started"
+    );
+    src.qmp.ok("migrate", json!({ "uri": uri }));
+    assert_eq!(
+        src.qmp.err("migrate", json!({ "uri": uri })).1,
+        "There's a migration process in progress"
+    );
+    src.qmp.event("STOP");
+    src.migration_event("completed");
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(
+        src.qmp.err("migrate", json!({ "uri": uri })).1,
+        "Can't migrate the vm that was paused due to previous migration"
+    );
+    dst.migration_event("completed");
+    assert_eq!(query_migrate(&mut dst.qmp), json!({ "status": "completed" }));
+    // --paused: loaded, not running, until cont.
+    assert_eq!(dst.status(), "paused");
+    dst.qmp.cont();
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
