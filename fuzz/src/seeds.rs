@@ -90,6 +90,7 @@ pub fn ipc_decode() -> Vec<Seed> {
                         drives: vec![drive],
                         image_dirs: vec![PathBuf::from("/images")],
                         sandbox: true,
+                        incoming: false,
                     }),
                 },
             ),

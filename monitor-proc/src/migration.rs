@@ -232,9 +232,7 @@ pub async fn migrate(monitor: &Monitor, args: &Map<String, Value>) -> Result<Val
         return Err(QmpError::generic("There's a migration process in progress"));
     }
     // QEMU's `migrate_prepare` checks, before any connection is made.
-    if let VmmReply::Status(RunState::PostMigrate) =
-        vmm.call(VmmRequest::QueryStatus, &[]).await?
-    {
+    if let VmmReply::Status(RunState::PostMigrate) = vmm.call(VmmRequest::QueryStatus, &[]).await? {
         return Err(QmpError::generic(
             "Can't migrate the vm that was paused due to previous migration",
         ));

@@ -279,6 +279,7 @@ async fn start(
         drives: cli.drive.clone(),
         image_dirs,
         sandbox: cli.sandbox,
+        incoming: cli.incoming.is_some(),
     };
     let events = EventBus::default();
     let reader = block.clone();

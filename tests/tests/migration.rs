@@ -388,7 +388,9 @@ fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
         "'-incoming' was not specified on the command line"
     );
     assert_eq!(
-        dst.qmp.err("migrate", json!({ "uri": "tcp:127.0.0.1:1" })).1,
+        dst.qmp
+            .err("migrate", json!({ "uri": "tcp:127.0.0.1:1" }))
+            .1,
         "Guest is waiting for an incoming migration"
     );
     assert_eq!(
@@ -401,7 +403,10 @@ fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
     );
     assert_eq!(
         src.qmp
-            .err("migrate-set-parameters", json!({ "downtime-limit": 2_000_001 }))
+            .err(
+                "migrate-set-parameters",
+                json!({ "downtime-limit": 2_000_001 })
+            )
             .1,
         "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
     );
@@ -438,7 +443,10 @@ fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
         "Can't migrate the vm that was paused due to previous migration"
     );
     dst.migration_event("completed");
-    assert_eq!(query_migrate(&mut dst.qmp), json!({ "status": "completed" }));
+    assert_eq!(
+        query_migrate(&mut dst.qmp),
+        json!({ "status": "completed" })
+    );
     // --paused: loaded, not running, until cont.
     assert_eq!(dst.status(), "paused");
     dst.qmp.cont();
@@ -446,5 +454,69 @@ fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
     assert!(
         last.starts_with(abi::PASS_PREFIX) && code == Some(0),
         "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// Whether `qemu-io` may write `img` now (it may not while a splitvmm holds it).
+fn image_writable(img: &std::path::Path) -> (bool, String) {
+    let out = tests::output(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write 0 512"])
+            .arg(img),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("lock"), text)
+}
+
+#[test]
+fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_locks() {
+    if !kvm_or_skip(
+        "a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_locks",
+    ) {
+        return;
+    }
+    let disk_dir = TempDir::new("mig-disk");
+    let img = disk_dir.join("disk0.qcow2");
+    tests::qemu_img_create("qcow2", &img, "32M");
+    let drive = format!("id=disk0,file={},format=qcow2", img.display());
+    let append = "run=write-verify-loop seed=11 seconds=8";
+    let mut src = Vm::start("mig-src", append, "128M", 2, &["--drive", &drive]);
+    // The source holds the image: another writer is refused...
+    let (writable, text) = image_writable(&img);
+    assert!(
+        !writable && text.contains("Failed to get \"write\" lock"),
+        "{text}"
+    );
+    // ...but the destination opens it without locks, as QEMU's incoming side does.
+    let (dst, uri) = destination(append, "128M", 2, &["--drive", &drive]);
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    let info = migrate(&mut src, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(src.status(), "postmigrate");
+    // Handed over: the destination holds the image now.
+    let (writable, text) = image_writable(&img);
+    assert!(
+        !writable && text.contains("Failed to get \"write\" lock"),
+        "{text}"
+    );
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+    // The source does not take the image back by itself.
+    assert_eq!(src.status(), "postmigrate");
+    let (writable, text) = image_writable(&img);
+    assert!(writable, "nobody should hold the image now: {text}");
+    tests::run(
+        std::process::Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(&img),
     );
 }

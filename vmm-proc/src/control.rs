@@ -220,11 +220,18 @@ impl Vm {
                     Ok(VmmReply::Done)
                 }
                 RunState::FinishMigrate => Err(QmpError::generic("Migration is not finalized yet")),
+                // After a migration the destination may own the images: take them back
+                // first (QEMU's `cont` activates the block devices too).
+                RunState::PostMigrate => match self.image_locks(true) {
+                    Ok(()) => {
+                        self.resume_all();
+                        self.set_state(RunState::Running)?;
+                        Ok(VmmReply::Done)
+                    }
+                    Err(e) => Err(QmpError::generic(e)),
+                },
                 // From io-error, resuming retries the requests that failed.
-                RunState::Paused
-                | RunState::Prelaunch
-                | RunState::IoError
-                | RunState::PostMigrate => {
+                RunState::Paused | RunState::Prelaunch | RunState::IoError => {
                     self.resume_all();
                     self.set_state(RunState::Running)?;
                     Ok(VmmReply::Done)
@@ -431,7 +438,11 @@ impl Vm {
                 }
                 self.before_switch_over = Some(before);
                 self.set_state(RunState::FinishMigrate)?;
-                let _ = reply.send(self.save(before == RunState::Running));
+                // The destination takes the images over: nothing is in flight any more.
+                let saved = self
+                    .image_locks(false)
+                    .and_then(|()| self.save(before == RunState::Running));
+                let _ = reply.send(saved);
                 Ok(())
             }
             MigrationInput::SourceDone { result, stopped } => {
@@ -448,13 +459,21 @@ impl Vm {
                     tracing::warn!("migration: {why}");
                     // The guest goes on here as it was.
                     if stopped {
-                        match before {
-                            Some(RunState::Running) => {
+                        let relocked = self.image_locks(true);
+                        match (before, relocked) {
+                            (Some(_), Err(e)) => {
+                                // Not without the images: the guest stays stopped.
+                                tracing::error!(
+                                    "migration failed, and {e}; the guest stays paused"
+                                );
+                                self.set_state(RunState::Paused)?;
+                            }
+                            (Some(RunState::Running), Ok(())) => {
                                 self.resume_all();
                                 self.set_state(RunState::Running)?;
                             }
-                            Some(s) => self.set_state(s)?,
-                            None => {}
+                            (Some(s), Ok(())) => self.set_state(s)?,
+                            (None, _) => {}
                         }
                     }
                 }
@@ -507,6 +526,18 @@ impl Vm {
         }
     }
 
+    /// Has block-proc take (`true`) or give up the drives' image locks.
+    fn image_locks(&self, active: bool) -> Result<(), String> {
+        let (tx, rx) = channel();
+        self.io_command(IoCommand::ImageLocks(active, tx));
+        rx.recv_timeout(DRAIN_TIMEOUT)
+            .map_err(|_| "block-proc did not answer about the image locks".to_string())?
+            .map_err(|e| {
+                let verb = if active { "taking" } else { "giving up" };
+                format!("{verb} the image locks: {e}")
+            })
+    }
+
     /// Waits until no disk request is in flight (the vCPUs are already stopped).
     fn drain_io(&mut self) {
         let (tx, rx) = channel();
@@ -556,6 +587,8 @@ impl Vm {
     /// Puts a migrated state into the (never run) machine.
     fn load(&mut self, loaded: crate::migration::Loaded) -> Result<(), String> {
         let d = &loaded.devices;
+        // The source has given the images up; take them before anything can touch them.
+        self.image_locks(true)?;
         d.restore_vm(&self.vm)?;
         self.bus.restore_serial(&d.serial)?;
         for (dev, state) in self.bus.disks().iter().zip(&d.disks) {

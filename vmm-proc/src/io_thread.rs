@@ -26,7 +26,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ipc::vmm_block::{BlockToVmm, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
+use ipc::vmm_block::{
+    BlockToVmm, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH, VmmBlockRequest, VmmToBlock,
+};
 use ipc::{Channel, IpcError, MAX_FRAME};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -108,6 +110,9 @@ pub enum IoCommand {
     Resume,
     /// Reset every device (the VM is paused and drained); answer when done.
     Reset(Sender<()>),
+    /// Have block-proc take (`true`) or give up the drives' image locks (a migration's
+    /// switch-over); answer with its reply.
+    ImageLocks(bool, Sender<Result<(), String>>),
     Exit,
 }
 
@@ -159,6 +164,9 @@ pub struct IoThread {
     /// Where completed requests mark the guest pages they wrote, for a migration.
     device_pages: Arc<DevicePages>,
     ram: RamMap,
+    /// Calls to block-proc waiting for their reply, by id.
+    calls: HashMap<u64, Sender<Result<(), String>>>,
+    next_call: u64,
 }
 
 fn lock(d: &Mutex<BlkDevice>) -> MutexGuard<'_, BlkDevice> {
@@ -207,6 +215,9 @@ impl IoThread {
             controller,
             device_pages,
             ram,
+            calls: HashMap::new(),
+            // Set-up used ids 1 and 2 on this link.
+            next_call: 100,
         })
     }
 
@@ -274,6 +285,22 @@ impl IoThread {
                         lock(d).reset();
                     }
                     let _ = done.send(());
+                }
+                Ok(IoCommand::ImageLocks(active, reply)) => {
+                    let id = self.next_call;
+                    self.next_call += 1;
+                    let call = VmmToBlock::Call {
+                        id,
+                        request: VmmBlockRequest::SetImageLocks { active },
+                    };
+                    match self.block.send(&call, &[]) {
+                        Ok(()) => {
+                            self.calls.insert(id, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("block-proc: {e}")));
+                        }
+                    }
                 }
                 Ok(IoCommand::Exit) => return false,
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,
@@ -421,9 +448,12 @@ impl IoThread {
         match self.block.recv::<BlockToVmm>() {
             Ok(r) => match r.msg {
                 BlockToVmm::Completed(done) => self.complete(done),
-                BlockToVmm::Reply { id, .. } => {
-                    tracing::warn!("block-proc answered unknown call {id}");
-                }
+                BlockToVmm::Reply { id, result } => match self.calls.remove(&id) {
+                    Some(reply) => {
+                        let _ = reply.send(result.map(drop));
+                    }
+                    None => tracing::warn!("block-proc answered unknown call {id}"),
+                },
             },
             Err(IpcError::Closed) if self.in_flight.is_empty() && self.held.is_empty() => {
                 tracing::debug!("block-proc closed the data path");
