@@ -6,6 +6,8 @@
 //! so background noise hits both alike. Results are printed as a table and, with `--json`,
 //! as one JSON object of named metrics.
 //!
+//! `migrate` moves the workload guest between two instances of each ([`migrate`]).
+//!
 //! `boot`, `disk` and `mem` boot the workload guest (`guest/`) under splitvmm and under
 //! QEMU `-M microvm` ([`vm`]); their figures carry their spread and the load average.
 
@@ -13,6 +15,7 @@ mod boot;
 mod compared;
 mod disk;
 mod mem;
+mod migrate;
 mod nbd;
 mod qmp;
 mod vm;
@@ -90,6 +93,20 @@ enum Which {
         #[arg(long, default_value_t = 4)]
         settle: u32,
     },
+    /// Live migration of the workload guest, idle and dirtying memory, max-bandwidth 0:
+    /// downtime, total time and the last expected-downtime, splitvmm and QEMU microvm,
+    /// with the link bandwidth of the same run.
+    Migrate {
+        /// Rounds (each migrates both, alternating which goes first).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        /// The dirtying guest's rate in MiB/s.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -118,6 +135,19 @@ fn main() -> std::process::ExitCode {
             };
             let note = format!("QEMU drive: {}", qemu_cache.drive_options());
             return compared_report(disk::run(&o).map(|c| (c, note)), &load, args.json);
+        }
+        Which::Migrate {
+            rounds,
+            memory,
+            rate,
+        } => {
+            return match migrate::run(rounds, memory, rate, args.json) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
         }
         Which::Mem {
             rounds,
