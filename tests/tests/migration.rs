@@ -520,3 +520,37 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
             .arg(&img),
     );
 }
+
+#[test]
+fn a_reset_during_pre_copy_is_carried_and_the_bandwidth_can_change_midway() {
+    if !kvm_or_skip("a_reset_during_pre_copy_is_carried_and_the_bandwidth_can_change_midway") {
+        return;
+    }
+    let append = "run=dirty rate=16M seconds=6";
+    let mut src = Vm::start("mig-src", append, "128M", 1, &[]);
+    let (dst, uri) = destination(append, "128M", 1, &[]);
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains("free")
+    });
+    // Slow: still in the first pass when the guest resets (the loader rewrites RAM behind
+    // KVM's dirty log).
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 16 << 20 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": uri }));
+    src.migration_event("active");
+    src.qmp.ok("system_reset", json!({}));
+    src.qmp.event("RESET");
+    std::thread::sleep(Duration::from_millis(300));
+    let info = query_migrate(&mut src.qmp);
+    assert_eq!(info["status"], "active", "{info}");
+    src.qmp
+        .ok("migrate-set-parameters", json!({ "max-bandwidth": 0 }));
+    src.migration_event("completed");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}

@@ -237,6 +237,10 @@ impl Vm {
                     Ok(VmmReply::Done)
                 }
             },
+            // The switch-over has read the vCPUs' and devices' state: it stands.
+            VmmRequest::SystemReset if self.state == RunState::FinishMigrate => {
+                Err(QmpError::generic("Migration is not finalized yet"))
+            }
             VmmRequest::SystemReset => self.reset(false).map(|()| VmmReply::Done),
             VmmRequest::QueryBlockStats => Ok(VmmReply::BlockStats(self.bus.disk_stats())),
             VmmRequest::MigrateOut(params) => self.migrate_out(params, fds),
@@ -665,6 +669,9 @@ impl Vm {
             .boot
             .load(&self.ram)
             .map_err(|e| format!("reloading the guest: {e}"))?;
+        // The loader wrote guest RAM from here, which KVM's dirty log does not see: a
+        // migration under way sends all of it again.
+        self.device_pages.mark(0, self.ram.size);
         let boot_cpu = BootSource::boot_cpu(&entry);
         for (i, v) in self.vcpus.iter().enumerate() {
             v.send(VcpuEvent::Reset(if i == 0 {
