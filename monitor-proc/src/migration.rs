@@ -74,6 +74,16 @@ impl Migration {
         *lock(&self.incoming) = Some(false);
     }
 
+    /// A migration reached a final state: the monitor's copy of its socket goes.
+    pub fn status_changed(&self, status: MigrationStatus) {
+        if matches!(
+            status,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        ) {
+            lock(&self.sock).take();
+        }
+    }
+
     /// Whether `MIGRATION` and `MIGRATION_PASS` are emitted.
     pub fn events_on(&self) -> bool {
         self.events.load(Ordering::Acquire)

@@ -467,6 +467,7 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
             m.events.emit("BLOCK_IO_ERROR", Some(data));
         }
         VmmEvent::Migration(status) => {
+            m.migration.status_changed(status);
             if m.migration.events_on() {
                 m.events
                     .emit("MIGRATION", Some(json!({ "status": status.as_qapi_str() })));
