@@ -377,6 +377,7 @@ impl Vm {
         crate::migration::set_status(&shared, &self.inputs_tx, ipc::vmm::MigrationStatus::Setup);
         let source = crate::migration::source::Source {
             sock: std::fs::File::from(sock),
+            ram_file: self.ram.file.clone(),
             vm: self.vm.clone(),
             mem: self.ram.mem.clone(),
             map: self.ram.map,
@@ -414,6 +415,7 @@ impl Vm {
         let shared = Arc::new(Shared::new(Default::default()));
         let dest = crate::migration::dest::Dest {
             sock: std::fs::File::from(sock),
+            ram_file: self.ram.file.clone(),
             mem: self.ram.mem.clone(),
             map: self.ram.map,
             shared: shared.clone(),

@@ -26,6 +26,8 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Dest {
     pub sock: File,
+    /// The guest-RAM memfd, for its holes.
+    pub ram_file: Arc<File>,
     pub mem: Arc<GuestMemoryMmap>,
     pub map: RamMap,
     pub shared: Arc<Shared>,
@@ -61,6 +63,9 @@ impl Dest {
         let mut vcpus: Vec<Option<VcpuState>> = (0..self.config.vcpus).map(|_| None).collect();
         let mut devices = None;
         let regions = self.map.regions();
+        // Where this side's RAM may hold something (the image it booted): a zero page
+        // elsewhere is a hole already, and writing it would only allocate it.
+        let mut data = super::data_pages(&self.ram_file, self.map.size())?;
         let (mut bytes, mut zero, mut normal) = (12u64, 0u64, 0u64);
         loop {
             let section = stream::read_section(&mut r).map_err(e)?;
@@ -103,10 +108,18 @@ impl Dest {
                                     record.offset
                                 )
                             })?;
+                        let page = record.offset / PAGE as u64;
                         let written = match record.data {
-                            Some(data) => {
+                            Some(bytes) => {
                                 normal += 1;
-                                self.mem.write_slice(data, GuestAddress(gpa))
+                                if let Some(w) = data.get_mut((page / 64) as usize) {
+                                    *w |= 1 << (page % 64);
+                                }
+                                self.mem.write_slice(bytes, GuestAddress(gpa))
+                            }
+                            None if !super::page_set(&data, page) => {
+                                zero += 1;
+                                Ok(())
                             }
                             None => {
                                 zero += 1;

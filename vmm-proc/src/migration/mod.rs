@@ -74,6 +74,43 @@ impl DevicePages {
     }
 }
 
+/// One bit per page of the guest-RAM memfd: set where the memfd has data, clear where it
+/// is a hole (never written: it reads as zeroes). Found with `lseek` `SEEK_DATA` /
+/// `SEEK_HOLE`, so neither side touches (and so allocates) RAM the guest never used.
+pub fn data_pages(file: &std::fs::File, size: u64) -> Result<Vec<u64>, String> {
+    use nix::unistd::{Whence, lseek};
+    let pages = size.div_ceil(PAGE as u64);
+    let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+    let end = i64::try_from(size).map_err(|_| "guest RAM too large".to_string())?;
+    let mut at = 0i64;
+    while at < end {
+        let data = match lseek(file, at, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break, // nothing but a hole from here
+            Err(e) => return Err(format!("SEEK_DATA in guest RAM: {e}")),
+        };
+        let hole = match lseek(file, data, Whence::SeekHole) {
+            Ok(h) => h.min(end),
+            Err(e) => return Err(format!("SEEK_HOLE in guest RAM: {e}")),
+        };
+        let first = data as u64 / PAGE as u64;
+        let last = (hole as u64).div_ceil(PAGE as u64);
+        for page in first..last {
+            if let Some(w) = bits.get_mut((page / 64) as usize) {
+                *w |= 1 << (page % 64);
+            }
+        }
+        at = hole.max(data + 1);
+    }
+    Ok(bits)
+}
+
+/// Whether `page` is set in a bitmap of [`data_pages`]' shape.
+pub fn page_set(bits: &[u64], page: u64) -> bool {
+    bits.get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
 /// What a migration shares with the controller and `query-migrate`.
 #[derive(Debug, Default)]
 pub struct Shared {
@@ -187,6 +224,24 @@ pub(crate) fn set_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holes_in_guest_ram_are_found_without_touching_them() {
+        let ram = crate::memory::GuestRam::new(4 << 20).expect("ram");
+        let bits = data_pages(&ram.file, ram.size).expect("map");
+        assert!(bits.iter().all(|&w| w == 0), "a fresh memfd is all hole");
+        use vm_memory::Bytes;
+        ram.mem
+            .write_obj(1u8, vm_memory::GuestAddress(0x5000))
+            .expect("write");
+        ram.mem
+            .write_obj(1u8, vm_memory::GuestAddress((4 << 20) - 1))
+            .expect("write");
+        let bits = data_pages(&ram.file, ram.size).expect("map");
+        assert!(page_set(&bits, 5));
+        assert!(page_set(&bits, 1023));
+        assert!(!page_set(&bits, 4) && !page_set(&bits, 6) && !page_set(&bits, 512));
+    }
 
     #[test]
     fn device_pages_are_marked_only_while_active_and_taken_once() {

@@ -38,6 +38,8 @@ const PAGE_WIRE: u64 = PAGE as u64 + 8;
 #[derive(Debug)]
 pub struct Source {
     pub sock: File,
+    /// The guest-RAM memfd, for its holes.
+    pub ram_file: Arc<File>,
     pub vm: Arc<VmFd>,
     pub mem: Arc<GuestMemoryMmap>,
     pub map: RamMap,
@@ -121,6 +123,8 @@ impl Source {
         {
             *last = (1u64 << (total_pages % 64)) - 1;
         }
+        // After dirty logging is on: a hole the guest writes from now on is dirty again.
+        let mut data = Some(super::data_pages(&self.ram_file, self.map.size())?);
         let mut totals = Totals::default();
         let throttle_start = Instant::now();
         // Bytes per ms of the last pass, and the state's size at the switch-over.
@@ -130,7 +134,14 @@ impl Source {
         loop {
             let pass_start = Instant::now();
             let before = totals.bytes;
-            self.send_pages(&mut w, &mut pending, &mut totals, Some(throttle_start))?;
+            let holes = data.take();
+            self.send_pages(
+                &mut w,
+                &mut pending,
+                &mut totals,
+                Some(throttle_start),
+                holes.as_deref(),
+            )?;
             w.flush().map_err(|e| self.stream_failure(e.into()))?;
             let pass_ms = pass_start.elapsed().as_secs_f64() * 1000.0;
             let sent = totals.bytes - before;
@@ -191,7 +202,7 @@ impl Source {
             self.mark_gpa(&mut pending, gpa, len);
         }
         let before = totals.bytes;
-        self.send_pages(&mut w, &mut pending, &mut totals, None)?;
+        self.send_pages(&mut w, &mut pending, &mut totals, None, None)?;
         let mut state_bytes = 0u64;
         for (index, state) in saved.vcpus.into_iter().enumerate() {
             state_bytes += state.len() as u64 + 13;
@@ -267,12 +278,14 @@ impl Source {
 
     /// Sends every page set in `pending` (clearing it), as zero or normal pages, keeping
     /// to `max-bandwidth` from `throttle` on (no limit when `None`: the guest is stopped).
+    /// Pages clear in `data` (holes of the memfd) go as zero pages unread.
     fn send_pages(
         &self,
         w: &mut impl Write,
         pending: &mut [u64],
         totals: &mut Totals,
         throttle: Option<Instant>,
+        data: Option<&[u64]>,
     ) -> Result<(), String> {
         let mut batch = PageBatch::default();
         let mut page = vec![0u8; PAGE];
@@ -320,10 +333,17 @@ impl Source {
             while bits != 0 {
                 let bit = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
-                let offset = (wi as u64 * 64 + bit) * PAGE as u64;
+                let page_index = wi as u64 * 64 + bit;
+                let offset = page_index * PAGE as u64;
                 let Some(gpa) = gpa_of(&regions, offset) else {
                     continue;
                 };
+                if data.is_some_and(|d| !super::page_set(d, page_index)) {
+                    if batch.push_zero(offset) {
+                        flush(&mut batch, totals)?;
+                    }
+                    continue;
+                }
                 self.mem
                     .read_slice(&mut page, GuestAddress(gpa))
                     .map_err(|e| format!("reading guest page {gpa:#x}: {e}"))?;

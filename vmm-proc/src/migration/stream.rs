@@ -170,6 +170,14 @@ impl PageBatch {
         self.buf.len() + 8 + PAGE > MAX_SECTION as usize
     }
 
+    /// Adds the page at `offset` as a zero page without looking at it (a hole).
+    pub fn push_zero(&mut self, offset: u64) -> bool {
+        self.buf
+            .extend_from_slice(&(offset | PAGE_ZERO).to_le_bytes());
+        self.zero += 1;
+        self.buf.len() + 8 + PAGE > MAX_SECTION as usize
+    }
+
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
