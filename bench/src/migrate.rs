@@ -213,13 +213,10 @@ fn median(v: &[f64]) -> f64 {
 /// Runs `rounds` of each case on both VMMs and prints the figures.
 pub fn run(rounds: u32, memory_mib: u64, rate_mib: u64, json_out: bool) -> Result<(), String> {
     let scratch = Scratch::new("migrate")?;
-    let seconds = 8;
+    // Long enough for the migration to end well before the guest does.
     let cases = [
-        ("idle", format!("run=idle seconds={seconds}")),
-        (
-            "dirty",
-            format!("run=dirty rate={rate_mib}M seconds={seconds}"),
-        ),
+        ("idle", "run=idle seconds=8".to_string()),
+        ("dirty", format!("run=dirty rate={rate_mib}M seconds=20")),
     ];
     let mut links = Vec::new();
     let mut out = Vec::new();
