@@ -109,16 +109,23 @@ fn query_migrate(qmp: &mut RawQmp) -> Value {
 /// Migrates `src` to `uri` with unlimited bandwidth and waits for completion; returns
 /// the final `query-migrate`.
 fn migrate(src: &mut Vm, uri: &str) -> Value {
+    migrate_with(src, json!({ "uri": uri }))
+}
+
+/// [`migrate`] with `migrate`'s arguments as given.
+fn migrate_with(src: &mut Vm, args: Value) -> Value {
     src.qmp.ok(
         "migrate-set-parameters",
         json!({ "max-bandwidth": 0, "downtime-limit": 300 }),
     );
-    src.qmp.ok("migrate", json!({ "uri": uri }));
+    src.qmp.ok("migrate", args);
     src.migration_event("completed");
     query_migrate(&mut src.qmp)
 }
 
-fn run_to_pass_after_migration(append: &str, cpus: u8, settle: &str) {
+/// Migrates a guest running `append` once it printed `settle`, with `migrate` given the
+/// address as `uri` or (`channels`) as QEMU 9's `channels` list.
+fn run_to_pass_after_migration(append: &str, cpus: u8, settle: &str, channels: bool) {
     let mut src = Vm::start("mig-src", append, "128M", cpus, &[]);
     let (dst, uri) = destination(append, "128M", cpus, &[]);
     wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
@@ -126,7 +133,16 @@ fn run_to_pass_after_migration(append: &str, cpus: u8, settle: &str) {
     });
     // Let the program get going.
     std::thread::sleep(Duration::from_millis(500));
-    let info = migrate(&mut src, &uri);
+    let args = if channels {
+        let path = uri.strip_prefix("unix:").unwrap_or_default();
+        json!({ "channels": [{
+            "channel-type": "main",
+            "addr": { "transport": "socket", "type": "unix", "path": path },
+        }] })
+    } else {
+        json!({ "uri": uri })
+    };
+    let info = migrate_with(&mut src, args);
     assert_eq!(info["status"], "completed", "{info}");
     for key in ["total-time", "downtime", "setup-time"] {
         assert!(info[key].is_u64(), "{key} missing: {info}");
@@ -148,11 +164,11 @@ fn run_to_pass_after_migration(append: &str, cpus: u8, settle: &str) {
 }
 
 #[test]
-fn an_idle_guest_migrates_and_finishes_on_the_destination() {
-    if !kvm_or_skip("an_idle_guest_migrates_and_finishes_on_the_destination") {
+fn an_idle_guest_migrates_given_channels_and_finishes_on_the_destination() {
+    if !kvm_or_skip("an_idle_guest_migrates_given_channels_and_finishes_on_the_destination") {
         return;
     }
-    run_to_pass_after_migration("run=idle seconds=4", 1, "idle");
+    run_to_pass_after_migration("run=idle seconds=4", 1, "idle", true);
 }
 
 #[test]
@@ -162,7 +178,7 @@ fn a_dirtying_guest_migrates_and_its_pages_check_out_on_the_destination() {
     }
     // 64 MiB/s over 125 MiB: every page is rewritten (and its stamp checked) about every
     // 2 s, before and after the switch-over.
-    run_to_pass_after_migration("run=dirty rate=64M seconds=8", 2, "free");
+    run_to_pass_after_migration("run=dirty rate=64M seconds=8", 2, "free", false);
 }
 
 /// What the proxy between source and destination does to the stream.
