@@ -570,3 +570,29 @@ fn a_reset_during_pre_copy_is_carried_and_the_bandwidth_can_change_midway() {
         "destination: exit {code:?}, last line {last:?}"
     );
 }
+
+#[test]
+fn a_destination_listening_on_tcp_takes_the_guest() {
+    if !kvm_or_skip("a_destination_listening_on_tcp_takes_the_guest") {
+        return;
+    }
+    // A free port: bound by us, released, then bound by the destination.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let mut dst = Vm::start("mig-dst", append, "64M", 1, &["--incoming", &uri]);
+    assert_eq!(dst.status(), "inmigrate");
+    let info = migrate(&mut src, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    dst.migration_event("completed");
+    dst.qmp.event("RESUME");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
