@@ -371,3 +371,36 @@ pub fn nbd_server() -> Vec<Seed> {
         ("oversized-option", oversized),
     ]
 }
+
+/// Migration streams: a whole one (configuration, zero and normal pages, a vCPU and the
+/// devices with undecodable state, end) and its first sections alone.
+pub fn migration_stream() -> Vec<Seed> {
+    use vmm_proc::migration::stream::{
+        PAGE, PageBatch, Section, StreamConfig, write_header, write_section,
+    };
+    let mut s = Vec::new();
+    write_header(&mut s).expect("header");
+    let config = StreamConfig {
+        ram_size: 1 << 20,
+        vcpus: 1,
+        disks: 0,
+    };
+    write_section(&mut s, &Section::Config(config)).expect("config");
+    let head = s.clone();
+    let mut batch = PageBatch::default();
+    batch.push(0, &[0u8; PAGE]);
+    batch.push(0x2000, &[0x5a; PAGE]);
+    batch.push_zero(0x3000);
+    write_section(&mut s, &Section::Pages(batch.take())).expect("pages");
+    write_section(
+        &mut s,
+        &Section::Vcpu {
+            index: 0,
+            state: vec![1, 2, 3, 4],
+        },
+    )
+    .expect("vcpu");
+    write_section(&mut s, &Section::Devices(vec![0; 16])).expect("devices");
+    write_section(&mut s, &Section::End).expect("end");
+    vec![("whole", s), ("head", head)]
+}

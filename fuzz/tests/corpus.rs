@@ -125,3 +125,17 @@ fn qcow2_open_corpus() {
         }
     }
 }
+
+#[test]
+fn migration_stream_corpus() {
+    let seeds = fuzz::seeds::migration_stream();
+    sync_seeds("migration_stream", &seeds);
+    for (name, data) in files("migration_stream") {
+        let reached_end = fuzz::migration_stream::decode(&data);
+        match name.as_str() {
+            "whole" => assert_eq!(reached_end, Ok(true), "{name}"),
+            "head" => assert!(reached_end.is_err_and(|e| e.contains("truncated")), "{name}"),
+            _ => {}
+        }
+    }
+}
