@@ -6,6 +6,10 @@
 //! decodes (acknowledgements aside, whose reason is read lossily as UTF-8) re-encodes to
 //! exactly the bytes it was read from; a page record's offset is page-aligned and a
 //! normal page carries exactly one page.
+//!
+//! First byte: 0 (even) decodes the rest as it is; 1 (odd) first gives every section of
+//! the rest its right checksum (the rest is then the header followed by `kind`, `length`,
+//! `payload` without checksums), so mutations get past the checksum to the payloads.
 
 use vmm_proc::migration::state::{DeviceState, VcpuState};
 use vmm_proc::migration::stream::{self, PAGE, PageIter, Section};
@@ -49,7 +53,36 @@ pub fn decode(data: &[u8]) -> Result<bool, String> {
     Ok(false)
 }
 
+/// Header and sections of `data` (sections without checksums) with their checksums.
+pub fn with_checksums(data: &[u8]) -> Vec<u8> {
+    let (head, mut rest) = data.split_at(data.len().min(12));
+    let mut out = head.to_vec();
+    while let Some((&kind, after)) = rest.split_first() {
+        let Some((len, after)) = after.split_first_chunk::<4>() else {
+            break;
+        };
+        let len = (u32::from_le_bytes(*len) as usize).min(after.len());
+        let (payload, after) = after.split_at(len);
+        let mut frame = vec![kind];
+        frame.extend_from_slice(&(len as u32).to_le_bytes());
+        frame.extend_from_slice(payload);
+        let crc = stream::Crc32::new().update(&frame).finish();
+        out.extend_from_slice(&frame);
+        out.extend_from_slice(&crc.to_le_bytes());
+        rest = after;
+    }
+    out
+}
+
 /// The target: decoding may fail, never panic.
 pub fn run(data: &[u8]) {
-    let _ = decode(data);
+    match data.split_first() {
+        Some((mode, rest)) if mode & 1 == 1 => {
+            let _ = decode(&with_checksums(rest));
+        }
+        Some((_, rest)) => {
+            let _ = decode(rest);
+        }
+        None => {}
+    }
 }

@@ -17,7 +17,11 @@ struct Vm {
 impl Vm {
     /// The workload guest with `append` on `cpus` vCPUs and `memory`, plus `extra` args.
     fn start(tag: &str, append: &str, memory: &str, cpus: u8, extra: &[&str]) -> Self {
-        let dir = TempDir::new(tag);
+        Self::start_in(TempDir::new(tag), append, memory, cpus, extra)
+    }
+
+    /// [`Vm::start`] in `dir`.
+    fn start_in(dir: TempDir, append: &str, memory: &str, cpus: u8, extra: &[&str]) -> Self {
         let serial = format!("file:{}", dir.join("serial.log").display());
         let cpus = cpus.to_string();
         let mut args = vec![
@@ -90,15 +94,12 @@ impl Vm {
 /// A destination for a source started with `append`, `memory` and `cpus`, waiting on a
 /// unix socket in its directory.
 fn destination(append: &str, memory: &str, cpus: u8, extra: &[&str]) -> (Vm, String) {
-    let dir = TempDir::new("mig-dst-sock");
-    let sock = dir.join("mig.sock");
-    let uri = format!("unix:{}", sock.display());
+    let dir = TempDir::new("mig-dst");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut args = vec!["--incoming", uri.as_str()];
     args.extend_from_slice(extra);
-    let mut dst = Vm::start("mig-dst", append, memory, cpus, &args);
+    let mut dst = Vm::start_in(dir, append, memory, cpus, &args);
     assert_eq!(dst.status(), "inmigrate");
-    // The socket directory must outlive the test's use of it.
-    std::mem::forget(dir);
     (dst, uri)
 }
 
