@@ -267,7 +267,7 @@ fn a_corrupted_stream_fails_on_both_sides_and_the_source_keeps_running() {
     let via = proxy(
         &uri,
         Tamper {
-            flip_at: Some(3 << 20),
+            flip_at: Some(64 << 10),
             ..Tamper::default()
         },
     );
@@ -301,7 +301,7 @@ fn a_destination_that_dies_mid_stream_fails_the_migration_not_the_guest() {
     // Slow enough to still be sending when the destination goes.
     src.qmp.ok(
         "migrate-set-parameters",
-        json!({ "max-bandwidth": 16 << 20 }),
+        json!({ "max-bandwidth": 4 << 20 }),
     );
     src.qmp.ok("migrate", json!({ "uri": uri }));
     src.migration_event("active");
@@ -325,7 +325,7 @@ fn cancel_in(phase: &str) {
             ..Tamper::default()
         },
     );
-    let bandwidth = if phase == "device" { 0 } else { 8 << 20 };
+    let bandwidth = if phase == "device" { 0 } else { 4 << 20 };
     src.qmp.ok(
         "migrate-set-parameters",
         json!({ "max-bandwidth": bandwidth }),
@@ -553,7 +553,7 @@ fn a_reset_during_pre_copy_is_carried_and_the_bandwidth_can_change_midway() {
     // KVM's dirty log).
     src.qmp.ok(
         "migrate-set-parameters",
-        json!({ "max-bandwidth": 16 << 20 }),
+        json!({ "max-bandwidth": 4 << 20 }),
     );
     src.qmp.ok("migrate", json!({ "uri": uri }));
     src.migration_event("active");
