@@ -413,6 +413,7 @@ impl Vm {
             .next()
             .ok_or_else(|| QmpError::generic("migrate-incoming: no connection descriptor"))?;
         let shared = Arc::new(Shared::new(Default::default()));
+        crate::migration::set_status(&shared, &self.inputs_tx, ipc::vmm::MigrationStatus::Setup);
         let dest = crate::migration::dest::Dest {
             sock: std::fs::File::from(sock),
             ram_file: self.ram.file.clone(),
