@@ -6,6 +6,8 @@
 //! so background noise hits both alike. Results are printed as a table and, with `--json`,
 //! as one JSON object of named metrics.
 //!
+//! `migrate` moves the workload guest between two instances of each ([`migrate`]).
+//!
 //! `boot`, `disk` and `mem` boot the workload guest (`guest/`) under splitvmm and under
 //! QEMU `-M microvm` ([`vm`]); their figures carry their spread and the load average.
 
@@ -14,6 +16,7 @@ mod compared;
 mod disk;
 mod load;
 mod mem;
+mod migrate;
 mod mirror;
 mod nbd;
 mod qmp;
@@ -128,6 +131,20 @@ enum Which {
         #[arg(long, default_value_t = 4)]
         settle: u32,
     },
+    /// Live migration of the workload guest, idle and dirtying memory, max-bandwidth 0:
+    /// downtime, total time and the last expected-downtime, splitvmm and QEMU microvm,
+    /// with the link bandwidth of the same run.
+    Migrate {
+        /// Rounds (each migrates both, alternating which goes first).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        /// The dirtying guest's rate in MiB/s.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -181,6 +198,19 @@ fn main() -> std::process::ExitCode {
         } => {
             let r = mirror::run_all(size, rounds, &format);
             return compared_report(r, &load, args.json);
+        }
+        Which::Migrate {
+            rounds,
+            memory,
+            rate,
+        } => {
+            return match migrate::run(rounds, memory, rate, args.json) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
         }
         Which::Mem {
             rounds,

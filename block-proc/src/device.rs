@@ -72,6 +72,14 @@ pub trait BlockDevice: Send + Sync + 'static {
         offset: u64,
         length: u64,
     ) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+
+    /// Takes (`active`) or gives up the image's locks, for a migration's switch-over
+    /// (see `Node::set_image_locks`). Devices without an image file of their own have
+    /// nothing to hand over.
+    fn set_image_locks(&self, active: bool) -> Result<(), String> {
+        let _ = active;
+        Ok(())
+    }
 }
 
 /// Devices for unit tests.

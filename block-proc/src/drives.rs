@@ -15,6 +15,7 @@ use ipc::block::{
     BlockConfig, BlockDeviceInfo, BlockInfo, BlockdevCacheInfo, DriveConfig, IoStatus, OnError,
 };
 
+use crate::block::lock::LockMode;
 use crate::block::{Backing, Node, OpenOptions};
 use crate::device::{BlockDevice, Extent};
 use crate::graph::BlockNode;
@@ -65,6 +66,13 @@ impl Backend {
 impl BlockDevice for Backend {
     fn size(&self) -> u64 {
         self.current().size()
+    }
+
+    fn set_image_locks(&self, active: bool) -> Result<(), String> {
+        match self.current().drive_image() {
+            Some(image) => image.set_image_locks(active).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 
     fn read_only(&self) -> bool {
@@ -135,9 +143,13 @@ impl Drives {
     pub async fn open(config: &BlockConfig, attached: bool) -> Result<Self, QmpError> {
         let mut drives = Vec::new();
         for d in &config.drives {
-            let opts = OpenOptions::new(d.file.display().to_string(), d.format, &config.image_dirs)
-                .read_only(d.read_only)
-                .backing(Backing::Default);
+            let mut opts =
+                OpenOptions::new(d.file.display().to_string(), d.format, &config.image_dirs)
+                    .read_only(d.read_only)
+                    .backing(Backing::Default);
+            if config.incoming {
+                opts = opts.lock(LockMode::NONE);
+            }
             let node = Node::open(opts)
                 .await
                 .map_err(|e| QmpError::generic(e.to_string()))?;

@@ -161,6 +161,20 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
                 };
                 BlockToVmm::Reply { id, result }
             }
+            VmmToBlock::Call {
+                id,
+                request: VmmBlockRequest::SetImageLocks { active },
+            } => {
+                let result = devices
+                    .iter()
+                    .try_for_each(|d| {
+                        d.device
+                            .set_image_locks(active)
+                            .map_err(|e| format!("drive {}: {e}", d.id))
+                    })
+                    .map(|()| VmmBlockAnswer::Done);
+                BlockToVmm::Reply { id, result }
+            }
             VmmToBlock::Submit(batch) => {
                 submit(&peer, &outbox, &devices, memory.as_ref(), batch);
                 continue;

@@ -75,7 +75,12 @@ fn check_line(line: &str) {
 fn block_state() -> Arc<State> {
     thread_local! {
         static STATE: Arc<State> = {
-            let config = BlockConfig { drives: Vec::new(), image_dirs: Vec::new(), sandbox: false };
+            let config = BlockConfig {
+                drives: Vec::new(),
+                image_dirs: Vec::new(),
+                sandbox: false,
+                incoming: false,
+            };
             let drives = crate::block_on(Drives::open(&config, false)).expect("no drives");
             // Events go nowhere: nothing here can emit one.
             let (tx, _) = tokio::sync::mpsc::unbounded_channel();

@@ -90,6 +90,7 @@ pub fn ipc_decode() -> Vec<Seed> {
                         drives: vec![drive],
                         image_dirs: vec![PathBuf::from("/images")],
                         sandbox: true,
+                        incoming: false,
                     }),
                 },
             ),
@@ -145,6 +146,7 @@ pub fn ipc_decode() -> Vec<Seed> {
                         sandbox: true,
                         serial: false,
                         error_policies: Vec::new(),
+                        incoming: false,
                     }),
                 },
             ),
@@ -369,5 +371,51 @@ pub fn nbd_server() -> Vec<Seed> {
         ("info-go-view", view),
         ("refused-options", refused),
         ("oversized-option", oversized),
+    ]
+}
+
+/// Migration streams: a whole one (configuration, zero and normal pages, a vCPU and the
+/// devices with undecodable state, end) and its first sections alone.
+pub fn migration_stream() -> Vec<Seed> {
+    use vmm_proc::migration::stream::{
+        PAGE, PageBatch, Section, StreamConfig, write_header, write_section,
+    };
+    let mut s = Vec::new();
+    write_header(&mut s).expect("header");
+    let config = StreamConfig {
+        ram_size: 1 << 20,
+        vcpus: 1,
+        disks: 0,
+    };
+    write_section(&mut s, &Section::Config(config)).expect("config");
+    let head = s.clone();
+    let mut batch = PageBatch::default();
+    batch.push(0, &[0u8; PAGE]);
+    batch.push(0x2000, &[0x5a; PAGE]);
+    batch.push_zero(0x3000);
+    write_section(&mut s, &Section::Pages(batch.take())).expect("pages");
+    write_section(
+        &mut s,
+        &Section::Vcpu {
+            index: 0,
+            state: vec![1, 2, 3, 4],
+        },
+    )
+    .expect("vcpu");
+    write_section(&mut s, &Section::Devices(vec![0; 16])).expect("devices");
+    write_section(&mut s, &Section::End).expect("end");
+    // The same without checksums, for the mode that adds them.
+    let mut bare = s[..12].to_vec();
+    let mut rest = &s[12..];
+    while let Some((_, after)) = rest.split_first() {
+        let len = u32::from_le_bytes([after[0], after[1], after[2], after[3]]) as usize;
+        bare.extend_from_slice(&rest[..5 + len]);
+        rest = &rest[5 + len + 4..];
+    }
+    let mode = |m: u8, v: &[u8]| [&[m][..], v].concat();
+    vec![
+        ("whole", mode(0, &s)),
+        ("head", mode(0, &head)),
+        ("whole-bare", mode(1, &bare)),
     ]
 }

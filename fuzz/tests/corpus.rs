@@ -125,3 +125,27 @@ fn qcow2_open_corpus() {
         }
     }
 }
+
+#[test]
+fn migration_stream_corpus() {
+    let seeds = fuzz::seeds::migration_stream();
+    sync_seeds("migration_stream", &seeds);
+    for (name, data) in files("migration_stream") {
+        fuzz::migration_stream::run(&data);
+        let Some((mode, rest)) = data.split_first() else {
+            continue;
+        };
+        let reached_end = match mode & 1 {
+            1 => fuzz::migration_stream::decode(&fuzz::migration_stream::with_checksums(rest)),
+            _ => fuzz::migration_stream::decode(rest),
+        };
+        match name.as_str() {
+            "whole" | "whole-bare" => assert_eq!(reached_end, Ok(true), "{name}"),
+            "head" => assert!(
+                reached_end.is_err_and(|e| e.contains("truncated")),
+                "{name}"
+            ),
+            _ => {}
+        }
+    }
+}

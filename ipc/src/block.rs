@@ -69,6 +69,9 @@ pub struct BlockConfig {
     pub image_dirs: Vec<PathBuf>,
     /// Whether to enter the jail (`--sandbox on`).
     pub sandbox: bool,
+    /// `--incoming`: open the drives without their locks, which the migration source
+    /// holds until the switch-over.
+    pub incoming: bool,
 }
 
 /// Image formats. Never probed: the user names the format.

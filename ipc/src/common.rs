@@ -87,6 +87,12 @@ pub enum RunState {
     GuestPanicked,
     /// Stopped by a disk error under `werror`/`rerror=stop` (or `enospc`); `cont` retries.
     IoError,
+    /// The destination of a migration, waiting for or loading the stream.
+    InMigrate,
+    /// The source, stopped to send the last of the migration.
+    FinishMigrate,
+    /// The source after a completed migration.
+    PostMigrate,
 }
 
 impl RunState {
@@ -99,6 +105,9 @@ impl RunState {
             Self::Shutdown => "shutdown",
             Self::GuestPanicked => "guest-panicked",
             Self::IoError => "io-error",
+            Self::InMigrate => "inmigrate",
+            Self::FinishMigrate => "finish-migrate",
+            Self::PostMigrate => "postmigrate",
         }
     }
 }

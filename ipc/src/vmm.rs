@@ -39,7 +39,7 @@ impl Message for VmmCall {
                     + usize::from(c.kernel == KernelImage::File)
                     + usize::from(c.initrd)
             }
-            VmmRequest::ReconnectBlock => 1,
+            VmmRequest::ReconnectBlock | VmmRequest::MigrateOut(_) | VmmRequest::MigrateIn => 1,
             _ => 0,
         }
     }
@@ -65,6 +65,106 @@ pub enum VmmRequest {
     /// the message. vmm-proc checks the new block-proc offers the same drives, hands it the
     /// guest's memory and sends it every request still in flight.
     ReconnectBlock,
+    /// QMP `migrate`: stream the VM to the connected socket that travels with the message.
+    MigrateOut(MigrationParams),
+    /// New parameters for the migration under way (`migrate-set-parameters`).
+    MigrateSetParams(MigrationParams),
+    /// QMP `migrate_cancel`.
+    MigrateCancel,
+    /// The destination: load the VM from the connected socket that travels with the
+    /// message (the VM must be in `inmigrate`).
+    MigrateIn,
+    /// QMP `query-migrate`.
+    QueryMigrate,
+}
+
+/// The migration parameters vmm-proc uses (QMP `MigrationParameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationParams {
+    /// Bytes per second; 0 means unlimited.
+    pub max_bandwidth: u64,
+    /// Milliseconds.
+    pub downtime_limit: u64,
+    /// Bytes per second the switch-over may assume; 0 means "the measured bandwidth".
+    pub avail_switchover_bandwidth: u64,
+}
+
+impl Default for MigrationParams {
+    /// QEMU's defaults: `MAX_THROTTLE` (128 MiB/s) and 300 ms.
+    fn default() -> Self {
+        Self {
+            max_bandwidth: 128 << 20,
+            downtime_limit: 300,
+            avail_switchover_bandwidth: 0,
+        }
+    }
+}
+
+/// QAPI `MigrationStatus` (the states splitvmm uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationStatus {
+    None,
+    Setup,
+    Active,
+    /// The source stopped the guest and sends the rest (QEMU's `device` stage).
+    Device,
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+}
+
+impl MigrationStatus {
+    pub fn as_qapi_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::Device => "device",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether a migration is under way (a new one is refused).
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Self::Setup | Self::Active | Self::Device | Self::Cancelling
+        )
+    }
+}
+
+/// QAPI `MigrationStats` (`ram`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RamStats {
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub duplicate: u64,
+    pub normal: u64,
+    pub normal_bytes: u64,
+    pub dirty_pages_rate: u64,
+    pub mbps: f64,
+    pub dirty_sync_count: u64,
+    pub pages_per_second: u64,
+    pub precopy_bytes: u64,
+    pub downtime_bytes: u64,
+}
+
+/// What `query-migrate` reports (QAPI `MigrationInfo`), raw: the monitor picks the
+/// members each state shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub status: Option<MigrationStatus>,
+    pub setup_time: u64,
+    pub total_time: u64,
+    pub expected_downtime: u64,
+    pub downtime: u64,
+    pub ram: RamStats,
+    pub error_desc: Option<String>,
 }
 
 /// Where the guest kernel comes from.
@@ -94,6 +194,8 @@ pub struct VmmConfig {
     pub serial: bool,
     /// Each drive's `werror=` and `rerror=`, by drive id.
     pub error_policies: Vec<ErrorPolicy>,
+    /// `--incoming`: wait in `inmigrate` for `MigrateIn` instead of booting.
+    pub incoming: bool,
 }
 
 /// What a guest disk does when a request fails (`--drive werror=W,rerror=R`).
@@ -122,6 +224,7 @@ pub enum VmmReply {
     Done,
     Status(RunState),
     BlockStats(Vec<DiskStats>),
+    Migration(MigrationInfo),
 }
 
 /// One guest disk's I/O counters, as QEMU accounts them for `query-blockstats`:
@@ -172,6 +275,10 @@ pub enum VmmEvent {
     /// A guest disk request failed (QMP `BLOCK_IO_ERROR`). With `action` stop the run state
     /// becomes `io-error` right after, and `cont` retries the request.
     BlockIoError(BlockIoError),
+    /// The migration's status changed (QMP `MIGRATION`).
+    Migration(MigrationStatus),
+    /// A dirty-bitmap sync (QMP `MIGRATION_PASS`), counted from 1.
+    MigrationPass(u64),
 }
 
 /// A failed guest disk request and what was done about it.

@@ -63,6 +63,8 @@ pub enum VmmBlockRequest {
     /// The guest's RAM: a sealed memfd (travels with the message) of `size` bytes, guest
     /// physical address 0 at offset 0.
     SetMemory { size: u64 },
+    /// A migration's switch-over: take (`active`) or give up every drive's image locks.
+    SetImageLocks { active: bool },
 }
 
 /// A range of guest RAM.

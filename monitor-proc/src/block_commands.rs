@@ -615,7 +615,11 @@ impl NbdListener {
 /// which reads files the monitor's jail refuses and sends DNS queries with system calls
 /// its filter does not allow (a filter violation kills the process), so it is refused with
 /// a clear error instead. `ipv4`/`ipv6` (when given) keep or drop each family, as QEMU's.
-fn resolve(host: &str, port: &str, opts: &Map<String, Value>) -> Result<Vec<SocketAddr>, QmpError> {
+pub(crate) fn resolve(
+    host: &str,
+    port: &str,
+    opts: &Map<String, Value>,
+) -> Result<Vec<SocketAddr>, QmpError> {
     let fail = |why: &str| {
         QmpError::generic(format!(
             "address resolution failed for {host}:{port}: {why}"

@@ -303,10 +303,10 @@ impl Cli {
                 initrd.display()
             ));
         }
-        if let Some(uri) = &self.incoming {
-            return Err(format!(
-                "--incoming {uri}: incoming migration is not available in this build yet"
-            ));
+        if let Some(uri) = &self.incoming
+            && self.kernel.is_none()
+        {
+            return Err(format!("--incoming {uri}: needs a guest (--kernel)"));
         }
         if let (Some((u, g)), false) = (self.runas, self.sandbox) {
             return Err(format!(

@@ -15,7 +15,7 @@ use crate::qmp::schema::{ArgType, Member, validate_args};
 use crate::qmp::wire::{self, Request};
 use crate::server::SessionState;
 use crate::state::{Monitor, ShutdownCause};
-use crate::vm_commands;
+use crate::{migration, vm_commands};
 
 /// The QMP dialect splitvmm follows (see docs/qmp.md): QEMU 9.2's.
 pub const DIALECT: (u32, u32, u32) = (9, 2, 0);
@@ -109,6 +109,19 @@ pub const COMMANDS: &[CommandDef] = &[
     block("block-commit", bc::BLOCK_COMMIT),
     block("blockdev-snapshot-sync", bc::BLOCKDEV_SNAPSHOT_SYNC),
     block("blockdev-snapshot", bc::BLOCKDEV_SNAPSHOT),
+    monitor("migrate", migration::MIGRATE),
+    monitor("migrate_cancel", &[]),
+    monitor("migrate-incoming", migration::MIGRATE_INCOMING),
+    monitor("query-migrate", &[]),
+    monitor("migrate-set-parameters", migration::MIGRATE_SET_PARAMETERS),
+    monitor("query-migrate-parameters", &[]),
+    monitor("migrate_set_speed", migration::MIGRATE_SET_SPEED),
+    monitor("migrate_set_downtime", migration::MIGRATE_SET_DOWNTIME),
+    monitor(
+        "migrate-set-capabilities",
+        migration::MIGRATE_SET_CAPABILITIES,
+    ),
+    monitor("query-migrate-capabilities", &[]),
     block("query-block-jobs", &[]),
     block("query-jobs", &[]),
     block("block-job-set-speed", bc::BLOCK_JOB_SET_SPEED),
@@ -288,6 +301,16 @@ async fn execute(
             Ok(v)
         }
         "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
+        "migrate" => migration::migrate(monitor, args).await,
+        "migrate_cancel" => migration::migrate_cancel(monitor).await,
+        "migrate-incoming" => migration::migrate_incoming(monitor, args).await,
+        "query-migrate" => migration::query_migrate(monitor).await,
+        "migrate-set-parameters" | "migrate_set_speed" | "migrate_set_downtime" => {
+            migration::set_parameters(monitor, name, args).await
+        }
+        "query-migrate-parameters" => Ok(migration::query_parameters(monitor)),
+        "migrate-set-capabilities" => migration::set_capabilities(monitor, args).await,
+        "query-migrate-capabilities" => Ok(migration::query_capabilities(monitor)),
         "query-cpus-fast" => vm_commands::query_cpus_fast(monitor).await,
         "query-block" => match monitor.block.call(BlockRequest::QueryBlock, &[]).await? {
             BlockReply::Block(mut info) => {

@@ -19,6 +19,7 @@ pub mod commands;
 pub mod events;
 pub mod launcher;
 pub mod link;
+pub mod migration;
 pub mod qmp;
 pub mod recovery;
 pub mod sandbox;

@@ -106,6 +106,13 @@ impl Recovery {
         self.lock().config = Some(config);
     }
 
+    /// Something a restarted block-proc cannot be put back to (the first reason stays).
+    pub fn set_unreplayable(&self, why: &str) {
+        self.lock()
+            .unreplayable
+            .get_or_insert_with(|| why.to_string());
+    }
+
     /// A command block-proc carried out. `fds` are the descriptors that went with it.
     pub fn record(&self, command: &str, args: &Map<String, Value>, fds: &[OwnedFd]) {
         let mut inner = self.lock();
@@ -278,6 +285,7 @@ mod tests {
             drives: Vec::new(),
             image_dirs: Vec::new(),
             sandbox: false,
+            incoming: false,
         }
     }
 

@@ -71,6 +71,8 @@ pub struct Monitor {
     pub threads: Option<ThreadQuery>,
     /// What a restarted block-proc is given back.
     pub recovery: Arc<crate::recovery::Recovery>,
+    /// Migration parameters, capabilities and connection.
+    pub migration: crate::migration::Migration,
     runstate: Mutex<RunState>,
     /// The drives a guest I/O error stopped the VM for, with their `io-status`
     /// (`failed` or `nospace`) until `cont`; the others are `ok`.
@@ -132,6 +134,7 @@ impl Monitor {
             cpus: 0,
             threads: None,
             recovery: Arc::default(),
+            migration: Default::default(),
             runstate: Mutex::new(runstate),
             io_errors: Mutex::default(),
             shutdown,

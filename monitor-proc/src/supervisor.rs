@@ -285,6 +285,7 @@ async fn start(
         drives: cli.drive.clone(),
         image_dirs,
         sandbox: cli.sandbox,
+        incoming: cli.incoming.is_some(),
     };
     let events = EventBus::default();
     let recovery = Arc::new(crate::recovery::Recovery::default());
@@ -344,8 +345,11 @@ async fn start(
                         rerror: d.rerror,
                     })
                     .collect(),
+                incoming: cli.incoming.is_some(),
             };
-            if cli.paused {
+            if cli.incoming.is_some() {
+                runstate = RunState::InMigrate;
+            } else if cli.paused {
                 runstate = RunState::Prelaunch;
             }
             Some((vmm, config, fds))
@@ -364,6 +368,9 @@ async fn start(
     monitor.cpus = if vmm.is_some() { cli.cpus } else { 0 };
     monitor.threads = launcher.thread_query();
     monitor.recovery = recovery;
+    if cli.incoming.is_some() {
+        monitor.migration.set_incoming();
+    }
     let monitor = Arc::new(monitor);
     if let Some((vmm, config, fds)) = vmm {
         let reader = vmm.clone();
@@ -376,6 +383,13 @@ async fn start(
         vmm.call(VmmRequest::Configure(config), &fds)
             .await
             .map_err(|e| SupervisorError::Start(format!("vmm-proc: {}", e.desc)))?;
+    }
+
+    // `--incoming URI` listens before the jail, like the QMP sockets.
+    if let Some(uri) = cli.incoming.as_deref().filter(|u| *u != "defer") {
+        crate::migration::listen_at_start(&monitor, uri)
+            .await
+            .map_err(|e| SupervisorError::Start(format!("--incoming {uri}: {e}")))?;
     }
 
     // The pidfile says "ready": it appears (renamed into place, which needs no open)
@@ -585,6 +599,25 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
             }
             .into();
             m.events.emit("BLOCK_IO_ERROR", Some(data));
+        }
+        VmmEvent::Migration(status) => {
+            m.migration.status_changed(status);
+            if status == ipc::vmm::MigrationStatus::Completed {
+                // The image locks moved: a restarted block-proc could not know who holds
+                // them (a destination opened its drives without locks until now).
+                m.recovery
+                    .set_unreplayable("a migration moved the image locks");
+            }
+            if m.migration.events_on() {
+                m.events
+                    .emit("MIGRATION", Some(json!({ "status": status.as_qapi_str() })));
+            }
+        }
+        VmmEvent::MigrationPass(pass) => {
+            if m.migration.events_on() {
+                m.events
+                    .emit("MIGRATION_PASS", Some(json!({ "pass": pass })));
+            }
         }
     }
 }

@@ -25,6 +25,9 @@ EXPECTED_COMMANDS = {
     "block-job-dismiss", "job-pause", "job-resume", "job-cancel", "job-complete",
     "job-finalize", "job-dismiss", "block-stream", "block_stream", "block-commit",
     "blockdev-snapshot-sync", "blockdev-snapshot",
+    "migrate", "migrate_cancel", "migrate-incoming", "query-migrate", "migrate-set-parameters",
+    "query-migrate-parameters", "migrate_set_speed", "migrate_set_downtime",
+    "migrate-set-capabilities", "query-migrate-capabilities",
 }
 
 

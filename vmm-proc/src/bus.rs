@@ -23,6 +23,8 @@ use crate::layout::{SERIAL_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::linux::layout::{ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT};
 use crate::virtio::mmio::BlkDevice;
 
+/// The 16550's receive FIFO.
+const SERIAL_FIFO: usize = 64;
 const I8042_DATA: u16 = 0x60;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
@@ -128,6 +130,34 @@ impl Bus {
         let trigger = serial.interrupt_evt().clone();
         let out = SerialOut(serial.writer_mut().0.take());
         *serial = Serial::new(trigger, out);
+    }
+
+    /// The UART's registers, for migration.
+    pub fn serial_state(&self) -> crate::migration::state::SerialRegs {
+        lock(&self.serial).state().into()
+    }
+
+    /// Takes the source's UART registers, keeping this side's IRQ line and output.
+    pub fn restore_serial(&self, s: &crate::migration::state::SerialRegs) -> Result<(), String> {
+        // vm-superio's only refusal, checked first so the output is never lost.
+        if s.in_buffer.len() > SERIAL_FIFO {
+            return Err(format!(
+                "serial: {} bytes in a 64-byte FIFO",
+                s.in_buffer.len()
+            ));
+        }
+        let mut serial = lock(&self.serial);
+        let trigger = serial.interrupt_evt().clone();
+        let out = SerialOut(serial.writer_mut().0.take());
+        let state = vm_superio::serial::SerialState::from(s);
+        *serial = Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(())
+    }
+
+    /// The disks' devices.
+    pub fn disks(&self) -> &[Arc<Mutex<BlkDevice>>] {
+        &self.disks
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {

@@ -34,7 +34,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ipc::vmm_block::{BlockToVmm, IoCompletion, IoRequest, IoStatus, MAX_BATCH, VmmToBlock};
+use ipc::vmm_block::{
+    BlockToVmm, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH, VmmBlockRequest, VmmToBlock,
+};
 use ipc::{Channel, IpcError, MAX_FRAME};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -43,6 +45,8 @@ use ipc::block::OnError;
 use ipc::vmm::{BlockIoError, ErrorAction};
 
 use crate::control::Input;
+use crate::memory::RamMap;
+use crate::migration::DevicePages;
 use crate::virtio::blk::{Acct, Parsed, Request, S_IOERR, S_OK, S_UNSUPP};
 use crate::virtio::mmio::BlkDevice;
 
@@ -117,6 +121,9 @@ pub enum IoCommand {
     /// A restarted block-proc's data path (already handshaken and given the guest's
     /// memory): send it every request in flight.
     Reconnect(Channel),
+    /// Have block-proc take (`true`) or give up the drives' image locks (a migration's
+    /// switch-over); answer with its reply.
+    ImageLocks(bool, Sender<Result<(), String>>),
     Exit,
 }
 
@@ -165,6 +172,12 @@ pub struct IoThread {
     poll: PollWindow,
     /// The controller, told about failed requests.
     controller: Sender<Input>,
+    /// Where completed requests mark the guest pages they wrote, for a migration.
+    device_pages: Arc<DevicePages>,
+    ram: RamMap,
+    /// Calls to block-proc waiting for their reply, by id.
+    calls: HashMap<u64, Sender<Result<(), String>>>,
+    next_call: u64,
 }
 
 fn lock(d: &Mutex<BlkDevice>) -> MutexGuard<'_, BlkDevice> {
@@ -181,6 +194,7 @@ impl IoThread {
         wake: EventFd,
         commands: Receiver<IoCommand>,
         controller: Sender<Input>,
+        (device_pages, ram): (Arc<DevicePages>, RamMap),
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let add = |fd: i32, token: u64| {
@@ -210,6 +224,11 @@ impl IoThread {
             held: Vec::new(),
             poll: PollWindow::default(),
             controller,
+            device_pages,
+            ram,
+            calls: HashMap::new(),
+            // Set-up used ids 1 and 2 on this link.
+            next_call: 100,
         })
     }
 
@@ -279,6 +298,22 @@ impl IoThread {
                     let _ = done.send(());
                 }
                 Ok(IoCommand::Reconnect(block)) => self.reconnect(block),
+                Ok(IoCommand::ImageLocks(active, reply)) => {
+                    let id = self.next_call;
+                    self.next_call += 1;
+                    let call = VmmToBlock::Call {
+                        id,
+                        request: VmmBlockRequest::SetImageLocks { active },
+                    };
+                    match self.block.send(&call, &[]) {
+                        Ok(()) => {
+                            self.calls.insert(id, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("block-proc: {e}")));
+                        }
+                    }
+                }
                 Ok(IoCommand::Exit) => return false,
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
@@ -478,9 +513,12 @@ impl IoThread {
         match self.block.recv::<BlockToVmm>() {
             Ok(r) => match r.msg {
                 BlockToVmm::Completed(done) => self.complete(done),
-                BlockToVmm::Reply { id, .. } => {
-                    tracing::warn!("block-proc answered unknown call {id}");
-                }
+                BlockToVmm::Reply { id, result } => match self.calls.remove(&id) {
+                    Some(reply) => {
+                        let _ = reply.send(result.map(drop));
+                    }
+                    None => tracing::warn!("block-proc answered unknown call {id}"),
+                },
             },
             Err(IpcError::Closed) if self.in_flight.is_empty() && self.held.is_empty() => {
                 tracing::debug!("block-proc closed the data path");
@@ -566,6 +604,16 @@ impl IoThread {
                 stats.wr_highest_offset = stats.wr_highest_offset.max(f.end);
             }
             d.complete(f.queue, f.head, Some((f.status_gpa, status)), used);
+            // block-proc wrote a read's data into guest memory and we wrote the status
+            // byte: KVM's dirty log sees neither.
+            if f.request.op == IoOp::Read {
+                for seg in &f.request.segments {
+                    self.device_pages.mark(seg.gpa, u64::from(seg.len));
+                }
+            }
+            if let Some(off) = self.ram.file_offset(f.status_gpa, 1) {
+                self.device_pages.mark(off, 1);
+            }
             if !touched.contains(&(f.disk, f.queue)) {
                 touched.push((f.disk, f.queue));
             }

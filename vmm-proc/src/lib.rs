@@ -27,6 +27,7 @@ pub mod linux;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod sandbox;
 pub mod vcpu;
 pub mod virtio;
@@ -114,7 +115,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd, runas: Option<(u32, u32)>) -> Resu
         }
     };
     monitor.send(&reply(Ok(VmmReply::Done)), &[])?;
-    vm.serve(config.start_paused, config.no_reboot)?;
+    vm.serve(config.start_paused, config.incoming, config.no_reboot)?;
     Ok(())
 }
 
@@ -301,13 +302,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
             loop {
                 match reader.recv::<VmmCall>() {
                     Ok(r) => {
-                        let input = match (&r.msg.request, r.fds.into_iter().next()) {
-                            (VmmRequest::ReconnectBlock, Some(fd)) => {
-                                Input::ReconnectBlock(r.msg.id, fd)
-                            }
-                            _ => Input::Monitor(r.msg),
-                        };
-                        if tx.send(input).is_err() {
+                        if tx.send(Input::Monitor(r.msg, r.fds)).is_err() {
                             return;
                         }
                     }
@@ -322,6 +317,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
 
     let (io_tx, io_rx) = channel();
     let io_wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let device_pages = Arc::new(migration::DevicePages::new(b.ram.size));
     let io = IoThread::new(
         block,
         b.disks.clone(),
@@ -329,6 +325,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
         io_wake.try_clone().map_err(|e| format!("eventfd: {e}"))?,
         io_rx,
         inputs_tx.clone(),
+        (device_pages.clone(), b.ram.map),
     )
     .map_err(|e| format!("I/O thread: {e}"))?;
     let io_thread = std::thread::Builder::new()
@@ -378,5 +375,7 @@ fn start(b: Built, monitor: Arc<Channel>, block: Channel) -> Result<Vm, String> 
         bus: b.bus,
         ram: b.ram,
         boot: b.boot,
+        inputs_tx,
+        device_pages,
     }))
 }

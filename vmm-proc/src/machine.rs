@@ -86,6 +86,10 @@ pub struct VcpuInit {
     pub lapic: kvm_lapic_state,
     /// The [`PV_MSRS`] this KVM accepts, set to 0 at every (re)start.
     pub pv_msrs: Vec<u32>,
+    /// The MSRs a migration carries (`migration::state::migratable_msrs`).
+    pub migratable_msrs: Vec<u32>,
+    /// Whether KVM's XSAVE area fits `kvm_xsave`, so `KVM_SET_XSAVE` is safe to call.
+    pub xsave_ok: bool,
 }
 
 impl VcpuInit {
@@ -177,6 +181,8 @@ pub struct Machine {
     pub tsc_khz: Option<u32>,
     /// The MSRs `KVM_GET_MSR_INDEX_LIST` names.
     known_msrs: Vec<u32>,
+    /// Whether KVM's XSAVE area (`KVM_CAP_XSAVE2`) fits `kvm_xsave`.
+    xsave_ok: bool,
 }
 
 /// Capabilities the machine depends on.
@@ -245,12 +251,16 @@ impl Machine {
             vcpus.push(fd);
         }
         let tsc_khz = vcpus.first().and_then(|fd| fd.get_tsc_khz().ok());
+        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+        let xsave_ok =
+            usize::try_from(xsave2).is_ok_and(|n| n <= crate::migration::state::XSAVE_SIZE);
         Ok(Self {
             vm,
             vcpus,
             chips,
             tsc_khz,
             known_msrs,
+            xsave_ok,
         })
     }
 
@@ -259,7 +269,8 @@ impl Machine {
         let cpus = self.vcpus.len() as u8;
         let mut inits = Vec::new();
         for (index, fd) in self.vcpus.iter().enumerate() {
-            let init = vcpu_init(fd, index as u8, cpus, entry, &self.known_msrs)?;
+            let mut init = vcpu_init(fd, index as u8, cpus, entry, &self.known_msrs)?;
+            init.xsave_ok = self.xsave_ok;
             init.apply(fd).map_err(failed("setting the entry state"))?;
             inits.push(init);
         }
@@ -297,6 +308,8 @@ fn vcpu_init(
         fpu: boot::fpu(),
         lapic,
         pv_msrs,
+        migratable_msrs: crate::migration::state::migratable_msrs(fd, known_msrs),
+        xsave_ok: false,
     };
     match entry {
         Entry::Workload { entry } => {

@@ -5,7 +5,7 @@
 //!   Paused ─────────► Running ──────────► crash): report it, stop running ──► Paused
 //!     ▲  ◄──────────────┘
 //!     │    Pause (kick)
-//!   Reset (only while paused)      Exit (any state): leave the thread
+//!   Reset, Save, Restore (only while paused)      Exit (any state): leave the thread
 //! ```
 //!
 //! The controller sends an event and then *kicks* the thread with [`KICK_SIGNAL`]: the
@@ -26,6 +26,7 @@ use crate::bus::{Bus, PioAction};
 use crate::control::Input;
 use crate::linux::BootCpu;
 use crate::machine::VcpuInit;
+use crate::migration::state::VcpuState;
 
 /// What the controller asks of a vCPU.
 #[derive(Debug, Clone)]
@@ -35,6 +36,10 @@ pub enum VcpuEvent {
     /// Back to the power-on state (the vCPU must be paused); for a Linux guest's boot
     /// vCPU, with the entry state of the kernel just reloaded.
     Reset(Option<Box<BootCpu>>),
+    /// Read the vCPU's state for migration (the vCPU must be paused).
+    Save,
+    /// Take a migrated state (the vCPU must be paused).
+    Restore(Arc<VcpuState>),
     Exit,
 }
 
@@ -46,6 +51,9 @@ pub enum VcpuAck {
     Paused,
     Resumed,
     Reset(Result<(), String>),
+    /// The state, encoded for the stream.
+    Saved(Result<Vec<u8>, String>),
+    Restored(Result<(), String>),
     Exited,
 }
 
@@ -236,6 +244,16 @@ impl Vcpu {
                         .map_err(|e| format!("vCPU {}: reset: {e}", self.index)),
                 )
             }
+            VcpuEvent::Save => VcpuAck::Saved(
+                VcpuState::save(&self.fd, &self.init.migratable_msrs)
+                    .and_then(|s| s.encode())
+                    .map_err(|e| format!("vCPU {}: {e}", self.index)),
+            ),
+            VcpuEvent::Restore(state) => VcpuAck::Restored(
+                state
+                    .restore(&self.fd, self.init.xsave_ok)
+                    .map_err(|e| format!("vCPU {}: {e}", self.index)),
+            ),
             VcpuEvent::Exit => {
                 let _ = self.acks.send((self.index, VcpuAck::Exited));
                 return false;

@@ -50,7 +50,7 @@ use super::error::Error;
 use super::file::{ExtentCache, ImageFile, without_waiting, would_block};
 use super::gate::DirGate;
 use super::header::{self, Header};
-use super::lock::LockMode;
+use super::lock::{self, LockMode};
 use crate::device::{BlockDevice, Extent};
 
 /// imago's view of an image, as the block layer holds it.
@@ -170,6 +170,9 @@ pub struct Node {
     meta: Mutex<Meta>,
     commit: GroupCommit,
     gate: DirGate,
+    /// The OFD locks this open holds on its file (a migration hands a drive's locks from
+    /// the source to the destination: [`Node::set_image_locks`]).
+    held: std::sync::Mutex<LockMode>,
 }
 
 /// The image file of an open: its name, and either the locks to take when opening it or
@@ -274,6 +277,7 @@ impl Node {
     ) -> Result<Node, Error> {
         let filename = top.filename;
         let own_locks = top.opened.is_none() && top.lock.is_none();
+        let mut held = LockMode::NONE;
         let (mut storage, resolved) = match top.opened {
             Some(o) => {
                 let storage = ImageFile::new(o.file, filename, !read_only)
@@ -286,6 +290,7 @@ impl Node {
                 } else {
                     LockMode::READ_WRITE
                 });
+                held = mode;
                 gate.open_file(filename, !read_only, mode)?
             }
         };
@@ -399,7 +404,56 @@ impl Node {
             }),
             commit: GroupCommit::default(),
             gate: gate.clone(),
+            held: std::sync::Mutex::new(held),
         })
+    }
+
+    /// Takes (`active`) or gives up every lock on the image file, as QEMU's
+    /// `bdrv_activate_all` / `bdrv_inactivate_all` do at a migration's switch-over: the
+    /// source gives them up, the destination (which opened the drive without them)
+    /// takes them. The backing chain keeps its read-only locks, which both sides may hold.
+    pub fn set_image_locks(&self, active: bool) -> io::Result<()> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let target = match (active, self.is_read_only()) {
+            (false, _) => LockMode::NONE,
+            (true, true) => LockMode::READ_ONLY,
+            (true, false) => LockMode::READ_WRITE,
+        };
+        if *held == target {
+            return Ok(());
+        }
+        lock::change(&self.file, *held, target)?;
+        let taken_over = *held == LockMode::NONE;
+        *held = target;
+        drop(held);
+        // Whoever held the image until now wrote to it: forget what was cached of its
+        // metadata (QEMU's `bdrv_invalidate_cache` on activation). No request is in
+        // flight at a switch-over, so the format lock is free.
+        if active && taken_over && self.is_qcow2() {
+            let reload = || -> io::Result<()> {
+                let backing = match self.backing() {
+                    Some(b) => Some(
+                        b.fa.try_read()
+                            .map_err(|_| io_other("the backing image is busy"))?
+                            .clone(),
+                    ),
+                    None => None,
+                };
+                let mut fa = self
+                    .fa
+                    .try_write()
+                    .map_err(|_| io_other("the image is busy"))?;
+                self.reinstantiate(&mut fa, backing)?;
+                let size = fa.size();
+                self.size.store(size, Ordering::Release);
+                Ok(())
+            };
+            reload().map_err(|e| io_other(format!("reloading the image metadata: {e}")))?;
+        }
+        Ok(())
     }
 
     fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {

@@ -224,6 +224,14 @@ impl BlockNode {
     }
 
     /// A node for a `--drive`'s image.
+    /// The image of a drive's own node (`--drive`), which holds that drive's locks.
+    pub fn drive_image(&self) -> Option<&Arc<Node>> {
+        match &self.kind {
+            Kind::Drive { image } => Some(image),
+            _ => None,
+        }
+    }
+
     pub fn drive(name: String, image: Arc<Node>, read_only: bool) -> Arc<Self> {
         let filename = image.filename().to_string();
         let driver = Driver::from(image.format());

@@ -163,7 +163,9 @@ fn attack_vmm(peer: &Channel) {
                 size_bytes: u64::MAX,
                 read_only: false,
             }]),
-            VmmBlockRequest::SetMemory { .. } => VmmBlockAnswer::Done,
+            VmmBlockRequest::SetMemory { .. } | VmmBlockRequest::SetImageLocks { .. } => {
+                VmmBlockAnswer::Done
+            }
         };
         say("vmm call", "answered");
         let reply = BlockToVmm::Reply {

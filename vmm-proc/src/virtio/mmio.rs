@@ -211,6 +211,102 @@ impl BlkDevice {
         self.generation += 1;
     }
 
+    /// The transport's state, for migration (the VM is paused and drained).
+    pub fn save_state(&self) -> crate::migration::state::BlkRegs {
+        use crate::migration::state::{BlkRegs, QueueRegs};
+        BlkRegs {
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            activated: self.activated,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueRegs {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes the source's transport state (on the destination, before the guest runs).
+    /// The queues are validated as a driver's would be; the device keeps its own features
+    /// offer, and the driver's must be a subset of it.
+    pub fn restore_state(&mut self, s: &crate::migration::state::BlkRegs) -> Result<(), String> {
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "disk {}: {} queues on the source, {} here",
+                self.index,
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.acked_features & !self.avail_features != 0 {
+            return Err(format!(
+                "disk {}: the source's driver acked features {:#x} not offered here",
+                self.index, s.acked_features
+            ));
+        }
+        let mut queues = Vec::new();
+        for (i, q) in s.queues.iter().enumerate() {
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            queues.push(
+                Queue::try_from(state)
+                    .map_err(|e| format!("disk {}: queue {i}: {e}", self.index))?,
+            );
+        }
+        self.queues = queues;
+        self.acked_features = s.acked_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        self.activated = s.activated;
+        Ok(())
+    }
+
+    /// The guest-physical ranges of every ready queue's rings: the device writes the used
+    /// ring from the I/O thread, which KVM's dirty log does not see.
+    pub fn ring_ranges(&self) -> Vec<(u64, u64)> {
+        let n = u64::from(QUEUE_SIZE);
+        self.queues
+            .iter()
+            .filter(|q| q.ready())
+            .flat_map(|q| {
+                [
+                    (q.desc_table(), 16 * n),
+                    (q.avail_ring(), 6 + 2 * n),
+                    (q.used_ring(), 6 + 8 * n),
+                ]
+            })
+            .collect()
+    }
+
     fn info(&self) -> DiskInfo {
         DiskInfo {
             capacity_sectors: self.drive.size_bytes / SECTOR,

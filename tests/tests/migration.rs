@@ -1,0 +1,607 @@
+//! Live migration between two splitvmm instances on this machine (real KVM, sandbox on):
+//! the workload guest keeps running on the destination and ends with PASS; cancel,
+//! a destination that dies and a corrupted stream leave the source running.
+
+use std::time::Duration;
+
+use guest::abi;
+use serde_json::{Value, json};
+use tests::{RawQmp, Splitvmm, TempDir, kvm_or_skip, wait_for_text};
+
+/// One guest: its splitvmm, QMP connection and serial log.
+struct Vm {
+    vm: Splitvmm,
+    qmp: RawQmp,
+}
+
+impl Vm {
+    /// The workload guest with `append` on `cpus` vCPUs and `memory`, plus `extra` args.
+    fn start(tag: &str, append: &str, memory: &str, cpus: u8, extra: &[&str]) -> Self {
+        Self::start_in(TempDir::new(tag), append, memory, cpus, extra)
+    }
+
+    /// [`Vm::start`] in `dir`.
+    fn start_in(dir: TempDir, append: &str, memory: &str, cpus: u8, extra: &[&str]) -> Self {
+        let serial = format!("file:{}", dir.join("serial.log").display());
+        let cpus = cpus.to_string();
+        let mut args = vec![
+            "--kernel",
+            "builtin:workload",
+            "--append",
+            append,
+            "--memory",
+            memory,
+            "--cpus",
+            &cpus,
+            "--serial",
+            &serial,
+        ];
+        args.extend_from_slice(extra);
+        let vm = Splitvmm::start_in(dir, &args);
+        let mut qmp = vm.raw_qmp();
+        qmp.ok(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "events", "state": true }] }),
+        );
+        Self { vm, qmp }
+    }
+
+    fn serial(&self) -> std::path::PathBuf {
+        self.vm.dir.join("serial.log")
+    }
+
+    fn status(&mut self) -> String {
+        self.qmp.ok("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits for `MIGRATION` with `status`, failing on a final status that is not it.
+    fn migration_event(&mut self, status: &str) {
+        loop {
+            let ev = self.qmp.event("MIGRATION");
+            let got = ev["data"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if got == status {
+                return;
+            }
+            assert!(
+                !matches!(got.as_str(), "completed" | "failed" | "cancelled"),
+                "expected migration status {status}, got {got}: {}",
+                self.vm.stderr_text()
+            );
+        }
+    }
+
+    /// Waits for the guest to power off; returns splitvmm's exit code and the last line.
+    fn finish(mut self) -> (Option<i32>, String) {
+        self.qmp.event("SHUTDOWN");
+        let code = self.vm.wait_exit(Duration::from_secs(120)).code();
+        let serial = std::fs::read_to_string(self.serial()).unwrap_or_default();
+        let last = serial
+            .lines()
+            .map(str::trim_end)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_string();
+        (code, last)
+    }
+}
+
+/// A destination for a source started with `append`, `memory` and `cpus`, waiting on a
+/// unix socket in its directory.
+fn destination(append: &str, memory: &str, cpus: u8, extra: &[&str]) -> (Vm, String) {
+    let dir = TempDir::new("mig-dst");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut args = vec!["--incoming", uri.as_str()];
+    args.extend_from_slice(extra);
+    let mut dst = Vm::start_in(dir, append, memory, cpus, &args);
+    assert_eq!(dst.status(), "inmigrate");
+    (dst, uri)
+}
+
+fn query_migrate(qmp: &mut RawQmp) -> Value {
+    qmp.ok("query-migrate", json!({}))
+}
+
+/// Migrates `src` to `uri` with unlimited bandwidth and waits for completion; returns
+/// the final `query-migrate`.
+fn migrate(src: &mut Vm, uri: &str) -> Value {
+    migrate_with(src, json!({ "uri": uri }))
+}
+
+/// [`migrate`] with `migrate`'s arguments as given.
+fn migrate_with(src: &mut Vm, args: Value) -> Value {
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 0, "downtime-limit": 300 }),
+    );
+    src.qmp.ok("migrate", args);
+    src.migration_event("completed");
+    query_migrate(&mut src.qmp)
+}
+
+/// Migrates a guest running `append` once it printed `settle`, with `migrate` given the
+/// address as `uri` or (`channels`) as QEMU 9's `channels` list.
+fn run_to_pass_after_migration(append: &str, cpus: u8, settle: &str, channels: bool) {
+    let mut src = Vm::start("mig-src", append, "128M", cpus, &[]);
+    let (dst, uri) = destination(append, "128M", cpus, &[]);
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains(settle)
+    });
+    // Let the program get going.
+    std::thread::sleep(Duration::from_millis(500));
+    let args = if channels {
+        let path = uri.strip_prefix("unix:").unwrap_or_default();
+        json!({ "channels": [{
+            "channel-type": "main",
+            "addr": { "transport": "socket", "type": "unix", "path": path },
+        }] })
+    } else {
+        json!({ "uri": uri })
+    };
+    let info = migrate_with(&mut src, args);
+    assert_eq!(info["status"], "completed", "{info}");
+    for key in ["total-time", "downtime", "setup-time"] {
+        assert!(info[key].is_u64(), "{key} missing: {info}");
+    }
+    let ram = &info["ram"];
+    assert_eq!(ram["total"], 128u64 << 20, "{info}");
+    assert!(
+        ram["duplicate"].as_u64() > Some(0),
+        "zero pages as such: {info}"
+    );
+    assert!(ram["normal"].as_u64() > Some(0), "{info}");
+    assert!(ram["dirty-sync-count"].as_u64() >= Some(1), "{info}");
+    assert_eq!(src.status(), "postmigrate");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+#[test]
+fn an_idle_guest_migrates_given_channels_and_finishes_on_the_destination() {
+    if !kvm_or_skip("an_idle_guest_migrates_given_channels_and_finishes_on_the_destination") {
+        return;
+    }
+    run_to_pass_after_migration("run=idle seconds=4", 1, "idle", true);
+}
+
+#[test]
+fn a_dirtying_guest_migrates_and_its_pages_check_out_on_the_destination() {
+    if !kvm_or_skip("a_dirtying_guest_migrates_and_its_pages_check_out_on_the_destination") {
+        return;
+    }
+    // 64 MiB/s over 125 MiB: every page is rewritten (and its stamp checked) about every
+    // 2 s, before and after the switch-over.
+    run_to_pass_after_migration("run=dirty rate=64M seconds=8", 2, "free", false);
+}
+
+/// What the proxy between source and destination does to the stream.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tamper {
+    /// Flip a bit of the source's byte at this offset.
+    flip_at: Option<u64>,
+    /// Keep the destination's answers from the source.
+    drop_answers: bool,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the destination's unix socket `uri`, doing
+/// `tamper`; returns the `tcp:` URI the source migrates to.
+fn proxy(uri: &str, tamper: Tamper) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let port = listener.local_addr().expect("addr").port();
+    let path = uri.strip_prefix("unix:").expect("unix uri").to_string();
+    std::thread::spawn(move || {
+        let Ok((mut src, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(mut dst) = std::os::unix::net::UnixStream::connect(&path) else {
+            return;
+        };
+        let (mut src_r, mut dst_w) = (
+            src.try_clone().expect("clone"),
+            dst.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut at = 0u64;
+            while let Ok(n) = src_r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Some(k) = tamper.flip_at
+                    && (at..at + n as u64).contains(&k)
+                {
+                    buf[(k - at) as usize] ^= 0x10;
+                }
+                at += n as u64;
+                if dst_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = dst_w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = dst.read(&mut buf) {
+            if n == 0 || (!tamper.drop_answers && src.write_all(&buf[..n]).is_err()) {
+                break;
+            }
+        }
+        if !tamper.drop_answers {
+            let _ = src.shutdown(std::net::Shutdown::Write);
+        } else {
+            // Hold the source's side open: it waits for an answer that never comes.
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    });
+    format!("tcp:127.0.0.1:{port}")
+}
+
+/// The guest on `src` is running and ends with PASS there.
+fn source_goes_on_to_pass(mut src: Vm) {
+    assert_eq!(src.status(), "running", "{}", src.vm.stderr_text());
+    let (code, last) = src.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "source: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// The dirtying guest: any page the migration lost or mangled fails it.
+const DIRTY: &str = "run=dirty rate=32M seconds=10";
+
+#[test]
+fn a_corrupted_stream_fails_on_both_sides_and_the_source_keeps_running() {
+    if !kvm_or_skip("a_corrupted_stream_fails_on_both_sides_and_the_source_keeps_running") {
+        return;
+    }
+    let mut src = Vm::start("mig-src", DIRTY, "128M", 1, &[]);
+    let (mut dst, uri) = destination(DIRTY, "128M", 1, &[]);
+    let via = proxy(
+        &uri,
+        Tamper {
+            flip_at: Some(64 << 10),
+            ..Tamper::default()
+        },
+    );
+    src.qmp
+        .ok("migrate-set-parameters", json!({ "max-bandwidth": 0 }));
+    src.qmp.ok("migrate", json!({ "uri": via }));
+    src.migration_event("failed");
+    let info = query_migrate(&mut src.qmp);
+    assert_eq!(info["status"], "failed", "{info}");
+    let desc = info["error-desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("checksum"), "source error-desc: {info}");
+    dst.migration_event("failed");
+    let dinfo = query_migrate(&mut dst.qmp);
+    assert!(
+        dinfo["error-desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("checksum mismatch (corrupted)")),
+        "{dinfo}"
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    source_goes_on_to_pass(src);
+}
+
+#[test]
+fn a_destination_that_dies_mid_stream_fails_the_migration_not_the_guest() {
+    if !kvm_or_skip("a_destination_that_dies_mid_stream_fails_the_migration_not_the_guest") {
+        return;
+    }
+    let mut src = Vm::start("mig-src", DIRTY, "128M", 1, &[]);
+    let (mut dst, uri) = destination(DIRTY, "128M", 1, &[]);
+    // Slow enough to still be sending when the destination goes.
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 4 << 20 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": uri }));
+    src.migration_event("active");
+    std::thread::sleep(Duration::from_millis(500));
+    dst.vm.child.kill().expect("kill the destination");
+    src.migration_event("failed");
+    let info = query_migrate(&mut src.qmp);
+    assert!(info["error-desc"].is_string(), "{info}");
+    source_goes_on_to_pass(src);
+}
+
+/// Starts a migration through a proxy (so a phase can be held), cancels it once `phase`
+/// is reached, and checks the guest goes on on the source.
+fn cancel_in(phase: &str) {
+    let mut src = Vm::start("mig-src", DIRTY, "128M", 1, &[]);
+    let (mut dst, uri) = destination(DIRTY, "128M", 1, &[]);
+    let via = proxy(
+        &uri,
+        Tamper {
+            drop_answers: phase == "device",
+            ..Tamper::default()
+        },
+    );
+    let bandwidth = if phase == "device" { 0 } else { 4 << 20 };
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": bandwidth }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": via }));
+    if phase != "setup" {
+        src.migration_event(phase);
+    }
+    if phase == "device" {
+        // Held until the (never forwarded) acknowledgement: the guest is stopped.
+        let t0 = std::time::Instant::now();
+        while src.status() != "finish-migrate" {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no switch-over");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The destination loaded and would run: take it away first.
+        dst.vm.child.kill().expect("kill the destination");
+    }
+    src.qmp.ok("migrate_cancel", json!({}));
+    src.migration_event("cancelled");
+    let info = query_migrate(&mut src.qmp);
+    assert_eq!(info, json!({ "status": "cancelled" }));
+    // A second cancel is fine, as in QEMU.
+    src.qmp.ok("migrate_cancel", json!({}));
+    if phase != "device" {
+        dst.migration_event("failed");
+    }
+    source_goes_on_to_pass(src);
+}
+
+#[test]
+fn cancel_right_after_migrate_leaves_the_guest_running() {
+    if !kvm_or_skip("cancel_right_after_migrate_leaves_the_guest_running") {
+        return;
+    }
+    cancel_in("setup");
+}
+
+#[test]
+fn cancel_while_active_leaves_the_guest_running() {
+    if !kvm_or_skip("cancel_while_active_leaves_the_guest_running") {
+        return;
+    }
+    cancel_in("active");
+}
+
+#[test]
+fn cancel_during_the_switch_over_resumes_the_guest() {
+    if !kvm_or_skip("cancel_during_the_switch_over_resumes_the_guest") {
+        return;
+    }
+    cancel_in("device");
+}
+
+#[test]
+fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
+    if !kvm_or_skip("incoming_defer_then_migrate_incoming_and_paused_until_cont") {
+        return;
+    }
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let mut dst = Vm::start(
+        "mig-dst",
+        append,
+        "64M",
+        1,
+        &["--incoming", "defer", "--paused"],
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    assert_eq!(query_migrate(&mut dst.qmp), json!({}));
+    let sock = dst.vm.dir.join("mig.sock");
+    let uri = format!("unix:{}", sock.display());
+
+    // QEMU's errors, in QEMU's words.
+    assert_eq!(
+        src.qmp.err("migrate-incoming", json!({ "uri": uri })).1,
+        "'-incoming' was not specified on the command line"
+    );
+    assert_eq!(
+        dst.qmp
+            .err("migrate", json!({ "uri": "tcp:127.0.0.1:1" }))
+            .1,
+        "Guest is waiting for an incoming migration"
+    );
+    assert_eq!(
+        src.qmp.err("migrate", json!({ "uri": "exec:cat" })).1,
+        "unknown migration protocol: exec:cat"
+    );
+    assert_eq!(
+        src.qmp.err("migrate", json!({})).1,
+        "need either 'uri' or 'channels' argument"
+    );
+    assert_eq!(
+        src.qmp
+            .err(
+                "migrate-set-parameters",
+                json!({ "downtime-limit": 2_000_001 })
+            )
+            .1,
+        "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
+    );
+    assert_eq!(
+        src.qmp.ok("query-migrate-parameters", json!({})),
+        json!({ "downtime-limit": 300, "max-bandwidth": 134217728, "avail-switchover-bandwidth": 0 })
+    );
+    src.qmp.ok("migrate_set_speed", json!({ "value": -5 }));
+    src.qmp.ok("migrate_set_downtime", json!({ "value": 0.5 }));
+    assert_eq!(
+        src.qmp.ok("query-migrate-parameters", json!({})),
+        json!({ "downtime-limit": 500, "max-bandwidth": 0, "avail-switchover-bandwidth": 0 })
+    );
+    assert_eq!(
+        src.qmp.ok("query-migrate-capabilities", json!({})),
+        json!([{ "capability": "events", "state": true }])
+    );
+
+    dst.qmp.ok("migrate-incoming", json!({ "uri": uri }));
+    assert_eq!(
+        dst.qmp.err("migrate-incoming", json!({ "uri": uri })).1,
+        "The incoming migration has already been started"
+    );
+    src.qmp.ok("migrate", json!({ "uri": uri }));
+    assert_eq!(
+        src.qmp.err("migrate", json!({ "uri": uri })).1,
+        "There's a migration process in progress"
+    );
+    src.qmp.event("STOP");
+    src.migration_event("completed");
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(
+        src.qmp.err("migrate", json!({ "uri": uri })).1,
+        "Can't migrate the vm that was paused due to previous migration"
+    );
+    dst.migration_event("completed");
+    assert_eq!(
+        query_migrate(&mut dst.qmp),
+        json!({ "status": "completed" })
+    );
+    // --paused: loaded, not running, until cont.
+    assert_eq!(dst.status(), "paused");
+    dst.qmp.cont();
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// Whether `qemu-io` may write `img` now (it may not while a splitvmm holds it).
+fn image_writable(img: &std::path::Path) -> (bool, String) {
+    let out = tests::output(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write 0 512"])
+            .arg(img),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("lock"), text)
+}
+
+#[test]
+fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_locks() {
+    if !kvm_or_skip(
+        "a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_locks",
+    ) {
+        return;
+    }
+    let disk_dir = TempDir::new("mig-disk");
+    let img = disk_dir.join("disk0.qcow2");
+    tests::qemu_img_create("qcow2", &img, "32M");
+    let drive = format!("id=disk0,file={},format=qcow2", img.display());
+    let append = "run=write-verify-loop seed=11 seconds=8";
+    let mut src = Vm::start("mig-src", append, "128M", 2, &["--drive", &drive]);
+    // The source holds the image: another writer is refused...
+    let (writable, text) = image_writable(&img);
+    assert!(
+        !writable && text.contains("Failed to get \"write\" lock"),
+        "{text}"
+    );
+    // ...but the destination opens it without locks, as QEMU's incoming side does.
+    let (dst, uri) = destination(append, "128M", 2, &["--drive", &drive]);
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    let info = migrate(&mut src, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(src.status(), "postmigrate");
+    // Handed over: the destination holds the image now.
+    let (writable, text) = image_writable(&img);
+    assert!(
+        !writable && text.contains("Failed to get \"write\" lock"),
+        "{text}"
+    );
+    // So the source cannot run its guest again (`cont` would take the image back).
+    let (_, desc) = src.qmp.err("cont", json!({}));
+    assert!(desc.contains("Failed to get \"write\" lock"), "{desc}");
+    assert_eq!(src.status(), "postmigrate");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+    // The source does not take the image back by itself.
+    assert_eq!(src.status(), "postmigrate");
+    let (writable, text) = image_writable(&img);
+    assert!(writable, "nobody should hold the image now: {text}");
+    tests::run(
+        std::process::Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(&img),
+    );
+    // With the destination gone, `cont` takes the image back and runs the source again
+    // (RESUME). Its guest then finds the disk ahead of its memory, which is the operator's
+    // doing: nothing more is checked.
+    src.qmp.cont();
+}
+
+#[test]
+fn a_reset_during_pre_copy_is_carried_and_the_bandwidth_can_change_midway() {
+    if !kvm_or_skip("a_reset_during_pre_copy_is_carried_and_the_bandwidth_can_change_midway") {
+        return;
+    }
+    let append = "run=dirty rate=16M seconds=6";
+    let mut src = Vm::start("mig-src", append, "128M", 1, &[]);
+    let (dst, uri) = destination(append, "128M", 1, &[]);
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains("free")
+    });
+    // Slow: still in the first pass when the guest resets (the loader rewrites RAM behind
+    // KVM's dirty log).
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 4 << 20 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": uri }));
+    src.migration_event("active");
+    src.qmp.ok("system_reset", json!({}));
+    src.qmp.event("RESET");
+    std::thread::sleep(Duration::from_millis(300));
+    let info = query_migrate(&mut src.qmp);
+    assert_eq!(info["status"], "active", "{info}");
+    src.qmp
+        .ok("migrate-set-parameters", json!({ "max-bandwidth": 0 }));
+    src.migration_event("completed");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+#[test]
+fn a_destination_listening_on_tcp_takes_the_guest() {
+    if !kvm_or_skip("a_destination_listening_on_tcp_takes_the_guest") {
+        return;
+    }
+    // A free port: bound by us, released, then bound by the destination.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let mut dst = Vm::start("mig-dst", append, "64M", 1, &["--incoming", &uri]);
+    assert_eq!(dst.status(), "inmigrate");
+    let info = migrate(&mut src, &uri);
+    assert_eq!(info["status"], "completed", "{info}");
+    dst.migration_event("completed");
+    dst.qmp.event("RESUME");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
