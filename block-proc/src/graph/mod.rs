@@ -138,7 +138,8 @@ pub(crate) enum Kind {
     Qcow2 {
         image: Arc<Node>,
         file: Claim,
-        backing: Option<Claim>,
+        /// Changed by a `block-stream` of the node ([`BlockNode::replace_backing`]).
+        backing: std::sync::Mutex<Option<Claim>>,
     },
     /// `nbd`: a connected client.
     Nbd { client: Arc<NbdClient> },
@@ -174,6 +175,11 @@ pub struct BlockNode {
     users: std::sync::Mutex<Vec<std::sync::Weak<Attached>>>,
 }
 
+/// A qcow2 node's backing child (a poisoned lock still holds a valid claim).
+fn lock_backing(m: &std::sync::Mutex<Option<Claim>>) -> std::sync::MutexGuard<'_, Option<Claim>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn eperm() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
 }
@@ -200,7 +206,7 @@ impl BlockNode {
             Kind::Qcow2 { file, backing, .. } => file
                 .node()
                 .depth
-                .max(backing.as_ref().map_or(0, |b| b.node().depth)),
+                .max(lock_backing(backing).as_ref().map_or(0, |b| b.node().depth)),
             _ => 0,
         };
         Arc::new(Self {
@@ -283,6 +289,53 @@ impl BlockNode {
         }
     }
 
+    /// For a `raw` node over a `blkdebug` node over an image file (QEMU's backing file
+    /// `blkdebug:RULES:IMAGE` with `backing_fmt=raw`), as a qcow2 node's backing: the file
+    /// as a read-only raw image whose reads and writes go through the blkdebug rules, the
+    /// raw node's `read_aio` / `write_aio` event first, as in [`BlockDevice::read`]. `None`
+    /// for other nodes.
+    pub(crate) async fn blkdebug_image(
+        &self,
+        dirs: &[std::path::PathBuf],
+    ) -> Option<Result<Arc<Node>, crate::block::Error>> {
+        let Kind::Raw {
+            file,
+            offset: 0,
+            size: None,
+        } = &self.kind
+        else {
+            return None;
+        };
+        let dbg = file.node().clone();
+        let Kind::Blkdebug { image, .. } = &dbg.kind else {
+            return None;
+        };
+        let img = image.node().file_image()?;
+        let dup = match img.os_file().try_clone() {
+            Ok(f) => f,
+            Err(e) => return Some(Err(crate::block::Error::other(e.to_string()))),
+        };
+        let faults = crate::block::file::Faults(Arc::new(move |write, offset, len| {
+            let (event, kind) = match write {
+                true => (Event::WriteAio, IoType::Write),
+                false => (Event::ReadAio, IoType::Read),
+            };
+            dbg.debug_event(event);
+            match &dbg.kind {
+                Kind::Blkdebug { rules, .. } => injected(rules.check(kind, offset, len)),
+                _ => Ok(()),
+            }
+        }));
+        let opts = crate::block::OpenOptions::new(img.filename(), ImageFormat::Raw, dirs)
+            .read_only(true)
+            .opened(crate::block::node::OpenedFile {
+                file: dup,
+                resolved: img.path().to_path_buf(),
+            })
+            .faults(faults);
+        Some(Node::open(opts).await)
+    }
+
     /// The image file whose bytes are this node's bytes, for a qcow2 node's `file`: `file`
     /// nodes, raw drives, and `raw` nodes without a window over one of those.
     pub fn file_image(&self) -> Option<Arc<Node>> {
@@ -325,7 +378,11 @@ impl BlockNode {
             Kind::Raw { file, .. } => vec![(Role::File, file.node().clone())],
             Kind::Blkdebug { image, .. } => vec![(Role::Image, image.node().clone())],
             Kind::Qcow2 { file, backing, .. } => std::iter::once((Role::File, file.node().clone()))
-                .chain(backing.iter().map(|b| (Role::Backing, b.node().clone())))
+                .chain(
+                    lock_backing(backing)
+                        .iter()
+                        .map(|b| (Role::Backing, b.node().clone())),
+                )
                 .collect(),
             _ => Vec::new(),
         }
@@ -334,11 +391,31 @@ impl BlockNode {
     /// The backing node of a qcow2 node.
     pub fn backing(&self) -> Option<Arc<BlockNode>> {
         match &self.kind {
-            Kind::Qcow2 {
-                backing: Some(b), ..
-            } => Some(b.node().clone()),
+            Kind::Qcow2 { backing, .. } => lock_backing(backing).as_ref().map(|b| b.node().clone()),
             _ => None,
         }
+    }
+
+    /// `stream_prepare` on a qcow2 node made by `blockdev-add`: its backing child becomes
+    /// `base` (a node of its old backing chain, claimed read-only as QEMU's backing child
+    /// is), or none; the old child's claim goes.
+    pub(crate) fn replace_backing(&self, base: Option<&Arc<BlockNode>>) -> Result<(), QmpError> {
+        let Kind::Qcow2 { backing, .. } = &self.kind else {
+            return Ok(());
+        };
+        let claim = base
+            .map(|b| {
+                Claim::new(
+                    b,
+                    User::Node(self.name.clone()),
+                    Role::Backing,
+                    crate::block::lock::LockMode::READ_ONLY,
+                )
+            })
+            .transpose()?;
+        let old = std::mem::replace(&mut *lock_backing(backing), claim);
+        drop(old);
+        Ok(())
     }
 
     /// `backing_file_depth`.

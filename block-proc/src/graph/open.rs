@@ -642,14 +642,17 @@ impl<'a> Adder<'a> {
         }
         let backing_image = match &backing {
             None => None,
-            Some(b) => Some(b.image().ok_or_else(|| {
-                err(format!(
-                    "Could not open backing file: the '{}' node '{}' cannot back a qcow2 \
+            Some(b) => Some(match b.blkdebug_image(self.dirs).await {
+                Some(r) => r.map_err(|e| err(format!("Could not open backing file: {e}")))?,
+                None => b.image().ok_or_else(|| {
+                    err(format!(
+                        "Could not open backing file: the '{}' node '{}' cannot back a qcow2 \
                      image in splitvmm",
-                    b.driver().as_str(),
-                    b.name()
-                ))
-            })?),
+                        b.driver().as_str(),
+                        b.name()
+                    ))
+                })?,
+            }),
         };
         let backing_claim = match &backing {
             None => None,
@@ -703,7 +706,7 @@ impl<'a> Adder<'a> {
             Kind::Qcow2 {
                 image,
                 file: file_claim,
-                backing: backing_claim,
+                backing: std::sync::Mutex::new(backing_claim),
             },
             read_only,
             options,
