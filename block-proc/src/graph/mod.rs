@@ -160,12 +160,9 @@ pub struct BlockNode {
     pub(crate) kind: Kind,
     read_only: bool,
     options: NodeOptions,
-    /// QEMU's `filename` of the node: the image file's name, an NBD URI, or `json:{...}`
-    /// when no plain name says what the node is.
-    filename: String,
-    /// QEMU's `full_open_options` of the node (without node names), for the `json:`
-    /// filenames of its parents.
-    desc: Value,
+    /// QEMU's `filename` and `full_open_options` of the node; they change when a stream
+    /// gives a qcow2 node a new backing.
+    names: std::sync::RwLock<Names>,
     /// Nodes on the longest path from this one down to a leaf, itself included.
     depth: usize,
     claims: perm::Claims,
@@ -173,6 +170,17 @@ pub struct BlockNode {
     pub(crate) dirty: crate::jobs::dirty::Tracker,
     /// The devices attached to it (see [`Attached`]).
     users: std::sync::Mutex<Vec<std::sync::Weak<Attached>>>,
+}
+
+/// A node's names (see [`BlockNode::filename`], [`BlockNode::desc`]).
+#[derive(Debug)]
+struct Names {
+    /// QEMU's `filename` of the node: the image file's name, an NBD URI, or `json:{...}`
+    /// when no plain name says what the node is.
+    filename: String,
+    /// QEMU's `full_open_options` of the node (without node names), for the `json:`
+    /// filenames of its parents.
+    desc: Value,
 }
 
 /// A qcow2 node's backing child (a poisoned lock still holds a valid claim).
@@ -215,8 +223,7 @@ impl BlockNode {
             kind,
             read_only,
             options,
-            filename,
-            desc,
+            names: std::sync::RwLock::new(Names { filename, desc }),
             depth: below + 1,
             claims: perm::Claims::default(),
             dirty: Default::default(),
@@ -254,13 +261,20 @@ impl BlockNode {
         self.driver
     }
 
-    pub fn filename(&self) -> &str {
-        &self.filename
+    fn names(&self) -> std::sync::RwLockReadGuard<'_, Names> {
+        self.names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// See [`BlockNode::desc`](Self#structfield.desc).
-    pub fn desc(&self) -> &Value {
-        &self.desc
+    /// QEMU's `filename` of the node (see [`Names`]).
+    pub fn filename(&self) -> String {
+        self.names().filename.clone()
+    }
+
+    /// QEMU's `full_open_options` of the node (see [`Names`]).
+    pub fn desc(&self) -> Value {
+        self.names().desc.clone()
     }
 
     /// Whether the node was opened read-only (its own `read-only`, as `ro` shows it).
@@ -415,7 +429,39 @@ impl BlockNode {
             .transpose()?;
         let old = std::mem::replace(&mut *lock_backing(backing), claim);
         drop(old);
+        self.refresh_names();
         Ok(())
+    }
+
+    /// QEMU's `bdrv_refresh_filename` for a qcow2 node whose backing changed: the plain
+    /// image name when the backing child is the one the header names (none for none),
+    /// else `json:{...}` with the backing's options, as [`open`] names a new node.
+    fn refresh_names(&self) {
+        let Kind::Qcow2 { image, file, .. } = &self.kind else {
+            return;
+        };
+        let header = image.info().backing_filename;
+        let backing = self.backing();
+        let overridden = match &backing {
+            None => header.is_some(),
+            Some(b) => header.as_deref() != Some(b.filename().as_str()),
+        };
+        let mut desc = Map::new();
+        if overridden {
+            desc.insert("backing".into(), backing.map_or(Value::Null, |b| b.desc()));
+        }
+        desc.insert("driver".into(), json!("qcow2"));
+        desc.insert("file".into(), file.node().desc());
+        let desc = Value::Object(desc);
+        let filename = if overridden {
+            format!("json:{}", open::qemu_json(&desc))
+        } else {
+            image.filename().to_string()
+        };
+        *self
+            .names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Names { filename, desc };
     }
 
     /// `backing_file_depth`.
@@ -438,7 +484,7 @@ impl BlockNode {
         match &self.kind {
             Kind::File { image, .. } => json!({
                 "virtual-size": size,
-                "filename": self.filename,
+                "filename": self.filename(),
                 "format": "file",
                 "actual-size": image.info().actual_size,
                 "format-specific": {"type": "file", "data": {}},
@@ -447,7 +493,7 @@ impl BlockNode {
             Kind::Raw { .. } => {
                 let mut v = json!({
                     "virtual-size": size,
-                    "filename": self.filename,
+                    "filename": self.filename(),
                     "format": "raw",
                 });
                 if let Value::Object(m) = &mut v {
@@ -463,7 +509,7 @@ impl BlockNode {
             Kind::Qcow2 { image, .. } => {
                 let mut v = ipc::common::qapi_json(&image.info());
                 if let Value::Object(m) = &mut v {
-                    m.insert("filename".into(), json!(self.filename));
+                    m.insert("filename".into(), json!(self.filename()));
                     // Without a backing child, the image may still read through a drive's
                     // old image (`blockdev-snapshot`): its own info says so.
                     if self.backing().is_some() || flat {
@@ -477,14 +523,14 @@ impl BlockNode {
             }
             Kind::Nbd { .. } => json!({
                 "virtual-size": size,
-                "filename": self.filename,
+                "filename": self.filename(),
                 "format": "nbd",
             }),
             // A filter: QEMU shows its image as its backing image.
             Kind::Blkdebug { image, .. } => {
                 let mut v = json!({
                     "virtual-size": size,
-                    "filename": self.filename,
+                    "filename": self.filename(),
                     "format": "blkdebug",
                     "dirty-flag": false,
                 });
@@ -506,7 +552,7 @@ impl BlockNode {
     /// QAPI `BlockDeviceInfo` of the node (`query-named-block-nodes`, `flat` as there).
     pub fn device_info(&self, flat: bool) -> Value {
         let mut m = Map::new();
-        m.insert("file".into(), json!(self.filename));
+        m.insert("file".into(), json!(self.filename()));
         m.insert("node-name".into(), json!(self.name));
         m.insert("ro".into(), json!(self.read_only));
         m.insert("drv".into(), json!(self.driver.as_str()));
@@ -520,7 +566,9 @@ impl BlockNode {
         if let Some(b) = backing_file {
             m.insert("backing_file".into(), json!(b));
         }
-        m.insert("backing_file_depth".into(), json!(self.backing_depth()));
+        // QEMU counts the chain only while it fills in `backing-image`: never when flat.
+        let depth = if flat { 0 } else { self.backing_depth() };
+        m.insert("backing_file_depth".into(), json!(depth));
         m.insert("encrypted".into(), json!(false));
         m.insert(
             "detect_zeroes".into(),

@@ -544,7 +544,7 @@ impl<'a> Adder<'a> {
             Role::Image,
             LockMode::NONE,
         )?;
-        let desc = blkdebug::desc(&o, child.desc());
+        let desc = blkdebug::desc(&o, &child.desc());
         let filename = format!("json:{}", qemu_json(&desc));
         Ok(BlockNode::new(
             name,
@@ -683,7 +683,7 @@ impl<'a> Adder<'a> {
         let overridden = match (backing_ref, &backing) {
             (None, _) => false,
             (Some(_), None) => header.backing_file.is_some(),
-            (Some(_), Some(b)) => header.backing_file.as_deref() != Some(b.filename()),
+            (Some(_), Some(b)) => header.backing_file.as_deref() != Some(b.filename().as_str()),
         };
         let mut desc = Map::new();
         if overridden {
@@ -910,7 +910,7 @@ pub(super) fn qdict_order(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
 
 /// JSON as QEMU prints it in `json:` filenames: members in QDict order (see
 /// [`qdict_order`]), `", "` and `": "` between items.
-fn qemu_json(v: &Value) -> String {
+pub(super) fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let items: Vec<String> = qdict_order(m)
