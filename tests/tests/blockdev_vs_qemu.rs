@@ -843,4 +843,20 @@ fn stream_on_blockdev_add_nodes_matches_qemu() {
         json!(dir.join("base.raw")),
         "the header names the base"
     );
+    // Not yet (QEMU streams into it): a node that another node reads through.
+    setup();
+    {
+        let image_dir = dir.path().display().to_string();
+        let vm = Splitvmm::start(&["--image-dir", &image_dir]);
+        let mut qmp = vm.raw_qmp();
+        for (cmd, args) in &script[..3] {
+            assert_eq!(qmp.exec(cmd, args.clone())["return"], json!({}), "{cmd}");
+        }
+        let (class, desc) = qmp.err("block-stream", json!({"device": "mid", "job-id": "s"}));
+        assert_eq!(class, "GenericError");
+        assert_eq!(
+            desc,
+            "block-stream: streaming into node 'mid', which another node uses, is not supported"
+        );
+    }
 }

@@ -311,8 +311,21 @@ impl State {
                     .and_then(|i| Some((self.drive_chain_below(&i)?, i)));
                 match below {
                     Some((c, i)) => (Some(c), i),
+                    // Only a node no other node reads through: the images above one would
+                    // keep reading its old state.
                     None => match (node.driver(), node.image()) {
-                        (crate::graph::Driver::Qcow2, Some(i)) => (None, i),
+                        (crate::graph::Driver::Qcow2, Some(i))
+                            if self.graph().parents(&node).is_empty() =>
+                        {
+                            (None, i)
+                        }
+                        (crate::graph::Driver::Qcow2, Some(_)) => {
+                            return Err(QmpError::generic(format!(
+                                "block-stream: streaming into node '{}', which another node \
+                                 uses, is not supported",
+                                node.name()
+                            )));
+                        }
                         _ => return Err(e),
                     },
                 }
