@@ -21,8 +21,8 @@
 //!   only what can make holes forgets it: discard, zeroing, resizing
 //!   ([`ImageFile::extent_cache`] lets the block layer say so for its own `fallocate`).
 //! - **Injected faults** ([`Faults`]): the image of a `raw` node over a `blkdebug` node,
-//!   which a qcow2 image reads as its backing, asks the blkdebug rules about every read and
-//!   write of the file first (see [`crate::graph::blkdebug`]).
+//!   which a qcow2 image reads as its backing (read-only), asks the blkdebug rules about
+//!   every read of the file first (see [`crate::graph::blkdebug`]).
 
 use std::cell::Cell;
 use std::fmt;
@@ -68,11 +68,11 @@ pub struct ImageFile {
     faults: Option<Faults>,
 }
 
-/// Whether a request of the file fails: `(write, offset, length)` gives the injected
-/// error, if any. Asked once per request (in no-wait mode a read of a file with faults
-/// always takes the blocking path, so a redo cannot ask twice).
+/// Whether a read of the file fails: `(offset, length)` gives the injected error, if any.
+/// Asked once per read (in no-wait mode a read of a file with faults always takes the
+/// blocking path, so a redo cannot ask twice).
 #[derive(Clone)]
-pub struct Faults(pub Arc<dyn Fn(bool, u64, u64) -> io::Result<()> + Send + Sync>);
+pub struct Faults(pub Arc<dyn Fn(u64, u64) -> io::Result<()> + Send + Sync>);
 
 impl fmt::Debug for Faults {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -379,7 +379,7 @@ impl Storage for ImageFile {
             if NO_WAIT.get() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            (f.0)(false, offset, bufv.len())?;
+            (f.0)(offset, bufv.len())?;
         }
         let end = offset.saturating_add(bufv.len());
         if self.hide_incompat == 0 || end <= INCOMPAT_OFFSET || offset >= INCOMPAT_OFFSET + 8 {
@@ -399,9 +399,6 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
-        if let Some(f) = &self.faults {
-            (f.0)(true, offset, bufv.len())?;
-        }
         if let Some(order) = &self.order
             && order.touches(offset, bufv.len())
         {

@@ -98,7 +98,7 @@ pub struct OpenOptions {
     /// Use this already open file instead of opening `filename` (no gate, no locks: its
     /// opener did both).
     pub opened: Option<OpenedFile>,
-    /// Fault-injection rules for the image file's requests (a raw image only).
+    /// Fault-injection rules for the image file's reads (a read-only raw image only).
     pub faults: Option<Faults>,
 }
 

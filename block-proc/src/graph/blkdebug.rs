@@ -26,8 +26,8 @@
 //! QEMU's qcow2 driver raises (`l2_load`, `cluster_alloc`, ...) never happen here, since
 //! splitvmm's qcow2 nodes sit on image files, never on a blkdebug node. A qcow2 node's
 //! backing may be a `raw` node over a blkdebug node: the qcow2 image then reads its backing
-//! through a raw image of the file whose requests ask the rules first, `read_aio` (or
-//! `write_aio`) before each ([`super::BlockNode::blkdebug_image`]).
+//! through a raw image of the file whose reads ask the rules first, `read_aio` before
+//! each ([`super::BlockNode::blkdebug_image`]).
 //!
 //! Not implemented, refused with an error: `config` (the rules in a file), `align`,
 //! `max-transfer`, the write-zero and discard limits, and `take-child-perms` /

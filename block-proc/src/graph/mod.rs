@@ -305,9 +305,8 @@ impl BlockNode {
 
     /// For a `raw` node over a `blkdebug` node over an image file (QEMU's backing file
     /// `blkdebug:RULES:IMAGE` with `backing_fmt=raw`), as a qcow2 node's backing: the file
-    /// as a read-only raw image whose reads and writes go through the blkdebug rules, the
-    /// raw node's `read_aio` / `write_aio` event first, as in [`BlockDevice::read`]. `None`
-    /// for other nodes.
+    /// as a read-only raw image whose reads go through the blkdebug rules, the raw node's
+    /// `read_aio` event first, as in [`BlockDevice::read`]. `None` for other nodes.
     pub(crate) async fn blkdebug_image(
         &self,
         dirs: &[std::path::PathBuf],
@@ -329,14 +328,10 @@ impl BlockNode {
             Ok(f) => f,
             Err(e) => return Some(Err(crate::block::Error::other(e.to_string()))),
         };
-        let faults = crate::block::file::Faults(Arc::new(move |write, offset, len| {
-            let (event, kind) = match write {
-                true => (Event::WriteAio, IoType::Write),
-                false => (Event::ReadAio, IoType::Read),
-            };
-            dbg.debug_event(event);
+        let faults = crate::block::file::Faults(Arc::new(move |offset, len| {
+            dbg.debug_event(Event::ReadAio);
             match &dbg.kind {
-                Kind::Blkdebug { rules, .. } => injected(rules.check(kind, offset, len)),
+                Kind::Blkdebug { rules, .. } => injected(rules.check(IoType::Read, offset, len)),
                 _ => Ok(()),
             }
         }));
