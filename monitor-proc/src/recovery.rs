@@ -136,7 +136,19 @@ impl Recovery {
         } else if UNREPLAYABLE.contains(&command) {
             inner.unreplayable = Some(format!("{command} changed the block graph"));
         } else if let Some(kind) = job_kind(command) {
-            let id = str_arg(args, "job-id").or_else(|| str_arg(args, "device"));
+            let device = str_arg(args, "device");
+            let on_drive = inner
+                .config
+                .as_ref()
+                .is_some_and(|c| c.drives.iter().any(|d| Some(d.id.as_str()) == device));
+            if kind == "stream" && !on_drive {
+                // The replayed `blockdev-add` would name the backing the stream removed.
+                inner.unreplayable = Some(format!(
+                    "{command} changed the backing of node '{}'",
+                    device.unwrap_or_default()
+                ));
+            }
+            let id = str_arg(args, "job-id").or(device);
             for j in inner
                 .running
                 .iter_mut()
@@ -280,9 +292,18 @@ mod tests {
         v.as_object().cloned().unwrap_or_default()
     }
 
+    /// Two drives, `d` and `s`.
     fn config() -> BlockConfig {
+        let drive = |id: &str| ipc::block::DriveConfig {
+            id: id.to_string(),
+            file: format!("/images/{id}.qcow2").into(),
+            format: ipc::block::ImageFormat::Qcow2,
+            read_only: false,
+            werror: ipc::block::OnError::Enospc,
+            rerror: ipc::block::OnError::Report,
+        };
         BlockConfig {
-            drives: Vec::new(),
+            drives: vec![drive("d"), drive("s")],
             image_dirs: Vec::new(),
             sandbox: false,
             incoming: false,
@@ -354,6 +375,24 @@ mod tests {
         );
         let e = r.begin().expect_err("pivot");
         assert!(e.contains("job 'm' changed the block graph"), "{e}");
+    }
+
+    #[test]
+    fn a_stream_into_a_blockdev_add_node_forbids_recovery() {
+        let r = Recovery::default();
+        r.set_config(config());
+        r.record("block-stream", &args(json!({"device": "s"})), &[]);
+        assert!(
+            r.begin().is_ok(),
+            "a drive's stream rewrites the header it reopens"
+        );
+        r.record(
+            "block-stream",
+            &args(json!({"device": "node1", "job-id": "j"})),
+            &[],
+        );
+        let e = r.begin().expect_err("stream into a node");
+        assert!(e.contains("changed the backing of node 'node1'"), "{e}");
     }
 
     #[test]

@@ -766,6 +766,14 @@ fn deep_definitions_chains_and_stacks_are_bounded_and_long_answers_arrive_whole(
         .find(|n| n["node-name"] == "top")
         .cloned()
         .unwrap_or_default();
+    // With `flat`, QEMU counts no chain (qemu-storage-daemon 10 answers 0); without, 99.
+    assert_eq!(top["backing_file_depth"], 0);
+    let deep = qmp.ok("query-named-block-nodes", json!({}));
+    let top = deep
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "top"))
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(top["backing_file_depth"], 99);
 
     // Definitions nested 65 deep are refused before anything recursive looks at them.

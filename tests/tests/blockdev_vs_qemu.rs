@@ -48,8 +48,10 @@ fn play(qmp: &mut RawQmp, script: &[Step]) -> Vec<Value> {
             if *cmd == "block-export-del" && reply.get("return").is_some() {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            // A cancelled job ends after the reply: wait until it is gone.
-            if *cmd == "block-job-cancel" && reply.get("return").is_some() {
+            // A cancelled job (or a started stream) ends after the reply: wait until it
+            // is gone.
+            if matches!(*cmd, "block-job-cancel" | "block-stream") && reply.get("return").is_some()
+            {
                 for _ in 0..1000 {
                     if qmp.exec("query-jobs", json!({}))["return"] == json!([]) {
                         break;
@@ -65,12 +67,20 @@ fn play(qmp: &mut RawQmp, script: &[Step]) -> Vec<Value> {
 /// Plays `script` on qemu-storage-daemon, then on splitvmm (allowed into `dir`), and
 /// reports every step where they differ.
 fn compare(dir: &TempDir, script: &[Step]) {
+    compare_from(dir, || {}, script);
+}
+
+/// [`compare`], with `setup` run before each server's turn (for scripts that change the
+/// images).
+fn compare_from(dir: &TempDir, setup: impl Fn(), script: &[Step]) {
     let theirs = {
+        setup();
         let qsd = StorageDaemon::start(&dir.join("qsd.sock"));
         let mut qmp = qsd.raw_qmp();
         play(&mut qmp, script)
     };
     let ours = {
+        setup();
         let image_dir = dir.path().display().to_string();
         let vm = Splitvmm::start(&["--image-dir", &image_dir]);
         let mut qmp = vm.raw_qmp();
@@ -770,4 +780,83 @@ fn blkdebug_nodes_match_qemu() {
         ("query-named-block-nodes", json!({"flat": true})),
     ];
     compare(&dir, &script);
+}
+
+/// `block-stream` with a `blockdev-add` qcow2 node as `device`: the errors (no job id,
+/// a base that is not in the chain), then a stream of top.qcow2 down to `base-node`: the
+/// top node's backing becomes the base (in the graph and the header), the streamed node
+/// can then be deleted.
+#[test]
+fn stream_on_blockdev_add_nodes_matches_qemu() {
+    let dir = TempDir::new("diff-stream");
+    let setup = || {
+        for f in ["base.raw", "mid.qcow2", "top.qcow2"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        images(&dir);
+        qemu_io(
+            "qcow2",
+            &dir.join("mid.qcow2").display().to_string(),
+            &["write -P 0x22 64k 128k"],
+        );
+    };
+    let script: Vec<Step> = vec![
+        (
+            ADD,
+            json!({"driver": "raw", "node-name": "base", "read-only": true,
+                   "file": file(&dir.join("base.raw"))}),
+        ),
+        (
+            ADD,
+            json!({"driver": "qcow2", "node-name": "mid", "read-only": true, "backing": "base",
+                   "file": file(&dir.join("mid.qcow2"))}),
+        ),
+        (
+            ADD,
+            json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
+                   "file": file(&dir.join("top.qcow2"))}),
+        ),
+        ("query-named-block-nodes", json!({"flat": true})),
+        ("block-stream", json!({"device": "top"})),
+        (
+            "block-stream",
+            json!({"device": "top", "job-id": "s", "base-node": "top"}),
+        ),
+        (
+            "block-stream",
+            json!({"device": "top", "job-id": "s", "base-node": "base"}),
+        ),
+        ("query-named-block-nodes", json!({"flat": true})),
+        (DEL, json!({"node-name": "mid"})),
+        (DEL, json!({"node-name": "top"})),
+        (DEL, json!({"node-name": "base"})),
+    ];
+    compare_from(&dir, setup, &script);
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(dir.join("top.qcow2"))
+        .output()
+        .expect("qemu-img info");
+    let info: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info json");
+    assert_eq!(
+        info["backing-filename"],
+        json!(dir.join("base.raw")),
+        "the header names the base"
+    );
+    // Not yet (QEMU streams into it): a node that another node reads through.
+    setup();
+    {
+        let image_dir = dir.path().display().to_string();
+        let vm = Splitvmm::start(&["--image-dir", &image_dir]);
+        let mut qmp = vm.raw_qmp();
+        for (cmd, args) in &script[..3] {
+            assert_eq!(qmp.exec(cmd, args.clone())["return"], json!({}), "{cmd}");
+        }
+        let (class, desc) = qmp.err("block-stream", json!({"device": "mid", "job-id": "s"}));
+        assert_eq!(class, "GenericError");
+        assert_eq!(
+            desc,
+            "block-stream: streaming into node 'mid', which another node uses, is not supported"
+        );
+    }
 }

@@ -9,7 +9,10 @@
 //!   after stop or enospc, room is made and `block-job-resume` lets the job finish;
 //! - an NBD source (served by qemu-nbd) that goes away mid-mirror: the job ends with the
 //!   error instead of hanging, and the target is left as it was.
-//! - the blkdebug write path as an NBD client of either server sees it (ENOSPC, once).
+//! - the blkdebug write path as an NBD client of either server sees it (ENOSPC, once);
+//! - iotests 041 TestWriteErrors: `blockdev-mirror` to a `raw` node over a `blkdebug` node
+//!   that fails one write (EIO, or ENOSPC for `enospc`), with `on-target-error` report,
+//!   ignore, stop and enospc.
 //!
 //! The transcripts compare event names and data (not `len`/`offset`, which depend on how
 //! far each copy got when the error struck) and the `query-block-jobs` answers at the
@@ -262,6 +265,343 @@ fn read_error_stop_pauses_with_io_status_failed_until_resumed() {
     assert_eq!(queries[0][0]["io-status"], "failed");
     assert_eq!(queries[1][0]["io-status"], "ok");
     assert!(equal, "the target must be a full copy");
+}
+
+/// 041 TestWriteErrors' blkdebug rules with `errno`: armed by a write in state 1, one
+/// error on the write that covers 1 MiB (sector 2048), the state toggling on every write.
+fn write_error_rules(errno: i64) -> Value {
+    json!({
+        "inject-error": [{"event": "write_aio", "state": 1, "errno": errno, "sector": 2048,
+                          "once": true, "immediately": false}],
+        "set-state": [{"event": "write_aio", "state": 1, "new_state": 2},
+                      {"event": "write_aio", "state": 2, "new_state": 1}],
+    })
+}
+
+/// One TestWriteErrors case: `blockdev-mirror` of a raw source node to a target made of a
+/// `raw` node over a `blkdebug` node (QEMU's `blkdebug:RULES:target.img`) with
+/// `on-target-error` `policy`, the injected error `errno`. Returns the transcript (an
+/// ignored error's repeats folded), the `query-block-jobs` answers taken on the way and
+/// whether the target ended equal to the source.
+fn write_error_case(dir: &TempDir, policy: &str, errno: i64) -> (Vec<Value>, Vec<Value>, bool) {
+    let src = dir.join("src.raw");
+    let tgt = dir.join("tgt.raw");
+    let (theirs, ours) = both(dir, |rec| {
+        qemu_img_create("raw", &tgt, "2M");
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "src",
+                   "file": {"driver": "file", "filename": src}}),
+        );
+        let mut dbg = json!({"driver": "blkdebug",
+                             "image": {"driver": "file", "filename": tgt}});
+        if let (Value::Object(d), Value::Object(r)) = (&mut dbg, write_error_rules(errno)) {
+            d.extend(r);
+        }
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "tgt", "file": dbg}),
+        );
+        rec.ok(
+            "blockdev-mirror",
+            json!({"device": "src", "job-id": "drive0", "target": "tgt", "sync": "full",
+                   "on-target-error": policy}),
+        );
+        let mut queries = Vec::new();
+        let stops = policy == "stop" || (policy == "enospc" && errno == 28);
+        if stops {
+            rec.status("paused");
+            queries.push(rec.jobs());
+            rec.ok("block-job-resume", json!({"device": "drive0"}));
+            // Queried once READY: right after the resume the job may or may not be.
+            rec.event("BLOCK_JOB_READY");
+            queries.push(rec.jobs());
+            rec.ok("block-job-complete", json!({"device": "drive0"}));
+        } else if policy == "ignore" {
+            rec.event("BLOCK_JOB_ERROR");
+            rec.event("BLOCK_JOB_READY");
+            queries.push(rec.jobs());
+            rec.ok("block-job-complete", json!({"device": "drive0"}));
+        }
+        rec.status("null");
+        rec.ok("blockdev-del", json!({"node-name": "tgt"}));
+        rec.ok("blockdev-del", json!({"node-name": "src"}));
+        let equal = same_files(&src, &tgt);
+        std::fs::remove_file(&tgt).expect("remove target");
+        let mut t = rec.transcript();
+        t.dedup();
+        (t, queries, equal)
+    });
+    assert_eq!(
+        theirs.0, ours.0,
+        "{policy}/{errno}: events differ (qemu-storage-daemon, then splitvmm)"
+    );
+    assert_eq!(
+        theirs.1, ours.1,
+        "{policy}/{errno}: query-block-jobs differs"
+    );
+    assert_eq!(theirs.2, ours.2, "{policy}/{errno}: target contents differ");
+    ours
+}
+
+fn write_error(action: &str) -> Value {
+    json!({"event": "BLOCK_JOB_ERROR",
+           "data": {"action": action, "device": "drive0", "operation": "write"}})
+}
+
+/// iotests 041 TestWriteErrors `test_report_write` (and `enospc` meeting an EIO, which
+/// reports it): the job ends with the error, never READY.
+#[test]
+fn write_error_report_ends_the_mirror_with_eio() {
+    let dir = TempDir::new("jerr-wreport");
+    source_image(&dir);
+    for policy in ["report", "enospc"] {
+        let (events, _, _) = write_error_case(&dir, policy, 5);
+        assert!(
+            events.contains(&write_error("report")),
+            "{policy}: {events:#?}"
+        );
+        assert!(
+            !events.iter().any(|e| e["event"] == "BLOCK_JOB_READY"),
+            "{policy}: {events:#?}"
+        );
+        assert!(
+            events.iter().any(|e| e["event"] == "BLOCK_JOB_COMPLETED"
+                && e["data"]["type"] == "mirror"
+                && e["data"]["error"] == "Input/output error"),
+            "{policy}: {events:#?}"
+        );
+    }
+}
+
+/// 041 TestWriteErrors `test_ignore_write`: the error is reported, the job does not pause,
+/// the write is retried and the mirror completes with a full copy.
+#[test]
+fn write_error_ignore_retries_and_completes() {
+    let dir = TempDir::new("jerr-wignore");
+    source_image(&dir);
+    let (events, queries, equal) = write_error_case(&dir, "ignore", 5);
+    assert!(events.contains(&write_error("ignore")), "{events:#?}");
+    assert_eq!(queries[0][0]["paused"], false);
+    assert_eq!(queries[0][0]["io-status"], "ok");
+    assert!(equal, "the target must be a full copy");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"].get("error").is_none()),
+        "{events:#?}"
+    );
+}
+
+/// 041 TestWriteErrors `test_stop_write`, and `enospc` meeting an ENOSPC: the job pauses
+/// with io-status `failed` / `nospace`, `ok` again after `block-job-resume`, then READY and
+/// a full copy.
+#[test]
+fn write_error_stop_pauses_until_resumed() {
+    let dir = TempDir::new("jerr-wstop");
+    source_image(&dir);
+    for (policy, errno, io_status) in [("stop", 5, "failed"), ("enospc", 28, "nospace")] {
+        let (events, queries, equal) = write_error_case(&dir, policy, errno);
+        assert!(
+            events.contains(&write_error("stop")),
+            "{policy}: {events:#?}"
+        );
+        assert_eq!(queries[0][0]["status"], "paused", "{policy}");
+        assert_eq!(queries[0][0]["io-status"], io_status, "{policy}");
+        assert_eq!(queries[1][0]["paused"], false, "{policy}");
+        assert_eq!(queries[1][0]["io-status"], "ok", "{policy}");
+        assert!(equal, "{policy}: the target must be a full copy");
+    }
+}
+
+/// 030 TestEIO / TestENOSPC's blkdebug rules with `errno`: armed by a read in state 1,
+/// one error on the read that covers 512 KiB (sector 1024, the second stream chunk), the
+/// state toggling on every read.
+fn stream_error_rules(errno: i64) -> Value {
+    json!({
+        "inject-error": [{"event": "read_aio", "state": 1, "errno": errno, "sector": 1024,
+                          "once": true, "immediately": false}],
+        "set-state": [{"event": "read_aio", "state": 1, "new_state": 2},
+                      {"event": "read_aio", "state": 2, "new_state": 1}],
+    })
+}
+
+/// One TestEIO / TestENOSPC case, on nodes made by `blockdev-add`: a qcow2 image over a
+/// backing made of a `raw` node over a `blkdebug` node over the raw backing file (QEMU's
+/// `backing_file=blkdebug:RULES:backing.img`), streamed with `on-error` `policy`. Returns
+/// the transcript, the `query-block-jobs` answers taken on the way (with `offset`), whether
+/// the top node still has a backing file after the job, and whether the top image then
+/// reads as the backing file.
+fn stream_error_case(
+    dir: &TempDir,
+    policy: &str,
+    errno: i64,
+) -> (Vec<Value>, Vec<Value>, bool, bool) {
+    let base = dir.join("backing.raw");
+    let top = dir.join("test.qcow2");
+    let (theirs, ours) = both(dir, |rec| {
+        let _ = std::fs::remove_file(&top);
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(&top)
+            .status()
+            .expect("qemu-img create");
+        assert!(status.success());
+        let mut dbg = json!({"driver": "blkdebug",
+                             "image": {"driver": "file", "filename": base}});
+        if let (Value::Object(d), Value::Object(r)) = (&mut dbg, stream_error_rules(errno)) {
+            d.extend(r);
+        }
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "base", "read-only": true, "file": dbg}),
+        );
+        rec.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "top", "backing": "base",
+                   "file": {"driver": "file", "filename": top}}),
+        );
+        rec.ok(
+            "block-stream",
+            json!({"device": "top", "job-id": "drive0", "on-error": policy}),
+        );
+        let mut queries = Vec::new();
+        let query = |rec: &mut Rec| {
+            let mut v = rec.ok("query-block-jobs", json!({}));
+            if let Some(Value::Object(m)) = v.get_mut(0) {
+                m.remove("busy");
+            }
+            v
+        };
+        if policy == "stop" || (policy == "enospc" && errno == 28) {
+            rec.status("paused");
+            queries.push(query(rec));
+            rec.ok("block-job-resume", json!({"device": "drive0"}));
+            // The rest streams fast: the job may be over already (030 allows that too).
+            let after = rec.jobs();
+            if let Some(j) = after.get(0) {
+                assert_eq!(j["paused"], false, "{after}");
+                assert_eq!(j["io-status"], "ok", "{after}");
+            }
+        }
+        // (After an ignored error the job may be over before a query: 2 MiB stream fast.)
+        rec.status("null");
+        let nodes = rec.ok("query-named-block-nodes", json!({"flat": true}));
+        let backed = nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == "top"))
+            .is_some_and(|n| n.get("backing_file").is_some());
+        rec.ok("blockdev-del", json!({"node-name": "top"}));
+        rec.ok("blockdev-del", json!({"node-name": "base"}));
+        let equal = Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+            .arg(&top)
+            .arg(&base)
+            .status()
+            .expect("qemu-img compare")
+            .success();
+        let mut t = rec.transcript();
+        t.dedup();
+        (t, queries, backed, equal)
+    });
+    assert_eq!(
+        theirs.0, ours.0,
+        "{policy}/{errno}: events differ (qemu-storage-daemon, then splitvmm)"
+    );
+    assert_eq!(
+        theirs.1, ours.1,
+        "{policy}/{errno}: query-block-jobs differs"
+    );
+    assert_eq!(theirs.2, ours.2, "{policy}/{errno}: the backing differs");
+    assert_eq!(theirs.3, ours.3, "{policy}/{errno}: image contents differ");
+    ours
+}
+
+fn stream_backing(dir: &TempDir) {
+    let base = dir.join("backing.raw");
+    qemu_img_create("raw", &base, "2M");
+    qemu_io(
+        "raw",
+        &base.display().to_string(),
+        &["write -P 0x11 0 1M", "write -P 0x22 1M 1M"],
+    );
+}
+
+fn read_error(action: &str) -> Value {
+    json!({"event": "BLOCK_JOB_ERROR",
+           "data": {"action": action, "device": "drive0", "operation": "read"}})
+}
+
+/// 030 TestEIO `test_report` and `test_enospc` (an EIO under `enospc` is reported): the
+/// stream ends with the error and the chain stays as it was.
+#[test]
+fn stream_read_error_report_ends_the_job() {
+    let dir = TempDir::new("jerr-sreport");
+    stream_backing(&dir);
+    for policy in ["report", "enospc"] {
+        let (events, _, backed, _) = stream_error_case(&dir, policy, 5);
+        assert!(
+            events.contains(&read_error("report")),
+            "{policy}: {events:#?}"
+        );
+        assert!(
+            events.iter().any(|e| e["event"] == "BLOCK_JOB_COMPLETED"
+                && e["data"]["type"] == "stream"
+                && e["data"]["error"] == "Input/output error"),
+            "{policy}: {events:#?}"
+        );
+        assert!(backed, "{policy}: the backing stays");
+    }
+}
+
+/// 030 TestEIO `test_ignore`: the job goes on without pausing (no `paused` in the events),
+/// copies the rest, and ends
+/// with the error, leaving the backing in place.
+#[test]
+fn stream_read_error_ignore_goes_on_and_keeps_the_backing() {
+    let dir = TempDir::new("jerr-signore");
+    stream_backing(&dir);
+    let (events, _, backed, _) = stream_error_case(&dir, "ignore", 5);
+    assert!(events.contains(&read_error("ignore")), "{events:#?}");
+    assert!(
+        !events.iter().any(|e| e["data"]["status"] == "paused"),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"]["error"].is_string()),
+        "{events:#?}"
+    );
+    assert!(backed, "the backing stays");
+}
+
+/// 030 TestEIO `test_stop` and TestENOSPC `test_enospc`: the job pauses after the first
+/// chunk with io-status `failed` / `nospace`, runs on after `block-job-resume`, and
+/// completes: the whole chain is streamed and the backing gone.
+#[test]
+fn stream_read_error_stop_pauses_until_resumed() {
+    let dir = TempDir::new("jerr-sstop");
+    stream_backing(&dir);
+    for (policy, errno, io_status) in [("stop", 5, "failed"), ("enospc", 28, "nospace")] {
+        let (events, queries, backed, equal) = stream_error_case(&dir, policy, errno);
+        assert!(
+            events.contains(&read_error("stop")),
+            "{policy}: {events:#?}"
+        );
+        assert_eq!(queries[0][0]["status"], "paused", "{policy}");
+        assert_eq!(queries[0][0]["offset"], 512 << 10, "{policy}");
+        assert_eq!(queries[0][0]["io-status"], io_status, "{policy}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"].get("error").is_none()),
+            "{policy}: {events:#?}"
+        );
+        assert!(!backed, "{policy}: the whole chain was streamed");
+        assert!(equal, "{policy}: the image holds the backing's data");
+    }
 }
 
 /// Mounts a tmpfs of `size` at `at` in a mount namespace of this test thread's own (the

@@ -20,6 +20,9 @@
 //!   structured READ, usually costs no system call. Writes only turn holes into data, so
 //!   only what can make holes forgets it: discard, zeroing, resizing
 //!   ([`ImageFile::extent_cache`] lets the block layer say so for its own `fallocate`).
+//! - **Injected faults** ([`Faults`]): the image of a `raw` node over a `blkdebug` node,
+//!   which a qcow2 image reads as its backing (read-only), asks the blkdebug rules about
+//!   every read of the file first (see [`crate::graph::blkdebug`]).
 
 use std::cell::Cell;
 use std::fmt;
@@ -61,6 +64,20 @@ pub struct ImageFile {
     /// Set once the file system refused `RWF_NOWAIT` (9p, some network file systems):
     /// then every read of this file may block, and is done where that is allowed.
     no_wait_unsupported: AtomicBool,
+    /// The fault-injection rules the file's requests go through, if any.
+    faults: Option<Faults>,
+}
+
+/// Whether a read of the file fails: `(offset, length)` gives the injected error, if any.
+/// Asked once per read (in no-wait mode a read of a file with faults always takes the
+/// blocking path, so a redo cannot ask twice).
+#[derive(Clone)]
+pub struct Faults(pub Arc<dyn Fn(u64, u64) -> io::Result<()> + Send + Sync>);
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Faults")
+    }
 }
 
 thread_local! {
@@ -150,6 +167,7 @@ impl ImageFile {
             order: None,
             extents: Arc::default(),
             no_wait_unsupported: AtomicBool::new(false),
+            faults: None,
         })
     }
 
@@ -158,6 +176,11 @@ impl ImageFile {
     pub fn order_metadata_writes(&mut self) -> io::Result<()> {
         self.order = Some(MetadataOrder::new(&self.aux)?);
         Ok(())
+    }
+
+    /// Puts the file's requests through `faults`.
+    pub fn inject_faults(&mut self, faults: Option<Faults>) {
+        self.faults = faults;
     }
 
     /// Hides the given qcow2 incompatible-feature bits from reads of the image header.
@@ -352,6 +375,12 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_readv(&self, mut bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        if let Some(f) = &self.faults {
+            if NO_WAIT.get() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            (f.0)(offset, bufv.len())?;
+        }
         let end = offset.saturating_add(bufv.len());
         if self.hide_incompat == 0 || end <= INCOMPAT_OFFSET || offset >= INCOMPAT_OFFSET + 8 {
             // SAFETY: our caller upholds `pure_readv`'s contract and we pass it on unchanged.

@@ -47,7 +47,7 @@ use tokio::sync::RwLock;
 
 use super::commit::{GroupCommit, blocking};
 use super::error::Error;
-use super::file::{ExtentCache, ImageFile, without_waiting, would_block};
+use super::file::{ExtentCache, Faults, ImageFile, without_waiting, would_block};
 use super::gate::DirGate;
 use super::header::{self, Header};
 use super::lock::{self, LockMode};
@@ -98,6 +98,8 @@ pub struct OpenOptions {
     /// Use this already open file instead of opening `filename` (no gate, no locks: its
     /// opener did both).
     pub opened: Option<OpenedFile>,
+    /// Fault-injection rules for the image file's reads (a read-only raw image only).
+    pub faults: Option<Faults>,
 }
 
 impl OpenOptions {
@@ -111,7 +113,14 @@ impl OpenOptions {
             allowed_dirs: allowed_dirs.to_vec(),
             lock: None,
             opened: None,
+            faults: None,
         }
+    }
+
+    /// Put the image file's requests through `faults`.
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.faults = Some(faults);
+        self
     }
 
     /// Take `mode`'s locks on the image file instead of the default ones.
@@ -173,6 +182,8 @@ pub struct Node {
     /// The OFD locks this open holds on its file (a migration hands a drive's locks from
     /// the source to the destination: [`Node::set_image_locks`]).
     held: std::sync::Mutex<LockMode>,
+    /// The fault-injection rules of the image file (see [`OpenOptions::faults`]).
+    faults: Option<Faults>,
 }
 
 /// The image file of an open: its name, and either the locks to take when opening it or
@@ -181,6 +192,7 @@ struct Top<'a> {
     filename: &'a str,
     lock: Option<LockMode>,
     opened: Option<OpenedFile>,
+    faults: Option<Faults>,
 }
 
 impl<'a> Top<'a> {
@@ -190,6 +202,7 @@ impl<'a> Top<'a> {
             filename,
             lock: None,
             opened: None,
+            faults: None,
         }
     }
 }
@@ -253,6 +266,7 @@ impl Node {
             read_only,
             lock,
             opened,
+            faults,
             ..
         } = opts;
         let node = blocking(|| {
@@ -261,6 +275,7 @@ impl Node {
                 filename: &filename,
                 lock,
                 opened,
+                faults,
             };
             Self::open_sync(top, format, read_only, spec, &gate, &mut seen)
         })?;
@@ -278,6 +293,7 @@ impl Node {
         let filename = top.filename;
         let own_locks = top.opened.is_none() && top.lock.is_none();
         let mut held = LockMode::NONE;
+        let faults = top.faults;
         let (mut storage, resolved) = match top.opened {
             Some(o) => {
                 let storage = ImageFile::new(o.file, filename, !read_only)
@@ -294,6 +310,7 @@ impl Node {
                 gate.open_file(filename, !read_only, mode)?
             }
         };
+        storage.inject_faults(faults.clone());
         seen.push(resolved.clone());
         let file = storage
             .file()
@@ -405,6 +422,7 @@ impl Node {
             commit: GroupCommit::default(),
             gate: gate.clone(),
             held: std::sync::Mutex::new(held),
+            faults,
         })
     }
 
@@ -520,7 +538,8 @@ impl Node {
                 self.reinstantiate(&mut guard, backing_fa)
             } else {
                 let file = self.file.try_clone()?;
-                let storage = ImageFile::new(file, &self.filename, !read_only)?;
+                let mut storage = ImageFile::new(file, &self.filename, !read_only)?;
+                storage.inject_faults(self.faults.clone());
                 Raw::builder(storage)
                     .write(!read_only)
                     .open(self.gate.for_image(!read_only))
@@ -689,7 +708,8 @@ impl Node {
         if guard.size() != len {
             let file = self.file.try_clone()?;
             let writable = !self.is_read_only();
-            let storage = ImageFile::new(file, &self.filename, writable)?;
+            let mut storage = ImageFile::new(file, &self.filename, writable)?;
+            storage.inject_faults(self.faults.clone());
             let raw = blocking(|| {
                 Raw::builder(storage)
                     .write(writable)

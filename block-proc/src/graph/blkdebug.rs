@@ -24,7 +24,10 @@
 //! `flush_to_disk` before a flush; the node announces `pwritev` (`pwritev_zero` for
 //! write-zeroes) before its own writes and `pwritev_done` after them. Events that only
 //! QEMU's qcow2 driver raises (`l2_load`, `cluster_alloc`, ...) never happen here, since
-//! splitvmm's qcow2 nodes sit on image files, never on a blkdebug node.
+//! splitvmm's qcow2 nodes sit on image files, never on a blkdebug node. A qcow2 node's
+//! backing may be a `raw` node over a blkdebug node: the qcow2 image then reads its backing
+//! through a raw image of the file whose reads ask the rules first, `read_aio` before
+//! each ([`super::BlockNode::blkdebug_image`]).
 //!
 //! Not implemented, refused with an error: `config` (the rules in a file), `align`,
 //! `max-transfer`, the write-zero and discard limits, and `take-child-perms` /

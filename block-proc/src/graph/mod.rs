@@ -138,7 +138,8 @@ pub(crate) enum Kind {
     Qcow2 {
         image: Arc<Node>,
         file: Claim,
-        backing: Option<Claim>,
+        /// Changed by a `block-stream` of the node ([`BlockNode::replace_backing`]).
+        backing: std::sync::Mutex<Option<Claim>>,
     },
     /// `nbd`: a connected client.
     Nbd { client: Arc<NbdClient> },
@@ -159,12 +160,9 @@ pub struct BlockNode {
     pub(crate) kind: Kind,
     read_only: bool,
     options: NodeOptions,
-    /// QEMU's `filename` of the node: the image file's name, an NBD URI, or `json:{...}`
-    /// when no plain name says what the node is.
-    filename: String,
-    /// QEMU's `full_open_options` of the node (without node names), for the `json:`
-    /// filenames of its parents.
-    desc: Value,
+    /// QEMU's `filename` and `full_open_options` of the node; they change when a stream
+    /// gives a qcow2 node a new backing.
+    names: std::sync::RwLock<Names>,
     /// Nodes on the longest path from this one down to a leaf, itself included.
     depth: usize,
     claims: perm::Claims,
@@ -172,6 +170,22 @@ pub struct BlockNode {
     pub(crate) dirty: crate::jobs::dirty::Tracker,
     /// The devices attached to it (see [`Attached`]).
     users: std::sync::Mutex<Vec<std::sync::Weak<Attached>>>,
+}
+
+/// A node's names (see [`BlockNode::filename`], [`BlockNode::desc`]).
+#[derive(Debug)]
+struct Names {
+    /// QEMU's `filename` of the node: the image file's name, an NBD URI, or `json:{...}`
+    /// when no plain name says what the node is.
+    filename: String,
+    /// QEMU's `full_open_options` of the node (without node names), for the `json:`
+    /// filenames of its parents.
+    desc: Value,
+}
+
+/// A qcow2 node's backing child (a poisoned lock still holds a valid claim).
+fn lock_backing(m: &std::sync::Mutex<Option<Claim>>) -> std::sync::MutexGuard<'_, Option<Claim>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn eperm() -> io::Error {
@@ -200,7 +214,7 @@ impl BlockNode {
             Kind::Qcow2 { file, backing, .. } => file
                 .node()
                 .depth
-                .max(backing.as_ref().map_or(0, |b| b.node().depth)),
+                .max(lock_backing(backing).as_ref().map_or(0, |b| b.node().depth)),
             _ => 0,
         };
         Arc::new(Self {
@@ -209,8 +223,7 @@ impl BlockNode {
             kind,
             read_only,
             options,
-            filename,
-            desc,
+            names: std::sync::RwLock::new(Names { filename, desc }),
             depth: below + 1,
             claims: perm::Claims::default(),
             dirty: Default::default(),
@@ -256,13 +269,20 @@ impl BlockNode {
         self.driver
     }
 
-    pub fn filename(&self) -> &str {
-        &self.filename
+    fn names(&self) -> std::sync::RwLockReadGuard<'_, Names> {
+        self.names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// See [`BlockNode::desc`](Self#structfield.desc).
-    pub fn desc(&self) -> &Value {
-        &self.desc
+    /// QEMU's `filename` of the node (see [`Names`]).
+    pub fn filename(&self) -> String {
+        self.names().filename.clone()
+    }
+
+    /// QEMU's `full_open_options` of the node (see [`Names`]).
+    pub fn desc(&self) -> Value {
+        self.names().desc.clone()
     }
 
     /// Whether the node was opened read-only (its own `read-only`, as `ro` shows it).
@@ -289,6 +309,48 @@ impl BlockNode {
             } => file.node().image(),
             _ => None,
         }
+    }
+
+    /// For a `raw` node over a `blkdebug` node over an image file (QEMU's backing file
+    /// `blkdebug:RULES:IMAGE` with `backing_fmt=raw`), as a qcow2 node's backing: the file
+    /// as a read-only raw image whose reads go through the blkdebug rules, the raw node's
+    /// `read_aio` event first, as in [`BlockDevice::read`]. `None` for other nodes.
+    pub(crate) async fn blkdebug_image(
+        &self,
+        dirs: &[std::path::PathBuf],
+    ) -> Option<Result<Arc<Node>, crate::block::Error>> {
+        let Kind::Raw {
+            file,
+            offset: 0,
+            size: None,
+        } = &self.kind
+        else {
+            return None;
+        };
+        let dbg = file.node().clone();
+        let Kind::Blkdebug { image, .. } = &dbg.kind else {
+            return None;
+        };
+        let img = image.node().file_image()?;
+        let dup = match img.os_file().try_clone() {
+            Ok(f) => f,
+            Err(e) => return Some(Err(crate::block::Error::other(e.to_string()))),
+        };
+        let faults = crate::block::file::Faults(Arc::new(move |offset, len| {
+            dbg.debug_event(Event::ReadAio);
+            match &dbg.kind {
+                Kind::Blkdebug { rules, .. } => injected(rules.check(IoType::Read, offset, len)),
+                _ => Ok(()),
+            }
+        }));
+        let opts = crate::block::OpenOptions::new(img.filename(), ImageFormat::Raw, dirs)
+            .read_only(true)
+            .opened(crate::block::node::OpenedFile {
+                file: dup,
+                resolved: img.path().to_path_buf(),
+            })
+            .faults(faults);
+        Some(Node::open(opts).await)
     }
 
     /// The image file whose bytes are this node's bytes, for a qcow2 node's `file`: `file`
@@ -333,7 +395,11 @@ impl BlockNode {
             Kind::Raw { file, .. } => vec![(Role::File, file.node().clone())],
             Kind::Blkdebug { image, .. } => vec![(Role::Image, image.node().clone())],
             Kind::Qcow2 { file, backing, .. } => std::iter::once((Role::File, file.node().clone()))
-                .chain(backing.iter().map(|b| (Role::Backing, b.node().clone())))
+                .chain(
+                    lock_backing(backing)
+                        .iter()
+                        .map(|b| (Role::Backing, b.node().clone())),
+                )
                 .collect(),
             _ => Vec::new(),
         }
@@ -342,11 +408,63 @@ impl BlockNode {
     /// The backing node of a qcow2 node.
     pub fn backing(&self) -> Option<Arc<BlockNode>> {
         match &self.kind {
-            Kind::Qcow2 {
-                backing: Some(b), ..
-            } => Some(b.node().clone()),
+            Kind::Qcow2 { backing, .. } => lock_backing(backing).as_ref().map(|b| b.node().clone()),
             _ => None,
         }
+    }
+
+    /// `stream_prepare` on a qcow2 node made by `blockdev-add`: its backing child becomes
+    /// `base` (a node of its old backing chain, claimed read-only as QEMU's backing child
+    /// is), or none; the old child's claim goes.
+    pub(crate) fn replace_backing(&self, base: Option<&Arc<BlockNode>>) -> Result<(), QmpError> {
+        let Kind::Qcow2 { backing, .. } = &self.kind else {
+            return Ok(());
+        };
+        let claim = base
+            .map(|b| {
+                Claim::new(
+                    b,
+                    User::Node(self.name.clone()),
+                    Role::Backing,
+                    crate::block::lock::LockMode::READ_ONLY,
+                )
+            })
+            .transpose()?;
+        let old = std::mem::replace(&mut *lock_backing(backing), claim);
+        drop(old);
+        self.refresh_names();
+        Ok(())
+    }
+
+    /// QEMU's `bdrv_refresh_filename` for a qcow2 node whose backing changed: the plain
+    /// image name when the backing child is the one the header names (none for none),
+    /// else `json:{...}` with the backing's options, as [`open`] names a new node.
+    fn refresh_names(&self) {
+        let Kind::Qcow2 { image, file, .. } = &self.kind else {
+            return;
+        };
+        let header = image.info().backing_filename;
+        let backing = self.backing();
+        let overridden = match &backing {
+            None => header.is_some(),
+            Some(b) => header.as_deref() != Some(b.filename().as_str()),
+        };
+        let mut desc = Map::new();
+        if overridden {
+            desc.insert("backing".into(), backing.map_or(Value::Null, |b| b.desc()));
+        }
+        desc.insert("driver".into(), json!("qcow2"));
+        desc.insert("file".into(), file.node().desc());
+        let desc = Value::Object(desc);
+        let filename = if overridden {
+            format!("json:{}", open::qemu_json(&desc))
+        } else {
+            image.filename().to_string()
+        };
+        *self
+            .names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Names { filename, desc };
     }
 
     /// `backing_file_depth`.
@@ -369,7 +487,7 @@ impl BlockNode {
         match &self.kind {
             Kind::File { image, .. } => json!({
                 "virtual-size": size,
-                "filename": self.filename,
+                "filename": self.filename(),
                 "format": "file",
                 "actual-size": image.info().actual_size,
                 "format-specific": {"type": "file", "data": {}},
@@ -378,7 +496,7 @@ impl BlockNode {
             Kind::Raw { .. } => {
                 let mut v = json!({
                     "virtual-size": size,
-                    "filename": self.filename,
+                    "filename": self.filename(),
                     "format": "raw",
                 });
                 if let Value::Object(m) = &mut v {
@@ -394,7 +512,7 @@ impl BlockNode {
             Kind::Qcow2 { image, .. } => {
                 let mut v = ipc::common::qapi_json(&image.info());
                 if let Value::Object(m) = &mut v {
-                    m.insert("filename".into(), json!(self.filename));
+                    m.insert("filename".into(), json!(self.filename()));
                     // Without a backing child, the image may still read through a drive's
                     // old image (`blockdev-snapshot`): its own info says so.
                     if self.backing().is_some() || flat {
@@ -408,14 +526,14 @@ impl BlockNode {
             }
             Kind::Nbd { .. } => json!({
                 "virtual-size": size,
-                "filename": self.filename,
+                "filename": self.filename(),
                 "format": "nbd",
             }),
             // A filter: QEMU shows its image as its backing image.
             Kind::Blkdebug { image, .. } => {
                 let mut v = json!({
                     "virtual-size": size,
-                    "filename": self.filename,
+                    "filename": self.filename(),
                     "format": "blkdebug",
                     "dirty-flag": false,
                 });
@@ -437,7 +555,7 @@ impl BlockNode {
     /// QAPI `BlockDeviceInfo` of the node (`query-named-block-nodes`, `flat` as there).
     pub fn device_info(&self, flat: bool) -> Value {
         let mut m = Map::new();
-        m.insert("file".into(), json!(self.filename));
+        m.insert("file".into(), json!(self.filename()));
         m.insert("node-name".into(), json!(self.name));
         m.insert("ro".into(), json!(self.read_only));
         m.insert("drv".into(), json!(self.driver.as_str()));
@@ -451,7 +569,9 @@ impl BlockNode {
         if let Some(b) = backing_file {
             m.insert("backing_file".into(), json!(b));
         }
-        m.insert("backing_file_depth".into(), json!(self.backing_depth()));
+        // QEMU counts the chain only while it fills in `backing-image`: never when flat.
+        let depth = if flat { 0 } else { self.backing_depth() };
+        m.insert("backing_file_depth".into(), json!(depth));
         m.insert("encrypted".into(), json!(false));
         m.insert(
             "detect_zeroes".into(),

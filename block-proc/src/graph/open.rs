@@ -544,7 +544,7 @@ impl<'a> Adder<'a> {
             Role::Image,
             LockMode::NONE,
         )?;
-        let desc = blkdebug::desc(&o, child.desc());
+        let desc = blkdebug::desc(&o, &child.desc());
         let filename = format!("json:{}", qemu_json(&desc));
         Ok(BlockNode::new(
             name,
@@ -642,14 +642,17 @@ impl<'a> Adder<'a> {
         }
         let backing_image = match &backing {
             None => None,
-            Some(b) => Some(b.image().ok_or_else(|| {
-                err(format!(
-                    "Could not open backing file: the '{}' node '{}' cannot back a qcow2 \
+            Some(b) => Some(match b.blkdebug_image(self.dirs).await {
+                Some(r) => r.map_err(|e| err(format!("Could not open backing file: {e}")))?,
+                None => b.image().ok_or_else(|| {
+                    err(format!(
+                        "Could not open backing file: the '{}' node '{}' cannot back a qcow2 \
                      image in splitvmm",
-                    b.driver().as_str(),
-                    b.name()
-                ))
-            })?),
+                        b.driver().as_str(),
+                        b.name()
+                    ))
+                })?,
+            }),
         };
         let backing_claim = match &backing {
             None => None,
@@ -680,7 +683,7 @@ impl<'a> Adder<'a> {
         let overridden = match (backing_ref, &backing) {
             (None, _) => false,
             (Some(_), None) => header.backing_file.is_some(),
-            (Some(_), Some(b)) => header.backing_file.as_deref() != Some(b.filename()),
+            (Some(_), Some(b)) => header.backing_file.as_deref() != Some(b.filename().as_str()),
         };
         let mut desc = Map::new();
         if overridden {
@@ -703,7 +706,7 @@ impl<'a> Adder<'a> {
             Kind::Qcow2 {
                 image,
                 file: file_claim,
-                backing: backing_claim,
+                backing: std::sync::Mutex::new(backing_claim),
             },
             read_only,
             options,
@@ -907,7 +910,7 @@ pub(super) fn qdict_order(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
 
 /// JSON as QEMU prints it in `json:` filenames: members in QDict order (see
 /// [`qdict_order`]), `", "` and `": "` between items.
-fn qemu_json(v: &Value) -> String {
+pub(super) fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let items: Vec<String> = qdict_order(m)

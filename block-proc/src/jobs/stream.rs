@@ -25,6 +25,7 @@ use crate::block::Node;
 use crate::commands::State;
 use crate::device::BlockDevice;
 use crate::drives::Backend;
+use crate::graph::BlockNode;
 
 /// `STREAM_CHUNK`.
 const CHUNK: u64 = 512 << 10;
@@ -49,7 +50,12 @@ pub struct BlockStream {
 
 /// The stream job's driver. See the module documentation.
 pub struct Stream {
-    backend: Arc<Backend>,
+    /// The drive's requests, quiesced while a chunk is copied; none for a node made by
+    /// `blockdev-add`.
+    backend: Option<Arc<Backend>>,
+    /// A `blockdev-add` qcow2 node streamed into, and the node of its chain that `base`
+    /// is: the node's backing child becomes that at the end.
+    graph_nodes: Option<(Arc<BlockNode>, Option<Arc<BlockNode>>)>,
     /// The image streamed into: the drive's active image, or one below it.
     top: Arc<Node>,
     /// The images above `top` up to the active one, bottom-up (none when `top` is the
@@ -149,9 +155,9 @@ impl Stream {
             return Ok(0);
         }
         // Only the active image takes guest writes.
-        let _quiesced = match self.overlays.is_empty() {
-            true => Some(self.backend.quiesce().await),
-            false => None,
+        let _quiesced = match (&self.backend, self.overlays.is_empty()) {
+            (Some(b), true) => Some(b.quiesce().await),
+            _ => None,
         };
         let mut copied = 0;
         for (off, n, zero) in self.plan(offset, len).await? {
@@ -216,7 +222,10 @@ impl Stream {
     /// `stream_prepare`: base becomes the top image's backing, in memory and in its
     /// header; the streamed images leave the chain.
     async fn switch_backing(&self) -> std::io::Result<()> {
-        let _quiesced = self.backend.quiesce().await;
+        let _quiesced = match &self.backend {
+            Some(b) => Some(b.quiesce().await),
+            None => None,
+        };
         let mut dropped = Vec::new();
         let mut cur = self.top.backing();
         while let Some(n) = cur.filter(|n| !is_base(&Some(n.clone()), &self.base)) {
@@ -237,6 +246,10 @@ impl Stream {
         for o in self.overlays.iter().rev() {
             o.set_backing(Some(below)).await?;
             below = o.clone();
+        }
+        if let Some((node, base)) = &self.graph_nodes {
+            node.replace_backing(base.as_ref())
+                .map_err(|e| std::io::Error::other(e.desc))?;
         }
         (self.finish)(dropped);
         Ok(())
@@ -285,20 +298,40 @@ impl State {
             return Err(both("bottom", "base-node"));
         }
         let node = self.graph().lookup(Some(&a.device), Some(&a.device))?;
-        // The image streamed into: the drive's active image, or one below it.
+        // The image streamed into: the drive's active image, or one below it, or a qcow2
+        // node made by `blockdev-add` (no drive: `chain` is none).
         let (chain, top) = match self.drive_chain(&node, "block-stream") {
             Ok(c) => {
                 let top = c.top.clone();
-                (c, top)
+                (Some(c), top)
             }
             Err(e) => {
                 let below = node
                     .image()
                     .and_then(|i| Some((self.drive_chain_below(&i)?, i)));
-                below.ok_or(e)?
+                match below {
+                    Some((c, i)) => (Some(c), i),
+                    // Only a node no other node reads through: the images above one would
+                    // keep reading its old state.
+                    None => match (node.driver(), node.image()) {
+                        (crate::graph::Driver::Qcow2, Some(i))
+                            if self.graph().parents(&node).is_empty() =>
+                        {
+                            (None, i)
+                        }
+                        (crate::graph::Driver::Qcow2, Some(_)) => {
+                            return Err(QmpError::generic(format!(
+                                "block-stream: streaming into node '{}', which another node \
+                                 uses, is not supported",
+                                node.name()
+                            )));
+                        }
+                        _ => return Err(e),
+                    },
+                }
             }
         };
-        let active = Arc::ptr_eq(&top, &chain.top);
+        let active = chain.as_ref().is_some_and(|c| Arc::ptr_eq(&top, &c.top));
         let in_chain = |i: &Arc<Node>| {
             let mut cur = top.backing();
             while let Some(n) = cur {
@@ -339,8 +372,8 @@ impl State {
                 })?;
             base = image.backing();
         }
-        let blocked = if active {
-            self.check_chain_blockers(&chain, &base)?;
+        let blocked = if let Some(chain) = chain.as_ref().filter(|_| active) {
+            self.check_chain_blockers(chain, &base)?;
             chain.device.clone()
         } else {
             let mut names = vec![node.name().to_string()];
@@ -375,10 +408,9 @@ impl State {
         }
         // QEMU names the job after the node's device: an image below the active layer
         // has none, so it needs an explicit `job-id` ("Invalid job ID ''").
-        let default_id = if active {
-            chain.device.clone()
-        } else {
-            String::new()
+        let default_id = match &chain {
+            Some(c) if active => c.device.clone(),
+            _ => String::new(),
         };
         let new = NewJob {
             id: a.job_id.clone().unwrap_or(default_id),
@@ -389,13 +421,27 @@ impl State {
             auto_dismiss: a.auto_dismiss.unwrap_or(true),
         };
         let mut overlays = Vec::new();
-        if !active {
+        if let Some(chain) = chain.as_ref().filter(|_| !active) {
             let mut cur = Some(chain.top.clone());
             while let Some(n) = cur.filter(|n| !Arc::ptr_eq(n, &top)) {
                 cur = n.backing();
                 overlays.push(n);
             }
         }
+        // A `blockdev-add` node: the node of its chain that `base` is.
+        let graph_nodes = chain.is_none().then(|| {
+            let mut cur = node.backing();
+            while let Some(b) = cur.take() {
+                if base
+                    .as_ref()
+                    .is_some_and(|i| b.image().is_some_and(|x| Arc::ptr_eq(&x, i)))
+                {
+                    return (node.clone(), Some(b));
+                }
+                cur = b.backing();
+            }
+            (node.clone(), None)
+        });
         let graph = self.graph_handle();
         let finish = move |dropped: Vec<Arc<Node>>| {
             if let Some(g) = graph.upgrade() {
@@ -405,7 +451,8 @@ impl State {
         };
         let job = self.jobs.create(new, || {
             Ok(Arc::new(Stream {
-                backend: chain.backend.clone(),
+                backend: chain.as_ref().map(|c| c.backend.clone()),
+                graph_nodes: graph_nodes.clone(),
                 top: top.clone(),
                 overlays,
                 restore_read_only,
