@@ -576,6 +576,10 @@ impl Job {
             return;
         }
         s.transition(self, JobStatus::Ready);
+        // In sync, the mirror's next step is its ready-state sleep. QEMU's job is in that
+        // sleep before its monitor can answer a query, so a `query-block-jobs` sent on the
+        // READY event sees `busy: false` there; here the query must not win the race.
+        s.busy = false;
         let data = self.event_data(&s);
         (self.events)("BLOCK_JOB_READY", data);
     }
