@@ -518,6 +518,10 @@ impl Job {
             if sleep {
                 s.busy = false;
                 s.sleeping = true;
+            } else {
+                // Not asleep after all (though the READY transition said so).
+                s.busy = true;
+                s.sleeping = false;
             }
             sleep
         };
@@ -577,9 +581,11 @@ impl Job {
         }
         s.transition(self, JobStatus::Ready);
         // In sync, the mirror's next step is its ready-state sleep. QEMU's job is in that
-        // sleep before its monitor can answer a query, so a `query-block-jobs` sent on the
-        // READY event sees `busy: false` there; here the query must not win the race.
+        // sleep before its monitor can answer anything sent on the READY event (a query
+        // sees `busy: false`, a pause makes it standby at once), so it counts as sleeping
+        // from here; [`Job::sleep`] or [`Job::completed`] says otherwise if it does not.
         s.busy = false;
+        s.sleeping = true;
         let data = self.event_data(&s);
         (self.events)("BLOCK_JOB_READY", data);
     }
@@ -632,6 +638,7 @@ impl Job {
         let mut s = self.state();
         s.run_done = true;
         s.busy = false;
+        s.sleeping = false;
         match result {
             Ok(()) => {}
             Err(JobError::Cancelled) => s.ret = -libc::ECANCELED,
