@@ -6,8 +6,10 @@
 //! `sync` mode, an existing target pre-filled with 0x42, `blockdev-mirror`) and
 //! `TestGranularity` (`granularity: 8192` over a fully written 10 MiB image: READY is the
 //! first job event after the status changes, and `query-block-jobs` at READY answers
-//! what qemu-storage-daemon 10 answers for the same mirror). Images are made by qemu-img
-//! and qemu-io and checked with `qemu-img compare`.
+//! what qemu-storage-daemon 10 answers for the same mirror). Every scenario is also played
+//! on qemu-storage-daemon first, and the READY and COMPLETED events' data must match its.
+//! Images are made by qemu-img and qemu-io and checked with `qemu-img compare` and
+//! `qemu-img info` (the targets' backing files, §3.8 of the QMP reference).
 
 use std::path::Path;
 use std::process::Command;
