@@ -518,6 +518,10 @@ impl Job {
             if sleep {
                 s.busy = false;
                 s.sleeping = true;
+            } else {
+                // Not asleep after all (though the READY transition said so).
+                s.busy = true;
+                s.sleeping = false;
             }
             sleep
         };
@@ -576,6 +580,12 @@ impl Job {
             return;
         }
         s.transition(self, JobStatus::Ready);
+        // In sync, the mirror's next step is its ready-state sleep. QEMU's job is in that
+        // sleep before its monitor can answer anything sent on the READY event (a query
+        // sees `busy: false`, a pause makes it standby at once), so it counts as sleeping
+        // from here; [`Job::sleep`] or [`Job::completed`] says otherwise if it does not.
+        s.busy = false;
+        s.sleeping = true;
         let data = self.event_data(&s);
         (self.events)("BLOCK_JOB_READY", data);
     }
@@ -628,6 +638,7 @@ impl Job {
         let mut s = self.state();
         s.run_done = true;
         s.busy = false;
+        s.sleeping = false;
         match result {
             Ok(()) => {}
             Err(JobError::Cancelled) => s.ret = -libc::ECANCELED,
