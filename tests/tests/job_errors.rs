@@ -772,6 +772,57 @@ fn nbd_source_that_disconnects_ends_the_job_with_an_error() {
     assert_eq!(len, 64 << 20, "the target keeps its size");
 }
 
+/// A mirror to an NBD target (`nbd+unix://`, the monitor connects) whose server goes away
+/// mid-copy: the target's write error follows `on-target-error` (`report`: a
+/// BLOCK_JOB_ERROR with `operation` `write`, then the job ends with an error; it must not
+/// hang), and the source is untouched.
+#[test]
+fn nbd_target_that_disconnects_follows_on_target_error() {
+    let dir = TempDir::new("jerr-nbd-target");
+    let src = dir.join("src.raw");
+    qemu_img_create("raw", &src, "64M");
+    qemu_io("raw", &src.display().to_string(), &["write -P 0x5c 0 64M"]);
+    let before = std::fs::read(&src).expect("source");
+    let exported = dir.join("exported.raw");
+    qemu_img_create("raw", &exported, "64M");
+    let sock = dir.join("nbd.sock");
+    let server = qemu_nbd(&exported, "raw", "t", &sock, false);
+    let d = dir.path().display().to_string();
+    let vm = Splitvmm::start(&["--image-dir", &d]);
+    let mut rec = Rec::new(vm.raw_qmp());
+    rec.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src",
+               "file": {"driver": "file", "filename": src}}),
+    );
+    // 1 MiB/s of 64 MiB: the server is gone long before the copy ends.
+    rec.ok(
+        "drive-mirror",
+        json!({"device": "src", "job-id": "drive0", "format": "raw", "mode": "existing",
+               "target": format!("nbd+unix:///t?socket={}", sock.display()),
+               "sync": "full", "speed": 1 << 20, "on-target-error": "report"}),
+    );
+    rec.status("running");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(server);
+    let err = rec.event("BLOCK_JOB_ERROR");
+    assert_eq!(err["data"]["operation"], "write", "{err}");
+    assert_eq!(err["data"]["action"], "report", "{err}");
+    let done = rec.event("BLOCK_JOB_COMPLETED");
+    assert!(
+        done["data"]["error"].is_string(),
+        "the job must end with an error: {done}"
+    );
+    rec.status("null");
+    assert_eq!(rec.jobs(), json!([]));
+    rec.ok("blockdev-del", json!({"node-name": "src"}));
+    assert_eq!(
+        std::fs::read(&src).expect("source"),
+        before,
+        "the source changed"
+    );
+}
+
 /// The blkdebug write path, as an NBD client sees it on both servers: a `raw` node over a
 /// `blkdebug` node, exported writable; a write arms the rule (`write_aio`, raised by the
 /// raw node), which fails the first write covering sector 8 with ENOSPC, once.
