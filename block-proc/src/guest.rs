@@ -16,6 +16,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipc::vmm_block::{
     BlockToVmm, GuestDrive, ID_BYTES, IoCompletion, IoOp, IoRequest, IoStatus, MAX_BATCH,
@@ -123,6 +124,7 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
     }
     let devices: Arc<[GuestDevice<D>]> = devices.into();
     let outbox = Arc::new(std::sync::Mutex::new(Outbox::default()));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut memory: Option<Arc<GuestMemory>> = None;
     loop {
         let received = match peer.recv::<VmmToBlock>().await {
@@ -176,7 +178,12 @@ pub async fn serve<D: BlockDevice>(peer: AsyncChannel, devices: Vec<GuestDevice<
                 BlockToVmm::Reply { id, result }
             }
             VmmToBlock::Submit(batch) => {
-                submit(&peer, &outbox, &devices, memory.as_ref(), batch);
+                let link = Sink {
+                    peer: &peer,
+                    outbox: &outbox,
+                    in_flight: &in_flight,
+                };
+                submit(link, &devices, memory.as_ref(), batch);
                 continue;
             }
         };
@@ -270,24 +277,77 @@ async fn run<D: BlockDevice>(
     }
 }
 
+/// The most guest requests in flight at once. A well-behaved vmm-proc never has more than
+/// its queues hold (at most 1024 entries per queue, one queue per vCPU); a compromised one
+/// gets `IoErr` for what goes beyond, instead of making block-proc hold work (and memory)
+/// without bound.
+const MAX_IN_FLIGHT: usize = 1 << 16;
+
+/// The link a batch came on: where completions go, and the count of requests in flight.
+#[derive(Clone, Copy)]
+struct Sink<'a> {
+    peer: &'a Arc<AsyncChannel>,
+    outbox: &'a Arc<std::sync::Mutex<Outbox>>,
+    in_flight: &'a Arc<AtomicUsize>,
+}
+
+/// One request in flight; counted down when it is done (or dropped).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts a request in, unless [`MAX_IN_FLIGHT`] are in flight already.
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_IN_FLIGHT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Starts every request of a batch. Small ones (and a lone one) are polled once here;
 /// those that finish at once are answered together, the others (and every large one of a
 /// batch) complete on their own tasks.
 fn submit<D: BlockDevice>(
-    peer: &Arc<AsyncChannel>,
-    outbox: &Arc<std::sync::Mutex<Outbox>>,
+    link: Sink<'_>,
     devices: &Arc<[GuestDevice<D>]>,
     memory: Option<&Arc<GuestMemory>>,
     batch: Vec<IoRequest>,
 ) {
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
+    let Sink {
+        peer,
+        outbox,
+        in_flight,
+    } = link;
     let oversized = batch.len() > MAX_BATCH;
     let alone = batch.len() == 1;
     let mut done = Vec::new();
     for req in batch {
+        let Some(counted) = InFlight::take(in_flight) else {
+            tracing::warn!("vmm-proc has {MAX_IN_FLIGHT} requests in flight; refused one");
+            done.push(IoCompletion {
+                tag: req.tag,
+                status: IoStatus::IoErr,
+                node_name: None,
+            });
+            continue;
+        };
         let small = req.segments.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES;
-        let mut request = Box::pin(run(devices.clone(), memory.cloned(), oversized, req));
+        let run = run(devices.clone(), memory.cloned(), oversized, req);
+        let mut request = Box::pin(async move {
+            let c = run.await;
+            drop(counted);
+            c
+        });
         // A future polled with a no-op waker and then moved to a task is polled again at
         // once by the task, with the task's waker, so no wake-up is lost.
         if (small || alone)
@@ -744,6 +804,17 @@ mod tests {
             vec![0x55; 64],
             "guest memory was written"
         );
+    }
+
+    #[test]
+    fn requests_in_flight_are_bounded_and_counted_down_when_done() {
+        let count = Arc::new(AtomicUsize::new(MAX_IN_FLIGHT - 1));
+        let last = InFlight::take(&count).expect("one below the bound");
+        assert!(InFlight::take(&count).is_none(), "past the bound");
+        assert_eq!(count.load(Ordering::Acquire), MAX_IN_FLIGHT);
+        drop(last);
+        assert_eq!(count.load(Ordering::Acquire), MAX_IN_FLIGHT - 1);
+        assert!(InFlight::take(&count).is_some(), "room again");
     }
 
     #[tokio::test]
