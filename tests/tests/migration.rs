@@ -22,6 +22,18 @@ impl Vm {
 
     /// [`Vm::start`] in `dir`.
     fn start_in(dir: TempDir, append: &str, memory: &str, cpus: u8, extra: &[&str]) -> Self {
+        Self::start_prefixed(dir, &[], append, memory, cpus, extra)
+    }
+
+    /// [`Vm::start_in`], splitvmm run by `prefix` (e.g. `ip netns exec NS`).
+    fn start_prefixed(
+        dir: TempDir,
+        prefix: &[&str],
+        append: &str,
+        memory: &str,
+        cpus: u8,
+        extra: &[&str],
+    ) -> Self {
         let serial = format!("file:{}", dir.join("serial.log").display());
         let cpus = cpus.to_string();
         let mut args = vec![
@@ -37,7 +49,7 @@ impl Vm {
             &serial,
         ];
         args.extend_from_slice(extra);
-        let vm = Splitvmm::start_in(dir, &args);
+        let vm = Splitvmm::start_prefixed(dir, prefix, &args);
         let mut qmp = vm.raw_qmp();
         qmp.ok(
             "migrate-set-capabilities",
@@ -604,4 +616,144 @@ fn a_destination_listening_on_tcp_takes_the_guest() {
         last.starts_with(abi::PASS_PREFIX) && code == Some(0),
         "destination: exit {code:?}, last line {last:?}"
     );
+}
+
+/// A port nobody listens on now (bound by us on `ip`, then released).
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Reads `qmp`'s events until `name`, failing on a `BLOCK_JOB_ERROR` or a
+/// `BLOCK_JOB_COMPLETED` that is not `name`; returns it.
+fn job_event(qmp: &mut RawQmp, name: &str) -> Value {
+    loop {
+        let ev = qmp.next_event();
+        let got = ev["event"].as_str().unwrap_or_default();
+        if got == name {
+            return ev;
+        }
+        assert!(
+            got != "BLOCK_JOB_ERROR" && got != "BLOCK_JOB_COMPLETED",
+            "waiting for {name}: {ev}"
+        );
+    }
+}
+
+/// Where the two sides of a storage migration listen: the destination's migration
+/// socket and NBD server, as the source reaches them.
+struct Addrs {
+    /// `migrate`'s `uri` (`tcp:IP:PORT`), also the destination's `--incoming`.
+    migration: String,
+    /// The IP the destination's NBD server binds and the source's mirror connects to.
+    nbd_ip: String,
+    nbd_port: u16,
+}
+
+/// The libvirt flow for non-shared disks: the source (qcow2, the write-verify-loop guest)
+/// mirrors its disk to an NBD export of the destination's empty raw image, migrates on
+/// READY, cancels the mirror once migrated; the destination then stops its NBD server and
+/// resumes the guest, which verifies every block it wrote. `dst_prefix` runs the
+/// destination's splitvmm (e.g. in a network namespace).
+fn storage_migration(tag: &str, dst_prefix: &[&str], addrs: &Addrs) {
+    let src_dir = TempDir::new(&format!("{tag}-src"));
+    let dst_dir = TempDir::new(&format!("{tag}-dst"));
+    // The images outlive both splitvmm directories, for the comparison.
+    let disks = TempDir::new(&format!("{tag}-disks"));
+    let src_img = disks.join("src.qcow2");
+    let dst_img = disks.join("dst.raw");
+    tests::qemu_img_create("qcow2", &src_img, "32M");
+    tests::qemu_img_create("raw", &dst_img, "32M");
+    let append = "run=write-verify-loop seed=23 seconds=10";
+    let src_drive = format!("id=disk0,file={},format=qcow2", src_img.display());
+    let dst_drive = format!("id=disk0,file={},format=raw", dst_img.display());
+    let mut src = Vm::start_in(src_dir, append, "128M", 2, &["--drive", &src_drive]);
+    let mut dst = Vm::start_prefixed(
+        dst_dir,
+        dst_prefix,
+        append,
+        "128M",
+        2,
+        &[
+            "--drive",
+            &dst_drive,
+            "--incoming",
+            &addrs.migration,
+            "--paused",
+        ],
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    let nbd_port = addrs.nbd_port;
+    dst.qmp.ok(
+        "nbd-server-start",
+        json!({ "addr": { "type": "inet",
+                          "data": { "host": addrs.nbd_ip, "port": nbd_port.to_string() } } }),
+    );
+    dst.qmp.ok(
+        "nbd-server-add",
+        json!({ "device": "disk0", "writable": true }),
+    );
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    let target = format!("nbd://{}:{nbd_port}/disk0", addrs.nbd_ip);
+    // write-blocking (libvirt's VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES): this guest
+    // dirties its disk faster than a background copy drains it, which then never gets
+    // READY.
+    src.qmp.ok(
+        "drive-mirror",
+        json!({ "device": "disk0", "target": target, "sync": "full", "mode": "existing",
+                "format": "raw", "copy-mode": "write-blocking" }),
+    );
+    job_event(&mut src.qmp, "BLOCK_JOB_READY");
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 0, "downtime-limit": 300 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": addrs.migration }));
+    src.migration_event("completed");
+    assert_eq!(src.status(), "postmigrate");
+    src.qmp.ok("block-job-cancel", json!({ "device": "disk0" }));
+    let done = job_event(&mut src.qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    // A cancelled READY mirror is in sync: all of it was copied.
+    assert_eq!(done["data"]["offset"], done["data"]["len"], "{done}");
+    dst.migration_event("completed");
+    assert_eq!(dst.status(), "paused");
+    // Both guests stopped, the mirror done: the images match. `-U`: the destination
+    // holds its image's locks since the switch-over.
+    let out = tests::output(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
+            .arg(&src_img)
+            .arg(&dst_img),
+    );
+    assert!(
+        out.status.success(),
+        "images differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dst.qmp.ok("nbd-server-stop", json!({}));
+    dst.qmp.cont();
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+#[test]
+fn a_disk_that_is_not_shared_is_mirrored_over_nbd_and_the_guest_goes_on() {
+    if !kvm_or_skip("a_disk_that_is_not_shared_is_mirrored_over_nbd_and_the_guest_goes_on") {
+        return;
+    }
+    let addrs = Addrs {
+        migration: format!("tcp:127.0.0.1:{}", free_port("127.0.0.1")),
+        nbd_ip: "127.0.0.1".into(),
+        nbd_port: free_port("127.0.0.1"),
+    };
+    storage_migration("smig", &[], &addrs);
 }
