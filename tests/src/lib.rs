@@ -62,7 +62,7 @@ impl Drop for TempDir {
 
 /// Whether `what`, which `test` needs, is `present`. Without it the test may skip only
 /// outside CI, and says so.
-fn present_or_skip(test: &str, what: &str, present: bool) -> bool {
+pub fn present_or_skip(test: &str, what: &str, present: bool) -> bool {
     if present {
         return true;
     }

@@ -486,11 +486,12 @@ fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
     );
 }
 
-/// Whether `qemu-io` may write `img` now (it may not while a splitvmm holds it).
-fn image_writable(img: &std::path::Path) -> (bool, String) {
+/// Whether `qemu-io` may write `img` (a `fmt` image) now (it may not while a splitvmm
+/// holds it).
+fn image_writable(img: &std::path::Path, fmt: &str) -> (bool, String) {
     let out = tests::output(
         std::process::Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", "write 0 512"])
+            .args(["-f", fmt, "-c", "write 0 512"])
             .arg(img),
     );
     let text = format!(
@@ -515,7 +516,7 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
     let append = "run=write-verify-loop seed=11 seconds=8";
     let mut src = Vm::start("mig-src", append, "128M", 2, &["--drive", &drive]);
     // The source holds the image: another writer is refused...
-    let (writable, text) = image_writable(&img);
+    let (writable, text) = image_writable(&img, "qcow2");
     assert!(
         !writable && text.contains("Failed to get \"write\" lock"),
         "{text}"
@@ -529,7 +530,7 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
     assert_eq!(info["status"], "completed", "{info}");
     assert_eq!(src.status(), "postmigrate");
     // Handed over: the destination holds the image now.
-    let (writable, text) = image_writable(&img);
+    let (writable, text) = image_writable(&img, "qcow2");
     assert!(
         !writable && text.contains("Failed to get \"write\" lock"),
         "{text}"
@@ -545,7 +546,7 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
     );
     // The source does not take the image back by itself.
     assert_eq!(src.status(), "postmigrate");
-    let (writable, text) = image_writable(&img);
+    let (writable, text) = image_writable(&img, "qcow2");
     assert!(writable, "nobody should hold the image now: {text}");
     tests::run(
         std::process::Command::new("qemu-img")
@@ -655,9 +656,10 @@ struct Addrs {
 /// The libvirt flow for non-shared disks: the source (qcow2, the write-verify-loop guest)
 /// mirrors its disk to an NBD export of the destination's empty raw image, migrates on
 /// READY, cancels the mirror once migrated; the destination then stops its NBD server and
-/// resumes the guest, which verifies every block it wrote. `dst_prefix` runs the
-/// destination's splitvmm (e.g. in a network namespace).
-fn storage_migration(tag: &str, dst_prefix: &[&str], addrs: &Addrs) {
+/// resumes the guest, which verifies every block it wrote. `prefixes` run the source's
+/// and the destination's splitvmm (e.g. in a network namespace each).
+fn storage_migration(tag: &str, prefixes: [&[&str]; 2], addrs: &Addrs) {
+    let [src_prefix, dst_prefix] = prefixes;
     let src_dir = TempDir::new(&format!("{tag}-src"));
     let dst_dir = TempDir::new(&format!("{tag}-dst"));
     // The images outlive both splitvmm directories, for the comparison.
@@ -669,7 +671,14 @@ fn storage_migration(tag: &str, dst_prefix: &[&str], addrs: &Addrs) {
     let append = "run=write-verify-loop seed=23 seconds=10";
     let src_drive = format!("id=disk0,file={},format=qcow2", src_img.display());
     let dst_drive = format!("id=disk0,file={},format=raw", dst_img.display());
-    let mut src = Vm::start_in(src_dir, append, "128M", 2, &["--drive", &src_drive]);
+    let mut src = Vm::start_prefixed(
+        src_dir,
+        src_prefix,
+        append,
+        "128M",
+        2,
+        &["--drive", &src_drive],
+    );
     let mut dst = Vm::start_prefixed(
         dst_dir,
         dst_prefix,
@@ -736,6 +745,13 @@ fn storage_migration(tag: &str, dst_prefix: &[&str], addrs: &Addrs) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Its own image, which the source never held, is the destination's since the
+    // switch-over.
+    let (writable, text) = image_writable(&dst_img, "raw");
+    assert!(
+        !writable && text.contains("Failed to get \"write\" lock"),
+        "{text}"
+    );
     dst.qmp.ok("nbd-server-stop", json!({}));
     dst.qmp.cont();
     let (code, last) = dst.finish();
@@ -755,5 +771,122 @@ fn a_disk_that_is_not_shared_is_mirrored_over_nbd_and_the_guest_goes_on() {
         nbd_ip: "127.0.0.1".into(),
         nbd_port: free_port("127.0.0.1"),
     };
-    storage_migration("smig", &[], &addrs);
+    storage_migration("smig", [&[], &[]], &addrs);
+}
+
+/// Two network namespaces ("hosts") joined by a veth pair, each end up with an address;
+/// dropped (with the pair) even when the test fails.
+struct Hosts {
+    names: [String; 2],
+    veth: String,
+    ips: [String; 2],
+}
+
+impl Hosts {
+    /// Creates them, or says which `ip` command failed.
+    fn create() -> Result<Self, String> {
+        let pid = std::process::id();
+        let net = format!("10.232.{}", pid % 250);
+        let hosts = Self {
+            names: [format!("smigA{pid}"), format!("smigB{pid}")],
+            veth: format!("smvA{pid}"),
+            ips: [format!("{net}.1"), format!("{net}.2")],
+        };
+        let [a, b] = &hosts.names;
+        let peer = format!("smvB{pid}");
+        let ends = [(a, &hosts.veth, &hosts.ips[0]), (b, &peer, &hosts.ips[1])];
+        let mut steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), a.clone()],
+            vec!["netns".into(), "add".into(), b.clone()],
+            [
+                "link",
+                "add",
+                &hosts.veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for (ns, dev, ip) in ends {
+            let cidr = format!("{ip}/24");
+            steps.push(["link", "set", dev, "netns", ns].map(String::from).to_vec());
+            steps.push(
+                ["-n", ns, "addr", "add", &cidr, "dev", dev]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            steps.push(
+                ["-n", ns, "link", "set", dev, "up"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            steps.push(
+                ["-n", ns, "link", "set", "lo", "up"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+        }
+        for step in steps {
+            let out = std::process::Command::new("ip")
+                .args(&step)
+                .output()
+                .map_err(|e| format!("ip {}: {e}", step.join(" ")))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// The command prefix that runs a program on host `i`.
+    fn exec(&self, i: usize) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.names[i]]
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end in it, and with it the pair; the pair
+        // is deleted by name too in case creation stopped before moving it.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .stderr(std::process::Stdio::null())
+            .status();
+        for ns in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_disk_that_is_not_shared_migrates_between_two_network_namespaces() {
+    let test = "a_disk_that_is_not_shared_migrates_between_two_network_namespaces";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(why) => {
+            tests::present_or_skip(test, &format!("ip netns ({why})"), false);
+            return;
+        }
+    };
+    // The source on host A reaches the destination on host B over the veth pair only.
+    let addrs = Addrs {
+        migration: format!("tcp:{}:4444", hosts.ips[1]),
+        nbd_ip: hosts.ips[1].clone(),
+        nbd_port: 10809,
+    };
+    storage_migration("smig-netns", [&hosts.exec(0), &hosts.exec(1)], &addrs);
 }
