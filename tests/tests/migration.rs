@@ -657,8 +657,15 @@ struct Addrs {
 /// mirrors its disk to an NBD export of the destination's empty raw image, migrates on
 /// READY, cancels the mirror once migrated; the destination then stops its NBD server and
 /// resumes the guest, which verifies every block it wrote. `prefixes` run the source's
-/// and the destination's splitvmm (e.g. in a network namespace each).
-fn storage_migration(tag: &str, prefixes: [&[&str]; 2], addrs: &Addrs) {
+/// and the destination's splitvmm (e.g. in a network namespace each). With
+/// `script_transcript`, scripts/storage-migration-example.py runs the QMP part and writes
+/// its transcript there.
+fn storage_migration(
+    tag: &str,
+    prefixes: [&[&str]; 2],
+    addrs: &Addrs,
+    script_transcript: Option<&std::path::Path>,
+) {
     let [src_prefix, dst_prefix] = prefixes;
     let src_dir = TempDir::new(&format!("{tag}-src"));
     let dst_dir = TempDir::new(&format!("{tag}-dst"));
@@ -694,42 +701,14 @@ fn storage_migration(tag: &str, prefixes: [&[&str]; 2], addrs: &Addrs) {
         ],
     );
     assert_eq!(dst.status(), "inmigrate");
-    let nbd_port = addrs.nbd_port;
-    dst.qmp.ok(
-        "nbd-server-start",
-        json!({ "addr": { "type": "inet",
-                          "data": { "host": addrs.nbd_ip, "port": nbd_port.to_string() } } }),
-    );
-    dst.qmp.ok(
-        "nbd-server-add",
-        json!({ "device": "disk0", "writable": true }),
-    );
     wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
         t.contains("write-verify-loop: 1.")
     });
-    let target = format!("nbd://{}:{nbd_port}/disk0", addrs.nbd_ip);
-    // write-blocking (libvirt's VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES): this guest
-    // dirties its disk faster than a background copy drains it, which then never gets
-    // READY.
-    src.qmp.ok(
-        "drive-mirror",
-        json!({ "device": "disk0", "target": target, "sync": "full", "mode": "existing",
-                "format": "raw", "copy-mode": "write-blocking" }),
-    );
-    job_event(&mut src.qmp, "BLOCK_JOB_READY");
-    src.qmp.ok(
-        "migrate-set-parameters",
-        json!({ "max-bandwidth": 0, "downtime-limit": 300 }),
-    );
-    src.qmp.ok("migrate", json!({ "uri": addrs.migration }));
-    src.migration_event("completed");
-    assert_eq!(src.status(), "postmigrate");
-    src.qmp.ok("block-job-cancel", json!({ "device": "disk0" }));
-    let done = job_event(&mut src.qmp, "BLOCK_JOB_COMPLETED");
-    assert!(done["data"].get("error").is_none(), "{done}");
-    // A cancelled READY mirror is in sync: all of it was copied.
-    assert_eq!(done["data"]["offset"], done["data"]["len"], "{done}");
-    dst.migration_event("completed");
+    if let Some(transcript) = script_transcript {
+        run_example_script(&src, &dst, addrs, transcript);
+    } else {
+        qmp_flow(&mut src, &mut dst, addrs);
+    }
     assert_eq!(dst.status(), "paused");
     // Both guests stopped, the mirror done: the images match. `-U`: the destination
     // holds its image's locks since the switch-over.
@@ -752,13 +731,84 @@ fn storage_migration(tag: &str, prefixes: [&[&str]; 2], addrs: &Addrs) {
         !writable && text.contains("Failed to get \"write\" lock"),
         "{text}"
     );
-    dst.qmp.ok("nbd-server-stop", json!({}));
     dst.qmp.cont();
     let (code, last) = dst.finish();
     assert!(
         last.starts_with(abi::PASS_PREFIX) && code == Some(0),
         "destination: exit {code:?}, last line {last:?}"
     );
+}
+
+/// The libvirt flow's QMP part, from the destination's NBD server to its
+/// `nbd-server-stop`; leaves the destination paused.
+fn qmp_flow(src: &mut Vm, dst: &mut Vm, addrs: &Addrs) {
+    dst.qmp.ok(
+        "nbd-server-start",
+        json!({ "addr": { "type": "inet",
+                          "data": { "host": addrs.nbd_ip, "port": addrs.nbd_port.to_string() } } }),
+    );
+    dst.qmp.ok(
+        "nbd-server-add",
+        json!({ "device": "disk0", "writable": true }),
+    );
+    let target = format!("nbd://{}:{}/disk0", addrs.nbd_ip, addrs.nbd_port);
+    // write-blocking (libvirt's VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES): this guest
+    // dirties its disk faster than a background copy drains it, which then never gets
+    // READY.
+    src.qmp.ok(
+        "drive-mirror",
+        json!({ "device": "disk0", "target": target, "sync": "full", "mode": "existing",
+                "format": "raw", "copy-mode": "write-blocking" }),
+    );
+    job_event(&mut src.qmp, "BLOCK_JOB_READY");
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 0, "downtime-limit": 300 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": addrs.migration }));
+    src.migration_event("completed");
+    assert_eq!(src.status(), "postmigrate");
+    src.qmp.ok("block-job-cancel", json!({ "device": "disk0" }));
+    let done = job_event(&mut src.qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    // A cancelled READY mirror is in sync: all of it was copied.
+    assert_eq!(done["data"]["offset"], done["data"]["len"], "{done}");
+    dst.migration_event("completed");
+    dst.qmp.ok("nbd-server-stop", json!({}));
+}
+
+/// The same with scripts/storage-migration-example.py, which writes its QMP transcript to
+/// `transcript`.
+fn run_example_script(src: &Vm, dst: &Vm, addrs: &Addrs, transcript: &std::path::Path) {
+    let out = tests::output(
+        std::process::Command::new("python3")
+            .arg(tests::repo_root().join("scripts/storage-migration-example.py"))
+            .arg(&src.vm.qmp)
+            .arg(&dst.vm.qmp)
+            .args(["--migrate", &addrs.migration])
+            .arg("--nbd")
+            .arg(format!("{}:{}", addrs.nbd_ip, addrs.nbd_port))
+            .arg("--no-cont")
+            .arg("--transcript")
+            .arg(transcript),
+    );
+    assert!(
+        out.status.success(),
+        "storage-migration-example.py: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The order the recipe promises: the destination's NBD server goes only after the
+    // source's mirror completed, itself after the migration.
+    let text = std::fs::read_to_string(transcript).expect("the transcript");
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("no {needle} in the transcript:\n{text}"))
+    };
+    let migrated = at(r#""event": "MIGRATION", "data": {"status": "completed"}"#);
+    let mirrored = at(r#""event": "BLOCK_JOB_COMPLETED""#);
+    let stopped = at(r#"dst-> {"execute": "nbd-server-stop"}"#);
+    assert!(migrated < mirrored && mirrored < stopped, "{text}");
 }
 
 #[test]
@@ -771,7 +821,7 @@ fn a_disk_that_is_not_shared_is_mirrored_over_nbd_and_the_guest_goes_on() {
         nbd_ip: "127.0.0.1".into(),
         nbd_port: free_port("127.0.0.1"),
     };
-    storage_migration("smig", [&[], &[]], &addrs);
+    storage_migration("smig", [&[], &[]], &addrs, None);
 }
 
 /// Two network namespaces ("hosts") joined by a veth pair, each end up with an address;
@@ -888,5 +938,17 @@ fn a_disk_that_is_not_shared_migrates_between_two_network_namespaces() {
         nbd_ip: hosts.ips[1].clone(),
         nbd_port: 10809,
     };
-    storage_migration("smig-netns", [&hosts.exec(0), &hosts.exec(1)], &addrs);
+    // The QMP part by the documented example script, whose transcript docs/migration.md
+    // shows.
+    let out = TempDir::new("smig-transcript");
+    let transcript = out.join("transcript.jsonl");
+    storage_migration(
+        "smig-netns",
+        [&hosts.exec(0), &hosts.exec(1)],
+        &addrs,
+        Some(&transcript),
+    );
+    if let Some(keep) = std::env::var_os("SMIG_TRANSCRIPT") {
+        std::fs::copy(&transcript, keep).expect("copy the transcript");
+    }
 }
