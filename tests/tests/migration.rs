@@ -598,12 +598,7 @@ fn a_destination_listening_on_tcp_takes_the_guest() {
     if !kvm_or_skip("a_destination_listening_on_tcp_takes_the_guest") {
         return;
     }
-    // A free port: bound by us, released, then bound by the destination.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = format!("tcp:127.0.0.1:{}", free_port("127.0.0.1"));
     let append = "run=dirty rate=16M seconds=5";
     let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
     let mut dst = Vm::start("mig-dst", append, "64M", 1, &["--incoming", &uri]);
