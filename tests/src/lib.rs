@@ -62,7 +62,7 @@ impl Drop for TempDir {
 
 /// Whether `what`, which `test` needs, is `present`. Without it the test may skip only
 /// outside CI, and says so.
-fn present_or_skip(test: &str, what: &str, present: bool) -> bool {
+pub fn present_or_skip(test: &str, what: &str, present: bool) -> bool {
     if present {
         return true;
     }
@@ -174,10 +174,29 @@ impl Splitvmm {
     /// Like [`start_in`](Self::start_in), with extra environment variables (e.g.
     /// `SPLITVMM_HELPER_DIR` to put a test program in a child's slot).
     pub fn start_in_env(dir: TempDir, args: &[&str], env: &[(&str, &Path)]) -> Self {
+        Self::spawn(dir, &[], args, env)
+    }
+
+    /// Like [`start_in`](Self::start_in), splitvmm run by `prefix`, a command that execs
+    /// its arguments in the same process (e.g. `ip netns exec NS`).
+    pub fn start_prefixed(dir: TempDir, prefix: &[&str], args: &[&str]) -> Self {
+        Self::spawn(dir, prefix, args, &[])
+    }
+
+    fn spawn(dir: TempDir, prefix: &[&str], args: &[&str], env: &[(&str, &Path)]) -> Self {
         let qmp = dir.join("qmp.sock");
         let pidfile = dir.join("splitvmm.pid");
         let stderr = dir.join("stderr.log");
-        let child = Command::new(bin_dir().join("splitvmm"))
+        let bin = bin_dir().join("splitvmm");
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .envs(env.iter().copied())
             .args(args)
             .arg("--qmp")
@@ -449,6 +468,16 @@ impl RawQmp {
                 return seen;
             }
         }
+    }
+
+    /// The next event: a kept one first, else the next read (a reply fails the test).
+    pub fn next_event(&mut self) -> Value {
+        if let Some(v) = self.events.pop_front() {
+            return v;
+        }
+        let v = self.read();
+        assert!(v.get("event").is_some(), "a reply nobody asked for: {v}");
+        v
     }
 
     /// Reads messages until an event named `name` arrives; returns it.

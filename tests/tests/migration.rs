@@ -22,6 +22,18 @@ impl Vm {
 
     /// [`Vm::start`] in `dir`.
     fn start_in(dir: TempDir, append: &str, memory: &str, cpus: u8, extra: &[&str]) -> Self {
+        Self::start_prefixed(dir, &[], append, memory, cpus, extra)
+    }
+
+    /// [`Vm::start_in`], splitvmm run by `prefix` (e.g. `ip netns exec NS`).
+    fn start_prefixed(
+        dir: TempDir,
+        prefix: &[&str],
+        append: &str,
+        memory: &str,
+        cpus: u8,
+        extra: &[&str],
+    ) -> Self {
         let serial = format!("file:{}", dir.join("serial.log").display());
         let cpus = cpus.to_string();
         let mut args = vec![
@@ -37,7 +49,7 @@ impl Vm {
             &serial,
         ];
         args.extend_from_slice(extra);
-        let vm = Splitvmm::start_in(dir, &args);
+        let vm = Splitvmm::start_prefixed(dir, prefix, &args);
         let mut qmp = vm.raw_qmp();
         qmp.ok(
             "migrate-set-capabilities",
@@ -474,11 +486,12 @@ fn incoming_defer_then_migrate_incoming_and_paused_until_cont() {
     );
 }
 
-/// Whether `qemu-io` may write `img` now (it may not while a splitvmm holds it).
-fn image_writable(img: &std::path::Path) -> (bool, String) {
+/// Whether `qemu-io` may write `img` (a `fmt` image) now (it may not while a splitvmm
+/// holds it).
+fn image_writable(img: &std::path::Path, fmt: &str) -> (bool, String) {
     let out = tests::output(
         std::process::Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", "write 0 512"])
+            .args(["-f", fmt, "-c", "write 0 512"])
             .arg(img),
     );
     let text = format!(
@@ -503,7 +516,7 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
     let append = "run=write-verify-loop seed=11 seconds=8";
     let mut src = Vm::start("mig-src", append, "128M", 2, &["--drive", &drive]);
     // The source holds the image: another writer is refused...
-    let (writable, text) = image_writable(&img);
+    let (writable, text) = image_writable(&img, "qcow2");
     assert!(
         !writable && text.contains("Failed to get \"write\" lock"),
         "{text}"
@@ -517,7 +530,7 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
     assert_eq!(info["status"], "completed", "{info}");
     assert_eq!(src.status(), "postmigrate");
     // Handed over: the destination holds the image now.
-    let (writable, text) = image_writable(&img);
+    let (writable, text) = image_writable(&img, "qcow2");
     assert!(
         !writable && text.contains("Failed to get \"write\" lock"),
         "{text}"
@@ -533,7 +546,7 @@ fn a_guest_writing_its_disk_goes_on_on_the_destination_which_takes_the_image_loc
     );
     // The source does not take the image back by itself.
     assert_eq!(src.status(), "postmigrate");
-    let (writable, text) = image_writable(&img);
+    let (writable, text) = image_writable(&img, "qcow2");
     assert!(writable, "nobody should hold the image now: {text}");
     tests::run(
         std::process::Command::new("qemu-img")
@@ -585,12 +598,7 @@ fn a_destination_listening_on_tcp_takes_the_guest() {
     if !kvm_or_skip("a_destination_listening_on_tcp_takes_the_guest") {
         return;
     }
-    // A free port: bound by us, released, then bound by the destination.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = format!("tcp:127.0.0.1:{}", free_port("127.0.0.1"));
     let append = "run=dirty rate=16M seconds=5";
     let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
     let mut dst = Vm::start("mig-dst", append, "64M", 1, &["--incoming", &uri]);
@@ -604,4 +612,338 @@ fn a_destination_listening_on_tcp_takes_the_guest() {
         last.starts_with(abi::PASS_PREFIX) && code == Some(0),
         "destination: exit {code:?}, last line {last:?}"
     );
+}
+
+/// A port nobody listens on now (bound by us on `ip`, then released).
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Reads `qmp`'s events until `name`, failing on a `BLOCK_JOB_ERROR` or a
+/// `BLOCK_JOB_COMPLETED` that is not `name`; returns it.
+fn job_event(qmp: &mut RawQmp, name: &str) -> Value {
+    loop {
+        let ev = qmp.next_event();
+        let got = ev["event"].as_str().unwrap_or_default();
+        if got == name {
+            return ev;
+        }
+        assert!(
+            got != "BLOCK_JOB_ERROR" && got != "BLOCK_JOB_COMPLETED",
+            "waiting for {name}: {ev}"
+        );
+    }
+}
+
+/// Where the two sides of a storage migration listen: the destination's migration
+/// socket and NBD server, as the source reaches them.
+struct Addrs {
+    /// `migrate`'s `uri` (`tcp:IP:PORT`), also the destination's `--incoming`.
+    migration: String,
+    /// The IP the destination's NBD server binds and the source's mirror connects to.
+    nbd_ip: String,
+    nbd_port: u16,
+}
+
+/// The libvirt flow for non-shared disks: the source (qcow2, the write-verify-loop guest)
+/// mirrors its disk to an NBD export of the destination's empty raw image, migrates on
+/// READY, cancels the mirror once migrated; the destination then stops its NBD server and
+/// resumes the guest, which verifies every block it wrote. `prefixes` run the source's
+/// and the destination's splitvmm (e.g. in a network namespace each). With
+/// `script_transcript`, scripts/storage-migration-example.py runs the QMP part and writes
+/// its transcript there.
+fn storage_migration(
+    tag: &str,
+    prefixes: [&[&str]; 2],
+    addrs: &Addrs,
+    script_transcript: Option<&std::path::Path>,
+) {
+    let [src_prefix, dst_prefix] = prefixes;
+    let src_dir = TempDir::new(&format!("{tag}-src"));
+    let dst_dir = TempDir::new(&format!("{tag}-dst"));
+    // The images outlive both splitvmm directories, for the comparison.
+    let disks = TempDir::new(&format!("{tag}-disks"));
+    let src_img = disks.join("src.qcow2");
+    let dst_img = disks.join("dst.raw");
+    tests::qemu_img_create("qcow2", &src_img, "32M");
+    tests::qemu_img_create("raw", &dst_img, "32M");
+    let append = "run=write-verify-loop seed=23 seconds=10";
+    let src_drive = format!("id=disk0,file={},format=qcow2", src_img.display());
+    let dst_drive = format!("id=disk0,file={},format=raw", dst_img.display());
+    let mut src = Vm::start_prefixed(
+        src_dir,
+        src_prefix,
+        append,
+        "128M",
+        2,
+        &["--drive", &src_drive],
+    );
+    let mut dst = Vm::start_prefixed(
+        dst_dir,
+        dst_prefix,
+        append,
+        "128M",
+        2,
+        &[
+            "--drive",
+            &dst_drive,
+            "--incoming",
+            &addrs.migration,
+            "--paused",
+        ],
+    );
+    assert_eq!(dst.status(), "inmigrate");
+    wait_for_text(&src.serial(), Duration::from_secs(60), |t| {
+        t.contains("write-verify-loop: 1.")
+    });
+    if let Some(transcript) = script_transcript {
+        run_example_script(&src, &dst, addrs, transcript);
+    } else {
+        qmp_flow(&mut src, &mut dst, addrs);
+    }
+    assert_eq!(dst.status(), "paused");
+    // Both guests stopped, the mirror done: the images match. `-U`: the destination
+    // holds its image's locks since the switch-over.
+    let out = tests::output(
+        std::process::Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
+            .arg(&src_img)
+            .arg(&dst_img),
+    );
+    assert!(
+        out.status.success(),
+        "images differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its own image, which the source never held, is the destination's since the
+    // switch-over.
+    let (writable, text) = image_writable(&dst_img, "raw");
+    assert!(
+        !writable && text.contains("Failed to get \"write\" lock"),
+        "{text}"
+    );
+    dst.qmp.cont();
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// The libvirt flow's QMP part, from the destination's NBD server to its
+/// `nbd-server-stop`; leaves the destination paused.
+fn qmp_flow(src: &mut Vm, dst: &mut Vm, addrs: &Addrs) {
+    dst.qmp.ok(
+        "nbd-server-start",
+        json!({ "addr": { "type": "inet",
+                          "data": { "host": addrs.nbd_ip, "port": addrs.nbd_port.to_string() } } }),
+    );
+    dst.qmp.ok(
+        "nbd-server-add",
+        json!({ "device": "disk0", "writable": true }),
+    );
+    let target = format!("nbd://{}:{}/disk0", addrs.nbd_ip, addrs.nbd_port);
+    // write-blocking (libvirt's VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES): this guest
+    // dirties its disk faster than a background copy drains it, which then never gets
+    // READY.
+    src.qmp.ok(
+        "drive-mirror",
+        json!({ "device": "disk0", "target": target, "sync": "full", "mode": "existing",
+                "format": "raw", "copy-mode": "write-blocking" }),
+    );
+    job_event(&mut src.qmp, "BLOCK_JOB_READY");
+    src.qmp.ok(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 0, "downtime-limit": 300 }),
+    );
+    src.qmp.ok("migrate", json!({ "uri": addrs.migration }));
+    src.migration_event("completed");
+    assert_eq!(src.status(), "postmigrate");
+    src.qmp.ok("block-job-cancel", json!({ "device": "disk0" }));
+    let done = job_event(&mut src.qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    // A cancelled READY mirror is in sync: all of it was copied.
+    assert_eq!(done["data"]["offset"], done["data"]["len"], "{done}");
+    dst.migration_event("completed");
+    dst.qmp.ok("nbd-server-stop", json!({}));
+}
+
+/// The same with scripts/storage-migration-example.py, which writes its QMP transcript to
+/// `transcript`.
+fn run_example_script(src: &Vm, dst: &Vm, addrs: &Addrs, transcript: &std::path::Path) {
+    let out = tests::output(
+        std::process::Command::new("python3")
+            .arg(tests::repo_root().join("scripts/storage-migration-example.py"))
+            .arg(&src.vm.qmp)
+            .arg(&dst.vm.qmp)
+            .args(["--migrate", &addrs.migration])
+            .arg("--nbd")
+            .arg(format!("{}:{}", addrs.nbd_ip, addrs.nbd_port))
+            .arg("--no-cont")
+            .arg("--transcript")
+            .arg(transcript),
+    );
+    assert!(
+        out.status.success(),
+        "storage-migration-example.py: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The order the recipe promises: the destination's NBD server goes only after the
+    // source's mirror completed, itself after the migration.
+    let text = std::fs::read_to_string(transcript).expect("the transcript");
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("no {needle} in the transcript:\n{text}"))
+    };
+    let migrated = at(r#""event": "MIGRATION", "data": {"status": "completed"}"#);
+    let mirrored = at(r#""event": "BLOCK_JOB_COMPLETED""#);
+    let stopped = at(r#"dst-> {"execute": "nbd-server-stop"}"#);
+    assert!(migrated < mirrored && mirrored < stopped, "{text}");
+}
+
+#[test]
+fn a_disk_that_is_not_shared_is_mirrored_over_nbd_and_the_guest_goes_on() {
+    if !kvm_or_skip("a_disk_that_is_not_shared_is_mirrored_over_nbd_and_the_guest_goes_on") {
+        return;
+    }
+    let addrs = Addrs {
+        migration: format!("tcp:127.0.0.1:{}", free_port("127.0.0.1")),
+        nbd_ip: "127.0.0.1".into(),
+        nbd_port: free_port("127.0.0.1"),
+    };
+    storage_migration("smig", [&[], &[]], &addrs, None);
+}
+
+/// Two network namespaces ("hosts") joined by a veth pair, each end up with an address;
+/// dropped (with the pair) even when the test fails.
+struct Hosts {
+    names: [String; 2],
+    veth: String,
+    ips: [String; 2],
+}
+
+impl Hosts {
+    /// Creates them, or says which `ip` command failed.
+    fn create() -> Result<Self, String> {
+        let pid = std::process::id();
+        let net = format!("10.232.{}", pid % 250);
+        let hosts = Self {
+            names: [format!("smigA{pid}"), format!("smigB{pid}")],
+            veth: format!("smvA{pid}"),
+            ips: [format!("{net}.1"), format!("{net}.2")],
+        };
+        let [a, b] = &hosts.names;
+        let peer = format!("smvB{pid}");
+        let ends = [(a, &hosts.veth, &hosts.ips[0]), (b, &peer, &hosts.ips[1])];
+        let mut steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), a.clone()],
+            vec!["netns".into(), "add".into(), b.clone()],
+            [
+                "link",
+                "add",
+                &hosts.veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for (ns, dev, ip) in ends {
+            let cidr = format!("{ip}/24");
+            steps.push(["link", "set", dev, "netns", ns].map(String::from).to_vec());
+            steps.push(
+                ["-n", ns, "addr", "add", &cidr, "dev", dev]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            steps.push(
+                ["-n", ns, "link", "set", dev, "up"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            steps.push(
+                ["-n", ns, "link", "set", "lo", "up"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+        }
+        for step in steps {
+            let out = std::process::Command::new("ip")
+                .args(&step)
+                .output()
+                .map_err(|e| format!("ip {}: {e}", step.join(" ")))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// The command prefix that runs a program on host `i`.
+    fn exec(&self, i: usize) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.names[i]]
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end in it, and with it the pair; the pair
+        // is deleted by name too in case creation stopped before moving it.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .stderr(std::process::Stdio::null())
+            .status();
+        for ns in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_disk_that_is_not_shared_migrates_between_two_network_namespaces() {
+    let test = "a_disk_that_is_not_shared_migrates_between_two_network_namespaces";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(why) => {
+            tests::present_or_skip(test, &format!("ip netns ({why})"), false);
+            return;
+        }
+    };
+    // The source on host A reaches the destination on host B over the veth pair only.
+    let addrs = Addrs {
+        migration: format!("tcp:{}:4444", hosts.ips[1]),
+        nbd_ip: hosts.ips[1].clone(),
+        nbd_port: 10809,
+    };
+    // The QMP part by the documented example script, whose transcript docs/migration.md
+    // shows.
+    let out = TempDir::new("smig-transcript");
+    let transcript = out.join("transcript.jsonl");
+    storage_migration(
+        "smig-netns",
+        [&hosts.exec(0), &hosts.exec(1)],
+        &addrs,
+        Some(&transcript),
+    );
+    if let Some(keep) = std::env::var_os("SMIG_TRANSCRIPT") {
+        std::fs::copy(&transcript, keep).expect("copy the transcript");
+    }
 }
