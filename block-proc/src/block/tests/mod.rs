@@ -167,11 +167,22 @@ pub fn fmt_str(f: ImageFormat) -> &'static str {
     f.as_str()
 }
 
-/// Opens `name` with default backing.
+/// Opens `name` with default backing. A lock conflict is retried for a while: the
+/// tests run in parallel threads of one process, and a `qemu-img` another test forks
+/// holds copies of this process's descriptors (and so their OFD locks) until it execs,
+/// which a loaded machine can stretch; no other process uses this test's images.
 pub async fn open(name: &str, fmt: ImageFormat, read_only: bool, dir: &TempDir) -> Arc<Node> {
-    Node::open(OpenOptions::new(name, fmt, &dir.dirs()).read_only(read_only))
-        .await
-        .unwrap_or_else(|e| panic!("open {name}: {e}"))
+    let mut tries = 0;
+    loop {
+        match Node::open(OpenOptions::new(name, fmt, &dir.dirs()).read_only(read_only)).await {
+            Ok(node) => return node,
+            Err(e) if tries < 50 && e.to_string().contains("lock") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("open {name}: {e}"),
+        }
+    }
 }
 
 /// Opens `name` with the given backing.
