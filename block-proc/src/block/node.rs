@@ -14,7 +14,8 @@
 //!   only when the kernel throttles dirty pages. What waits for the disk by nature (fsync,
 //!   `fallocate`, resizing, opening, header rewrites) goes through [`blocking`]. Handing
 //!   the worker over to another thread for every request (`block_in_place` each time) cost
-//!   more than the I/O itself (docs/performance.md). The
+//!   more than the I/O itself (docs/performance.md). A mirror's copies into an image
+//!   ([`Node::copy_from`]: file to file in the kernel) run on tokio's blocking pool. The
 //!   `FormatAccess` sits in a tokio `RwLock`: shared for reads, writes and zeroing that
 //!   keeps allocations, exclusive for what invalidates mappings (discard, unmapping
 //!   write-zeroes, shrinking) and for replacing the imago instance (header rewrite,
