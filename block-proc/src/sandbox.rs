@@ -36,7 +36,7 @@ pub fn seccomp_policy() -> SeccompPolicy {
         ),
         allow(libc::SYS_pwritev, "imago writes guest and NBD buffers in one vectored call"),
         allow(libc::SYS_fallocate, "discard and write-zeroes: punch holes, zero ranges"),
-        allow(libc::SYS_copy_file_range, "mirror: copy a raw image's data into a raw target in the kernel"),
+        allow(libc::SYS_copy_file_range, "mirror: copy raw files and qcow2 data clusters into the target in the kernel"),
         allow(libc::SYS_ftruncate, "grow or shrink an image (block_resize, qcow2 allocation)"),
         allow(libc::SYS_fstatfs, "the file system an image lives on (hole and alignment support)"),
         allow_if(

@@ -268,6 +268,70 @@ fn mirror_soft_cancel_after_ready_completes_without_pivot() {
     assert!(compare(&top, "qcow2", &target, "qcow2"));
 }
 
+/// The qcow2 copy path (data clusters copied file to file in the kernel, target clusters
+/// allocated per run) against what it must not get wrong: a source with 4 KiB clusters
+/// (runs that are not contiguous in its file), data read through a qcow2 backing file,
+/// compressed clusters there (copied through memory), zero clusters over backing data,
+/// unaligned writes, and a granularity below the target's 64 KiB clusters (partial
+/// clusters, several copies into one new cluster).
+#[test]
+fn mirror_qcow2_to_qcow2_small_clusters_backing_and_compressed_data() {
+    let dir = TempDir::new("mirror-qcow2-paths");
+    let base = dir.join("base.qcow2").display().to_string();
+    let top = dir.join("top.qcow2").display().to_string();
+    qemu_img_create("qcow2", Path::new(&base), "8M");
+    qemu_io(
+        "qcow2",
+        &base,
+        &[
+            "write -c -P 0x21 0 128k",
+            "write -P 0x22 1M 1M",
+            "write -P 0x23 5M 64k",
+        ],
+    );
+    run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+        ])
+        .args([&base, &top]));
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x31 1000 10000",
+            "write -P 0x32 1052672 4096",
+            "write -z 1200k 64k",
+            "write -P 0x33 3M 1M",
+            "write -P 0x34 4100k 8k",
+            "write -P 0x35 7M 1M",
+            "write -P 0x36 3200k 4k",
+        ],
+    );
+    let target = dir.join("target.qcow2").display().to_string();
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
+    c.ok(
+        "drive-mirror",
+        json!({"device": "drive0", "target": target, "sync": "full", "format": "qcow2",
+               "granularity": 4096}),
+    );
+    c.wait("BLOCK_JOB_READY");
+    c.ok("block-job-complete", json!({"device": "drive0"}));
+    let ev = c.wait("BLOCK_JOB_COMPLETED");
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    assert_eq!(inserted_file(&mut c), target);
+    quit(&mut vm, c);
+    assert!(compare(&top, "qcow2", &target, "qcow2"));
+    run(Command::new("qemu-img").args(["check", "-q", &target]));
+}
+
 #[test]
 fn mirror_pause_freezes_progress_until_resume() {
     let dir = TempDir::new("mirror-pause");

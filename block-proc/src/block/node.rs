@@ -14,7 +14,8 @@
 //!   only when the kernel throttles dirty pages. What waits for the disk by nature (fsync,
 //!   `fallocate`, resizing, opening, header rewrites) goes through [`blocking`]. Handing
 //!   the worker over to another thread for every request (`block_in_place` each time) cost
-//!   more than the I/O itself (docs/performance.md). The
+//!   more than the I/O itself (docs/performance.md). A mirror's copies into an image
+//!   ([`Node::copy_from`]: file to file in the kernel) run on tokio's blocking pool. The
 //!   `FormatAccess` sits in a tokio `RwLock`: shared for reads, writes and zeroing that
 //!   keeps allocations, exclusive for what invalidates mappings (discard, unmapping
 //!   write-zeroes, shrinking) and for replacing the imago instance (header rewrite,
@@ -32,7 +33,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use imago::format::{Format, PreallocateMode};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{FormatAccess, FormatDriverBuilder, ShallowMapping};
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, ShallowMapping};
 use ipc::block::{ImageFormat, ImageInfo, ImageInfoSpecific, ImageInfoSpecificQcow2};
 use nix::fcntl::FallocateFlags;
 use tokio::sync::RwLock;
@@ -662,6 +663,79 @@ impl Node {
         }
     }
 
+    /// Copies `[offset, offset + length)` of `src`'s guest data into the same range of this
+    /// image without going through user memory: for each run the source holds as data in
+    /// an image file (its recursively resolved mapping), the target's clusters are
+    /// allocated together (one imago mapping for the whole run, not one per cluster), the
+    /// data goes from file to file in the kernel (`copy_file_range`, as `cp` copies), and
+    /// only then is the new mapping made visible, as imago's own writes do. Runs on tokio's
+    /// blocking pool, so that copies in flight use more than the two runtime workers; the
+    /// metadata write-back follows once, shared with concurrent copies (the
+    /// acknowledgement rule). Returns how many bytes from `offset` on were copied: it stops
+    /// where the source is not plain data in a file (zero, compressed, a hole beyond a
+    /// backing file's end), and the caller copies the rest otherwise.
+    pub async fn copy_from(
+        self: &Arc<Self>,
+        src: &Arc<Node>,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<u64> {
+        self.check_writable()?;
+        let (from, to) = (src.clone(), self.clone());
+        let copied = tokio::task::spawn_blocking(move || to.copy_from_sync(&from, offset, length))
+            .await
+            .map_err(|e| io_other(format!("copy: {e}")))??;
+        if copied > 0 {
+            let fa = self.fa.read().await;
+            self.commit(&fa).await?;
+        }
+        Ok(copied)
+    }
+
+    /// [`Node::copy_from`]'s copy, on a thread that may wait for the disk.
+    fn copy_from_sync(&self, src: &Node, offset: u64, length: u64) -> io::Result<u64> {
+        let sfa = src.fa.blocking_read();
+        let dfa = self.fa.blocking_read();
+        let end = offset
+            .saturating_add(length)
+            .min(sfa.size())
+            .min(dfa.size());
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, n) = sfa.get_mapping(pos, end - pos)?;
+            let Mapping::Raw {
+                storage,
+                offset: host,
+                ..
+            } = mapping
+            else {
+                break;
+            };
+            let n = n.min(end - pos);
+            if n == 0 {
+                break;
+            }
+            let mut done = 0;
+            while done < n {
+                let target = dfa.prepare_data_mapping(pos + done, n - done, true)?;
+                let len = target.length();
+                let out = target.storage();
+                copy_file_range_all(
+                    storage.file(),
+                    host + done,
+                    out.file(),
+                    target.offset(),
+                    len,
+                )?;
+                out.extent_cache().invalidate();
+                dfa.commit_data_mapping(target)?;
+                done += len;
+            }
+            pos += n;
+        }
+        Ok(pos - offset)
+    }
+
     /// Resizes the image (`block_resize`). Growing a qcow2 image whose backing file
     /// reaches beyond the old end zeroes the new range, as QEMU does, so backing data
     /// cannot show through.
@@ -856,6 +930,50 @@ impl Node {
         }
         Ok(out)
     }
+}
+
+/// Copies `len` bytes from `from` at `src` to `to` at `dst` in the kernel, all of them.
+fn copy_file_range_all(
+    from: &fs::File,
+    src: u64,
+    to: &fs::File,
+    dst: u64,
+    len: u64,
+) -> io::Result<()> {
+    let too_far = || io_other("copy beyond the largest file offset");
+    let mut src = libc::off64_t::try_from(src).map_err(|_| too_far())?;
+    let mut dst = libc::off64_t::try_from(dst).map_err(|_| too_far())?;
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX);
+        // SAFETY: both descriptors are open files borrowed for the call, and the two
+        // offsets are valid locals the kernel only reads and updates.
+        let k = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut src,
+                to.as_raw_fd(),
+                &mut dst,
+                want,
+                0,
+            )
+        };
+        match u64::try_from(k) {
+            Ok(0) => {
+                return Err(io_other(
+                    "copy_file_range: unexpected end of the source file",
+                ));
+            }
+            Ok(k) => left -= k.min(left),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// QEMU's `ImageInfoSpecificQCow2` for `h`.

@@ -368,6 +368,21 @@ impl BlockNode {
         }
     }
 
+    /// The image whose bytes are this node's bytes, for copying from it or (`writing`) into
+    /// it in the kernel, around `read` and `write` (the mirror's copies, see
+    /// [`Node::copy_from`]): drive and `qcow2` nodes, and image files as
+    /// [`BlockNode::file_image`] finds them; never a node that changes what is written to
+    /// it (zero detection) or a read-only one when `writing`.
+    pub fn copy_image(&self, writing: bool) -> Option<Arc<Node>> {
+        if writing && (self.read_only || self.options.detect_zeroes != DetectZeroes::Off) {
+            return None;
+        }
+        match &self.kind {
+            Kind::Qcow2 { image, .. } | Kind::Drive { image } => Some(image.clone()),
+            _ => self.file_image(),
+        }
+    }
+
     /// The image file under the node, through any `raw` nodes (for `actual-size`).
     fn storage(&self) -> Option<Arc<Node>> {
         match &self.kind {

@@ -16,7 +16,6 @@
 //! zeroes (`sync=full`, no data written there yet). Up to 16 copies run at once, as in
 //! QEMU (with a `speed`, no more together than one rate-limit slice allows).
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -349,19 +348,22 @@ impl Mirror {
                     .write_zeroes(offset, n, self.unmap)
                     .await
                     .map_err(|e| (false, e))
-            } else if self.copy_in_kernel(offset, n) {
-                self.written.mark(offset, n);
-                Ok(())
             } else {
                 self.written.mark(offset, n);
-                let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
-                match self.source.read(&mut buf, offset).await {
-                    Err(e) => Err((true, e)),
-                    Ok(()) => self
-                        .target
-                        .write(&buf, offset, false)
-                        .await
-                        .map_err(|e| (false, e)),
+                let copied = self.copy_in_kernel(offset, n).await;
+                if copied < n {
+                    let rest = offset + copied;
+                    let mut buf = vec![0u8; usize::try_from(n - copied).unwrap_or(0)];
+                    match self.source.read(&mut buf, rest).await {
+                        Err(e) => Err((true, e)),
+                        Ok(()) => self
+                            .target
+                            .write(&buf, rest, false)
+                            .await
+                            .map_err(|e| (false, e)),
+                    }
+                } else {
+                    Ok(())
                 }
             };
             if let Err((read, e)) = result {
@@ -376,50 +378,29 @@ impl Mirror {
         Ok(())
     }
 
-    /// Copies `[offset, offset + n)` from a raw image file to a raw image file in the
-    /// kernel (`copy_file_range`, as `cp` does: no copy through user memory), if both
-    /// are such files. `false`: not done, for any reason (other images, another file
-    /// system, an I/O error), so the caller copies through a buffer, which also tells a
-    /// read error from a write error.
-    fn copy_in_kernel(&self, offset: u64, n: u64) -> bool {
-        let (Some(src), Some(dst)) = (self.source.file_image(), self.target.file_image()) else {
-            return false;
+    /// Copies what it can of `[offset, offset + n)` from the source's image to the
+    /// target's in the kernel ([`Node::copy_from`]: raw files and qcow2 data clusters,
+    /// no copy through user memory), if both nodes are such images; returns how many
+    /// bytes from `offset` on it copied. On an error it copies nothing more, so that the
+    /// caller copies the rest through a buffer, which also tells a read error from a
+    /// write error.
+    async fn copy_in_kernel(&self, offset: u64, n: u64) -> u64 {
+        let (Some(src), Some(dst)) = (self.source.copy_image(false), self.target.copy_image(true))
+        else {
+            return 0;
         };
-        if self.target.is_read_only() || offset.saturating_add(n) > dst.size() {
-            return false;
-        }
-        let copied = crate::block::commit::blocking(|| {
-            let mut done = 0;
-            while done < n {
-                let (Ok(mut from), Ok(mut to)) = (
-                    libc::off64_t::try_from(offset + done),
-                    libc::off64_t::try_from(offset + done),
-                ) else {
-                    return false;
-                };
-                let want = usize::try_from(n - done).unwrap_or(usize::MAX);
-                // SAFETY: both descriptors are open image files borrowed for the call, and
-                // the two offsets are valid locals the kernel only reads and updates.
-                let k = unsafe {
-                    libc::copy_file_range(
-                        src.os_file().as_raw_fd(),
-                        &mut from,
-                        dst.os_file().as_raw_fd(),
-                        &mut to,
-                        want,
-                        0,
-                    )
-                };
-                match u64::try_from(k) {
-                    Ok(k) if k > 0 => done += k,
-                    _ => return false,
-                }
+        let copied = match dst.copy_from(&src, offset, n).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(
+                    "mirror: copy in the kernel at {offset}: {e}; copying through memory"
+                );
+                0
             }
-            true
-        });
-        if copied {
+        };
+        if copied > 0 {
             // What a write through the node would have told the target's watchers.
-            self.target.dirty.mark(offset, n);
+            self.target.dirty.mark(offset, copied);
         }
         copied
     }
