@@ -181,7 +181,11 @@ impl Reader {
                     match sock.try_io(tokio::io::Interest::READABLE, || {
                         recv_with_fds(sock.as_raw_fd(), buf)
                     }) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                            ) => {}
                         r => return r,
                     }
                 }
