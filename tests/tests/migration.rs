@@ -1046,3 +1046,32 @@ fn getfd_closefd_and_migrate_fd_errors() {
         "source: exit {code:?}, last line {last:?}"
     );
 }
+
+/// Both ends by descriptor: the two ends of one socketpair, named with `getfd` on each
+/// side, `migrate-incoming uri=fd:in` on the destination and `migrate uri=fd:out` on the
+/// source.
+#[test]
+fn a_socketpair_given_to_both_sides_carries_the_migration() {
+    if !kvm_or_skip("a_socketpair_given_to_both_sides_carries_the_migration") {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let mut dst = Vm::start("mig-dst", append, "64M", 1, &["--incoming", "defer"]);
+    let (out, inc) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    dst.qmp.send_with_fds(b" ", &[inc.as_fd()]);
+    dst.qmp.ok("getfd", json!({"fdname": "in"}));
+    src.qmp.send_with_fds(b" ", &[out.as_fd()]);
+    src.qmp.ok("getfd", json!({"fdname": "out"}));
+    drop((out, inc));
+    dst.qmp.ok("migrate-incoming", json!({"uri": "fd:in"}));
+    let info = migrate(&mut src, "fd:out");
+    assert_eq!(info["status"], "completed", "{info}");
+    dst.migration_event("completed");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
