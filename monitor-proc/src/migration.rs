@@ -133,6 +133,7 @@ fn address(args: &Map<String, Value>) -> Result<Address, QmpError> {
             match (s("transport"), s("type")) {
                 ("socket", "inet") => Ok(Address::Tcp(s("host").into(), s("port").into())),
                 ("socket", "unix") => Ok(Address::Unix(s("path").into())),
+                ("socket", "fd") => Ok(Address::Fd(s("str").into())),
                 (t, ty) => Err(QmpError::generic(format!(
                     "unknown migration protocol: {t}:{ty}"
                 ))),
@@ -558,5 +559,11 @@ mod tests {
             address(&ch).expect("channels"),
             Address::Tcp("h".into(), "9".into())
         );
+        let ch: Map<String, Value> = serde_json::from_value(json!({"channels": [{
+            "channel-type": "main",
+            "addr": {"transport": "socket", "type": "fd", "str": "mig"}
+        }]}))
+        .expect("json");
+        assert_eq!(address(&ch).expect("fd channel"), Address::Fd("mig".into()));
     }
 }
