@@ -49,6 +49,9 @@ pub struct CommandDef {
 
 const CAPABILITIES: &[&str] = &["oob"];
 
+/// `getfd` and `closefd`.
+const FDNAME: &[Member] = &[Member::required("fdname", ArgType::Str)];
+
 const fn monitor(name: &'static str, args: &'static [Member]) -> CommandDef {
     CommandDef {
         name,
@@ -109,6 +112,8 @@ pub const COMMANDS: &[CommandDef] = &[
     block("block-commit", bc::BLOCK_COMMIT),
     block("blockdev-snapshot-sync", bc::BLOCKDEV_SNAPSHOT_SYNC),
     block("blockdev-snapshot", bc::BLOCKDEV_SNAPSHOT),
+    monitor("getfd", FDNAME),
+    monitor("closefd", FDNAME),
     monitor("migrate", migration::MIGRATE),
     monitor("migrate_cancel", &[]),
     monitor("migrate-incoming", migration::MIGRATE_INCOMING),
@@ -301,6 +306,8 @@ async fn execute(
             Ok(v)
         }
         "query-blockstats" => vm_commands::query_blockstats(monitor, args).await,
+        "getfd" => crate::fds::getfd(&monitor.fds, session, args),
+        "closefd" => crate::fds::closefd(&monitor.fds, args),
         "migrate" => migration::migrate(monitor, args).await,
         "migrate_cancel" => migration::migrate_cancel(monitor).await,
         "migrate-incoming" => migration::migrate_incoming(monitor, args).await,

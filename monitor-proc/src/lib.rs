@@ -17,6 +17,7 @@ pub mod block_commands;
 pub mod cli;
 pub mod commands;
 pub mod events;
+pub mod fds;
 pub mod launcher;
 pub mod link;
 pub mod migration;

@@ -95,6 +95,8 @@ impl Migration {
 enum Address {
     Tcp(String, String),
     Unix(String),
+    /// A connected socket the client named with `getfd`.
+    Fd(String),
 }
 
 fn parse_uri(uri: &str) -> Result<Address, QmpError> {
@@ -108,10 +110,7 @@ fn parse_uri(uri: &str) -> Result<Address, QmpError> {
         return Ok(Address::Unix(path.to_string()));
     }
     if let Some(name) = uri.strip_prefix("fd:") {
-        // splitvmm has no `getfd`, so no name is ever known.
-        return Err(QmpError::generic(format!(
-            "File descriptor named '{name}' has not been found"
-        )));
+        return Ok(Address::Fd(name.to_string()));
     }
     Err(QmpError::generic(format!(
         "unknown migration protocol: {uri}"
@@ -134,6 +133,7 @@ fn address(args: &Map<String, Value>) -> Result<Address, QmpError> {
             match (s("transport"), s("type")) {
                 ("socket", "inet") => Ok(Address::Tcp(s("host").into(), s("port").into())),
                 ("socket", "unix") => Ok(Address::Unix(s("path").into())),
+                ("socket", "fd") => Ok(Address::Fd(s("str").into())),
                 (t, ty) => Err(QmpError::generic(format!(
                     "unknown migration protocol: {t}:{ty}"
                 ))),
@@ -148,9 +148,11 @@ fn address(args: &Map<String, Value>) -> Result<Address, QmpError> {
     }
 }
 
-/// Connects to `addr`, blocking (vmm-proc writes with plain `write`).
-async fn connect(addr: &Address) -> Result<OwnedFd, QmpError> {
+/// Connects to `addr`, blocking (vmm-proc writes with plain `write`). `fd:NAME` takes the
+/// named descriptor, which is then no longer the monitor's (QEMU's `monitor_get_fd`).
+async fn connect(monitor: &Monitor, addr: &Address) -> Result<OwnedFd, QmpError> {
     let fd = match addr {
+        Address::Fd(name) => monitor.fds.take(name)?,
         Address::Unix(path) => {
             let path = path.clone();
             tokio::task::spawn_blocking(move || {
@@ -247,7 +249,7 @@ pub async fn migrate(monitor: &Monitor, args: &Map<String, Value>) -> Result<Val
             "Can't migrate the vm that was paused due to previous migration",
         ));
     }
-    let sock = connect(&addr).await?;
+    let sock = connect(monitor, &addr).await?;
     let keep = sock
         .try_clone()
         .map_err(|e| QmpError::generic(format!("migrate: {e}")))?;
@@ -296,30 +298,27 @@ pub async fn migrate_incoming(
             Some(false) => *incoming = Some(true),
         }
     }
-    listen(monitor.vmm.clone(), &addr).await
+    listen(monitor, &addr).await
 }
 
 /// `--incoming URI` at start-up.
 pub async fn listen_at_start(monitor: &Monitor, uri: &str) -> Result<(), String> {
     let addr = parse_uri(uri).map_err(|e| e.desc)?;
     *lock(&monitor.migration.incoming) = Some(true);
-    listen(monitor.vmm.clone(), &addr)
-        .await
-        .map(drop)
-        .map_err(|e| e.desc)
+    listen(monitor, &addr).await.map(drop).map_err(|e| e.desc)
 }
 
-/// Listens on `addr` and hands the first connection to vmm-proc.
-async fn listen(
-    vmm: Option<Arc<crate::link::RpcClient<crate::link::Vmm>>>,
-    addr: &Address,
-) -> Result<Value, QmpError> {
+/// Listens on `addr` and hands the first connection to vmm-proc; `fd:NAME` is that
+/// connection already.
+async fn listen(monitor: &Monitor, addr: &Address) -> Result<Value, QmpError> {
+    let vmm = monitor.vmm.clone();
     let bind_err = |e: std::io::Error| {
         QmpError::generic(format!("Failed to bind socket: {}", os_error_text(&e)))
     };
     enum L {
         Tcp(tokio::net::TcpListener),
         Unix(tokio::net::UnixListener, String),
+        Fd(OwnedFd),
     }
     let listener = match addr {
         Address::Tcp(host, port) => {
@@ -337,6 +336,7 @@ async fn listen(
                 path.clone(),
             )
         }
+        Address::Fd(name) => L::Fd(monitor.fds.take(name)?),
     };
     tokio::spawn(async move {
         let accepted: std::io::Result<OwnedFd> = match listener {
@@ -352,6 +352,7 @@ async fn listen(
                 let _ = std::fs::remove_file(path);
                 r
             }
+            L::Fd(fd) => Ok(fd),
         };
         let result = match accepted {
             Ok(fd) => match set_blocking(&fd) {
@@ -538,10 +539,7 @@ mod tests {
             parse_uri("unix:/tmp/m.sock").expect("unix"),
             Address::Unix("/tmp/m.sock".into())
         );
-        assert_eq!(
-            parse_uri("fd:mig").expect_err("fd").desc,
-            "File descriptor named 'mig' has not been found"
-        );
+        assert_eq!(parse_uri("fd:mig").expect("fd"), Address::Fd("mig".into()));
         assert_eq!(
             parse_uri("gopher:x").expect_err("unknown").desc,
             "unknown migration protocol: gopher:x"
@@ -561,5 +559,11 @@ mod tests {
             address(&ch).expect("channels"),
             Address::Tcp("h".into(), "9".into())
         );
+        let ch: Map<String, Value> = serde_json::from_value(json!({"channels": [{
+            "channel-type": "main",
+            "addr": {"transport": "socket", "type": "fd", "str": "mig"}
+        }]}))
+        .expect("json");
+        assert_eq!(address(&ch).expect("fd channel"), Address::Fd("mig".into()));
     }
 }

@@ -5,13 +5,18 @@
 //! replies with the event stream, which it joins once the client has negotiated
 //! capabilities. When splitvmm shuts down, every writer sends what it still holds, then
 //! closes.
+//!
+//! On a unix socket the session also receives descriptors (SCM_RIGHTS), as QEMU's chardev
+//! does: the ones that came with the latest message that carried any wait, per connection,
+//! for the next command (`getfd`), and are closed once that command is done.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{Mutex, broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -64,13 +69,14 @@ impl Listener {
     pub async fn serve(self, monitor: Arc<Monitor>, sessions: Sessions) {
         loop {
             let accepted = match &self {
-                Self::Unix(l, _) => l
-                    .accept()
-                    .await
-                    .map(|(s, _)| sessions.start(s, monitor.clone())),
+                Self::Unix(l, _) => l.accept().await.map(|(s, _)| {
+                    let (rd, wr) = s.into_split();
+                    sessions.start(Reader::Unix(rd), wr, monitor.clone())
+                }),
                 Self::Tcp(l) => l.accept().await.map(|(s, _)| {
                     let _ = s.set_nodelay(true);
-                    sessions.start(s, monitor.clone())
+                    let (rd, wr) = s.into_split();
+                    sessions.start(Reader::Stream(Box::new(rd)), wr, monitor.clone())
                 }),
             };
             if let Err(e) = accepted {
@@ -96,9 +102,9 @@ impl Sessions {
         }
     }
 
-    fn start<S>(&self, stream: S, monitor: Arc<Monitor>)
+    fn start<W>(&self, rd: Reader, wr: W, monitor: Arc<Monitor>)
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        W: AsyncWrite + Send + 'static,
     {
         let closing = self.closing.clone();
         let tasks = self.tasks.clone();
@@ -107,7 +113,7 @@ impl Sessions {
             // Forget the sessions that have ended, so a long life of short connections
             // does not pile them up.
             while tasks.try_join_next().is_some() {}
-            tasks.spawn(session(stream, monitor, closing));
+            tasks.spawn(session(rd, wr, monitor, closing));
         });
     }
 
@@ -124,13 +130,108 @@ impl Sessions {
 pub struct SessionState {
     /// Capabilities negotiation is complete: commands run and events flow.
     pub negotiated: Arc<AtomicBool>,
+    /// Descriptors received (SCM_RIGHTS) for the next command, QEMU's `read_msgfds`.
+    pub fds: std::sync::Mutex<Vec<OwnedFd>>,
 }
 
-async fn session<S>(stream: S, monitor: Arc<Monitor>, mut closing: watch::Receiver<bool>)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+impl SessionState {
+    /// The first received descriptor, closing the others (QEMU's `qemu_chr_fe_get_msgfd`).
+    pub fn take_fd(&self) -> Option<OwnedFd> {
+        let mut fds = self
+            .fds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = (!fds.is_empty()).then(|| fds.swap_remove(0));
+        fds.clear();
+        first
+    }
+
+    fn set_fds(&self, new: Vec<OwnedFd>) {
+        *self
+            .fds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+    }
+}
+
+/// At most this many descriptors are taken from one message, QEMU's `TCP_MAX_FDS`; a
+/// message with more has them all closed.
+const MAX_MSG_FDS: usize = 16;
+
+/// The most descriptors Linux passes in one message (`SCM_MAX_FD`). The control buffer has
+/// room for them all, so the kernel never truncates it and every descriptor that arrives
+/// is ours to close.
+const SCM_MAX_FD: usize = 253;
+
+/// Where a session reads from: a unix socket also brings descriptors.
+enum Reader {
+    Unix(tokio::net::unix::OwnedReadHalf),
+    Stream(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+impl Reader {
+    /// Reads bytes; descriptors that came with them replace `fds` (`None`: none came).
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Option<Vec<OwnedFd>>)> {
+        match self {
+            Self::Stream(s) => Ok((s.read(buf).await?, None)),
+            Self::Unix(half) => {
+                let sock: &UnixStream = half.as_ref();
+                loop {
+                    sock.readable().await?;
+                    match sock.try_io(tokio::io::Interest::READABLE, || {
+                        recv_with_fds(sock.as_raw_fd(), buf)
+                    }) {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                            ) => {}
+                        r => return r,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One `recvmsg`, keeping at most [`MAX_MSG_FDS`] descriptors.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<Vec<OwnedFd>>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these descriptors in this process for us;
+            // nothing else owns them.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    let received = if fds.len() > MAX_MSG_FDS {
+        tracing::warn!("QMP client sent more than {MAX_MSG_FDS} descriptors at once; refused");
+        // Dropping them closes them; what an earlier message brought is dropped too.
+        Some(Vec::new())
+    } else {
+        (!fds.is_empty()).then_some(fds)
+    };
+    Ok((msg.bytes, received))
+}
+
+async fn session<W>(
+    mut rd: Reader,
+    wr: W,
+    monitor: Arc<Monitor>,
+    mut closing: watch::Receiver<bool>,
+) where
+    W: AsyncWrite + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let state = SessionState::default();
     let events = monitor.events.subscribe();
@@ -147,15 +248,25 @@ where
     'read: loop {
         let n = tokio::select! {
             r = rd.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+                Ok((0, None)) | Err(_) => break,
+                Ok((n, fds)) => {
+                    if let Some(fds) = fds {
+                        state.set_fds(fds);
+                    }
+                    n
+                }
             },
             () = closed(&mut closing) => break,
         };
         for value in streamer.feed(buf.get(..n).unwrap_or_default()) {
             let line = match value {
                 Err(e) => wire::response_err(&e, None),
-                Ok(v) => commands::handle(&monitor, &state, v).await,
+                Ok(v) => {
+                    let line = commands::handle(&monitor, &state, v).await;
+                    // What the command did not use is closed, not kept for later ones.
+                    state.set_fds(Vec::new());
+                    line
+                }
             };
             if tx.send(line).is_err() {
                 break 'read;

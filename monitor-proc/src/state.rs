@@ -73,6 +73,8 @@ pub struct Monitor {
     pub recovery: Arc<crate::recovery::Recovery>,
     /// Migration parameters, capabilities and connection.
     pub migration: crate::migration::Migration,
+    /// Descriptors QMP clients named with `getfd`.
+    pub fds: crate::fds::NamedFds,
     runstate: Mutex<RunState>,
     /// The drives a guest I/O error stopped the VM for, with their `io-status`
     /// (`failed` or `nospace`) until `cont`; the others are `ok`.
@@ -135,6 +137,7 @@ impl Monitor {
             threads: None,
             recovery: Arc::default(),
             migration: Default::default(),
+            fds: Default::default(),
             runstate: Mutex::new(runstate),
             io_errors: Mutex::default(),
             shutdown,

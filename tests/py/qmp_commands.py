@@ -10,6 +10,7 @@ Every check raises on failure; the last line printed is "OK" on success.
 
 import asyncio
 import json
+import os
 import sys
 
 from qemu.qmp import ExecuteError, QMPClient
@@ -25,7 +26,7 @@ EXPECTED_COMMANDS = {
     "block-job-dismiss", "job-pause", "job-resume", "job-cancel", "job-complete",
     "job-finalize", "job-dismiss", "block-stream", "block_stream", "block-commit",
     "blockdev-snapshot-sync", "blockdev-snapshot",
-    "migrate", "migrate_cancel", "migrate-incoming", "query-migrate", "migrate-set-parameters",
+    "getfd", "closefd", "migrate", "migrate_cancel", "migrate-incoming", "query-migrate", "migrate-set-parameters",
     "query-migrate-parameters", "migrate_set_speed", "migrate_set_downtime",
     "migrate-set-capabilities", "query-migrate-capabilities",
 }
@@ -100,6 +101,19 @@ async def main(sock, mode, drives):
     except ExecuteError as e:
         check(e.error_class == "CommandNotFound", f"class {e.error_class}")
         check(str(e) == "The command no-such-command has not been found", str(e))
+
+    # getfd the way qemu.qmp passes a descriptor (a space carrying it, then the command).
+    r, w = os.pipe()
+    qmp.send_fd_scm(r)
+    os.close(r)
+    os.close(w)
+    check(await qmp.execute("getfd", {"fdname": "pyfd"}) == {}, "getfd")
+    check(await qmp.execute("closefd", {"fdname": "pyfd"}) == {}, "closefd")
+    try:
+        await qmp.execute("closefd", {"fdname": "pyfd"})
+        raise AssertionError("closefd of a closed name succeeded")
+    except ExecuteError as e:
+        check(str(e) == "File descriptor named 'pyfd' not found", str(e))
 
     await qmp.execute("quit")
     ev = await next_event(qmp, "SHUTDOWN")

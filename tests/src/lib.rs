@@ -326,6 +326,23 @@ impl RawQmp {
         self.writer.write_all(bytes).expect("send");
     }
 
+    /// Sends `bytes` in one message with `fds` as SCM_RIGHTS ancillary data (qemu.qmp's
+    /// `send_fd_scm` sends a single space this way, then the command).
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let sent = sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &[std::io::IoSlice::new(bytes)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        assert_eq!(sent, bytes.len(), "short sendmsg");
+    }
+
     /// One line exactly as the server wrote it.
     pub fn read_raw_line(&mut self) -> String {
         let mut line = String::new();

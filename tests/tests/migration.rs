@@ -947,3 +947,131 @@ fn a_disk_that_is_not_shared_migrates_between_two_network_namespaces() {
         std::fs::copy(&transcript, keep).expect("copy the transcript");
     }
 }
+
+/// The source is given a socket connected to the destination's `--incoming unix:` with
+/// `getfd` (descriptor sent with the command itself, and qemu.qmp's way: a space carrying
+/// it, then the command), and `migrate uri=fd:NAME` takes it; the named fd is consumed.
+#[test]
+fn migrate_to_a_descriptor_named_with_getfd() {
+    if !kvm_or_skip("migrate_to_a_descriptor_named_with_getfd") {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let (mut dst, uri) = destination(append, "64M", 1, &[]);
+    let path = uri.strip_prefix("unix:").unwrap_or_default();
+
+    // A spare descriptor named, renamed over, and closed.
+    let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    src.qmp.send_with_fds(b" ", &[a.as_fd()]);
+    assert_eq!(src.qmp.ok("getfd", json!({"fdname": "spare"})), json!({}));
+    assert_eq!(src.qmp.ok("closefd", json!({"fdname": "spare"})), json!({}));
+    assert_eq!(
+        src.qmp.err("closefd", json!({"fdname": "spare"})).1,
+        "File descriptor named 'spare' not found"
+    );
+
+    let conn = std::os::unix::net::UnixStream::connect(path).expect("connect destination");
+    let getfd = json!({"execute": "getfd", "arguments": {"fdname": "mig"}}).to_string();
+    src.qmp.send_with_fds(getfd.as_bytes(), &[conn.as_fd()]);
+    assert_eq!(src.qmp.reply()["return"], json!({}));
+    drop(conn);
+    let info = migrate(&mut src, "fd:mig");
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(src.status(), "postmigrate");
+    // `migrate` took it.
+    assert_eq!(
+        src.qmp.err("closefd", json!({"fdname": "mig"})).1,
+        "File descriptor named 'mig' not found"
+    );
+    dst.migration_event("completed");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// QEMU's errors for `getfd`, `closefd` and `migrate fd:` without a good descriptor; the
+/// guest keeps running.
+#[test]
+fn getfd_closefd_and_migrate_fd_errors() {
+    if !kvm_or_skip("getfd_closefd_and_migrate_fd_errors") {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let mut src = Vm::start("mig-src", "run=dirty rate=16M seconds=3", "64M", 1, &[]);
+    let q = &mut src.qmp;
+    assert_eq!(
+        q.err("getfd", json!({"fdname": "x"})),
+        (
+            "GenericError".into(),
+            "No file descriptor supplied via SCM_RIGHTS".into()
+        )
+    );
+    let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    q.send_with_fds(b" ", &[a.as_fd()]);
+    assert_eq!(
+        q.err("getfd", json!({"fdname": "1x"})).1,
+        "Parameter 'fdname' expects a name not starting with a digit"
+    );
+    // The descriptor went with that command; none is left for the next.
+    assert_eq!(
+        q.err("getfd", json!({"fdname": "x"})).1,
+        "No file descriptor supplied via SCM_RIGHTS"
+    );
+    // Too many at once are all refused.
+    let many: Vec<_> = (0..17).map(|_| a.as_fd()).collect();
+    q.send_with_fds(b" ", &many);
+    assert_eq!(
+        q.err("getfd", json!({"fdname": "x"})).1,
+        "No file descriptor supplied via SCM_RIGHTS"
+    );
+    assert_eq!(
+        q.err("closefd", json!({"fdname": "x"})),
+        (
+            "GenericError".into(),
+            "File descriptor named 'x' not found".into()
+        )
+    );
+    assert_eq!(
+        q.err("migrate", json!({"uri": "fd:nope"})).1,
+        "File descriptor named 'nope' has not been found"
+    );
+    assert_eq!(src.status(), "running");
+    let (code, last) = src.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "source: exit {code:?}, last line {last:?}"
+    );
+}
+
+/// Both ends by descriptor: the two ends of one socketpair, named with `getfd` on each
+/// side, `migrate-incoming uri=fd:in` on the destination and `migrate uri=fd:out` on the
+/// source.
+#[test]
+fn a_socketpair_given_to_both_sides_carries_the_migration() {
+    if !kvm_or_skip("a_socketpair_given_to_both_sides_carries_the_migration") {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let append = "run=dirty rate=16M seconds=5";
+    let mut src = Vm::start("mig-src", append, "64M", 1, &[]);
+    let mut dst = Vm::start("mig-dst", append, "64M", 1, &["--incoming", "defer"]);
+    let (out, inc) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    dst.qmp.send_with_fds(b" ", &[inc.as_fd()]);
+    dst.qmp.ok("getfd", json!({"fdname": "in"}));
+    src.qmp.send_with_fds(b" ", &[out.as_fd()]);
+    src.qmp.ok("getfd", json!({"fdname": "out"}));
+    drop((out, inc));
+    dst.qmp.ok("migrate-incoming", json!({"uri": "fd:in"}));
+    let info = migrate(&mut src, "fd:out");
+    assert_eq!(info["status"], "completed", "{info}");
+    dst.migration_event("completed");
+    let (code, last) = dst.finish();
+    assert!(
+        last.starts_with(abi::PASS_PREFIX) && code == Some(0),
+        "destination: exit {code:?}, last line {last:?}"
+    );
+}
