@@ -511,6 +511,83 @@ impl RawQmp {
     }
 }
 
+/// A QMP connection that keeps every event it reads, in order: a test waits for events in
+/// turn ([`EventLog::until`]) and can still look at the whole transcript afterwards.
+#[derive(Debug)]
+pub struct EventLog {
+    qmp: RawQmp,
+    log: Vec<Value>,
+    /// Events before this index were already waited for.
+    pos: usize,
+}
+
+impl EventLog {
+    pub fn new(qmp: RawQmp) -> Self {
+        Self {
+            qmp,
+            log: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// Sends a command; returns the reply, keeping the events read before it.
+    pub fn exec(&mut self, execute: &str, arguments: Value) -> Value {
+        let msg = serde_json::json!({ "execute": execute, "arguments": arguments });
+        self.qmp.send(msg.to_string().as_bytes());
+        loop {
+            let v = self.qmp.read();
+            if v.get("event").is_some() {
+                self.log.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Executes a command that must succeed; returns its `return`.
+    pub fn ok(&mut self, execute: &str, arguments: Value) -> Value {
+        let r = self.exec(execute, arguments.clone());
+        r.get("return")
+            .unwrap_or_else(|| panic!("{execute} {arguments}: {r}"))
+            .clone()
+    }
+
+    /// Executes a command that must fail; returns (class, desc).
+    pub fn err(&mut self, execute: &str, arguments: Value) -> (String, String) {
+        let r = self.exec(execute, arguments.clone());
+        let e = r
+            .get("error")
+            .unwrap_or_else(|| panic!("{execute} {arguments} succeeded: {r}"));
+        (
+            e["class"].as_str().unwrap_or_default().into(),
+            e["desc"].as_str().unwrap_or_default().into(),
+        )
+    }
+
+    /// Reads until an event after the last one waited for satisfies `want`; returns it.
+    pub fn until(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            if let Some(i) = self.log[self.pos..].iter().position(&want) {
+                self.pos += i + 1;
+                return self.log[self.pos - 1].clone();
+            }
+            let v = self.qmp.read();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.log.push(v);
+        }
+    }
+
+    /// The next event named `name` after the last one waited for.
+    pub fn event(&mut self, name: &str) -> Value {
+        self.until(|e| e["event"] == name)
+    }
+
+    /// Every event read so far, in order.
+    pub fn events(&self) -> &[Value] {
+        &self.log
+    }
+}
+
 /// Waits until the text of `path` satisfies `done` (the file may not exist yet); returns
 /// the text. Fails the test after `timeout`, showing what the file held.
 pub fn wait_for_text(path: &Path, timeout: Duration, done: impl Fn(&str) -> bool) -> String {

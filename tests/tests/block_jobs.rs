@@ -11,74 +11,35 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{RawQmp, Splitvmm, StorageDaemon, TempDir, kvm_or_skip, qemu_img_create, qemu_io, run};
+use tests::{
+    EventLog, RawQmp, Splitvmm, StorageDaemon, TempDir, kvm_or_skip, qemu_img_create, qemu_io, run,
+};
 
-/// A QMP client that keeps every event, in order.
-struct Client {
-    c: RawQmp,
-    log: Vec<Value>,
-    /// Events before this index were already waited for.
-    pos: usize,
+/// A QMP client that keeps every event, in order, with the job helpers of these tests.
+struct Client(EventLog);
+
+impl std::ops::Deref for Client {
+    type Target = EventLog;
+    fn deref(&self) -> &EventLog {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut EventLog {
+        &mut self.0
+    }
 }
 
 impl Client {
     fn new(vm: &Splitvmm) -> Self {
-        Self {
-            c: vm.raw_qmp(),
-            log: Vec::new(),
-            pos: 0,
-        }
-    }
-
-    /// Sends a command; returns the reply, keeping the events read before it.
-    fn exec(&mut self, execute: &str, arguments: Value) -> Value {
-        let msg = json!({ "execute": execute, "arguments": arguments });
-        self.c.send(msg.to_string().as_bytes());
-        loop {
-            let v = self.c.read();
-            if v.get("event").is_some() {
-                self.log.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
-        let r = self.exec(execute, arguments.clone());
-        r.get("return")
-            .unwrap_or_else(|| panic!("{execute} {arguments}: {r}"))
-            .clone()
-    }
-
-    fn err(&mut self, execute: &str, arguments: Value) -> (String, String) {
-        let r = self.exec(execute, arguments.clone());
-        let e = r
-            .get("error")
-            .unwrap_or_else(|| panic!("{execute} {arguments} succeeded: {r}"));
-        (
-            e["class"].as_str().unwrap_or_default().into(),
-            e["desc"].as_str().unwrap_or_default().into(),
-        )
-    }
-
-    /// The next event named `name` after the last one waited for.
-    fn wait(&mut self, name: &str) -> Value {
-        loop {
-            if let Some(i) = self.log[self.pos..].iter().position(|e| e["event"] == name) {
-                self.pos += i + 1;
-                return self.log[self.pos - 1].clone();
-            }
-            let v = self.c.read();
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            self.log.push(v);
-        }
+        Self(EventLog::new(vm.raw_qmp()))
     }
 
     /// The job's JOB_STATUS_CHANGE statuses and other job events seen so far, as
     /// "status" or "EVENT" strings.
     fn sequence(&self) -> Vec<String> {
-        self.log
+        self.events()
             .iter()
             .filter_map(|e| match e["event"].as_str()? {
                 "JOB_STATUS_CHANGE" => e["data"]["status"].as_str().map(str::to_string),
@@ -172,7 +133,7 @@ fn mirror_complete_pivots_with_the_exact_event_sequence() {
     // created and running come before the reply (094.out). A small image can also reach
     // ready before the reply goes out: QEMU does not order those, so only the prefix counts.
     assert_eq!(c.sequence()[..2], ["created", "running"]);
-    let ready = c.wait("BLOCK_JOB_READY");
+    let ready = c.event("BLOCK_JOB_READY");
     assert_eq!(ready["data"]["type"], "mirror");
     assert_eq!(ready["data"]["device"], "drive0");
     assert_eq!(ready["data"]["len"], ready["data"]["offset"]);
@@ -188,12 +149,12 @@ fn mirror_complete_pivots_with_the_exact_event_sequence() {
     assert_eq!(jobs[0]["status"], "ready");
     assert_eq!(jobs[0]["current-progress"], jobs[0]["total-progress"]);
     c.ok("block-job-complete", json!({"device": "drive0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
-    c.wait("JOB_STATUS_CHANGE");
+    c.event("JOB_STATUS_CHANGE");
     while c.sequence().last().map(String::as_str) != Some("null") {
-        c.wait("JOB_STATUS_CHANGE");
+        c.event("JOB_STATUS_CHANGE");
     }
     assert_eq!(
         c.sequence(),
@@ -233,10 +194,10 @@ fn mirror_force_cancel_keeps_the_source() {
         "block-job-cancel",
         json!({"device": "drive0", "force": true}),
     );
-    let ev = c.wait("BLOCK_JOB_CANCELLED");
+    let ev = c.event("BLOCK_JOB_CANCELLED");
     assert_eq!(ev["data"]["type"], "mirror");
     assert_eq!(ev["data"]["speed"], 1);
-    c.wait("JOB_STATUS_CHANGE");
+    c.event("JOB_STATUS_CHANGE");
     assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
     assert_eq!(inserted_file(&mut c), top);
     let seq = c.sequence();
@@ -257,9 +218,9 @@ fn mirror_soft_cancel_after_ready_completes_without_pivot() {
         "drive-mirror",
         json!({"device": "drive0", "target": target, "sync": "full"}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-cancel", json!({"device": "drive0"}));
-    let ev = c.wait("BLOCK_JOB_COMPLETED");
+    let ev = c.event("BLOCK_JOB_COMPLETED");
     assert_eq!(ev["data"]["type"], "mirror");
     assert_eq!(ev["data"]["offset"], ev["data"]["len"]);
     assert!(ev["data"].get("error").is_none(), "{ev}");
@@ -322,9 +283,9 @@ fn mirror_qcow2_to_qcow2_small_clusters_backing_and_compressed_data() {
         json!({"device": "drive0", "target": target, "sync": "full", "format": "qcow2",
                "granularity": 4096}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-complete", json!({"device": "drive0"}));
-    let ev = c.wait("BLOCK_JOB_COMPLETED");
+    let ev = c.event("BLOCK_JOB_COMPLETED");
     assert!(ev["data"].get("error").is_none(), "{ev}");
     assert_eq!(inserted_file(&mut c), target);
     quit(&mut vm, c);
@@ -368,9 +329,9 @@ fn mirror_pause_freezes_progress_until_resume() {
         "block-job-set-speed",
         json!({"device": "drive0", "speed": 0}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-complete", json!({"device": "drive0"}));
-    c.wait("BLOCK_JOB_COMPLETED");
+    c.event("BLOCK_JOB_COMPLETED");
     let seq = c.sequence();
     assert_eq!(&seq[..4], ["created", "running", "paused", "running"]);
     quit(&mut vm, c);
@@ -394,9 +355,9 @@ fn mirror_small_buffer_and_holes_stay_holes() {
         "drive-mirror",
         json!({"device": "drive0", "target": target, "sync": "full", "buf-size": 4096}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-complete", json!({"device": "drive0"}));
-    c.wait("BLOCK_JOB_COMPLETED");
+    c.event("BLOCK_JOB_COMPLETED");
     assert_eq!(inserted_file(&mut c), target);
     quit(&mut vm, c);
     assert!(compare(&img, "raw", &target, "raw"));
@@ -512,7 +473,7 @@ fn mirror_speed_and_errors_as_qemu() {
         "block-job-cancel",
         json!({"device": "drive0", "force": true}),
     );
-    c.wait("BLOCK_JOB_CANCELLED");
+    c.event("BLOCK_JOB_CANCELLED");
     c.ok(
         "drive-mirror",
         json!({"device": "drive0", "target": target, "sync": "full", "speed": 4 << 20, "job-id": "j1"}),
@@ -582,7 +543,7 @@ fn job_verbs_in_every_state() {
     c.ok("job-resume", json!({"id": "job0"}));
     assert_eq!(c.sequence().last().map(String::as_str), Some("running"));
     c.ok("block-job-set-speed", json!({"device": "job0", "speed": 0}));
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     refused(&mut c, "ready", &["finalize", "dismiss"]);
     c.ok("job-pause", json!({"id": "job0"}));
     let j = c.wait_paused();
@@ -591,7 +552,7 @@ fn job_verbs_in_every_state() {
     refused(&mut c, "standby", &["finalize", "dismiss"]);
     c.ok("job-resume", json!({"id": "job0"}));
     c.ok("job-complete", json!({"id": "job0"}));
-    let pending = c.wait("BLOCK_JOB_PENDING");
+    let pending = c.event("BLOCK_JOB_PENDING");
     assert_eq!(pending["data"], json!({"type": "mirror", "id": "job0"}));
     assert_eq!(c.job()["status"], "pending");
     refused(
@@ -600,7 +561,7 @@ fn job_verbs_in_every_state() {
         &["pause", "complete", "dismiss", "set-speed"],
     );
     c.ok("job-finalize", json!({"id": "job0"}));
-    c.wait("BLOCK_JOB_COMPLETED");
+    c.event("BLOCK_JOB_COMPLETED");
     assert_eq!(c.job()["status"], "concluded");
     refused(
         &mut c,
@@ -608,9 +569,9 @@ fn job_verbs_in_every_state() {
         &["pause", "complete", "finalize", "cancel", "set-speed"],
     );
     c.ok("job-dismiss", json!({"id": "job0"}));
-    c.wait("JOB_STATUS_CHANGE");
+    c.event("JOB_STATUS_CHANGE");
     while c.sequence().last().map(String::as_str) != Some("null") {
-        c.wait("JOB_STATUS_CHANGE");
+        c.event("JOB_STATUS_CHANGE");
     }
     assert_eq!(
         c.sequence(),
@@ -660,7 +621,7 @@ fn workload_vm(dir: TempDir) -> (Splitvmm, Client, String, String) {
 /// The guest's run ends: it shut itself down, splitvmm exits 0, the guest says PASS.
 /// (The directory stays until `vm` is dropped.)
 fn workload_passes(vm: &mut Splitvmm, mut c: Client) {
-    let ev = c.wait("SHUTDOWN");
+    let ev = c.event("SHUTDOWN");
     assert_eq!(
         ev["data"],
         json!({"guest": true, "reason": "guest-shutdown"})
@@ -683,9 +644,9 @@ fn guest_keeps_writing_through_mirror_and_pivot() {
         "drive-mirror",
         json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-complete", json!({"device": "disk0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(inserted_file(&mut c), target);
     workload_passes(&mut vm, c);
@@ -707,10 +668,10 @@ fn guest_keeps_writing_through_mirror_soft_cancel() {
         "drive-mirror",
         json!({"device": "disk0", "target": target, "sync": "full", "format": "qcow2"}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("stop", json!({}));
     c.ok("block-job-cancel", json!({"device": "disk0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
     assert_eq!(inserted_file(&mut c), img);
@@ -746,7 +707,7 @@ fn mirror_to_nbd(c: &mut Client, target: &str, format: &str, uri: &str) {
                "mode": "existing"}),
     );
     assert_eq!(c.sequence()[..2], ["created", "running"]);
-    let ready = c.wait("BLOCK_JOB_READY");
+    let ready = c.event("BLOCK_JOB_READY");
     // The export must be zeroed (sync=full, mode=existing), so QEMU 10.0 counts the
     // whole 1 MiB image, as qemu-storage-daemon 10.0.2 reports for this mirror.
     let size = 1 << 20;
@@ -755,13 +716,13 @@ fn mirror_to_nbd(c: &mut Client, target: &str, format: &str, uri: &str) {
         json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
     );
     c.ok("block-job-complete", json!({"device": "drive0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert_eq!(
         done["data"],
         json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
     );
     while c.sequence().last().map(String::as_str) != Some("null") {
-        c.wait("JOB_STATUS_CHANGE");
+        c.event("JOB_STATUS_CHANGE");
     }
     assert_eq!(
         c.sequence(),
@@ -893,7 +854,7 @@ fn mirror_write_blocking_after_block_job_change() {
         "block-job-set-speed",
         json!({"device": "drive0", "speed": 0}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     let mut synced = c.job()["actively-synced"].clone();
     for _ in 0..200 {
         if synced == true {
@@ -904,7 +865,7 @@ fn mirror_write_blocking_after_block_job_change() {
     }
     assert_eq!(synced, true);
     c.ok("block-job-cancel", json!({"device": "drive0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     quit(&mut vm, c);
     assert!(compare(&top, "qcow2", &target, "raw"));
@@ -943,9 +904,9 @@ fn blockdev_mirror_moves_the_source_exports_at_completion() {
         "blockdev-mirror",
         json!({"device": "src", "target": "tgt", "sync": "full", "job-id": "j"}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-complete", json!({"device": "j"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(
         c.ok("query-block-exports", json!({})),
@@ -1007,9 +968,9 @@ fn backing_filename(img: &str) -> Option<String> {
 
 /// Waits for the job's end; returns the completion event.
 fn wait_completed(c: &mut Client) -> Value {
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     while c.sequence().last().map(String::as_str) != Some("null") {
-        c.wait("JOB_STATUS_CHANGE");
+        c.event("JOB_STATUS_CHANGE");
     }
     done
 }
@@ -1409,7 +1370,7 @@ fn commit_active_pivots_to_the_base() {
         "'backing-file' specified, but 'top' is the active layer"
     );
     c.ok("block-commit", json!({"device": "drive0", "base": backing}));
-    let ready = c.wait("BLOCK_JOB_READY");
+    let ready = c.event("BLOCK_JOB_READY");
     assert_eq!(ready["data"]["type"], "commit");
     assert_eq!(ready["data"]["device"], "drive0");
     assert_eq!(ready["data"]["offset"], ready["data"]["len"]);
@@ -1610,12 +1571,12 @@ fn guest_keeps_writing_through_stream() {
         "block-stream",
         json!({"device": "disk0", "speed": 4 * 1024 * 1024}),
     );
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
     let b = c.ok("query-block", json!({}));
     assert!(b[0]["inserted"].get("backing_file").is_none(), "{b}");
-    let ev = c.wait("SHUTDOWN");
+    let ev = c.event("SHUTDOWN");
     assert_eq!(
         ev["data"],
         json!({"guest": true, "reason": "guest-shutdown"})
@@ -1683,7 +1644,7 @@ fn stream_cancel_leaves_the_chain() {
         std::thread::sleep(Duration::from_millis(10));
     }
     c.ok("block-job-cancel", json!({"device": "drive0"}));
-    let ev = c.wait("BLOCK_JOB_CANCELLED");
+    let ev = c.event("BLOCK_JOB_CANCELLED");
     assert_eq!(ev["data"]["type"], "stream");
     assert_eq!(ev["data"]["offset"], 524288);
     assert_eq!(ev["data"]["len"], 1 << 20);
@@ -1706,7 +1667,7 @@ fn commit_active_cancel_after_ready_then_again() {
     let want = snapshot_contents(&test, dir.path(), "want.raw");
     let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
     c.ok("block-commit", json!({"device": "drive0", "base": backing}));
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("block-job-cancel", json!({"device": "drive0"}));
     let done = wait_completed(&mut c);
     assert!(done["data"].get("error").is_none(), "{done}");
@@ -1716,9 +1677,9 @@ fn commit_active_cancel_after_ready_then_again() {
         "block-commit",
         json!({"device": "drive0", "job-id": "again"}),
     );
-    c.wait("BLOCK_JOB_READY");
+    c.event("BLOCK_JOB_READY");
     c.ok("job-complete", json!({"id": "again"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(inserted_file(&mut c), backing);
     quit(&mut vm, c);
@@ -1918,13 +1879,13 @@ fn stream_manual_finalize_changes_the_chain_at_finalization() {
         "block-stream",
         json!({"device": "drive0", "auto-finalize": false, "auto-dismiss": false}),
     );
-    let pending = c.wait("BLOCK_JOB_PENDING");
+    let pending = c.event("BLOCK_JOB_PENDING");
     assert_eq!(pending["data"], json!({"type": "stream", "id": "drive0"}));
     assert_eq!(c.job()["status"], "pending");
     let b = c.ok("query-block", json!({}));
     assert_eq!(b[0]["inserted"]["backing_file"], mid.as_str(), "{b}");
     c.ok("job-finalize", json!({"id": "drive0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(c.job()["status"], "concluded");
     let b = c.ok("query-block", json!({}));
@@ -1961,13 +1922,13 @@ fn guest_keeps_writing_through_active_commit() {
         t.contains("write-verify-loop: 1.")
     });
     c.ok("block-commit", json!({"device": "disk0"}));
-    let ready = c.wait("BLOCK_JOB_READY");
+    let ready = c.event("BLOCK_JOB_READY");
     assert_eq!(ready["data"]["type"], "commit");
     c.ok("block-job-complete", json!({"device": "disk0"}));
-    let done = c.wait("BLOCK_JOB_COMPLETED");
+    let done = c.event("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(inserted_file(&mut c), base);
-    let ev = c.wait("SHUTDOWN");
+    let ev = c.event("SHUTDOWN");
     assert_eq!(
         ev["data"],
         json!({"guest": true, "reason": "guest-shutdown"})

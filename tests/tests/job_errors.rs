@@ -22,64 +22,34 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use tests::{RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_io, qemu_nbd};
+use tests::{
+    EventLog, RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_io, qemu_nbd,
+};
 
-/// A QMP connection that keeps every event it reads, in order.
-struct Rec {
-    q: RawQmp,
-    log: Vec<Value>,
-    /// Events before this index were already consumed by [`Rec::until`].
-    pos: usize,
+/// A QMP connection that keeps every event it reads, in order, with the job helpers of
+/// these tests.
+struct Rec(EventLog);
+
+impl std::ops::Deref for Rec {
+    type Target = EventLog;
+    fn deref(&self) -> &EventLog {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Rec {
+    fn deref_mut(&mut self) -> &mut EventLog {
+        &mut self.0
+    }
 }
 
 impl Rec {
     fn new(q: RawQmp) -> Self {
-        Self {
-            q,
-            log: Vec::new(),
-            pos: 0,
-        }
-    }
-
-    fn exec(&mut self, execute: &str, arguments: Value) -> Value {
-        let msg = json!({ "execute": execute, "arguments": arguments });
-        self.q.send(msg.to_string().as_bytes());
-        loop {
-            let v = self.q.read();
-            if v.get("event").is_some() {
-                self.log.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
-        let r = self.exec(execute, arguments.clone());
-        r.get("return")
-            .unwrap_or_else(|| panic!("{execute} {arguments}: {r}"))
-            .clone()
-    }
-
-    /// Reads until an event (after the last one consumed) satisfies `want`.
-    fn until(&mut self, want: impl Fn(&Value) -> bool) -> Value {
-        loop {
-            if let Some(i) = self.log[self.pos..].iter().position(&want) {
-                self.pos += i + 1;
-                return self.log[self.pos - 1].clone();
-            }
-            let v = self.q.read();
-            assert!(v.get("event").is_some(), "unexpected reply {v}");
-            self.log.push(v);
-        }
+        Self(EventLog::new(q))
     }
 
     fn status(&mut self, status: &str) {
         self.until(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == status);
-    }
-
-    fn event(&mut self, name: &str) -> Value {
-        self.until(|e| e["event"] == name)
     }
 
     /// `query-block-jobs` without what depends on timing.
@@ -99,7 +69,7 @@ impl Rec {
 
     /// The events so far, as `{"event", "data"}` without `len`/`offset` (and timestamps).
     fn transcript(&self) -> Vec<Value> {
-        self.log
+        self.events()
             .iter()
             .map(|e| {
                 let mut d = e["data"].clone();
