@@ -72,10 +72,7 @@ pub fn run(
         }
     };
     if config.sandbox {
-        // Everything open now is ours: the launcher closed the rest at spawn.
-        let keep =
-            jail::current_fds().map_err(|e| Error::Setup(format!("listing descriptors: {e}")))?;
-        if let Err(e) = sandbox::enter(&config.image_dirs, keep, runas) {
+        if let Err(e) = sandbox::enter(&config.image_dirs, runas) {
             monitor.send(
                 &reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))),
                 &[],

@@ -64,20 +64,14 @@ pub fn seccomp_policy() -> SeccompPolicy {
     ]))
 }
 
-/// Enters the jail. Only descriptors it holds now stay open; file access is limited to
-/// `image_dirs`.
-pub fn enter(
-    image_dirs: &[PathBuf],
-    keep_fds: Vec<i32>,
-    runas: Option<(u32, u32)>,
-) -> Result<(), jail::JailError> {
+/// Enters the jail: file access is limited to `image_dirs`.
+pub fn enter(image_dirs: &[PathBuf], runas: Option<(u32, u32)>) -> Result<(), jail::JailError> {
     let policy = Policy {
         name: "block-proc",
-        keep_fds,
         empty_root: false,
         landlock: Some(LandlockRules {
             read_write: image_dirs.to_vec(),
-            read_only: Vec::new(),
+            ..LandlockRules::default()
         }),
         drop_caps: true,
         runas,

@@ -1,7 +1,7 @@
 //! [`enter`]: the one call that jails the calling process, step by step in a fixed order;
 //! and [`seccomp_mode`], which tests use to see a filter from outside.
 
-use std::{fs, io, os::fd::RawFd, path::PathBuf};
+use std::{fs, io, path::PathBuf};
 
 use landlock::{
     ABI, Access, AccessFs, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
@@ -16,13 +16,23 @@ use nix::{
 
 use crate::{JailError, SeccompPolicy, seccomp, sigsys};
 
-/// Directories Landlock leaves reachable; every other path is denied.
+/// Directories Landlock leaves reachable, and how; every other path is denied. Landlock
+/// restricts what a path is opened or changed for (read, write, create, remove, rename,
+/// link, truncate, execute, device ioctls), not `stat` or `readlink`.
 #[derive(Clone, Debug, Default)]
 pub struct LandlockRules {
     /// Read, write, create and remove regular files and unix sockets beneath these.
     pub read_write: Vec<PathBuf>,
     /// Read files and list directories beneath these.
     pub read_only: Vec<PathBuf>,
+    /// Create unix sockets (`bind`) and remove directory entries beneath these; nothing is
+    /// read, written or made otherwise. Landlock cannot tell a socket's entry from a regular
+    /// file's when removing, so the caller removes only what it checked is a socket (and
+    /// files it created itself).
+    pub sockets: Vec<PathBuf>,
+    /// Rename a regular file into place beneath these (a pidfile written before the jail):
+    /// create and remove entries of regular files, without reading or writing any.
+    pub publish: Vec<PathBuf>,
 }
 
 /// How a process jails itself.
@@ -30,9 +40,6 @@ pub struct LandlockRules {
 pub struct Policy {
     /// Process name, used in the SIGSYS log line.
     pub name: &'static str,
-    /// Fds that stay open besides 0, 1 and 2; every other fd is closed, so list every fd the
-    /// process still uses (its owner would otherwise close a dead or reused number later).
-    pub keep_fds: Vec<RawFd>,
     /// Replace `/` by an empty read-only tmpfs, in a new mount namespace.
     pub empty_root: bool,
     /// Restrict file access with Landlock.
@@ -75,28 +82,25 @@ const EMPTY_ROOT_MOUNT_POINT: &str = "/tmp";
 /// Jails the calling process. Call it after set-up and before reading untrusted input, while
 /// the process is still single-threaded if the policy uses an empty root, Landlock or drops
 /// capabilities (a mount namespace, Landlock and capabilities only apply to the calling
-/// thread). In order: close stray fds, `no_new_privs`, empty root, Landlock, rlimits,
-/// bounding and ambient capabilities, uid and gid (`runas`), the other capability sets,
-/// SIGSYS handler, seccomp filter on all threads.
+/// thread). Every descriptor open now stays: a child got only its own at spawn
+/// ([`crate::spawn`] closes the rest), and the monitor made all it has. In order:
+/// `no_new_privs`, empty root, Landlock, rlimits, bounding and ambient capabilities, uid and
+/// gid (`runas`), the other capability sets, SIGSYS handler, seccomp filter on all threads.
 pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
     // Compile first: a bad policy fails before anything irreversible happens.
     let program = policy.seccomp.compile()?;
     if policy.empty_root || policy.landlock.is_some() || policy.drop_caps {
-        let threads =
-            proc_status_field("self", "Threads").map_err(step("reading /proc/self/status"))?;
-        if threads != 1 {
-            return Err(JailError::Threaded {
-                name: policy.name,
-                threads,
-            });
-        }
+        single_threaded(policy.name)?;
     }
-    close_stray_fds(&policy.keep_fds)?;
     prctl::set_no_new_privs().map_err(step("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     if policy.empty_root {
         enter_empty_root()?;
     }
-    let landlock = policy.landlock.as_ref().map(restrict_paths).transpose()?;
+    let landlock = policy
+        .landlock
+        .as_ref()
+        .map(|rules| restrict_paths(policy.name, rules))
+        .transpose()?;
     // No core dumps: they would write guest memory and secrets to disk. RLIMIT_NPROC stays:
     // it counts every process and thread of the user, so a low value breaks thread creation
     // (tokio's blocking pool) and other processes of the same user; seccomp forbids fork.
@@ -149,34 +153,6 @@ fn step<E: Into<io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> JailEr
     }
 }
 
-fn close_stray_fds(keep: &[RawFd]) -> Result<(), JailError> {
-    let mut kept: Vec<u32> = [0, 1, 2]
-        .into_iter()
-        .chain(keep.iter().filter_map(|fd| u32::try_from(*fd).ok()))
-        .collect();
-    kept.sort_unstable();
-    kept.dedup();
-    let close_range = |first: u32, last: u32| {
-        // SAFETY: close_range only closes fds; the caller listed every fd it still uses in
-        // `keep_fds`, so no owner is left with a closed number.
-        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) } == 0 {
-            Ok(())
-        } else {
-            Err(step(format!(
-                "closing fds {first}..={last} (keeping {kept:?})"
-            ))(io::Error::last_os_error()))
-        }
-    };
-    let mut first = 0;
-    for &fd in &kept {
-        if fd > first {
-            close_range(first, fd - 1)?;
-        }
-        first = fd + 1;
-    }
-    close_range(first, u32::MAX)
-}
-
 fn enter_empty_root() -> Result<(), JailError> {
     // pivot_root moves every process of the mount namespace whose root is the old root, so it
     // must happen in a namespace nobody else uses, even if the caller forgot
@@ -221,7 +197,26 @@ fn enter_empty_root() -> Result<(), JailError> {
     Ok(())
 }
 
-fn restrict_paths(rules: &LandlockRules) -> Result<LandlockStatus, JailError> {
+/// Fails unless the calling process has one thread: what applies to the calling thread only
+/// (a mount namespace, Landlock, capabilities) would leave the others free.
+fn single_threaded(name: &'static str) -> Result<(), JailError> {
+    let threads =
+        proc_status_field("self", "Threads").map_err(step("reading /proc/self/status"))?;
+    if threads != 1 {
+        return Err(JailError::Threaded { name, threads });
+    }
+    Ok(())
+}
+
+/// Restricts the file access of the calling process to `rules`, for good; it must still be
+/// single-threaded (Landlock binds the calling thread and the threads it starts later). For
+/// a process that jails itself in two steps: paths while it is single-threaded, the rest of
+/// [`enter`] (with `landlock: None`) once its runtime runs. `no_new_privs` comes with it.
+pub fn restrict_paths(
+    name: &'static str,
+    rules: &LandlockRules,
+) -> Result<LandlockStatus, JailError> {
+    single_threaded(name)?;
     let read_only: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::ReadDir;
     let read_write = read_only
         | AccessFs::WriteFile
@@ -229,12 +224,16 @@ fn restrict_paths(rules: &LandlockRules) -> Result<LandlockStatus, JailError> {
         | AccessFs::MakeReg
         | AccessFs::MakeSock
         | AccessFs::RemoveFile;
+    let sockets = AccessFs::MakeSock | AccessFs::RemoveFile;
+    let publish = AccessFs::MakeReg | AccessFs::RemoveFile;
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
         .create()?;
     for (paths, access) in [
         (&rules.read_write, read_write),
         (&rules.read_only, read_only),
+        (&rules.sockets, sockets),
+        (&rules.publish, publish),
     ] {
         for path in paths {
             ruleset = ruleset.add_rule(PathBeneath::new(PathFd::new(path)?, access))?;
@@ -248,6 +247,7 @@ fn restrict_paths(rules: &LandlockRules) -> Result<LandlockStatus, JailError> {
     if status != LandlockStatus::FullyEnforced {
         tracing::warn!(?status, "Landlock is not fully enforced by this kernel");
     }
+    tracing::debug!(name, ?status, "Landlock rules in force");
     Ok(status)
 }
 
@@ -372,14 +372,3 @@ fn permitted_capabilities() -> Result<u64, JailError> {
     Ok(u64::from(data[1]) | (u64::from(data[4]) << 32))
 }
 
-/// Every descriptor this process has open now (for `Policy::keep_fds` in a process that
-/// owns all of its descriptors, e.g. one that was spawned with only the ones it needs).
-pub fn current_fds() -> io::Result<Vec<RawFd>> {
-    let mut fds = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/fd")? {
-        if let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
-            fds.push(fd);
-        }
-    }
-    Ok(fds)
-}

@@ -29,7 +29,7 @@ pub mod cap {
 
 pub use deny::DenyList;
 pub use enter::{
-    Jailed, LandlockRules, LandlockStatus, Policy, current_fds, enter, keep_capabilities,
+    Jailed, LandlockRules, LandlockStatus, Policy, enter, keep_capabilities, restrict_paths,
     parse_runas, seccomp_mode,
 };
 pub use error::JailError;

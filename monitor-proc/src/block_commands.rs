@@ -536,8 +536,8 @@ impl NbdListener {
                     )));
                 }
                 let path = std::path::PathBuf::from(data_str(&data, "path", "addr.data.")?);
-                // QEMU unlinks the path before binding.
-                let _ = std::fs::remove_file(&path);
+                // QEMU unlinks the path before binding; we only do if it is a socket.
+                let _ = crate::server::remove_socket(&path);
                 let l = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
                     QmpError::generic(format!(
                         "Failed to bind socket to {}: {}",
@@ -592,7 +592,7 @@ impl NbdListener {
     /// block-proc refused: remove what was bound.
     pub fn abandon(path: Option<std::path::PathBuf>) {
         if let Some(p) = path {
-            let _ = std::fs::remove_file(p);
+            let _ = crate::server::remove_socket(&p);
         }
     }
 

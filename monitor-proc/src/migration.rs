@@ -330,7 +330,7 @@ async fn listen(monitor: &Monitor, addr: &Address) -> Result<Value, QmpError> {
             L::Tcp(tokio::net::TcpListener::bind(a).await.map_err(bind_err)?)
         }
         Address::Unix(path) => {
-            let _ = std::fs::remove_file(path);
+            let _ = crate::server::remove_socket(path.as_ref());
             L::Unix(
                 tokio::net::UnixListener::bind(path).map_err(bind_err)?,
                 path.clone(),
@@ -349,7 +349,7 @@ async fn listen(monitor: &Monitor, addr: &Address) -> Result<Value, QmpError> {
                     .accept()
                     .await
                     .and_then(|(s, _)| Ok(OwnedFd::from(s.into_std()?)));
-                let _ = std::fs::remove_file(path);
+                let _ = crate::server::remove_socket(path.as_ref());
                 r
             }
             L::Fd(fd) => Ok(fd),

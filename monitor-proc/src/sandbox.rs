@@ -1,8 +1,43 @@
-//! The monitor's jail: host namespaces (it creates every runtime socket), no exec (the
-//! launcher alone may), and its seccomp allowlist; and the launcher's deny filter.
+//! The monitor's jail: host namespaces (it creates every runtime socket), Landlock (unix
+//! sockets anywhere, the pidfile, nothing else), no exec (the launcher alone may), and its
+//! seccomp allowlist; and the launcher's deny filter.
+//!
+//! The monitor jails itself in two steps. Landlock binds only the calling thread and the
+//! threads it starts later (the kernels here have no Landlock `TSYNC`), so [`restrict_paths`]
+//! runs in `main` while the monitor is single-threaded: after the launcher is forked (which
+//! keeps host file access to start the children) and the host files are opened, before the
+//! async runtime starts. [`enter`] installs the rest once the children are configured.
+
+use std::path::{Path, PathBuf};
 
 use jail::seccomp::{allow, allow_if, arg_eq};
-use jail::{DenyList, Policy, SeccompPolicy, base_runtime_policy};
+use jail::{DenyList, LandlockRules, LandlockStatus, Policy, SeccompPolicy, base_runtime_policy};
+
+/// The monitor's file access: it may create unix sockets anywhere (QMP, NBD and migration
+/// listeners go where the client asks, as in QEMU) and remove entries (stale sockets before
+/// a bind, its own sockets at exit: the code checks they are sockets), and it may rename a
+/// file into place in the pidfile's directory. It reads, writes, creates, truncates, links
+/// and executes nothing, anywhere: what it needs is opened before this, in `main`.
+pub fn path_rules(pidfile: Option<&Path>) -> LandlockRules {
+    LandlockRules {
+        sockets: vec![PathBuf::from("/")],
+        publish: pidfile
+            .map(|p| {
+                std::path::absolute(p)
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                    .unwrap_or_else(|| PathBuf::from("."))
+            })
+            .into_iter()
+            .collect(),
+        ..LandlockRules::default()
+    }
+}
+
+/// Restricts the monitor's file access to [`path_rules`], for good. Call it single-threaded.
+pub fn restrict_paths(pidfile: Option<&Path>) -> Result<LandlockStatus, jail::JailError> {
+    jail::restrict_paths("splitvmm", &path_rules(pidfile))
+}
 
 /// The monitor's syscalls beyond the base runtime's, each with why.
 pub fn seccomp_policy() -> SeccompPolicy {
@@ -59,16 +94,11 @@ pub fn seccomp_policy() -> SeccompPolicy {
     ]))
 }
 
-/// Enters the jail. The monitor keeps every descriptor it has (sockets, links, the
-/// runtime's): it made them all.
+/// Enters the rest of the jail ([`restrict_paths`] came first). The monitor keeps every
+/// descriptor it has (sockets, links, the runtime's): it made them all.
 pub fn enter(runas: Option<(u32, u32)>) -> Result<(), jail::JailError> {
-    let keep_fds = jail::current_fds().map_err(|e| jail::JailError::Enter {
-        step: "listing /proc/self/fd".into(),
-        source: e,
-    })?;
     let policy = Policy {
         name: "splitvmm",
-        keep_fds,
         empty_root: false,
         landlock: None,
         drop_caps: false,

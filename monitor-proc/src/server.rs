@@ -26,6 +26,19 @@ use crate::qmp::json::{JsonStreamer, Limits};
 use crate::qmp::wire;
 use crate::state::Monitor;
 
+/// Removes the unix socket at `path`, if a socket is there: before a bind (a stale one, as
+/// QEMU replaces it) and when the monitor closes its own. Anything else at the path stays,
+/// and the bind that follows fails with "Address already in use". The monitor's Landlock
+/// rules let it remove any entry its user may (they cannot tell a socket from a file), so
+/// this check is what keeps a client from deleting a file by naming it as a socket.
+pub fn remove_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        _ => Ok(()),
+    }
+}
+
 /// A bound QMP socket.
 #[derive(Debug)]
 pub enum Listener {
@@ -38,10 +51,7 @@ impl Listener {
     pub fn bind(addr: &QmpAddr) -> std::io::Result<Self> {
         match addr {
             QmpAddr::Unix(path) => {
-                use std::os::unix::fs::FileTypeExt;
-                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-                    std::fs::remove_file(path)?;
-                }
+                remove_socket(path)?;
                 let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
                     std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
                 })?;

@@ -141,7 +141,7 @@ fn describe(status: ExitStatus) -> (String, serde_json::Value) {
 
 /// Runs splitvmm until it shuts down. `launcher` is the monitor's end of the link to the
 /// already forked launcher process.
-pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
+pub async fn run(cli: Cli, host: HostFiles, launcher: Channel, launcher_pid: Pid) -> ExitCode {
     let launcher = match AsyncChannel::new(launcher) {
         Ok(c) => c,
         Err(e) => {
@@ -156,6 +156,9 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
     let mut launcher = Launcher::start(launcher);
     let mut children = Children::default();
     let mut cleanup = Cleanup::default();
+    if let Some(tmp) = &host.pidfile_tmp {
+        cleanup.add(tmp.clone());
+    }
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel();
     let (closing_tx, closing_rx) = watch::channel(false);
     let sessions = Sessions::new(closing_rx);
@@ -169,6 +172,7 @@ pub async fn run(cli: Cli, launcher: Channel, launcher_pid: Pid) -> ExitCode {
     };
     let started = start(
         &cli,
+        host,
         &mut launcher,
         &mut children,
         &mut cleanup,
@@ -245,6 +249,11 @@ impl Cleanup {
     pub fn add(&mut self, p: PathBuf) {
         self.0.push(p);
     }
+    /// `old` was renamed to `new`.
+    fn replace(&mut self, old: &std::path::Path, new: PathBuf) {
+        self.0.retain(|p| p != old);
+        self.0.push(new);
+    }
     fn run(&mut self) {
         for p in self.0.drain(..) {
             if let Err(e) = std::fs::remove_file(&p) {
@@ -256,6 +265,7 @@ impl Cleanup {
 
 async fn start(
     cli: &Cli,
+    mut host: HostFiles,
     launcher: &mut Launcher,
     children: &mut Children,
     cleanup: &mut Cleanup,
@@ -300,24 +310,8 @@ async fn start(
         (Some(kernel), Some(peer_fd)) => {
             let (vmm_mon, vmm_child) =
                 Channel::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
-            // vmm-proc opens nothing: the monitor opens what it needs, before any jail.
-            let mut fds: Vec<OwnedFd> = vec![open_kvm()?];
-            if let Some(serial) = open_serial(&cli.serial)? {
-                fds.push(serial);
-            }
-            // The kernel and initramfs are read-only inputs: vmm-proc reads them at boot
-            // and again at every reset, through these descriptors.
-            let open_input = |option: &str, p: &PathBuf| {
-                std::fs::File::open(p)
-                    .map(OwnedFd::from)
-                    .map_err(|e| SupervisorError::Start(format!("{option} {}: {e}", p.display())))
-            };
-            if let Kernel::File(p) = kernel {
-                fds.push(open_input("--kernel", p)?);
-            }
-            if let Some(p) = &cli.initrd {
-                fds.push(open_input("--initrd", p)?);
-            }
+            // vmm-proc opens nothing: the monitor opened what it needs, before any jail.
+            let fds = std::mem::take(&mut host.vmm_fds);
             let pid = launcher
                 .spawn(ChildKind::Vmm, cli.sandbox, &[vmm_child.into_fd(), peer_fd])
                 .await?;
@@ -392,29 +386,18 @@ async fn start(
             .map_err(|e| SupervisorError::Start(format!("--incoming {uri}: {e}")))?;
     }
 
-    // The pidfile says "ready": it appears (renamed into place, which needs no open)
-    // only once the monitor is jailed, just before the first client is accepted.
-    let pidfile = match &cli.pidfile {
-        Some(p) => {
-            let mut tmp = p.clone().into_os_string();
-            tmp.push(".tmp");
-            let tmp = PathBuf::from(tmp);
-            std::fs::write(&tmp, format!("{}\n", std::process::id()))
-                .map_err(|e| SupervisorError::Start(format!("--pidfile {}: {e}", p.display())))?;
-            Some((tmp, p))
-        }
-        None => None,
-    };
     if cli.sandbox {
         crate::sandbox::enter(cli.runas)
             .map_err(|e| SupervisorError::Start(format!("sandbox: {e}")))?;
     } else {
         eprintln!("splitvmm: WARNING: --sandbox off: no process is confined. For debugging only.");
     }
-    if let Some((tmp, p)) = pidfile {
+    // The pidfile says "ready": it appears (renamed into place, which needs no open) only
+    // once the monitor is jailed, just before the first client is accepted.
+    if let (Some(tmp), Some(p)) = (host.pidfile_tmp.take(), &cli.pidfile) {
         std::fs::rename(&tmp, p)
             .map_err(|e| SupervisorError::Start(format!("--pidfile {}: {e}", p.display())))?;
-        cleanup.add(p.clone());
+        cleanup.replace(&tmp, p.clone());
     }
     Ok((monitor, listeners))
 }
@@ -622,34 +605,89 @@ fn vmm_event(m: &Monitor, ev: VmmEvent) {
     }
 }
 
+/// What the monitor opens on the host, in `main` before it restricts its own file access
+/// (see [`crate::sandbox`]): vmm-proc's descriptors, and the pidfile's first copy.
+#[derive(Debug, Default)]
+pub struct HostFiles {
+    /// For vmm-proc, in the order it takes them: `/dev/kvm`, the serial output (unless
+    /// `null`), the kernel file and the initramfs (with `--kernel FILE` and `--initrd`).
+    /// Empty without `--kernel`.
+    vmm_fds: Vec<OwnedFd>,
+    /// The pidfile written beside its final name, renamed into place once the monitor is
+    /// jailed (removed at exit if start-up fails first).
+    pidfile_tmp: Option<PathBuf>,
+}
+
+impl HostFiles {
+    /// Opens them; the error is a line for the user.
+    pub fn open(cli: &Cli) -> Result<Self, String> {
+        let mut host = HostFiles::default();
+        if let Some(kernel) = &cli.kernel {
+            host.vmm_fds.push(open_kvm()?);
+            if let Some(serial) = open_serial(&cli.serial)? {
+                host.vmm_fds.push(serial);
+            }
+            // The kernel and initramfs are read-only inputs: vmm-proc reads them at boot
+            // and again at every reset, through these descriptors.
+            let open_input = |option: &str, p: &PathBuf| {
+                std::fs::File::open(p)
+                    .map(OwnedFd::from)
+                    .map_err(|e| format!("{option} {}: {e}", p.display()))
+            };
+            if let Kernel::File(p) = kernel {
+                host.vmm_fds.push(open_input("--kernel", p)?);
+            }
+            if let Some(p) = &cli.initrd {
+                host.vmm_fds.push(open_input("--initrd", p)?);
+            }
+        }
+        if let Some(p) = &cli.pidfile {
+            let mut tmp = p.clone().into_os_string();
+            tmp.push(".tmp");
+            let tmp = PathBuf::from(tmp);
+            std::fs::write(&tmp, format!("{}\n", std::process::id()))
+                .map_err(|e| format!("--pidfile {}: {e}", p.display()))?;
+            host.pidfile_tmp = Some(tmp);
+        }
+        Ok(host)
+    }
+
+    /// Start-up failed before the supervisor ran: removes the pidfile's first copy.
+    pub fn discard(self) {
+        if let Some(tmp) = self.pidfile_tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 /// `/dev/kvm`, opened for vmm-proc (which creates the VM itself).
-fn open_kvm() -> Result<OwnedFd, SupervisorError> {
+fn open_kvm() -> Result<OwnedFd, String> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .map(OwnedFd::from)
         .map_err(|e| {
-            SupervisorError::Start(format!(
+            format!(
                 "Could not access KVM kernel module: {}",
                 ipc::common::os_error_text(&e)
-            ))
+            )
         })
 }
 
 /// Where the guest's serial output goes, opened here (vmm-proc never opens a path).
 /// `file:` truncates, as QEMU's file chardev does.
-fn open_serial(serial: &Serial) -> Result<Option<OwnedFd>, SupervisorError> {
+fn open_serial(serial: &Serial) -> Result<Option<OwnedFd>, String> {
     match serial {
         Serial::Null => Ok(None),
         Serial::Stdio => std::io::stdout()
             .as_fd()
             .try_clone_to_owned()
             .map(Some)
-            .map_err(|e| SupervisorError::Start(format!("--serial stdio: {e}"))),
+            .map_err(|e| format!("--serial stdio: {e}")),
         Serial::File(p) => std::fs::File::create(p)
             .map(|f| Some(f.into()))
-            .map_err(|e| SupervisorError::Start(format!("--serial file:{}: {e}", p.display()))),
+            .map_err(|e| format!("--serial file:{}: {e}", p.display())),
     }
 }
 

@@ -92,10 +92,7 @@ pub fn run(monitor_fd: RawFd, peer_fd: RawFd, runas: Option<(u32, u32)>) -> Resu
         .and_then(|()| build(&config, first.fds, &block));
     let built = built.and_then(|b| {
         if config.sandbox {
-            // Everything open now is ours and still needed (the launcher handed over only
-            // what vmm-proc uses; set-up added the VM's descriptors).
-            let keep = jail::current_fds().map_err(|e| format!("listing descriptors: {e}"))?;
-            sandbox::enter(&keep, runas).map_err(|e| format!("vmm-proc sandbox: {e}"))?;
+            sandbox::enter(runas).map_err(|e| format!("vmm-proc sandbox: {e}"))?;
         }
         Ok(b)
     });

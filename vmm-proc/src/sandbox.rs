@@ -197,11 +197,12 @@ pub fn seccomp_policy() -> SeccompPolicy {
     ]))
 }
 
-/// Enters the jail, keeping only `keep_fds` (and stdio) open, as `runas` if given.
-pub fn enter(keep_fds: &[i32], runas: Option<(u32, u32)>) -> Result<(), jail::JailError> {
+/// Enters the jail, as `runas` if given. Every descriptor open now stays: each is vmm-proc's
+/// and still needed (the launcher handed over only what vmm-proc uses, set-up added the
+/// VM's own).
+pub fn enter(runas: Option<(u32, u32)>) -> Result<(), jail::JailError> {
     let policy = Policy {
         name: "vmm-proc",
-        keep_fds: keep_fds.to_vec(),
         empty_root: true,
         landlock: None,
         drop_caps: true,

@@ -46,7 +46,6 @@ fn main() -> ExitCode {
 fn policy(extra: Vec<Rule>) -> Policy {
     Policy {
         name: "jail-probe",
-        keep_fds: Vec::new(),
         empty_root: false,
         landlock: None,
         drop_caps: false,
@@ -84,7 +83,7 @@ fn landlock(args: &[String]) -> Result {
     let jailed = jail::enter(&Policy {
         landlock: Some(LandlockRules {
             read_write: vec![PathBuf::from(inside)],
-            read_only: Vec::new(),
+            ..LandlockRules::default()
         }),
         ..policy(vec![allow(libc::SYS_openat, "the files under test")])
     })?;

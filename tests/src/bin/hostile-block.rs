@@ -59,8 +59,7 @@ fn main() {
     let BlockRequest::Configure(config) = &configure.msg.request else {
         panic!("first request is not Configure: {:?}", configure.msg);
     };
-    let keep = jail::current_fds().expect("fds");
-    if let Err(e) = block_proc::sandbox::enter(&config.image_dirs, keep, None) {
+    if let Err(e) = block_proc::sandbox::enter(&config.image_dirs, None) {
         say("jail", e);
         std::process::exit(2);
     }

@@ -204,10 +204,6 @@ impl Memfds {
             again: memfd(MEM, true),
         }
     }
-
-    fn raw(&self) -> [i32; 4] {
-        [&self.good, &self.loose, &self.small, &self.again].map(AsRawFd::as_raw_fd)
-    }
 }
 
 /// Hostile guest I/O; the link survives it all, then a garbage frame ends it.
@@ -414,9 +410,7 @@ fn main() {
     let mems = Memfds::new();
     let view = map(&mems.good);
     // Everything from here runs as a compromised vmm-proc would: in its jail.
-    let mut keep = vec![3, 4];
-    keep.extend(mems.raw());
-    if let Err(e) = vmm_proc::sandbox::enter(&keep, None) {
+    if let Err(e) = vmm_proc::sandbox::enter(None) {
         say("jail", e);
         std::process::exit(2);
     }

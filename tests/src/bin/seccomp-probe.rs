@@ -9,6 +9,11 @@
 //! it enters vmm-proc's real jail (`vmm_proc::sandbox::enter`: empty root, no capabilities,
 //! the filter), prints what each way of opening a file gave (`openat /etc/passwd: EACCES`),
 //! then makes SYSCALL (`open`, `openat2`, `open_by_handle_at`, `creat`), which must kill it.
+//!
+//! `seccomp-probe splitvmm-paths DIR PIDFILE` applies the monitor's real Landlock rules
+//! (`monitor_proc::sandbox::restrict_paths(PIDFILE)`) and nothing else (the seccomp filter
+//! would stop most of these calls first), then tries each kind of file access in DIR and
+//! beside PIDFILE and prints `what: ok` or `what: ERRNO` for each.
 
 use std::ffi::CString;
 
@@ -16,6 +21,10 @@ fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
     if which == "vmm-proc-open" {
         open_as_vmm_proc(&std::env::args().nth(2).unwrap_or_default());
+    }
+    if which == "splitvmm-paths" {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        monitor_paths(&args);
     }
     let installed = match which.as_str() {
         "launcher" => monitor_proc::sandbox::launcher_denylist().install("launcher"),
@@ -31,7 +40,6 @@ fn main() {
             };
             let policy = jail::Policy {
                 name,
-                keep_fds: Vec::new(),
                 empty_root: false,
                 landlock: None,
                 drop_caps: false,
@@ -76,7 +84,7 @@ fn try_openat(path: &str, flags: i32) -> String {
 }
 
 fn open_as_vmm_proc(last: &str) -> ! {
-    if let Err(e) = vmm_proc::sandbox::enter(&[3], None) {
+    if let Err(e) = vmm_proc::sandbox::enter(None) {
         eprintln!("seccomp-probe: cannot enter vmm-proc's jail: {e}");
         std::process::exit(2);
     }
@@ -123,4 +131,63 @@ fn open_as_vmm_proc(last: &str) -> ! {
     };
     eprintln!("seccomp-probe: {last} returned {r}: the filter let it through");
     std::process::exit(3);
+}
+
+/// `ok`, or the errno's number.
+fn outcome<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.raw_os_error().map_or(e.to_string(), |n| n.to_string()),
+    }
+}
+
+fn monitor_paths(args: &[String]) -> ! {
+    use std::fs;
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+    let [dir, pidfile] = args else {
+        eprintln!("usage: seccomp-probe splitvmm-paths DIR PIDFILE");
+        std::process::exit(2);
+    };
+    let (dir, pidfile) = (Path::new(dir), Path::new(pidfile));
+    let tmp = pidfile.with_extension("tmp");
+    if let Err(e) = fs::write(&tmp, "1\n") {
+        eprintln!("seccomp-probe: {}: {e}", tmp.display());
+        std::process::exit(2);
+    }
+    match monitor_proc::sandbox::restrict_paths(Some(pidfile)) {
+        Ok(status) => println!("landlock: {status:?}"),
+        Err(e) => {
+            eprintln!("seccomp-probe: cannot restrict paths: {e}");
+            std::process::exit(2);
+        }
+    }
+    let secret = dir.join("secret");
+    let sock = dir.join("probe.sock");
+    let checks: Vec<(&str, String)> = vec![
+        ("read", outcome(fs::read(&secret))),
+        ("write", outcome(fs::OpenOptions::new().append(true).open(&secret))),
+        ("create", outcome(fs::File::create(dir.join("new")))),
+        ("mkdir", outcome(fs::create_dir(dir.join("sub")))),
+        ("list", outcome(fs::read_dir(dir))),
+        ("rename", outcome(fs::rename(&secret, dir.join("moved")))),
+        ("hardlink", outcome(fs::hard_link(&secret, dir.join("linked")))),
+        (
+            "symlink",
+            outcome(std::os::unix::fs::symlink(&secret, dir.join("sym"))),
+        ),
+        ("read /etc/passwd", outcome(fs::read("/etc/passwd"))),
+        ("bind", outcome(UnixListener::bind(&sock))),
+        ("remove socket", outcome(fs::remove_file(&sock))),
+        ("publish pidfile", outcome(fs::rename(&tmp, pidfile))),
+        (
+            "rename into the pidfile's directory",
+            outcome(fs::rename(&secret, pidfile.with_extension("stolen"))),
+        ),
+        ("remove pidfile", outcome(fs::remove_file(pidfile))),
+    ];
+    for (what, result) in checks {
+        println!("{what}: {result}");
+    }
+    std::process::exit(0);
 }
