@@ -35,6 +35,18 @@ pub struct Options {
     pub formats: Vec<String>,
     pub qemu_cache: QemuCache,
     pub size_mib: u64,
+    /// Case filter: `MODE` or `MODE:QD`; empty runs every case.
+    pub only: Vec<String>,
+}
+
+impl Options {
+    fn runs(&self, mode: &str, qd: u32) -> bool {
+        self.only.is_empty()
+            || self
+                .only
+                .iter()
+                .any(|o| o == mode || *o == format!("{mode}:{qd}"))
+    }
 }
 
 /// One figure per case and format.
@@ -48,7 +60,7 @@ pub fn run(o: &Options) -> Result<Vec<Compared>, String> {
             "qcow2" => scratch.qcow2_image(&raw, "disk.qcow2")?,
             other => return Err(format!("unknown format {other}")),
         };
-        for (mode, bs, qd) in CASES {
+        for (mode, bs, qd) in CASES.into_iter().filter(|c| o.runs(c.0, c.2)) {
             let seq = mode.starts_with("seq");
             let (unit, target) = if seq { ("MB/s", 1.0) } else { ("IOPS", 0.8) };
             let mut c = Compared::new(

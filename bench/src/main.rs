@@ -89,6 +89,10 @@ enum Which {
         /// Image size in MiB.
         #[arg(long, default_value_t = 1024)]
         size: u64,
+        /// Only the cases named here, as MODE or MODE:QD (e.g. `seqwrite:1,seqread:1`);
+        /// all eight by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// QMP latency (p50, p99, max) with many clients at once while a mirror runs, and the
     /// servers' PSS before and after: splitvmm vs qemu-storage-daemon.
@@ -180,6 +184,7 @@ fn main() -> std::process::ExitCode {
             format,
             qemu_cache,
             size,
+            only,
         } => {
             let o = disk::Options {
                 seconds,
@@ -187,6 +192,7 @@ fn main() -> std::process::ExitCode {
                 formats: format,
                 qemu_cache,
                 size_mib: size,
+                only,
             };
             let note = format!("QEMU drive: {}", qemu_cache.drive_options());
             return compared_report(disk::run(&o).map(|c| (c, note)), &load, args.json);

@@ -71,14 +71,14 @@ pub fn run(
             return Err(Error::Setup(e.desc));
         }
     };
-    if config.sandbox {
-        if let Err(e) = sandbox::enter(&config.image_dirs, runas) {
-            monitor.send(
-                &reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))),
-                &[],
-            )?;
-            return Err(Error::Setup(e.to_string()));
-        }
+    if config.sandbox
+        && let Err(e) = sandbox::enter(&config.image_dirs, runas)
+    {
+        monitor.send(
+            &reply(Err(QmpError::generic(format!("block-proc sandbox: {e}")))),
+            &[],
+        )?;
+        return Err(Error::Setup(e.to_string()));
     }
     monitor.send(&reply(Ok(BlockReply::Done)), &[])?;
     // Multi-threaded: the block layer runs what waits for the disk with `block_in_place`.

@@ -371,4 +371,3 @@ fn permitted_capabilities() -> Result<u64, JailError> {
     }
     Ok(u64::from(data[1]) | (u64::from(data[4]) << 32))
 }
-

@@ -29,8 +29,8 @@ pub mod cap {
 
 pub use deny::DenyList;
 pub use enter::{
-    Jailed, LandlockRules, LandlockStatus, Policy, enter, keep_capabilities, restrict_paths,
-    parse_runas, seccomp_mode,
+    Jailed, LandlockRules, LandlockStatus, Policy, enter, keep_capabilities, parse_runas,
+    restrict_paths, seccomp_mode,
 };
 pub use error::JailError;
 pub use seccomp::{SeccompPolicy, base_runtime_policy, thread_runtime_policy};

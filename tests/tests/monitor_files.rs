@@ -52,7 +52,10 @@ fn landlock_lets_the_monitor_make_sockets_and_publish_its_pidfile_only() {
         ("remove pidfile", "ok"),
     ] {
         let line = format!("{what}: {want}");
-        assert!(stdout.lines().any(|l| l == line), "no {line:?} in:\n{stdout}");
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "no {line:?} in:\n{stdout}"
+        );
     }
     assert_eq!(
         std::fs::read_to_string(dir.join("secret")).expect("the file is still there"),
@@ -83,8 +86,9 @@ fn the_jailed_monitor_binds_sockets_anywhere_and_removes_no_file() {
     let mut vm = Splitvmm::start_in_env(dir, &[], &[("RUST_LOG", Path::new("jail=debug"))]);
     let log = vm.stderr_text();
     assert!(
-        log.lines()
-            .any(|l| l.contains("splitvmm") && l.contains("Landlock") && l.contains("FullyEnforced")),
+        log.lines().any(|l| l.contains("splitvmm")
+            && l.contains("Landlock")
+            && l.contains("FullyEnforced")),
         "no Landlock line in the monitor's log:\n{log}"
     );
     let mut qmp = vm.raw_qmp();

@@ -166,12 +166,18 @@ fn monitor_paths(args: &[String]) -> ! {
     let sock = dir.join("probe.sock");
     let checks: Vec<(&str, String)> = vec![
         ("read", outcome(fs::read(&secret))),
-        ("write", outcome(fs::OpenOptions::new().append(true).open(&secret))),
+        (
+            "write",
+            outcome(fs::OpenOptions::new().append(true).open(&secret)),
+        ),
         ("create", outcome(fs::File::create(dir.join("new")))),
         ("mkdir", outcome(fs::create_dir(dir.join("sub")))),
         ("list", outcome(fs::read_dir(dir))),
         ("rename", outcome(fs::rename(&secret, dir.join("moved")))),
-        ("hardlink", outcome(fs::hard_link(&secret, dir.join("linked")))),
+        (
+            "hardlink",
+            outcome(fs::hard_link(&secret, dir.join("linked"))),
+        ),
         (
             "symlink",
             outcome(std::os::unix::fs::symlink(&secret, dir.join("sym"))),
