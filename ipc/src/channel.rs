@@ -10,6 +10,7 @@ use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, socketpair,
 };
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::handshake::{Hello, Link};
@@ -211,6 +212,13 @@ impl AsFd for Channel {
 
 /// The tokio end of a link. `send` and `recv` take `&self`, so one task can read while
 /// others write (share it in an `Arc`).
+///
+/// The socket is registered for readability only. A link's sends almost never wait (a
+/// SEQPACKET send fails with `EAGAIN` only when the peer's queue is full), and a permanent
+/// write registration costs a reactor wake-up each time the peer reads a message (the
+/// socket becomes writable again, an edge): on the guest data path that was one pointless
+/// wake-up of a block-proc worker per guest request. A send that meets `EAGAIN` waits on a
+/// write registration of its own, made for that wait only.
 #[derive(Debug)]
 pub struct AsyncChannel {
     fd: AsyncFd<OwnedFd>,
@@ -221,7 +229,8 @@ impl AsyncChannel {
     pub fn new(channel: Channel) -> std::io::Result<Self> {
         // SAFETY: an OwnedFd is a valid open descriptor that stays open, and always the same
         // one, for as long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register(channel.fd) }.map_err(|e| e.into_parts().1)?;
+        let fd = unsafe { AsyncFd::register_with_interest(channel.fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         Ok(Self { fd })
     }
 
@@ -229,25 +238,32 @@ impl AsyncChannel {
     pub async fn send<T: Message>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
         let (frame, raw) = encode_frame(msg, fds)?;
         loop {
-            let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| {
-                send_frame(
-                    fd.get_ref().as_raw_fd(),
-                    &frame,
-                    &raw,
-                    MsgFlags::MSG_DONTWAIT,
-                )
-                .map_err(std::io::Error::from)
-            }) {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
-                    return Err(IpcError::Closed);
-                }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(IpcError::Io(e)),
-                Err(_would_block) => continue,
+            match send_frame(
+                self.fd.get_ref().as_raw_fd(),
+                &frame,
+                &raw,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(IpcError::Closed),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => self.writable().await?,
+                Err(e) => return Err(IpcError::Io(e.into())),
             }
         }
+    }
+
+    /// Waits until the socket may take a message: a registration of a duplicate of the
+    /// descriptor for writability, for this wait only (epoll reports a socket that is
+    /// already writable when it is added, so space freed since the `EAGAIN` is not missed).
+    async fn writable(&self) -> std::io::Result<()> {
+        let dup = self.fd.get_ref().try_clone()?;
+        // SAFETY: `dup` is a valid descriptor of our own, owned by the AsyncFd until it is
+        // dropped at the end of this wait.
+        let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        w.writable().await?.clear_ready();
+        Ok(())
     }
 
     /// Waits for one message.
@@ -397,6 +413,53 @@ mod tests {
             .await
             .expect("send");
             assert_eq!(b.recv::<BlockCall>().await.expect("recv").msg.id, 5);
+        });
+    }
+
+    /// A sender whose peer does not read fills the socket, waits (the `EAGAIN` path and its
+    /// one-off write registration) and goes on once the peer drains it; nothing is lost or
+    /// reordered.
+    #[test]
+    fn a_full_link_makes_the_sender_wait_and_loses_nothing() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let (a, b) = Channel::pair().expect("pair");
+            let a = AsyncChannel::new(a).expect("a");
+            let count: u64 = 20_000;
+            let sender = tokio::spawn(async move {
+                for id in 0..count {
+                    a.send(
+                        &BlockCall {
+                            id,
+                            request: BlockRequest::QueryBlock,
+                        },
+                        &[],
+                    )
+                    .await
+                    .expect("send");
+                }
+                a
+            });
+            // Far more than a socket buffer holds: the sender must be stuck now.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            assert!(
+                !sender.is_finished(),
+                "20 000 messages fit in the socket buffer"
+            );
+            let b = AsyncChannel::new(b).expect("b");
+            let drain = async {
+                for id in 0..count {
+                    assert_eq!(b.recv::<BlockCall>().await.expect("recv").msg.id, id);
+                }
+                sender.await.expect("sender")
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), drain)
+                .await
+                .expect("a waiting sender was never woken");
         });
     }
 }
