@@ -2,11 +2,9 @@
 //! guest's RAM once (a memfd), then submits batches of virtio-blk requests whose segments
 //! are guest-physical ranges. Data moves between the image and that mapping directly.
 //!
-//! A small request (at most [`INLINE_BYTES`]), or one that came alone, is polled once
-//! where the batch arrived:
-//! served from the page cache or the write buffered, it is done there and needs no task;
-//! otherwise it, like every large request, runs on a task of its own. Completions go back
-//! through an [`Outbox`], many to a message under load.
+//! Each request is polled once where its batch arrived: served from the page cache or the
+//! write buffered, it is done there and needs no task; otherwise it runs on a task of its
+//! own. Completions go back through an [`Outbox`], many to a message under load.
 //!
 //! vmm-proc may be compromised. Every segment is checked against the guest memory size and
 //! every sector range against the device size, with overflow-checked arithmetic; a request
@@ -249,13 +247,6 @@ async fn complete(
     }
 }
 
-/// Requests moving at most this much are first tried on the task that received them: a
-/// read the page cache holds or a buffered write finishes on that first try, and needs
-/// no task of its own (no spawn, no hop to another worker). So is a request that came
-/// alone (at queue depth 1 the hop would only add latency). Larger ones in a batch get a
-/// task, so their copies run on both workers.
-const INLINE_BYTES: u64 = 64 << 10;
-
 /// One request, checked and run, as its completion.
 async fn run<D: BlockDevice>(
     devices: Arc<[GuestDevice<D>]>,
@@ -312,9 +303,13 @@ impl Drop for InFlight {
     }
 }
 
-/// Starts every request of a batch. Small ones (and a lone one) are polled once here;
-/// those that finish at once are answered together, the others (and every large one of a
-/// batch) complete on their own tasks.
+/// Starts every request of a batch: each is polled once here, on the task that received
+/// it, and those that finish at once (a read the page cache holds, a buffered write) are
+/// answered together; the others (a read that waits for the disk, a throttled write) go on
+/// on their own tasks. Doing the copies here rather than spreading them over the workers
+/// needs no spawn and no wake-up of another worker; on these 2-CPU hosts, where the guest's
+/// polling vCPU takes one CPU, that was faster for 1 MiB requests at queue depth 32 too
+/// (sequential reads 15.4 → 18.2 GB/s, writes 9.5 → 9.9 GB/s).
 fn submit<D: BlockDevice>(
     link: Sink<'_>,
     devices: &Arc<[GuestDevice<D>]>,
@@ -329,7 +324,6 @@ fn submit<D: BlockDevice>(
         in_flight,
     } = link;
     let oversized = batch.len() > MAX_BATCH;
-    let alone = batch.len() == 1;
     let mut done = Vec::new();
     for req in batch {
         let Some(counted) = InFlight::take(in_flight) else {
@@ -341,7 +335,6 @@ fn submit<D: BlockDevice>(
             });
             continue;
         };
-        let small = req.segments.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES;
         let run = run(devices.clone(), memory.cloned(), oversized, req);
         let mut request = Box::pin(async move {
             let c = run.await;
@@ -350,10 +343,9 @@ fn submit<D: BlockDevice>(
         });
         // A future polled with a no-op waker and then moved to a task is polled again at
         // once by the task, with the task's waker, so no wake-up is lost.
-        if (small || alone)
-            && let Poll::Ready(c) = request
-                .as_mut()
-                .poll(&mut Context::from_waker(Waker::noop()))
+        if let Poll::Ready(c) = request
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
         {
             done.push(c);
             continue;
