@@ -180,14 +180,26 @@ fn read_error_case(dir: &TempDir, policy: &str) -> (Vec<Value>, Vec<Value>, bool
     ours
 }
 
-fn source_image(dir: &TempDir) {
-    let src = dir.join("src.raw");
-    qemu_img_create("raw", &src, "2M");
+/// A 2 MiB raw image `name` in `dir`: 0x11 in its first MiB, 0x22 in its second.
+fn patterned_image(dir: &TempDir, name: &str) {
+    let path = dir.join(name);
+    qemu_img_create("raw", &path, "2M");
     qemu_io(
         "raw",
-        &src.display().to_string(),
+        &path.display().to_string(),
         &["write -P 0x11 0 1M", "write -P 0x22 1M 1M"],
     );
+}
+
+/// The mirror tests' source.
+fn source_image(dir: &TempDir) {
+    patterned_image(dir, "src.raw");
+}
+
+/// `BLOCK_JOB_ERROR` of job `drive0` for a failed `operation` (`read`, `write`).
+fn job_error(operation: &str, action: &str) -> Value {
+    json!({"event": "BLOCK_JOB_ERROR",
+           "data": {"action": action, "device": "drive0", "operation": operation}})
 }
 
 #[test]
@@ -195,10 +207,7 @@ fn read_error_report_ends_the_job_with_eio() {
     let dir = TempDir::new("jerr-report");
     source_image(&dir);
     let (events, _, _) = read_error_case(&dir, "report");
-    assert!(
-        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "report", "device": "drive0", "operation": "read"}})),
-        "{events:#?}"
-    );
+    assert!(events.contains(&job_error("read", "report")), "{events:#?}");
     assert!(
         events
             .iter()
@@ -213,10 +222,7 @@ fn read_error_ignore_goes_on_and_copies_everything() {
     let dir = TempDir::new("jerr-ignore");
     source_image(&dir);
     let (events, queries, equal) = read_error_case(&dir, "ignore");
-    assert!(
-        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "ignore", "device": "drive0", "operation": "read"}})),
-        "{events:#?}"
-    );
+    assert!(events.contains(&job_error("read", "ignore")), "{events:#?}");
     assert_eq!(queries[0][0]["paused"], false);
     assert_eq!(queries[0][0]["io-status"], "ok");
     assert!(equal, "the target must be a full copy");
@@ -227,10 +233,7 @@ fn read_error_stop_pauses_with_io_status_failed_until_resumed() {
     let dir = TempDir::new("jerr-stop");
     source_image(&dir);
     let (events, queries, equal) = read_error_case(&dir, "stop");
-    assert!(
-        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "stop", "device": "drive0", "operation": "read"}})),
-        "{events:#?}"
-    );
+    assert!(events.contains(&job_error("read", "stop")), "{events:#?}");
     assert_eq!(queries[0][0]["status"], "paused");
     assert_eq!(queries[0][0]["io-status"], "failed");
     assert_eq!(queries[1][0]["io-status"], "ok");
@@ -314,11 +317,6 @@ fn write_error_case(dir: &TempDir, policy: &str, errno: i64) -> (Vec<Value>, Vec
     ours
 }
 
-fn write_error(action: &str) -> Value {
-    json!({"event": "BLOCK_JOB_ERROR",
-           "data": {"action": action, "device": "drive0", "operation": "write"}})
-}
-
 /// iotests 041 TestWriteErrors `test_report_write` (and `enospc` meeting an EIO, which
 /// reports it): the job ends with the error, never READY.
 #[test]
@@ -328,7 +326,7 @@ fn write_error_report_ends_the_mirror_with_eio() {
     for policy in ["report", "enospc"] {
         let (events, _, _) = write_error_case(&dir, policy, 5);
         assert!(
-            events.contains(&write_error("report")),
+            events.contains(&job_error("write", "report")),
             "{policy}: {events:#?}"
         );
         assert!(
@@ -351,7 +349,10 @@ fn write_error_ignore_retries_and_completes() {
     let dir = TempDir::new("jerr-wignore");
     source_image(&dir);
     let (events, queries, equal) = write_error_case(&dir, "ignore", 5);
-    assert!(events.contains(&write_error("ignore")), "{events:#?}");
+    assert!(
+        events.contains(&job_error("write", "ignore")),
+        "{events:#?}"
+    );
     assert_eq!(queries[0][0]["paused"], false);
     assert_eq!(queries[0][0]["io-status"], "ok");
     assert!(equal, "the target must be a full copy");
@@ -373,7 +374,7 @@ fn write_error_stop_pauses_until_resumed() {
     for (policy, errno, io_status) in [("stop", 5, "failed"), ("enospc", 28, "nospace")] {
         let (events, queries, equal) = write_error_case(&dir, policy, errno);
         assert!(
-            events.contains(&write_error("stop")),
+            events.contains(&job_error("write", "stop")),
             "{policy}: {events:#?}"
         );
         assert_eq!(queries[0][0]["status"], "paused", "{policy}");
@@ -488,19 +489,9 @@ fn stream_error_case(
     ours
 }
 
+/// The stream tests' backing file.
 fn stream_backing(dir: &TempDir) {
-    let base = dir.join("backing.raw");
-    qemu_img_create("raw", &base, "2M");
-    qemu_io(
-        "raw",
-        &base.display().to_string(),
-        &["write -P 0x11 0 1M", "write -P 0x22 1M 1M"],
-    );
-}
-
-fn read_error(action: &str) -> Value {
-    json!({"event": "BLOCK_JOB_ERROR",
-           "data": {"action": action, "device": "drive0", "operation": "read"}})
+    patterned_image(dir, "backing.raw");
 }
 
 /// 030 TestEIO `test_report` and `test_enospc` (an EIO under `enospc` is reported): the
@@ -512,7 +503,7 @@ fn stream_read_error_report_ends_the_job() {
     for policy in ["report", "enospc"] {
         let (events, _, backed, _) = stream_error_case(&dir, policy, 5);
         assert!(
-            events.contains(&read_error("report")),
+            events.contains(&job_error("read", "report")),
             "{policy}: {events:#?}"
         );
         assert!(
@@ -533,7 +524,7 @@ fn stream_read_error_ignore_goes_on_and_keeps_the_backing() {
     let dir = TempDir::new("jerr-signore");
     stream_backing(&dir);
     let (events, _, backed, _) = stream_error_case(&dir, "ignore", 5);
-    assert!(events.contains(&read_error("ignore")), "{events:#?}");
+    assert!(events.contains(&job_error("read", "ignore")), "{events:#?}");
     assert!(
         !events.iter().any(|e| e["data"]["status"] == "paused"),
         "{events:#?}"
@@ -557,7 +548,7 @@ fn stream_read_error_stop_pauses_until_resumed() {
     for (policy, errno, io_status) in [("stop", 5, "failed"), ("enospc", 28, "nospace")] {
         let (events, queries, backed, equal) = stream_error_case(&dir, policy, errno);
         assert!(
-            events.contains(&read_error("stop")),
+            events.contains(&job_error("read", "stop")),
             "{policy}: {events:#?}"
         );
         assert_eq!(queries[0][0]["status"], "paused", "{policy}");
@@ -672,7 +663,7 @@ fn mirror_to_a_full_filesystem_follows_on_target_error() {
     let enospc = "No space left on device";
     let (events, _) = enospc_case(&dir, "report");
     assert!(
-        events.contains(&json!({"event": "BLOCK_JOB_ERROR", "data": {"action": "report", "device": "drive0", "operation": "write"}})),
+        events.contains(&job_error("write", "report")),
         "{events:#?}"
     );
     assert!(
