@@ -67,15 +67,21 @@ fn start(scenario: &str) -> (Splitvmm, PathBuf) {
     (vm, img)
 }
 
-/// Waits for `hostile-vmm: done` and returns the findings, one `NAME: RESULT` per line.
-fn findings(vm: &Splitvmm) -> Vec<String> {
-    let text = wait_for_text(&vm.stderr, Duration::from_secs(120), |t| {
-        t.contains("hostile-vmm: done")
-    });
+/// Waits for `WHO: done` on splitvmm's stderr and returns what the hostile program `who`
+/// found, one `NAME: RESULT` per line.
+fn findings_of(vm: &Splitvmm, who: &str, timeout: Duration) -> Vec<String> {
+    let done = format!("{who}: done");
+    let prefix = format!("{who}: ");
+    let text = wait_for_text(&vm.stderr, timeout, |t| t.contains(&done));
     text.lines()
-        .filter_map(|l| l.strip_prefix("hostile-vmm: "))
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .map(String::from)
         .collect()
+}
+
+/// The hostile vmm-proc's findings.
+fn findings(vm: &Splitvmm) -> Vec<String> {
+    findings_of(vm, "hostile-vmm", Duration::from_secs(120))
 }
 
 fn expect(findings: &[String], line: &str) {
@@ -299,14 +305,9 @@ fn start_hostile_block(scenario: &str, guest: bool) -> Splitvmm {
     Splitvmm::start_in_env(dir, &args, &[("SPLITVMM_HELPER_DIR", helpers.as_path())])
 }
 
+/// The hostile block-proc's findings.
 fn block_findings(vm: &Splitvmm) -> Vec<String> {
-    let text = wait_for_text(&vm.stderr, Duration::from_secs(60), |t| {
-        t.contains("hostile-block: done")
-    });
-    text.lines()
-        .filter_map(|l| l.strip_prefix("hostile-block: "))
-        .map(String::from)
-        .collect()
+    findings_of(vm, "hostile-block", Duration::from_secs(60))
 }
 
 #[test]
