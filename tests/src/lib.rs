@@ -111,6 +111,24 @@ pub fn qemu_img_create(fmt: &str, path: &Path, size: &str) {
         .arg(size));
 }
 
+/// `qemu-img create -f qcow2 -F BACKING_FMT -b BACKING PATH [SIZE]`: a qcow2 overlay. A
+/// relative BACKING is taken, as qemu-img takes it, relative to PATH's directory.
+pub fn qemu_img_overlay(
+    path: impl AsRef<std::ffi::OsStr>,
+    backing: impl AsRef<std::ffi::OsStr>,
+    backing_fmt: &str,
+    size: Option<&str>,
+) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b"])
+        .arg(backing)
+        .arg(path);
+    if let Some(size) = size {
+        cmd.arg(size);
+    }
+    run(&mut cmd);
+}
+
 /// The bytes of an image as a guest sees them: a raw file as it is, any other format
 /// converted to raw by `qemu-img` (into `dir`).
 pub fn image_bytes(path: &Path, format: &str, dir: &TempDir) -> Vec<u8> {

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tests::{
-    EventLog, RawQmp, Splitvmm, StorageDaemon, TempDir, kvm_or_skip, qemu_img_create, qemu_io, run,
+    EventLog, RawQmp, Splitvmm, StorageDaemon, TempDir, kvm_or_skip, qemu_img_create,
+    qemu_img_overlay, qemu_io, run,
 };
 
 /// A QMP client that keeps every event, in order, with the job helpers of these tests.
@@ -78,11 +79,7 @@ fn source_images(dir: &TempDir) -> (String, String) {
         &backing.display().to_string(),
         &["write -P 0x11 0 64k"],
     );
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&backing)
-        .arg(&top)
-        .arg("1M"));
+    qemu_img_overlay(&top, &backing, "raw", Some("1M"));
     qemu_io(
         "qcow2",
         &top.display().to_string(),
@@ -932,17 +929,8 @@ fn chain_images(dir: &TempDir) -> (String, String, String) {
     qemu_img_create("raw", &backing, "1M");
     let backing = backing.display().to_string();
     qemu_io("raw", &backing, &["write -P 0x1 0 512"]);
-    for (img, b, f) in [(&mid, backing.as_str(), "raw"), (&test, "", "qcow2")] {
-        let b = if b.is_empty() {
-            mid.display().to_string()
-        } else {
-            b.to_string()
-        };
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", f, "-b", &b])
-            .arg(img)
-            .arg("1M"));
-    }
+    qemu_img_overlay(&mid, &backing, "raw", Some("1M"));
+    qemu_img_overlay(&test, &mid, "qcow2", Some("1M"));
     let mid = mid.display().to_string();
     qemu_io("qcow2", &mid, &["write -P 0x1 524288 512"]);
     (backing, mid, test.display().to_string())
@@ -1070,9 +1058,7 @@ fn stream_pause_and_speed() {
     let base = base.display().to_string();
     qemu_io("raw", &base, &["write -P 0x5a 0 8M"]);
     let top = dir.join("top.qcow2").display().to_string();
-    run(Command::new("qemu-img").args([
-        "create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base, &top,
-    ]));
+    qemu_img_overlay(&top, &base, "raw", None);
     let want = snapshot_contents(&top, dir.path(), "want.raw");
     let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
     let (class, desc) = c.err("block-stream", json!({"device": "drive0", "speed": -1}));
@@ -1144,9 +1130,7 @@ fn stream_smaller_backing_file_terminates() {
     let base = base.display().to_string();
     qemu_io("qcow2", &base, &["write -P 0x33 0 1M"]);
     let top = dir.join("top.qcow2").display().to_string();
-    run(Command::new("qemu-img").args([
-        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &top, "2M",
-    ]));
+    qemu_img_overlay(&top, &base, "qcow2", Some("2M"));
     let want = snapshot_contents(&top, dir.path(), "want.raw");
     let (mut vm, mut c) = start(dir, &format!("id=drive0,file={top},format=qcow2"));
     c.ok("block-stream", json!({"device": "drive0"}));
@@ -1553,13 +1537,9 @@ fn guest_keeps_writing_through_stream() {
     qemu_io("qcow2", &base, &["write -P 0x5a 0 16M"]);
     let mid = dir.join("mid.qcow2").display().to_string();
     let img = dir.join("disk0.qcow2").display().to_string();
-    run(Command::new("qemu-img").args([
-        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &mid,
-    ]));
+    qemu_img_overlay(&mid, &base, "qcow2", None);
     qemu_io("qcow2", &mid, &["write -P 0x6b 12M 1M"]);
-    run(Command::new("qemu-img").args([
-        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &img,
-    ]));
+    qemu_img_overlay(&img, &mid, "qcow2", None);
     let drive = format!("id=disk0,file={img},format=qcow2");
     let mut vm = Splitvmm::start_workload(dir, "run=write-verify-loop seconds=6 bytes=8M", &drive);
     let mut c = Client::new(&vm);
@@ -1911,9 +1891,7 @@ fn guest_keeps_writing_through_active_commit() {
     let base = base.display().to_string();
     qemu_io("qcow2", &base, &["write -P 0x5a 8M 8M"]);
     let img = dir.join("disk0.qcow2").display().to_string();
-    run(Command::new("qemu-img").args([
-        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &img,
-    ]));
+    qemu_img_overlay(&img, &base, "qcow2", None);
     let drive = format!("id=disk0,file={img},format=qcow2");
     let mut vm = Splitvmm::start_workload(dir, "run=write-verify-loop seconds=6 bytes=8M", &drive);
     let mut c = Client::new(&vm);

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use tests::{RawQmp, Splitvmm, TempDir, output, qemu_img_create, qemu_io, qemu_nbd, run};
+use tests::{
+    RawQmp, Splitvmm, TempDir, output, qemu_img_create, qemu_img_overlay, qemu_io, qemu_nbd, run,
+};
 
 fn uri(sock: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())
@@ -57,21 +59,8 @@ fn chain(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf, std::path::P
         dir.join("top.qcow2"),
     );
     qemu_img_create("raw", &base, "1M");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw"])
-        .arg(&mid));
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-        ])
-        .arg(&top));
+    qemu_img_overlay(&mid, "base.raw", "raw", None);
+    qemu_img_overlay(&top, "mid.qcow2", "qcow2", None);
     qemu_io("raw", &base.display().to_string(), &["write -P 0x11 0 1M"]);
     qemu_io(
         "qcow2",
@@ -666,10 +655,7 @@ fn images_outside_the_allowed_directories_are_refused() {
     let link = dir.join("link.raw");
     std::os::unix::fs::symlink(&secret, &link).expect("symlink");
     let top = dir.join("top.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&secret)
-        .arg(&top));
+    qemu_img_overlay(&top, &secret, "raw", None);
     let (_vm, mut qmp, _sock) = start(dir, &[]);
     let outside_err = |name: &Path| {
         format!(
@@ -717,10 +703,12 @@ fn deep_definitions_chains_and_stacks_are_bounded_and_long_answers_arrive_whole(
     // A chain of 101 qcow2 images: c0 ← c1 ← ... ← c100.
     qemu_img_create("qcow2", &dir.join("c0.qcow2"), "1M");
     for i in 1..=100 {
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(format!("c{}.qcow2", i - 1))
-            .arg(dir.join(&format!("c{i}.qcow2"))));
+        qemu_img_overlay(
+            dir.join(&format!("c{i}.qcow2")),
+            format!("c{}.qcow2", i - 1),
+            "qcow2",
+            None,
+        );
     }
     qemu_io(
         "qcow2",

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use tests::{RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_io, qemu_nbd, run};
+use tests::{
+    RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_img_overlay, qemu_io, qemu_nbd,
+};
 
 /// One command of a script.
 type Step = (&'static str, Value);
@@ -125,21 +127,8 @@ fn images(dir: &TempDir) {
         &dir.join("base.raw").display().to_string(),
         &["write -P 0x11 0 1M"],
     );
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw"])
-        .arg(dir.join("mid.qcow2")));
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-        ])
-        .arg(dir.join("top.qcow2")));
+    qemu_img_overlay(dir.join("mid.qcow2"), "base.raw", "raw", None);
+    qemu_img_overlay(dir.join("top.qcow2"), "mid.qcow2", "qcow2", None);
     qemu_img_create("raw", &dir.join("a.raw"), "1M");
     qemu_img_create("qcow2", &dir.join("a.qcow2"), "1M");
     std::fs::write(dir.join("empty"), b"").expect("empty file");

@@ -23,7 +23,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 use tests::{
-    EventLog, RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_io, qemu_nbd,
+    EventLog, RawQmp, Splitvmm, StorageDaemon, TempDir, qemu_img_create, qemu_img_overlay, qemu_io,
+    qemu_nbd,
 };
 
 /// A QMP connection that keeps every event it reads, in order, with the job helpers of
@@ -412,13 +413,7 @@ fn stream_error_case(
     let top = dir.join("test.qcow2");
     let (theirs, ours) = both(dir, |rec| {
         let _ = std::fs::remove_file(&top);
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&base)
-            .arg(&top)
-            .status()
-            .expect("qemu-img create");
-        assert!(status.success());
+        qemu_img_overlay(&top, &base, "raw", None);
         let mut dbg = json!({"driver": "blkdebug",
                              "image": {"driver": "file", "filename": base}});
         if let (Value::Object(d), Value::Object(r)) = (&mut dbg, stream_error_rules(errno)) {

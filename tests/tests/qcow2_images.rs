@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use tests::{Splitvmm, TempDir, qemu_io, run};
+use tests::{Splitvmm, TempDir, qemu_img_overlay, qemu_io, run};
 
 fn img(dir: &TempDir, name: &str) -> String {
     dir.join(name).display().to_string()
@@ -86,9 +86,7 @@ fn a_three_deep_backing_chain_reads_identically() {
     );
     run(Command::new("qemu-img").args(["create", "-q", "-f", "raw", &base, "8M"]));
     qemu_io("raw", &base, &["write -P 0xb0 0 8M"]);
-    run(Command::new("qemu-img").args([
-        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "raw", &mid,
-    ]));
+    qemu_img_overlay(&mid, &base, "raw", None);
     qemu_io("qcow2", &mid, &["write -P 0xb1 1M 1M", "write -z 3M 64k"]);
     run(Command::new("qemu-img").args([
         "create",

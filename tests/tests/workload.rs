@@ -192,17 +192,11 @@ fn write_over_a_backing_chain(cpus: u8) {
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x5a 6M 4M"])
         .arg(&base));
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(&mid));
+    tests::qemu_img_overlay(&mid, &base, "raw", None);
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0xc3 12M 1M"])
         .arg(&mid));
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&mid)
-        .arg(&top));
+    tests::qemu_img_overlay(&top, &mid, "qcow2", None);
     let drives = [format!("id=disk0,file={},format=qcow2", top.display())];
     let (written, dir) = boot_once(dir, cpus, "run=write seed=11 bytes=8M gen=1", &drives);
     let summary = written.passed();
