@@ -1142,14 +1142,11 @@ fn stream_smaller_backing_file_terminates() {
     assert_eq!(backing_filename(&top), None);
 }
 
-/// `block-stream`'s errors (030 `test_device_not_found` and the argument checks), with
-/// QEMU 10's texts and classes.
-#[test]
-fn stream_errors_as_qemu() {
-    let dir = TempDir::new("stream-errors");
-    let (_backing, _mid, test) = chain_images(&dir);
-    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
-    let cases = [
+/// `block-stream` arguments QEMU refuses (030 `test_device_not_found` and the argument
+/// checks) on drive `drive0`, each with QEMU 10's text (class `GenericError`). The
+/// differential test also sends them to qemu-storage-daemon.
+fn stream_argument_errors() -> Vec<(Value, &'static str)> {
+    vec![
         (
             json!({"device": "nonexistent"}),
             "Cannot find device='nonexistent' nor node-name='nonexistent'",
@@ -1186,8 +1183,16 @@ fn stream_errors_as_qemu() {
             json!({"device": "drive0", "job-id": "j", "speed": -1}),
             "Parameter 'speed' expects a non-negative value",
         ),
-    ];
-    for (args, want) in cases {
+    ]
+}
+
+/// `block-stream`'s errors with QEMU 10's texts and classes.
+#[test]
+fn stream_errors_as_qemu() {
+    let dir = TempDir::new("stream-errors");
+    let (_backing, _mid, test) = chain_images(&dir);
+    let (mut vm, mut c) = start(dir, &format!("id=drive0,file={test},format=qcow2"));
+    for (args, want) in stream_argument_errors() {
         let (class, desc) = c.err("block-stream", args.clone());
         assert_eq!(class, "GenericError", "{args}");
         assert_eq!(desc, want, "{args}");
@@ -1675,40 +1680,11 @@ fn stream_commit_snapshot_errors_match_qemu() {
     let dir = TempDir::new("jobs-vs-qemu");
     let (_backing, mid, test) = chain_images(&dir);
     let snap = dir.join("snap.qcow2").display().to_string();
-    let script: Vec<(&str, Value)> = vec![
-        ("block-stream", json!({"device": "nonexistent"})),
-        (
-            "block-stream",
-            json!({"device": "drive0", "base": "nothere"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "base": "x", "base-node": "x"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "base": "x", "bottom": "x"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "base-node": "x", "bottom": "x"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "base-node": "nothere"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "bottom": "nothere"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "backing-file": "foo"}),
-        ),
-        (
-            "block-stream",
-            json!({"device": "drive0", "job-id": "j", "speed": -1}),
-        ),
+    let mut script: Vec<(&str, Value)> = stream_argument_errors()
+        .into_iter()
+        .map(|(args, _)| ("block-stream", args))
+        .collect();
+    script.extend([
         (
             "block-stream",
             json!({"device": "drive0", "base": mid, "speed": "x"}),
@@ -1768,7 +1744,7 @@ fn stream_commit_snapshot_errors_match_qemu() {
         ),
         ("blockdev-snapshot", json!({"node": "nope", "overlay": "x"})),
         ("query-block-jobs", json!({})),
-    ];
+    ]);
     let play = |qmp: &mut RawQmp| -> Vec<Value> {
         script
             .iter()
