@@ -99,7 +99,7 @@ pub fn enter(policy: &Policy) -> Result<Jailed, JailError> {
     let landlock = policy
         .landlock
         .as_ref()
-        .map(|rules| restrict_paths(policy.name, rules))
+        .map(restrict_paths_of_this_thread)
         .transpose()?;
     // No core dumps: they would write guest memory and secrets to disk. RLIMIT_NPROC stays:
     // it counts every process and thread of the user, so a low value breaks thread creation
@@ -217,6 +217,14 @@ pub fn restrict_paths(
     rules: &LandlockRules,
 ) -> Result<LandlockStatus, JailError> {
     single_threaded(name)?;
+    let status = restrict_paths_of_this_thread(rules)?;
+    tracing::debug!(name, ?status, "Landlock rules in force");
+    Ok(status)
+}
+
+/// Landlock for the calling thread (and those it starts later); the caller checked the
+/// process is single-threaded.
+fn restrict_paths_of_this_thread(rules: &LandlockRules) -> Result<LandlockStatus, JailError> {
     let read_only: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::ReadDir;
     let read_write = read_only
         | AccessFs::WriteFile
@@ -247,7 +255,6 @@ pub fn restrict_paths(
     if status != LandlockStatus::FullyEnforced {
         tracing::warn!(?status, "Landlock is not fully enforced by this kernel");
     }
-    tracing::debug!(name, ?status, "Landlock rules in force");
     Ok(status)
 }
 

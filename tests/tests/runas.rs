@@ -177,7 +177,12 @@ fn a_sandbox_that_cannot_be_built_fails_clearly_unless_sandbox_off() {
     });
     let out = unprivileged(&dir, &["--sandbox", "off"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let r = quitter.join().expect("QMP client");
+    let r = quitter.join().unwrap_or_else(|_| {
+        panic!(
+            "the QMP client failed (above); splitvmm exited {:?}: {stderr}",
+            out.status
+        )
+    });
     assert_eq!(r["return"], json!({}), "{r}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("WARNING: --sandbox off"), "{stderr}");
