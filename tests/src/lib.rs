@@ -103,6 +103,15 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A hostile peer's report of one finding (`PROGRAM: NAME: RESULT`), written whole in one
+/// `write`: the monitor logs to the same stderr, and `eprintln!` writes a formatted line in
+/// pieces that its lines can split.
+pub fn say(program: &str, name: &str, result: impl std::fmt::Display) {
+    use std::io::Write;
+    let line = format!("{program}: {name}: {result}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// `qemu-img create -f FMT PATH SIZE`.
 pub fn qemu_img_create(fmt: &str, path: &Path, size: &str) {
     run(Command::new("qemu-img")

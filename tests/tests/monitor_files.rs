@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::json;
-use tests::{Splitvmm, TempDir, bin_dir};
+use tests::{Splitvmm, TempDir, bin_dir, run};
 
 /// The monitor's real rules (`monitor_proc::sandbox::restrict_paths`), applied alone in a
 /// probe process: every kind of access is tried and must give what the rules say.
@@ -16,19 +16,10 @@ fn landlock_lets_the_monitor_make_sockets_and_publish_its_pidfile_only() {
     let piddir = TempDir::new("monitor-piddir");
     std::fs::write(dir.join("secret"), "keep me").expect("write a file");
     let pidfile = piddir.join("splitvmm.pid");
-    let out = Command::new(bin_dir().join("seccomp-probe"))
+    let stdout = run(Command::new(bin_dir().join("seccomp-probe"))
         .args(["splitvmm-paths"])
         .arg(dir.path())
-        .arg(&pidfile)
-        .output()
-        .expect("run seccomp-probe");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{:?}: {stdout} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&pidfile));
     assert!(stdout.contains("landlock: FullyEnforced"), "{stdout}");
     let denied = libc::EACCES.to_string();
     for (what, want) in [

@@ -24,12 +24,9 @@ use ipc::vmm_block::{
 use ipc::{Channel, Link};
 use nix::sys::socket::{MsgFlags, sendmsg};
 
-/// Reports one finding as one line, written whole in one `write`: the monitor logs to the
-/// same stderr, and `eprintln!` writes a formatted line in pieces that its lines can split.
+/// Reports one finding (see [`tests::say`]).
 fn say(name: &str, result: impl std::fmt::Display) {
-    use std::io::Write;
-    let line = format!("hostile-block: {name}: {result}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    tests::say("hostile-block", name, result);
 }
 
 /// Sends `bytes` as one frame, bypassing the codec.

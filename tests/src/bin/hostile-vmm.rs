@@ -34,12 +34,9 @@ const MEM: u64 = 1 << 20;
 /// What the memory holds before any I/O.
 const SENTINEL: u8 = 0xa5;
 
-/// Reports one finding as one line, written whole in one `write`: the monitor logs to the
-/// same stderr, and `eprintln!` writes a formatted line in pieces that its lines can split.
+/// Reports one finding (see [`tests::say`]).
 fn say(name: &str, result: impl std::fmt::Display) {
-    use std::io::Write;
-    let line = format!("hostile-vmm: {name}: {result}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    tests::say("hostile-vmm", name, result);
 }
 
 /// A hello with the real layout and another version.
