@@ -95,6 +95,9 @@ pub(crate) mod testing {
     pub struct MemDevice {
         pub bytes: Mutex<Vec<u8>>,
         pub read_only: bool,
+        /// When set, `flush` blocks its thread until a message comes (or 10 s pass), as an
+        /// fsync blocks for the disk.
+        pub flush_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     }
 
     impl MemDevice {
@@ -102,6 +105,7 @@ pub(crate) mod testing {
             Self {
                 bytes: Mutex::new(vec![0; size]),
                 read_only,
+                flush_gate: Mutex::new(None),
             }
         }
 
@@ -141,6 +145,10 @@ pub(crate) mod testing {
             self.write_zeroes(offset, length, true).await
         }
         async fn flush(&self) -> io::Result<()> {
+            if let Some(gate) = self.flush_gate.lock().expect("lock").as_ref() {
+                gate.recv_timeout(std::time::Duration::from_secs(10))
+                    .map_err(io::Error::other)?;
+            }
             Ok(())
         }
         async fn block_status(&self, _offset: u64, length: u64) -> io::Result<Vec<Extent>> {

@@ -18,14 +18,12 @@ use crate::drives::Drives;
 pub async fn serve(monitor: Channel, peer: Option<Channel>, drives: Drives) -> Result<(), Error> {
     let monitor = Arc::new(AsyncChannel::new(monitor).map_err(IpcError::Io)?);
     if let Some(peer) = peer {
-        let peer = AsyncChannel::new(peer).map_err(IpcError::Io)?;
-        let devices = drives.guest_devices();
-        tokio::spawn(async move {
-            match crate::guest::serve(peer, devices).await {
-                IpcError::Closed => tracing::debug!("vmm-proc closed its link"),
-                e => tracing::warn!("vmm-proc link dropped: {e}"),
-            }
-        });
+        let pool = tokio::runtime::Handle::current();
+        crate::guest::start(peer, drives.guest_devices(), pool, |e| match e {
+            IpcError::Closed => tracing::debug!("vmm-proc closed its link"),
+            e => tracing::warn!("vmm-proc link dropped: {e}"),
+        })
+        .map_err(Error::Runtime)?;
     }
     let (events, mut rx) = mpsc::unbounded_channel::<Outgoing>();
     let sender = monitor.clone();
