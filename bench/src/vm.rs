@@ -30,7 +30,10 @@ impl Scratch {
     }
 
     /// A raw image of `size` bytes, every byte data (no holes: reads hit the page cache,
-    /// never the zero page), made once.
+    /// never the zero page), made once. The bytes are pseudo-random, no two pages alike,
+    /// as real disks are. Made fresh for each run: how fast the page cache serves a file
+    /// depends on its age on these hosts (docs/performance.md), and both VMMs read the same
+    /// one, alternately.
     pub fn raw_image(&self, name: &str, size: u64) -> Result<PathBuf, String> {
         let path = self.dir.join(name);
         if path.exists() {
@@ -41,10 +44,15 @@ impl Scratch {
             std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?,
         );
         let mut chunk = vec![0u8; 1 << 20];
-        for (i, b) in chunk.iter_mut().enumerate() {
-            *b = (i % 251) as u8 | 1;
-        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..size.div_ceil(1 << 20) {
+            for word in chunk.chunks_exact_mut(8) {
+                // xorshift64: fast, and never the same page twice in a benchmark image.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes());
+            }
             std::io::Write::write_all(&mut f, &chunk).map_err(|e| e.to_string())?;
         }
         std::io::Write::flush(&mut f).map_err(|e| e.to_string())?;

@@ -63,6 +63,10 @@ pub fn run(
         id: first.id,
         result,
     };
+    // Reads the page cache holds go through file mappings once their SIGBUS guard is in.
+    if let Err(e) = block::mapped::install_guard() {
+        tracing::warn!("image reads through file mappings are off: {e}");
+    }
     // Still single-threaded (the jail needs that): drive the opens without a runtime.
     let drives = match block_on(drives::Drives::open(&config, peer.is_some())) {
         Ok(d) => d,

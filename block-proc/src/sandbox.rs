@@ -34,6 +34,10 @@ pub fn seccomp_policy() -> SeccompPolicy {
             &[arg_eq(5, libc::RWF_NOWAIT)],
             "reads on a tokio worker: served from the page cache or EAGAIN, never a wait for the disk (only RWF_NOWAIT)",
         ),
+        allow(
+            libc::SYS_mincore,
+            "whether the page cache holds a range before it is copied from a mapping of the image (block::mapped)",
+        ),
         allow(libc::SYS_pwritev, "imago writes guest and NBD buffers in one vectored call"),
         allow(libc::SYS_fallocate, "discard and write-zeroes: punch holes, zero ranges"),
         allow(libc::SYS_copy_file_range, "mirror: copy raw files and qcow2 data clusters into the target in the kernel"),

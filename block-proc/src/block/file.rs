@@ -15,6 +15,8 @@
 //!   read that would have to wait for the disk fails with [`io::ErrorKind::WouldBlock`]
 //!   instead. The block layer runs imago's reads on a tokio worker that way, and redoes the
 //!   few that would block where blocking is allowed ([`super::node`]).
+//!   Before either, a read the page cache holds completely is copied from a mapping of the
+//!   file ([`super::mapped`]), which is about twice as fast on these hosts.
 //! - **The last data extent** `SEEK_DATA`/`SEEK_HOLE` found is remembered (QEMU's
 //!   block-status cache), so the allocation map of a raw image, which NBD asks for on every
 //!   structured READ, usually costs no system call. Writes only turn holes into data, so
@@ -41,6 +43,7 @@ use imago::storage::PreallocateMode;
 use imago::storage::drivers::CommonStorageHelper;
 use nix::unistd::Whence;
 
+use super::mapped::Windows;
 use super::order::MetadataOrder;
 
 /// Offset of the qcow2 `incompatible_features` field (big-endian u64).
@@ -61,6 +64,8 @@ pub struct ImageFile {
     order: Option<MetadataOrder>,
     /// The last data extent found in the file.
     extents: Arc<ExtentCache>,
+    /// Read-only mappings of the file, for reads the page cache can serve.
+    windows: Windows,
     /// Set once the file system refused `RWF_NOWAIT` (9p, some network file systems):
     /// then every read of this file may block, and is done where that is allowed.
     no_wait_unsupported: AtomicBool,
@@ -166,6 +171,7 @@ impl ImageFile {
             hide_incompat: 0,
             order: None,
             extents: Arc::default(),
+            windows: Windows::default(),
             no_wait_unsupported: AtomicBool::new(false),
             faults: None,
         })
@@ -229,6 +235,9 @@ impl ImageFile {
     /// `preadv2(RWF_NOWAIT)` until `bufv` is full: what the page cache holds, or
     /// `WouldBlock`. Past the end of the file reads as zeroes, as imago's own reads do.
     fn readv_no_wait(&self, mut bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+        if self.windows.read(self.aux.as_fd(), &mut bufv, offset) {
+            return Ok(());
+        }
         if self.no_wait_unsupported.load(Ordering::Relaxed) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -469,6 +478,7 @@ impl Storage for ImageFile {
     }
 
     fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> io::Result<()> {
+        self.windows.clear();
         let r = self.inner.resize(new_size, prealloc_mode);
         self.extents.invalidate();
         r

@@ -8,6 +8,7 @@
 //! - [`header`]: the qcow2 header as the block layer reads and rewrites it;
 //! - [`file`]: the storage object under every image (imago's `File` plus a descriptor for
 //!   locks, holes and `fallocate`);
+//! - [`mapped`]: reads of an image file from the page cache through mappings of the file;
 //! - [`commit`]: group commit of qcow2 metadata, for the acknowledgement rule;
 //! - [`order`]: the refcount-before-pointer write order imago misses, kept at the file;
 //! - [`error`]: errors, worded as QEMU words them.
@@ -26,6 +27,7 @@ pub mod file;
 pub mod gate;
 pub mod header;
 pub mod lock;
+pub mod mapped;
 pub mod node;
 pub mod order;
 
