@@ -98,6 +98,11 @@ pub(crate) mod testing {
         /// When set, `flush` blocks its thread until a message comes (or 10 s pass), as an
         /// fsync blocks for the disk.
         pub flush_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        /// Taken shared by every read, as `Node` takes its image's lock: it spends tokio's
+        /// co-operative budget as a real read does.
+        access: tokio::sync::RwLock<()>,
+        /// The name of the thread each read ran on, in order.
+        pub read_threads: Mutex<Vec<String>>,
     }
 
     impl MemDevice {
@@ -106,6 +111,8 @@ pub(crate) mod testing {
                 bytes: Mutex::new(vec![0; size]),
                 read_only,
                 flush_gate: Mutex::new(None),
+                access: tokio::sync::RwLock::new(()),
+                read_threads: Mutex::new(Vec::new()),
             }
         }
 
@@ -127,6 +134,9 @@ pub(crate) mod testing {
             self.read_only
         }
         async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let _shared = self.access.read().await;
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            self.read_threads.lock().expect("lock").push(thread);
             let r = self.range(offset, buf.len() as u64)?;
             buf.copy_from_slice(&self.bytes.lock().expect("lock")[r]);
             Ok(())
