@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --locked -p monitor-proc -p block-proc -p vmm-proc
+bin=${CARGO_TARGET_DIR:-target}/release
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "run.sh: splitvmm needs /dev/kvm (read and write) to boot its guest" >&2
     exit 1
@@ -39,7 +40,7 @@ set +e
 # splitvmm's exit status goes through a file: $! is the pipeline's last process, tee,
 # which ends once splitvmm has and the whole console is in serial.log.
 {
-    target/release/splitvmm --name demo --memory 256M \
+    "$bin/splitvmm" --name demo --memory 256M \
         --kernel builtin:workload --append "run=write-verify-loop seconds=$seconds" \
         --drive "id=disk0,file=$demo/disk0.qcow2,format=qcow2" \
         --image-dir "$demo" \
