@@ -16,7 +16,8 @@
 //!   instead. The block layer runs imago's reads on a tokio worker that way, and redoes the
 //!   few that would block where blocking is allowed ([`super::node`]).
 //!   Before either, a read the page cache holds completely is copied from a mapping of the
-//!   file ([`super::mapped`]), which is about twice as fast on these hosts.
+//!   file ([`super::mapped`]), which is faster on these hosts (1.25 times for 1 MiB reads
+//!   of a freshly written file, twice for one whose page cache was rebuilt in pieces).
 //! - **The last data extent** `SEEK_DATA`/`SEEK_HOLE` found is remembered (QEMU's
 //!   block-status cache), so the allocation map of a raw image, which NBD asks for on every
 //!   structured READ, usually costs no system call. Writes only turn holes into data, so
