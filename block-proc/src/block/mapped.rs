@@ -28,8 +28,10 @@
 //!   A copy during which any fault was counted is thrown away and redone with `preadv2`,
 //!   which returns the real error or data, and every window is mapped anew. A SIGBUS
 //!   anywhere else keeps its default action.
-//! - **Bounded.** At most [`MAX_WINDOWS`] windows per file (the least recently used is
-//!   unmapped), so the page tables of the mappings stay small (4 MiB at most per file).
+//! - **Bounded.** At most [`MAX_WINDOWS`] windows in the whole process, over all its files
+//!   (the least recently used is unmapped, whichever file it maps), so the mappings keep at
+//!   most 2 GiB of page cache mapped and their page tables stay small (4 MiB at most),
+//!   however many drives block-proc serves. A file's windows go when the file is closed.
 //!
 //! Nothing is read through a mapping until [`install_guard`] has run (block-proc's `main`,
 //! before the jail).
@@ -45,8 +47,9 @@ use imago::io_buffers::IoVectorMut;
 
 /// The span of one mapping of a file.
 pub const WINDOW: u64 = 64 << 20;
-/// The most windows one file keeps mapped: 2 GiB of it, whose page tables take at most
-/// 4 MiB. A longer sequential pass maps each window again, at about `preadv`'s speed.
+/// The most windows the process keeps mapped, over all its files: 2 GiB of images, whose
+/// page tables take at most 4 MiB. A longer sequential pass maps each window again, at
+/// about `preadv`'s speed.
 pub const MAX_WINDOWS: usize = 32;
 const PAGE: usize = 4096;
 
@@ -174,15 +177,45 @@ impl Drop for Window {
     }
 }
 
-/// The windows of one file, most recently used last.
-#[derive(Debug, Default)]
-pub struct Windows(Mutex<Cache>);
+/// Every window the process has mapped, least recently used first.
+static CACHE: Mutex<Cache> = Mutex::new(Cache {
+    faults: 0,
+    windows: Vec::new(),
+});
 
-#[derive(Debug, Default)]
 struct Cache {
     /// [`FAULTS`] when these windows were mapped: once it moves, they are all dropped.
     faults: u64,
-    windows: Vec<Arc<Window>>,
+    /// Each with the id of the [`Windows`] (the file) it belongs to.
+    windows: Vec<(u64, Arc<Window>)>,
+}
+
+fn cache() -> std::sync::MutexGuard<'static, Cache> {
+    CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One file's share of the process's windows: an id no other file gets, so a window is
+/// only ever used for the file it maps. Its windows are unmapped when it is dropped.
+#[derive(Debug)]
+pub struct Windows {
+    id: u64,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Windows {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 impl Windows {
@@ -234,21 +267,21 @@ impl Windows {
     /// Window `index`, mapped (again) if it is not, or if it ends before `end` and the file
     /// has grown since.
     fn window(&self, fd: BorrowedFd<'_>, index: u64, end: u64) -> Option<Arc<Window>> {
-        let mut cache = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = cache();
         let faults = FAULTS.load(Ordering::SeqCst);
         if cache.faults != faults {
             cache.windows.clear();
             cache.faults = faults;
         }
         let start = index * WINDOW;
-        let found = cache.windows.iter().position(|w| w.start == start);
+        let found = cache
+            .windows
+            .iter()
+            .position(|(id, w)| *id == self.id && w.start == start);
         if let Some(i) = found {
-            let w = cache.windows.remove(i);
+            let (_, w) = cache.windows.remove(i);
             if w.end() >= end {
-                cache.windows.push(w.clone());
+                cache.windows.push((self.id, w.clone()));
                 return Some(w);
             }
         }
@@ -257,17 +290,14 @@ impl Windows {
         if cache.windows.len() >= MAX_WINDOWS {
             cache.windows.remove(0);
         }
-        cache.windows.push(w.clone());
+        cache.windows.push((self.id, w.clone()));
         (w.end() >= end).then_some(w)
     }
 
-    /// Unmaps every window (once no copy uses it). For whoever changes the file's size.
+    /// Unmaps this file's windows (once no copy uses them). For whoever changes the file's
+    /// size.
     pub fn clear(&self) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .windows
-            .clear();
+        cache().windows.retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -353,6 +383,45 @@ mod tests {
         assert!(!w.read(f.as_fd(), &mut IoVectorMut::from(&mut tail[..]), 1 << 20));
     }
 
+    /// Taken by the tests that count windows and by the one that makes a fault, which
+    /// drops every window of the process.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many windows `w`'s file has mapped.
+    fn mapped(w: &Windows) -> usize {
+        cache().windows.iter().filter(|(id, _)| *id == w.id).count()
+    }
+
+    #[test]
+    fn all_files_share_one_budget_of_windows_and_take_theirs_along_when_closed() {
+        let _serial = serial();
+        install_guard().expect("guard");
+        let files: Vec<_> = (0..=MAX_WINDOWS).map(|_| file_of(&pattern(PAGE))).collect();
+        let windows: Vec<_> = files.iter().map(|_| Windows::default()).collect();
+        let mut buf = vec![0u8; PAGE];
+        for (f, w) in files.iter().zip(&windows) {
+            assert!(w.read(f.as_fd(), &mut IoVectorMut::from(&mut buf[..]), 0));
+            assert_eq!(buf, pattern(PAGE));
+        }
+        // One window more than the budget: the least recently used went, whatever file it
+        // was of (other tests' windows, mapped meanwhile, only make that more certain).
+        assert_eq!(mapped(&windows[0]), 0, "the oldest window is still mapped");
+        let ours: usize = windows.iter().map(mapped).sum();
+        assert!(ours <= MAX_WINDOWS, "{ours} windows mapped");
+        let last = windows.last().expect("a file");
+        assert_eq!(mapped(last), 1);
+        // Closing a file unmaps its windows.
+        let id = last.id;
+        drop(windows);
+        assert!(!cache().windows.iter().any(|(i, _)| *i == id));
+    }
+
     #[test]
     fn a_file_that_grew_is_mapped_again() {
         install_guard().expect("guard");
@@ -368,6 +437,7 @@ mod tests {
 
     #[test]
     fn a_file_truncated_under_a_copy_costs_a_retry_not_the_process() {
+        let _serial = serial();
         install_guard().expect("guard");
         let f = file_of(&pattern(4 * PAGE));
         let w = Windows::default();
