@@ -2,8 +2,8 @@
 //! guest's RAM once (a memfd), then submits batches of virtio-blk requests whose segments
 //! are guest-physical ranges. Data moves between the image and that mapping directly.
 //!
-//! The link is served on a thread of its own (`guest-io`, a current-thread runtime, started
-//! by [`crate::service`]), like QEMU's iothread: receiving a batch, copying its data and
+//! The link is served on a thread of its own (`guest-io`, a current-thread runtime, see
+//! [`start`]), like QEMU's iothread: receiving a batch, copying its data and
 //! answering it wake no other thread. Each read or write is polled once there: served from
 //! the page cache or the write buffered, it is done and needs no task. One that has to wait
 //! for the disk, and every flush, discard and write-zeroes (which wait by nature), goes on
@@ -819,6 +819,30 @@ mod tests {
         );
     }
 
+    /// Serves `disk` as production does, on the `guest-io` thread with this test's runtime
+    /// as the pool, and gives it guest memory: the peer, the thread and that memory.
+    async fn on_its_thread(
+        disk: &Arc<MemDevice>,
+        ended: impl FnOnce(IpcError) + Send + 'static,
+    ) -> (Peer, std::thread::JoinHandle<()>, OwnedFd) {
+        let (a, b) = Channel::pair().expect("pair");
+        let devices = vec![GuestDevice {
+            id: "d".into(),
+            device: disk.clone(),
+        }];
+        let thread = start(b, devices, tokio::runtime::Handle::current(), ended).expect("start");
+        let chan = AsyncChannel::new(a).expect("a");
+        chan.handshake(Link::VmmBlock).await.expect("handshake");
+        let mut peer = Peer { chan, next: 0 };
+        let ram = memfd(MEM, true);
+        assert!(
+            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&ram))
+                .await
+                .is_ok()
+        );
+        (peer, thread, ram)
+    }
+
     /// A guest's flush waits for the disk (an fsync) on the pool, not on the link's thread:
     /// a read submitted with it is answered while the flush still waits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -826,26 +850,12 @@ mod tests {
         let disk = Arc::new(MemDevice::new(4096, false));
         let (release, gate) = std::sync::mpsc::channel();
         *disk.flush_gate.lock().expect("lock") = Some(gate);
-        let (a, b) = Channel::pair().expect("pair");
-        let devices = vec![GuestDevice {
-            id: "d".into(),
-            device: disk.clone(),
-        }];
         let (ended_tx, ended_rx) = std::sync::mpsc::channel();
-        let thread = start(b, devices, tokio::runtime::Handle::current(), move |e| {
+        let (peer, thread, ram) = on_its_thread(&disk, move |e| {
             let _ = ended_tx.send(e.to_string());
         })
-        .expect("start");
-        let chan = AsyncChannel::new(a).expect("a");
-        chan.handshake(Link::VmmBlock).await.expect("handshake");
-        let mut peer = Peer { chan, next: 0 };
-        let ram = memfd(MEM, true);
+        .await;
         pwrite(&ram, &[0x5a; 512], 0x2000);
-        assert!(
-            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&ram))
-                .await
-                .is_ok()
-        );
         disk.bytes.lock().expect("lock")[..512].fill(0xc3);
         peer.chan
             .send(
@@ -902,21 +912,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_read_of_a_long_batch_is_served_on_the_link_thread() {
         let disk = Arc::new(MemDevice::new(MAX_BATCH * 512, false));
-        let (a, b) = Channel::pair().expect("pair");
-        let devices = vec![GuestDevice {
-            id: "d".into(),
-            device: disk.clone(),
-        }];
-        let _thread = start(b, devices, tokio::runtime::Handle::current(), |_| ()).expect("start");
-        let chan = AsyncChannel::new(a).expect("a");
-        chan.handshake(Link::VmmBlock).await.expect("handshake");
-        let mut peer = Peer { chan, next: 0 };
-        let ram = memfd(MEM, true);
-        assert!(
-            peer.call(VmmBlockRequest::SetMemory { size: MEM }, Some(&ram))
-                .await
-                .is_ok()
-        );
+        let (mut peer, _thread, _ram) = on_its_thread(&disk, |_| ()).await;
         let batch: Vec<_> = (0..MAX_BATCH as u64)
             .map(|t| req(t, 0, IoOp::Read, t, &[(t * 512, 512)]))
             .collect();
