@@ -16,7 +16,7 @@
 //! that fails a check completes with `IoErr` and touches nothing. The memfd must be sealed
 //! against shrinking, so a hostile peer cannot truncate it under the mapping (SIGBUS).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,23 +28,17 @@ use ipc::vmm_block::{
 use ipc::{AsyncChannel, IpcError, Link};
 
 use crate::device::BlockDevice;
+use crate::mapping::Mapping;
 
 const SECTOR: u64 = 512;
 
 /// The guest's RAM, mapped shared.
 #[derive(Debug)]
 pub struct GuestMemory {
-    base: NonNull<u8>,
+    map: Mapping,
     size: u64,
     _fd: OwnedFd,
 }
-
-// SAFETY: the mapping is plain shared memory owned by this struct for its whole life; the
-// pointer is only turned into slices inside bounds, and concurrent access from several
-// threads (or the guest) can only tear the bytes moved, never corrupt this process's state.
-unsafe impl Send for GuestMemory {}
-// SAFETY: as above; `&GuestMemory` hands out nothing but bounds-checked raw ranges.
-unsafe impl Sync for GuestMemory {}
 
 impl GuestMemory {
     /// Maps `size` bytes of `fd`, after checking the memfd is that large and sealed
@@ -63,30 +57,9 @@ impl GuestMemory {
             return Err(format!("guest memory is {} bytes, not {size}", st.st_size));
         }
         let len = usize::try_from(size).map_err(|_| "guest memory too large".to_string())?;
-        // SAFETY: a fresh shared mapping of a file we hold, no fixed address; the result is
-        // checked below before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap guest memory: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or("mmap returned null")?;
-        Ok(Self {
-            base,
-            size,
-            _fd: fd,
-        })
+        let map = Mapping::new(fd.as_fd(), 0, len, true)
+            .map_err(|e| format!("mmap guest memory: {e}"))?;
+        Ok(Self { map, size, _fd: fd })
     }
 
     /// The bytes of `seg`, if they lie inside guest memory, as a raw slice: turning it into
@@ -100,15 +73,8 @@ impl GuestMemory {
         let start = usize::try_from(seg.gpa).ok()?;
         // SAFETY: [gpa, gpa+len) lies inside the mapping (checked above), so the offset
         // pointer stays within the same allocation.
-        let ptr = unsafe { self.base.as_ptr().add(start) };
+        let ptr = unsafe { self.map.base().as_ptr().add(start) };
         NonNull::new(std::ptr::slice_from_raw_parts_mut(ptr, seg.len as usize))
-    }
-}
-
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`; no slice outlives `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size as usize) };
     }
 }
 

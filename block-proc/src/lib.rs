@@ -9,6 +9,7 @@
 //! - [`graph`]: the block nodes by name (drives' and `blockdev-add`'s), their permissions
 //!   and locks, `blockdev-add`/`blockdev-del`;
 //! - [`jobs`]: the block jobs (mirror) and their state machine, events and commands;
+//! - [`mapping`]: shared mappings of files (guest RAM, the image read windows);
 //! - [`service`]: the two links it answers, the monitor's and vmm-proc's;
 //! - [`sandbox`]: its jail (Landlock over the image directories, seccomp allowlist).
 
@@ -19,6 +20,7 @@ pub mod drives;
 pub mod graph;
 pub mod guest;
 pub mod jobs;
+pub mod mapping;
 pub mod nbd;
 pub mod sandbox;
 pub mod service;

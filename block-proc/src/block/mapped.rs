@@ -38,12 +38,13 @@
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::ptr::NonNull;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 
 use imago::io_buffers::IoVectorMut;
+
+use crate::mapping::Mapping;
 
 /// The span of one mapping of a file.
 pub const WINDOW: u64 = 64 << 20;
@@ -122,16 +123,9 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut li
 /// One read-only mapping of `[start, start + len)` of a file.
 #[derive(Debug)]
 struct Window {
-    base: NonNull<u8>,
+    map: Mapping,
     start: u64,
-    len: usize,
 }
-
-// SAFETY: a read-only mapping owned by this struct; it is only read, through raw pointers,
-// by the guarded copy.
-unsafe impl Send for Window {}
-// SAFETY: as above.
-unsafe impl Sync for Window {}
 
 impl Window {
     /// Maps window `index` of `fd`, as far as a file of `size` bytes reaches into it.
@@ -141,39 +135,17 @@ impl Window {
         if len == 0 {
             return None;
         }
-        let off = libc::off_t::try_from(start).ok()?;
-        // SAFETY: a fresh read-only shared mapping of a file we hold, at no fixed address;
-        // the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        Some(Self {
-            base: NonNull::new(ptr.cast())?,
-            start,
-            len,
-        })
+        let map = Mapping::new(fd, start, len, false).ok()?;
+        Some(Self { map, start })
+    }
+
+    /// The address of the file's byte at `offset`, which the window must hold.
+    fn at(&self, offset: u64) -> usize {
+        self.map.base().as_ptr() as usize + (offset - self.start) as usize
     }
 
     fn end(&self) -> u64 {
-        self.start + self.len as u64
-    }
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`; the last `Arc` is gone, so no
-        // copy reads from it any more.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        self.start + self.map.size() as u64
     }
 }
 
@@ -238,7 +210,7 @@ impl Windows {
         let Some(window) = self.window(fd, offset / WINDOW, end) else {
             return false;
         };
-        let src = window.base.as_ptr() as usize + (offset - window.start) as usize;
+        let src = window.at(offset);
         if !resident(src, len) {
             return false;
         }
@@ -448,9 +420,13 @@ mod tests {
         // the access past the end raises SIGBUS, which the guard turns into a retry.
         f.set_len(PAGE as u64).expect("truncate");
         let window = w.window(f.as_fd(), 0, PAGE as u64).expect("window");
-        assert_eq!(window.len, 4 * PAGE, "the window still spans the old size");
+        assert_eq!(
+            window.map.size(),
+            4 * PAGE,
+            "the window still spans the old size"
+        );
         let before = FAULTS.load(Ordering::SeqCst);
-        let src = window.base.as_ptr() as usize + 2 * PAGE;
+        let src = window.at(2 * PAGE as u64);
         COPYING.set((src, src + PAGE));
         // SAFETY: reads one byte of a page inside the window, which the guard covers.
         let byte = unsafe { std::ptr::read_volatile(src as *const u8) };
