@@ -1,42 +1,62 @@
-//! [`MetadataOrder`]: the one qcow2 write-ordering rule imago 0.2.6 misses, enforced at the
+//! [`MetadataOrder`]: the qcow2 write-ordering rules imago 0.2.6 misses, enforced at the
 //! storage layer, so that killing block-proc at any instant leaves an image `qemu-img
 //! check` finds no error in (leaks aside).
 //!
-//! imago allocates clusters by raising their refcount in its refcount-block *cache*; its
-//! caches then write refcount blocks before the L2 tables that use new clusters. But three
-//! kinds of pointer it writes straight to the file, without writing the refcount blocks
-//! first (QEMU flushes its refcount cache before each of them):
+//! imago allocates clusters by raising their refcount in its refcount-block *cache*, and
+//! means to write refcount blocks before anything that points to new clusters. It misses
+//! in two ways:
 //!
-//! 1. an L1 entry pointing to a newly allocated L2 table;
-//! 2. the header's L1 table pointer, when the L1 table grows into new clusters;
-//! 3. a refcount-table entry pointing to a new refcount block whose own refcount lives in
-//!    another (cached) refcount block.
+//! - Three kinds of pointer it writes straight to the file, without writing the refcount
+//!   blocks first (QEMU flushes its refcount cache before each of them):
+//!   1. an L1 entry pointing to a newly allocated L2 table;
+//!   2. the header's L1 table pointer, when the L1 table grows into new clusters;
+//!   3. a refcount-table entry pointing to a new refcount block whose own refcount lives in
+//!      another (cached) refcount block.
+//! - **L2 tables.** Before it evicts an L2 table from its cache, imago flushes the
+//!   refcount-block cache, then writes the table. Another request may allocate a cluster
+//!   and enter it into that table in between (the caches are shared by every request in
+//!   flight), so the table reaches the disk pointing to a cluster whose refcount does not.
+//!   The crash test (`acknowledged_writes_survive_sigkill`, six writers) caught this once.
 //!
 //! A crash between such a write and imago's next cache flush leaves a cluster in use with
 //! refcount 0 on disk (`ERROR cluster N refcount=0 reference=1`), which a later allocation
 //! could hand out again. The block layer cannot make imago flush in the middle of its own
 //! call, but it sees every write to the image file ([`super::file::ImageFile`]): before a
-//! write reaches the L1 table, the header's table pointers or the refcount table, this
-//! module finds the clusters the write newly points to and, if their refcount on disk is
-//! still 0, writes 1 into the refcount block on disk (2 to 8 bytes, just that entry). imago's
-//! cache holds the same value for them (it has just allocated them), so its later write of
-//! the whole block agrees. Freeing needs nothing: imago clears pointers before it lowers
-//! refcounts.
+//! write reaches the L1 table, the header's table pointers, the refcount table or an L2
+//! table the L1 table points to, this module finds the clusters the write newly points to
+//! (for a new L2 table, also those its entries on disk point to) and, if their refcount on
+//! disk is still 0, writes 1 into the refcount block on disk (2 to 8 bytes, just that
+//! entry). imago's cache holds the same value for them (it has just allocated them), so its
+//! later write of the whole block agrees.
+//!
+//! Freeing is not covered: imago clears pointers before it lowers refcounts, but the same
+//! eviction race exists the other way round (a refcount block written with a freed
+//! cluster's 0 while an L2 table on disk still points to it). Only discards free clusters
+//! of a running guest's image; the crash tests write.
 //!
 //! Refcount widths below 8 bits would need a read-modify-write of a byte shared with other
 //! entries imago may be writing at the same time; images with such widths are not opened
 //! for writing (see [`MetadataOrder::new`]).
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 /// Offset bits of an L1 entry.
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Offset bits of a refcount-table entry.
 const RT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Offset bits of a standard L2 entry.
+const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// An L2 entry that describes compressed data.
+const L2_COMPRESSED: u64 = 1 << 62;
+/// Incompatible feature bits: an external data file (whose clusters have no refcounts),
+/// extended L2 entries (16 bytes each, the offset in the first 8).
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// The header bytes that hold the table pointers (the v2 header).
 const HEADER_FIELDS: u64 = 72;
 
@@ -90,6 +110,13 @@ pub struct MetadataOrder {
     rt: (AtomicU64, AtomicU64),
     /// The full geometry; held across a pointer write and its refcount fix-ups.
     geometry: Mutex<Geometry>,
+    /// The clusters of the L2 tables the L1 table on disk points to (none tracked for an
+    /// image with an external data file: its L2 entries point into that file).
+    l2_tables: RwLock<BTreeSet<u64>>,
+    track_l2: bool,
+    cluster_bits: u32,
+    /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
+    l2_entry: u64,
 }
 
 fn overlaps(offset: u64, len: u64, start: u64, end: u64) -> bool {
@@ -107,11 +134,14 @@ impl MetadataOrder {
         let mut h = [0u8; 104];
         read_exact(file, &mut h[..HEADER_FIELDS as usize], 0)?;
         let version = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        let refcount_order = if version >= 3 {
-            read_exact(file, &mut h[96..100], 96)?;
-            u32::from_be_bytes([h[96], h[97], h[98], h[99]])
+        let (refcount_order, incompatible) = if version >= 3 {
+            read_exact(file, &mut h[72..100], 72)?;
+            (
+                u32::from_be_bytes([h[96], h[97], h[98], h[99]]),
+                u64::from_be_bytes([h[72], h[73], h[74], h[75], h[76], h[77], h[78], h[79]]),
+            )
         } else {
-            4
+            (4, 0)
         };
         if refcount_order < 3 {
             return Err(io::Error::new(
@@ -123,10 +153,24 @@ impl MetadataOrder {
             ));
         }
         let g = Geometry::parse(&h, refcount_order);
+        let track_l2 = incompatible & INCOMPAT_DATA_FILE == 0;
+        let l2_tables = if track_l2 {
+            l2_tables(file, &g)?
+        } else {
+            BTreeSet::new()
+        };
         let this = Self {
             l1: (AtomicU64::new(0), AtomicU64::new(0)),
             rt: (AtomicU64::new(0), AtomicU64::new(0)),
             geometry: Mutex::new(g),
+            l2_tables: RwLock::new(l2_tables),
+            track_l2,
+            cluster_bits: g.cluster_bits,
+            l2_entry: if incompatible & INCOMPAT_EXTL2 != 0 {
+                16
+            } else {
+                8
+            },
         };
         this.publish(&g);
         Ok(this)
@@ -144,9 +188,10 @@ impl MetadataOrder {
         );
     }
 
-    /// Whether a write of `len` bytes at `offset` touches a pointer region.
+    /// Whether a write of `len` bytes at `offset` touches a pointer region or an L2 table.
     pub fn touches(&self, offset: u64, len: u64) -> bool {
-        offset < HEADER_FIELDS
+        self.touches_l2(offset, len)
+            || offset < HEADER_FIELDS
             || overlaps(
                 offset,
                 len,
@@ -161,6 +206,17 @@ impl MetadataOrder {
             )
     }
 
+    /// The L2 table clusters a write of `len` bytes at `offset` overlaps, if any.
+    fn touches_l2(&self, offset: u64, len: u64) -> bool {
+        if !self.track_l2 || len == 0 {
+            return false;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        let tables = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
+        tables.range(first..=last).next().is_some()
+    }
+
     /// Performs `write` (which writes `data` at `offset` to `file`) after making sure every
     /// cluster `data` newly points to has a refcount on disk.
     pub fn pointer_write(
@@ -173,6 +229,11 @@ impl MetadataOrder {
         let mut g = self.geometry.lock().unwrap_or_else(|p| p.into_inner());
         let len = data.len() as u64;
         let mut new_geometry = *g;
+        // What the write does to the set of L2 tables: a new set (the L1 table moved), or
+        // tables leaving and joining it (L1 entries changed).
+        let mut new_tables: Option<BTreeSet<u64>> = None;
+        let mut left = Vec::new();
+        let mut joined = Vec::new();
 
         if offset < HEADER_FIELDS {
             let mut h = [0u8; HEADER_FIELDS as usize];
@@ -197,14 +258,65 @@ impl MetadataOrder {
                     ensure_refcount(file, &new_geometry, (new_geometry.rt_offset / cs) + i, None)?;
                 }
             }
+            // A moved L1 table: the L2 tables it points to (already written there) become
+            // the ones to watch, and any it points to anew must be counted, with their
+            // entries, before the header makes them reachable.
+            if self.track_l2
+                && (new_geometry.l1_offset != g.l1_offset
+                    || new_geometry.l1_entries != g.l1_entries)
+            {
+                let tables = l2_tables(file, &new_geometry)?;
+                let old = self
+                    .l2_tables
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for &t in tables.difference(&old) {
+                    ensure_refcount(file, &new_geometry, t, None)?;
+                    self.count_entries(file, &new_geometry, t)?;
+                }
+                new_tables = Some(tables);
+            }
         }
 
         let (l1_start, l1_end) = (g.l1_offset, g.l1_offset + g.l1_entries * 8);
         if overlaps(offset, len, l1_start, l1_end) {
             for (_, new, old) in changed_entries(file, offset, data, l1_start, l1_end)? {
                 let (new, old) = (new & L1_OFFSET_MASK, old & L1_OFFSET_MASK);
-                if new != 0 && new != old {
+                if new == old {
+                    continue;
+                }
+                if new != 0 {
                     ensure_refcount(file, &g, new >> g.cluster_bits, None)?;
+                    if self.track_l2 {
+                        self.count_entries(file, &g, new >> g.cluster_bits)?;
+                        joined.push(new >> g.cluster_bits);
+                    }
+                }
+                if old != 0 {
+                    left.push(old >> g.cluster_bits);
+                }
+            }
+        }
+
+        if self.touches_l2(offset, len) {
+            let first = offset >> g.cluster_bits;
+            let last = (offset + len - 1) >> g.cluster_bits;
+            let tables: Vec<u64> = {
+                let set = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
+                set.range(first..=last).copied().collect()
+            };
+            for t in tables {
+                let start = t << g.cluster_bits;
+                let end = start + (1 << g.cluster_bits);
+                for (index, new, old) in changed_entries(file, offset, data, start, end)? {
+                    // With 16-byte entries, every other word is a subcluster bitmap.
+                    if (index * 8) % self.l2_entry != 0 || new == old {
+                        continue;
+                    }
+                    for c in entry_clusters(new, g.cluster_bits).into_iter().flatten() {
+                        ensure_covered_refcount(file, &g, c)?;
+                    }
                 }
             }
         }
@@ -230,8 +342,66 @@ impl MetadataOrder {
             *g = new_geometry;
             self.publish(&g);
         }
+        if new_tables.is_some() || !left.is_empty() || !joined.is_empty() {
+            let mut set = self.l2_tables.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(tables) = new_tables {
+                *set = tables;
+            }
+            for t in left {
+                set.remove(&t);
+            }
+            set.extend(joined);
+        }
         Ok(())
     }
+
+    /// Makes the on-disk refcount of every cluster the entries of L2 table `table` (as on
+    /// disk) point to at least 1: for a table about to become reachable.
+    fn count_entries(&self, file: &fs::File, g: &Geometry, table: u64) -> io::Result<()> {
+        let mut t = vec![0u8; 1 << g.cluster_bits];
+        // A table imago has not written yet reads short (or as zeroes): nothing to count.
+        let n = file.read_at(&mut t, table << g.cluster_bits)?;
+        for e in t[..n].chunks_exact(self.l2_entry as usize) {
+            let entry = e
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            for c in entry_clusters(entry, g.cluster_bits).into_iter().flatten() {
+                ensure_covered_refcount(file, g, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The clusters of the image file that L2 `entry` points to: one for a standard entry
+/// with an offset (data, or preallocated zeroes), those its bytes span for compressed data,
+/// none for an unallocated one.
+fn entry_clusters(entry: u64, cluster_bits: u32) -> Option<std::ops::RangeInclusive<u64>> {
+    if entry & L2_COMPRESSED != 0 {
+        // The offset takes the low 62 - (cluster_bits - 8) bits, the count of further
+        // 512-byte sectors the rest up to bit 61.
+        let x = 62 - (cluster_bits - 8);
+        let off = entry & ((1u64 << x) - 1);
+        let sectors = (entry >> x) & ((1u64 << (cluster_bits - 8)) - 1);
+        let end = (off & !511) + (sectors + 1) * 512;
+        return Some((off >> cluster_bits)..=((end - 1) >> cluster_bits));
+    }
+    let off = entry & L2_OFFSET_MASK;
+    (off != 0).then(|| (off >> cluster_bits)..=(off >> cluster_bits))
+}
+
+/// The clusters of the L2 tables the L1 table on disk points to.
+fn l2_tables(file: &fs::File, g: &Geometry) -> io::Result<BTreeSet<u64>> {
+    let mut l1 = vec![0u8; (g.l1_entries * 8) as usize];
+    let n = file.read_at(&mut l1, g.l1_offset)?;
+    Ok(l1[..n]
+        .chunks_exact(8)
+        .filter_map(|b| b.try_into().ok())
+        .map(|b| u64::from_be_bytes(b) & L1_OFFSET_MASK)
+        .filter(|&off| off != 0)
+        .map(|off| off >> g.cluster_bits)
+        .collect())
 }
 
 /// `(index, new value, old value)` of each 8-byte table entry (table at `start..end`) that
@@ -277,7 +447,6 @@ fn ensure_refcount(
 ) -> io::Result<()> {
     let rb_bits = g.rb_bits();
     let rt_index = cluster >> rb_bits;
-    let rb_index = cluster & ((1 << rb_bits) - 1);
     if rt_index >= g.rt_entries() {
         return Err(io::Error::other(format!(
             "qcow2: cluster {cluster} is beyond the refcount table"
@@ -299,6 +468,28 @@ fn ensure_refcount(
             "qcow2: no refcount block for cluster {cluster}"
         )));
     }
+    raise_from_zero(file, g, rb_offset, cluster & ((1 << rb_bits) - 1))
+}
+
+/// As [`ensure_refcount`], for a cluster an L2 entry points to; one the refcount table on
+/// disk does not cover yet is left alone, as it would be without this module (imago writes
+/// refcount-table entries before it allocates from their blocks).
+fn ensure_covered_refcount(file: &fs::File, g: &Geometry, cluster: u64) -> io::Result<()> {
+    let rt_index = cluster >> g.rb_bits();
+    if rt_index >= g.rt_entries() {
+        return Ok(());
+    }
+    let mut e = [0u8; 8];
+    read_exact(file, &mut e, g.rt_offset + rt_index * 8)?;
+    let rb_offset = u64::from_be_bytes(e) & RT_OFFSET_MASK;
+    if rb_offset == 0 {
+        return Ok(());
+    }
+    raise_from_zero(file, g, rb_offset, cluster & ((1 << g.rb_bits()) - 1))
+}
+
+/// Writes refcount 1 into entry `rb_index` of the refcount block at `rb_offset` if it is 0.
+fn raise_from_zero(file: &fs::File, g: &Geometry, rb_offset: u64, rb_index: u64) -> io::Result<()> {
     let width = 1usize << (g.refcount_order - 3);
     let at = rb_offset + rb_index * width as u64;
     let mut cur = [0u8; 8];
@@ -313,8 +504,8 @@ fn ensure_refcount(
     Ok(())
 }
 
-/// Tests: a function called after every pointer write to a given image file, to look at
-/// what a crash right then would leave.
+/// Tests: a function called after every pointer or L2 table write to a given image file,
+/// to look at what a crash right then would leave.
 #[cfg(test)]
 pub mod test_hook {
     use std::sync::Mutex;
