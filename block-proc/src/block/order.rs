@@ -29,10 +29,14 @@
 //! entry). imago's cache holds the same value for them (it has just allocated them), so its
 //! later write of the whole block agrees.
 //!
-//! Freeing is not covered: imago clears pointers before it lowers refcounts, but the same
-//! eviction race exists the other way round (a refcount block written with a freed
-//! cluster's 0 while an L2 table on disk still points to it). Only discards free clusters
-//! of a running guest's image; the crash tests write.
+//! Freeing is not covered. imago clears pointers before it lowers refcounts, but the same
+//! eviction race exists the other way round: a refcount block evicted with a freed
+//! cluster's lowered count while an L2 table on disk still points to it. Discards and
+//! unmapping write-zeroes hold the image exclusively ([`super::node`]), so no other request
+//! runs between their two steps; what stays open is a write that frees as it goes (over a
+//! compressed cluster, or one an internal snapshot shares) while another request evicts a
+//! refcount block, which imago's 32-block cache does only on images whose clusters span
+//! more than 32 refcount blocks (64 GiB of file with 64 KiB clusters).
 //!
 //! Refcount widths below 8 bits would need a read-modify-write of a byte shared with other
 //! entries imago may be writing at the same time; images with such widths are not opened
