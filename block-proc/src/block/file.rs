@@ -412,11 +412,31 @@ impl Storage for ImageFile {
         if let Some(order) = &self.order
             && order.touches(offset, bufv.len())
         {
-            let len =
-                usize::try_from(bufv.len()).map_err(|_| io::Error::other("write too large"))?;
-            let mut data = vec![0u8; len];
-            bufv.copy_into_slice(&mut data);
-            order.pointer_write(&self.aux, offset, &data, || {
+            // SAFETY: the iovecs describe `bufv`'s buffers, which `pure_writev`'s contract
+            // keeps valid for reading for this call.
+            let iovecs = unsafe { bufv.as_iovec() };
+            let copy;
+            let data: &[u8] = match iovecs {
+                // Table write-backs come in one buffer: read it where it is.
+                // SAFETY: that buffer, `iov_len` bytes valid for reading for this call. It
+                // belongs to our caller, not to `bufv` (which only refers to it), so handing
+                // `bufv` to the write below moves nothing; the slice is only read, and only
+                // within this call.
+                [one] => unsafe {
+                    std::slice::from_raw_parts(one.iov_base.cast::<u8>(), one.iov_len)
+                },
+                _ => {
+                    let len = usize::try_from(bufv.len())
+                        .map_err(|_| io::Error::other("write too large"))?;
+                    copy = {
+                        let mut d = vec![0u8; len];
+                        bufv.copy_into_slice(&mut d);
+                        d
+                    };
+                    &copy
+                }
+            };
+            order.pointer_write(&self.aux, offset, data, || {
                 // SAFETY: our caller upholds `pure_writev`'s contract and we pass its request
                 // on unchanged.
                 unsafe { self.inner.pure_writev(bufv, offset) }

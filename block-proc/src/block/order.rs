@@ -310,19 +310,18 @@ impl MetadataOrder {
                 let set = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
                 set.range(first..=last).copied().collect()
             };
+            let mut clusters = Vec::new();
             for t in tables {
                 let start = t << g.cluster_bits;
                 let end = start + (1 << g.cluster_bits);
-                for (index, new, old) in changed_entries(file, offset, data, start, end)? {
+                for (index, new, _) in changed_entries(file, offset, data, start, end)? {
                     // With 16-byte entries, every other word is a subcluster bitmap.
-                    if (index * 8) % self.l2_entry != 0 || new == old {
-                        continue;
-                    }
-                    for c in entry_clusters(new, g.cluster_bits).into_iter().flatten() {
-                        ensure_covered_refcount(file, &g, c)?;
+                    if (index * 8) % self.l2_entry == 0 {
+                        clusters.extend(entry_clusters(new, g.cluster_bits).into_iter().flatten());
                     }
                 }
             }
+            ensure_covered_refcounts(file, &g, clusters)?;
         }
 
         let (rt_start, rt_end) = (g.rt_offset, g.rt_offset + (g.rt_clusters << g.cluster_bits));
@@ -365,16 +364,15 @@ impl MetadataOrder {
         let mut t = vec![0u8; 1 << g.cluster_bits];
         // A table imago has not written yet reads short (or as zeroes): nothing to count.
         let n = file.read_at(&mut t, table << g.cluster_bits)?;
+        let mut clusters = Vec::new();
         for e in t[..n].chunks_exact(self.l2_entry as usize) {
             let entry = e
                 .get(..8)
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, u64::from_be_bytes);
-            for c in entry_clusters(entry, g.cluster_bits).into_iter().flatten() {
-                ensure_covered_refcount(file, g, c)?;
-            }
+            clusters.extend(entry_clusters(entry, g.cluster_bits).into_iter().flatten());
         }
-        Ok(())
+        ensure_covered_refcounts(file, g, clusters)
     }
 }
 
@@ -409,7 +407,9 @@ fn l2_tables(file: &fs::File, g: &Geometry) -> io::Result<BTreeSet<u64>> {
 }
 
 /// `(index, new value, old value)` of each 8-byte table entry (table at `start..end`) that
-/// `data`, to be written at `offset`, covers completely.
+/// `data`, to be written at `offset`, covers completely and changes. Runs on every L2 table
+/// write-back, so it compares 64 bytes at a time and reads the old bytes into a buffer the
+/// thread keeps.
 fn changed_entries(
     file: &fs::File,
     offset: u64,
@@ -417,28 +417,39 @@ fn changed_entries(
     start: u64,
     end: u64,
 ) -> io::Result<Vec<(u64, u64, u64)>> {
-    let from = offset.max(start);
-    let to = (offset + data.len() as u64).min(end);
-    let mut old = vec![0u8; (to - from) as usize];
-    // The table may end beyond the end of the file while it is being extended.
-    let _ = file.read_at(&mut old, from)?;
-    let mut out = Vec::new();
-    let mut pos = from.next_multiple_of(8).max(start);
-    while pos + 8 <= to {
-        let d = (pos - offset) as usize;
-        let o = (pos - from) as usize;
-        let new = data
-            .get(d..d + 8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes);
-        let prev = old
-            .get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes);
-        out.push(((pos - start) / 8, new, prev));
-        pos += 8;
+    thread_local! {
+        static OLD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    Ok(out)
+    let from = offset.max(start).next_multiple_of(8);
+    let to = (offset + data.len() as u64).min(end);
+    if from + 8 > to {
+        return Ok(Vec::new());
+    }
+    let to = from + (to - from) / 8 * 8;
+    let Some(new) = data.get((from - offset) as usize..(to - offset) as usize) else {
+        return Ok(Vec::new());
+    };
+    OLD.with_borrow_mut(|old| {
+        old.clear();
+        old.resize(new.len(), 0);
+        // The table may end beyond the end of the file while it is being extended: what
+        // is not there reads as zeroes.
+        let _ = file.read_at(old, from)?;
+        let be = |b: &[u8]| b.try_into().map_or(0, u64::from_be_bytes);
+        let mut out = Vec::new();
+        for (k, (n, o)) in new.chunks(64).zip(old.chunks(64)).enumerate() {
+            if n == o {
+                continue;
+            }
+            for (j, (n8, o8)) in n.chunks_exact(8).zip(o.chunks_exact(8)).enumerate() {
+                if n8 != o8 {
+                    let pos = from + (k * 64 + j * 8) as u64;
+                    out.push(((pos - start) / 8, be(n8), be(o8)));
+                }
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// Makes the on-disk refcount of `cluster` at least 1. `pending` is a refcount-table write
@@ -475,21 +486,45 @@ fn ensure_refcount(
     raise_from_zero(file, g, rb_offset, cluster & ((1 << rb_bits) - 1))
 }
 
-/// As [`ensure_refcount`], for a cluster an L2 entry points to; one the refcount table on
-/// disk does not cover yet is left alone, as it would be without this module (imago writes
-/// refcount-table entries before it allocates from their blocks).
-fn ensure_covered_refcount(file: &fs::File, g: &Geometry, cluster: u64) -> io::Result<()> {
-    let rt_index = cluster >> g.rb_bits();
-    if rt_index >= g.rt_entries() {
-        return Ok(());
+/// As [`ensure_refcount`], for the clusters L2 entries point to, in one read of the
+/// refcount-table entry and one of the refcounts for each refcount block they fall in. A
+/// cluster the refcount table on disk does not cover yet is left alone, as it would be
+/// without this module (imago writes refcount-table entries before it allocates from their
+/// blocks).
+fn ensure_covered_refcounts(
+    file: &fs::File,
+    g: &Geometry,
+    mut clusters: Vec<u64>,
+) -> io::Result<()> {
+    clusters.sort_unstable();
+    clusters.dedup();
+    let rb_bits = g.rb_bits();
+    let width = 1u64 << (g.refcount_order - 3);
+    let mut counts = Vec::new();
+    for group in clusters.chunk_by(|a, b| a >> rb_bits == b >> rb_bits) {
+        let rt_index = group[0] >> rb_bits;
+        if rt_index >= g.rt_entries() {
+            continue;
+        }
+        let mut e = [0u8; 8];
+        read_exact(file, &mut e, g.rt_offset + rt_index * 8)?;
+        let rb_offset = u64::from_be_bytes(e) & RT_OFFSET_MASK;
+        if rb_offset == 0 {
+            continue;
+        }
+        let mask = (1u64 << rb_bits) - 1;
+        let (first, last) = (group[0] & mask, group[group.len() - 1] & mask);
+        counts.clear();
+        counts.resize(((last - first + 1) * width) as usize, 0);
+        read_exact(file, &mut counts, rb_offset + first * width)?;
+        for &c in group {
+            let i = (((c & mask) - first) * width) as usize;
+            if counts[i..i + width as usize].iter().all(|b| *b == 0) {
+                raise_from_zero(file, g, rb_offset, c & mask)?;
+            }
+        }
     }
-    let mut e = [0u8; 8];
-    read_exact(file, &mut e, g.rt_offset + rt_index * 8)?;
-    let rb_offset = u64::from_be_bytes(e) & RT_OFFSET_MASK;
-    if rb_offset == 0 {
-        return Ok(());
-    }
-    raise_from_zero(file, g, rb_offset, cluster & ((1 << g.rb_bits()) - 1))
+    Ok(())
 }
 
 /// Writes refcount 1 into entry `rb_index` of the refcount block at `rb_offset` if it is 0.
