@@ -8,6 +8,10 @@
 //! syncing on FLUSH; QEMU's matching setting is `cache=writeback,aio=threads` (its
 //! default), the benchmark's default. `--qemu-cache none` compares against
 //! `cache=none,aio=native` instead.
+//!
+//! `--allocating` gives every guest run a new, empty image instead (sparse raw, or qcow2
+//! with nothing allocated), so that the writes allocate: for qcow2 that is where imago's
+//! cluster allocation and block-proc's metadata write order (`block::order`) cost.
 
 use std::path::Path;
 use std::time::Duration;
@@ -37,6 +41,8 @@ pub struct Options {
     pub size_mib: u64,
     /// Case filter: `MODE` or `MODE:QD`; empty runs every case.
     pub only: Vec<String>,
+    /// A new, empty image for every guest run.
+    pub allocating: bool,
 }
 
 impl Options {
@@ -52,25 +58,34 @@ impl Options {
 /// One figure per case and format.
 pub fn run(o: &Options) -> Result<Vec<Compared>, String> {
     let scratch = Scratch::new("disk")?;
-    let raw = scratch.raw_image("disk.raw", o.size_mib << 20)?;
+    let raw = if o.allocating {
+        None
+    } else {
+        Some(scratch.raw_image("disk.raw", o.size_mib << 20)?)
+    };
     let mut out = Vec::new();
     for format in &o.formats {
-        let image = match format.as_str() {
-            "raw" => raw.clone(),
-            "qcow2" => scratch.qcow2_image(&raw, "disk.qcow2")?,
-            other => return Err(format!("unknown format {other}")),
+        let image = match (format.as_str(), &raw) {
+            (_, None) => scratch.dir.join(format!("empty.{format}")),
+            ("raw", Some(raw)) => raw.clone(),
+            ("qcow2", Some(raw)) => scratch.qcow2_image(raw, "disk.qcow2")?,
+            (other, _) => return Err(format!("unknown format {other}")),
         };
         for (mode, bs, qd) in CASES.into_iter().filter(|c| o.runs(c.0, c.2)) {
             let seq = mode.starts_with("seq");
             let (unit, target) = if seq { ("MB/s", 1.0) } else { ("IOPS", 0.8) };
+            let fresh = if o.allocating { " allocating" } else { "" };
             let mut c = Compared::new(
-                format!("disk {format} {mode} bs={bs} qd={qd}"),
+                format!("disk {format}{fresh} {mode} bs={bs} qd={qd}"),
                 unit,
                 Better::Higher,
             )
             .with_target(target);
             for round in 0..o.rounds {
                 for vmm in Vmm::order(round) {
+                    if o.allocating {
+                        vm::empty_image(&image, format, o.size_mib << 20)?;
+                    }
                     let v = once(&scratch, vmm, &image, format, mode, bs, qd, o)?;
                     let at = if seq { " MB/s" } else { " IOPS" };
                     let n = vm::number_before(&v, at).ok_or_else(|| format!("no{at} in {v:?}"))?;

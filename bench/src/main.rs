@@ -93,6 +93,10 @@ enum Which {
         /// all eight by default.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// A new, empty image (sparse raw, or qcow2 with nothing allocated) for every guest
+        /// run, so that writes allocate; meant for the write cases.
+        #[arg(long)]
+        allocating: bool,
     },
     /// QMP latency (p50, p99, max) with many clients at once while a mirror runs, and the
     /// servers' PSS before and after: splitvmm vs qemu-storage-daemon.
@@ -185,6 +189,7 @@ fn main() -> std::process::ExitCode {
             qemu_cache,
             size,
             only,
+            allocating,
         } => {
             let o = disk::Options {
                 seconds,
@@ -193,6 +198,7 @@ fn main() -> std::process::ExitCode {
                 qemu_cache,
                 size_mib: size,
                 only,
+                allocating,
             };
             let note = format!("QEMU drive: {}", qemu_cache.drive_options());
             return compared_report(disk::run(&o).map(|c| (c, note)), &load, args.json);

@@ -174,6 +174,17 @@ pub fn splitvmm(spec: &Spec<'_>) -> Result<Command, String> {
     Ok(cmd)
 }
 
+/// A new, empty image of `size` bytes at `path` (whatever was there is replaced): a
+/// sparse raw file, or a qcow2 image with nothing allocated (`qemu-img create`'s defaults,
+/// 64 KiB clusters).
+pub fn empty_image(path: &Path, format: &str, size: u64) -> Result<(), String> {
+    let _ = std::fs::remove_file(path);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg(size.to_string()))
+}
+
 /// `qemu-system-x86_64 -M microvm ... -kernel ELF` for `spec`; `debugcon` is where port
 /// 0xe9 (the boot timer) goes, if anywhere.
 pub fn qemu(spec: &Spec<'_>, elf: &Path, debugcon: Option<&Path>) -> Command {
