@@ -210,18 +210,7 @@ async fn the_image_is_consistent_right_after_every_table_pointer_write() {
     let img = dir.file("p.qcow2");
     let snaps = dir.path().join("snaps");
     std::fs::create_dir(&snaps).expect("snapshot dir");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            &img,
-            "16M",
-        ],
-    );
+    create_qcow2_4k(&img, "16M");
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     {
         let (img, snaps, count) = (img.clone(), snaps.clone(), count.clone());
@@ -269,18 +258,7 @@ async fn an_l2_table_never_lands_before_the_refcounts_of_its_clusters() {
 
     let dir = TempDir::new("l2-order");
     let img = dir.file("l2.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            &img,
-            "16M",
-        ],
-    );
+    create_qcow2_4k(&img, "16M");
     {
         let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
         node.write(&[7u8; 4096], 0, false).await.expect("write");

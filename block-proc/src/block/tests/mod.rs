@@ -101,6 +101,23 @@ pub fn ok(prog: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -f qcow2 -o cluster_size=4096 IMG SIZE`: small clusters, so a few
+/// writes make new L2 tables and refcount blocks.
+pub fn create_qcow2_4k(img: &str, size: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            img,
+            size,
+        ],
+    );
+}
+
 /// `qemu-io -f FMT -c CMD... IMG`.
 pub fn qemu_io(img: &str, fmt: &str, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];

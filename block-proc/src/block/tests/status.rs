@@ -32,18 +32,7 @@ async fn status_of_a_chain_matches_qemu_img_map() {
 async fn status_of_zero_clusters_holes_and_compressed_data_matches_qemu_img_map() {
     let dir = TempDir::new("status-misc");
     let img = dir.file("z.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            &img,
-            "2M",
-        ],
-    );
+    create_qcow2_4k(&img, "2M");
     qemu_io(
         &img,
         "qcow2",

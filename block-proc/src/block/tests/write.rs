@@ -169,18 +169,7 @@ async fn aligned_zeroing_on_v3_makes_zero_clusters_and_frees_space() {
 async fn concurrent_writers_all_land_and_leave_a_consistent_image() {
     let dir = TempDir::new("concurrent");
     let img = dir.file("c.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            &img,
-            "64M",
-        ],
-    );
+    create_qcow2_4k(&img, "64M");
     let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
     const TASKS: u64 = 8;
     const PER_TASK: u64 = 40;
