@@ -118,6 +118,7 @@ pub struct MetadataOrder {
     /// image with an external data file: its L2 entries point into that file).
     l2_tables: RwLock<BTreeSet<u64>>,
     track_l2: bool,
+    /// The cluster size (log2), which never changes: here so that `touches` takes no lock.
     cluster_bits: u32,
     /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
     l2_entry: u64,
@@ -210,15 +211,37 @@ impl MetadataOrder {
             )
     }
 
-    /// The L2 table clusters a write of `len` bytes at `offset` overlaps, if any.
+    /// Whether a write of `len` bytes at `offset` overlaps an L2 table.
     fn touches_l2(&self, offset: u64, len: u64) -> bool {
-        if !self.track_l2 || len == 0 {
-            return false;
+        self.clusters_of(offset, len).is_some_and(|r| {
+            let tables = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
+            tables.range(r).next().is_some()
+        })
+    }
+
+    /// The L2 tables a write of `len` bytes at `offset` overlaps.
+    fn l2_tables_in(&self, offset: u64, len: u64) -> Vec<u64> {
+        self.clusters_of(offset, len).map_or_else(Vec::new, |r| {
+            let tables = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
+            tables.range(r).copied().collect()
+        })
+    }
+
+    /// The clusters a write of `len` bytes at `offset` spans, where L2 tables are watched.
+    fn clusters_of(&self, offset: u64, len: u64) -> Option<std::ops::RangeInclusive<u64>> {
+        (self.track_l2 && len > 0).then(|| {
+            (offset >> self.cluster_bits)..=(offset.saturating_add(len - 1) >> self.cluster_bits)
+        })
+    }
+
+    /// Counts L2 table `table`, about to become reachable: its own refcount and, where L2
+    /// tables are watched, those of the clusters its entries on disk point to.
+    fn reach_table(&self, file: &fs::File, g: &Geometry, table: u64) -> io::Result<()> {
+        ensure_refcount(file, g, table, None)?;
+        if self.track_l2 {
+            self.count_entries(file, g, table)?;
         }
-        let first = offset >> self.cluster_bits;
-        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
-        let tables = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
-        tables.range(first..=last).next().is_some()
+        Ok(())
     }
 
     /// Performs `write` (which writes `data` at `offset` to `file`) after making sure every
@@ -276,8 +299,7 @@ impl MetadataOrder {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
                 for &t in tables.difference(&old) {
-                    ensure_refcount(file, &new_geometry, t, None)?;
-                    self.count_entries(file, &new_geometry, t)?;
+                    self.reach_table(file, &new_geometry, t)?;
                 }
                 new_tables = Some(tables);
             }
@@ -291,11 +313,8 @@ impl MetadataOrder {
                     continue;
                 }
                 if new != 0 {
-                    ensure_refcount(file, &g, new >> g.cluster_bits, None)?;
-                    if self.track_l2 {
-                        self.count_entries(file, &g, new >> g.cluster_bits)?;
-                        joined.push(new >> g.cluster_bits);
-                    }
+                    self.reach_table(file, &g, new >> g.cluster_bits)?;
+                    joined.push(new >> g.cluster_bits);
                 }
                 if old != 0 {
                     left.push(old >> g.cluster_bits);
@@ -303,13 +322,8 @@ impl MetadataOrder {
             }
         }
 
-        if self.touches_l2(offset, len) {
-            let first = offset >> g.cluster_bits;
-            let last = (offset + len - 1) >> g.cluster_bits;
-            let tables: Vec<u64> = {
-                let set = self.l2_tables.read().unwrap_or_else(|p| p.into_inner());
-                set.range(first..=last).copied().collect()
-            };
+        let tables = self.l2_tables_in(offset, len);
+        if !tables.is_empty() {
             let mut clusters = Vec::new();
             for t in tables {
                 let start = t << g.cluster_bits;
@@ -345,7 +359,7 @@ impl MetadataOrder {
             *g = new_geometry;
             self.publish(&g);
         }
-        if new_tables.is_some() || !left.is_empty() || !joined.is_empty() {
+        if self.track_l2 && (new_tables.is_some() || !left.is_empty() || !joined.is_empty()) {
             let mut set = self.l2_tables.write().unwrap_or_else(|p| p.into_inner());
             if let Some(tables) = new_tables {
                 *set = tables;
