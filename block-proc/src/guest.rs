@@ -36,7 +36,6 @@ const SECTOR: u64 = 512;
 #[derive(Debug)]
 pub struct GuestMemory {
     map: Mapping,
-    size: u64,
     _fd: OwnedFd,
 }
 
@@ -59,7 +58,7 @@ impl GuestMemory {
         let len = usize::try_from(size).map_err(|_| "guest memory too large".to_string())?;
         let map = Mapping::new(fd.as_fd(), 0, len, true)
             .map_err(|e| format!("mmap guest memory: {e}"))?;
-        Ok(Self { map, size, _fd: fd })
+        Ok(Self { map, _fd: fd })
     }
 
     /// The bytes of `seg`, if they lie inside guest memory, as a raw slice: turning it into
@@ -67,7 +66,7 @@ impl GuestMemory {
     /// time; callers only copy them, one range at a time.
     fn range(&self, seg: Segment) -> Option<NonNull<[u8]>> {
         let end = seg.gpa.checked_add(u64::from(seg.len))?;
-        if seg.len == 0 || end > self.size {
+        if seg.len == 0 || end > self.map.size() as u64 {
             return None;
         }
         let start = usize::try_from(seg.gpa).ok()?;
