@@ -175,51 +175,40 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
 
 /// The PSS (KiB) of the guest-RAM mappings in an smaps text.
 fn guest_ram_pss(vmm: Vmm, smaps: &str) -> u64 {
-    let (mut named, mut is_ram, mut total) = (false, false, 0);
-    let kib = |v: &str| {
-        v.split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or("");
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            // A mapping's header: range perms offset dev inode [path].
-            let path = words.skip(4).collect::<Vec<_>>().join(" ");
-            named = match vmm {
-                Vmm::Splitvmm => path.contains("memfd:splitvmm-guest-ram"),
-                Vmm::Qemu => path.is_empty(),
-            };
-            is_ram = false;
-        } else if let Some(size) = line.strip_prefix("Size:") {
-            is_ram = named && (vmm == Vmm::Splitvmm || kib(size) == Some(MEMORY_MIB * 1024));
-        } else if let Some(pss) = line.strip_prefix("Pss:")
-            && is_ram
-        {
-            total += kib(pss).unwrap_or(0);
-        }
-    }
-    total
+    mappings_pss(smaps, |path, size| match vmm {
+        Vmm::Splitvmm => path.contains("memfd:splitvmm-guest-ram"),
+        Vmm::Qemu => path.is_empty() && size == Some(MEMORY_MIB * 1024),
+    })
 }
 
 /// The PSS (KiB) of the mappings of `file` in an smaps text.
 fn file_pss(smaps: &str, file: &Path) -> u64 {
     let file = file.to_string_lossy();
-    let (mut is_file, mut total) = (false, 0);
+    mappings_pss(smaps, |path, _| path == file)
+}
+
+/// The PSS (KiB) of the mappings in an smaps text that `keep` takes, given each one's path
+/// and its `Size:` in KiB (smaps gives `Size:` before `Pss:`).
+fn mappings_pss(smaps: &str, keep: impl Fn(&str, Option<u64>) -> bool) -> u64 {
+    let kib = |v: &str| {
+        v.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (mut path, mut kept, mut total) = (String::new(), false, 0);
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
         if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            is_file = words.skip(4).collect::<Vec<_>>().join(" ") == file;
+            // A mapping's header: range perms offset dev inode [path].
+            path = words.skip(4).collect::<Vec<_>>().join(" ");
+            kept = false;
+        } else if let Some(size) = line.strip_prefix("Size:") {
+            kept = keep(&path, kib(size));
         } else if let Some(pss) = line.strip_prefix("Pss:")
-            && is_file
+            && kept
         {
-            total += pss
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+            total += kib(pss).unwrap_or(0);
         }
     }
     total
