@@ -284,16 +284,16 @@ async fn an_l2_table_never_lands_before_the_refcounts_of_its_clusters() {
     file.write_all_at(&[5u8; 4096], data2).expect("data2");
     let entry = |off: u64| (off | 1 << 63).to_be_bytes();
     let order = MetadataOrder::new(&file).expect("order");
+    // Writes a table entry at `at` pointing to `to`, through the rule.
+    let point = |at: u64, to: u64| {
+        order.pointer_write(&file, at, &entry(to), || file.write_all_at(&entry(to), at))
+    };
 
     assert!(
         order.touches(table + 8, 8),
         "writes into an L2 table are watched"
     );
-    order
-        .pointer_write(&file, table + 8, &entry(data1), || {
-            file.write_all_at(&entry(data1), table + 8)
-        })
-        .expect("L2 write");
+    point(table + 8, data1).expect("L2 write");
     qemu_check(&img, "qcow2");
 
     assert!(
@@ -301,11 +301,7 @@ async fn an_l2_table_never_lands_before_the_refcounts_of_its_clusters() {
         "an unreachable table is not watched"
     );
     file.write_all_at(&entry(data2), table2).expect("new table");
-    order
-        .pointer_write(&file, l1 + 8, &entry(table2), || {
-            file.write_all_at(&entry(table2), l1 + 8)
-        })
-        .expect("L1 write");
+    point(l1 + 8, table2).expect("L1 write");
     qemu_check(&img, "qcow2");
     assert!(
         order.touches(table2 + 16, 8),
