@@ -442,11 +442,16 @@ impl Storage for ImageFile {
                 unsafe { self.inner.pure_writev(bufv, offset) }
             })?;
             #[cfg(test)]
-            super::order::test_hook::fire(&self.name);
+            super::order::test_hook::fire(&self.name, offset, data.len() as u64, true);
             return Ok(());
         }
+        #[cfg(test)]
+        let len = bufv.len();
         // SAFETY: our caller upholds `pure_writev`'s contract and we pass it on unchanged.
-        unsafe { self.inner.pure_writev(bufv, offset) }
+        let r = unsafe { self.inner.pure_writev(bufv, offset) };
+        #[cfg(test)]
+        super::order::test_hook::fire(&self.name, offset, len, false);
+        r
     }
 
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {

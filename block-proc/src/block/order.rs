@@ -29,14 +29,17 @@
 //! entry). imago's cache holds the same value for them (it has just allocated them), so its
 //! later write of the whole block agrees.
 //!
-//! Freeing is not covered. imago clears pointers before it lowers refcounts, but the same
-//! eviction race exists the other way round: a refcount block evicted with a freed
-//! cluster's lowered count while an L2 table on disk still points to it. Discards and
-//! unmapping write-zeroes hold the image exclusively ([`super::node`]), so no other request
-//! runs between their two steps; what stays open is a write that frees as it goes (over a
-//! compressed cluster, or one an internal snapshot shares) while another request evicts a
-//! refcount block, which imago's 32-block cache does only on images whose clusters span
-//! more than 32 refcount blocks (64 GiB of file with 64 KiB clusters).
+//! Freeing needs no rule here. imago clears a pointer in its L2 cache, then announces the
+//! freeing direction (taking its cache-direction lock exclusively), then lowers the count
+//! in its refcount-block cache; every write of a refcount block, by a flush or an eviction,
+//! holds that lock shared and writes the L2 cache first. So a refcount block carrying a
+//! lowered count reaches the disk only after an L2 write-back that began after the pointer
+//! was cleared. (The allocating race above exists because imago
+//! raises counts *after* announcing the allocating direction, where the lock no longer
+//! orders them.) `the_image_is_consistent_right_after_every_refcount_block_write` checks
+//! the image after every refcount-block write while compressed clusters are replaced and
+//! freed; it fails if the flush writes refcount blocks first. The eviction path it cannot
+//! reach with one writer; that rests on the lock argument.
 //!
 //! Refcount widths below 8 bits would need a read-modify-write of a byte shared with other
 //! entries imago may be writing at the same time; images with such widths are not opened
@@ -557,18 +560,19 @@ fn raise_from_zero(file: &fs::File, g: &Geometry, rb_offset: u64, rb_index: u64)
     Ok(())
 }
 
-/// Tests: a function called after every pointer or L2 table write to a given image file,
-/// to look at what a crash right then would leave.
+/// Tests: a function called after every write to a given image file, to look at what a
+/// crash right then would leave. It gets the write's offset and length, and whether this
+/// module watched it (a pointer or L2 table write).
 #[cfg(test)]
 pub mod test_hook {
     use std::sync::Mutex;
 
-    type Hook = Box<dyn Fn() + Send>;
+    type Hook = Box<dyn Fn(u64, u64, bool) + Send>;
 
     static HOOKS: Mutex<Vec<(String, Hook)>> = Mutex::new(Vec::new());
 
-    /// Calls `f` after each pointer write to the image opened under `name`.
-    pub fn register(name: &str, f: impl Fn() + Send + 'static) {
+    /// Calls `f(offset, len, watched)` after each write to the image opened under `name`.
+    pub fn register(name: &str, f: impl Fn(u64, u64, bool) + Send + 'static) {
         HOOKS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -582,11 +586,11 @@ pub mod test_hook {
             .retain(|(n, _)| n != name);
     }
 
-    pub(crate) fn fire(name: &str) {
+    pub(crate) fn fire(name: &str, offset: u64, len: u64, watched: bool) {
         let hooks = HOOKS.lock().unwrap_or_else(|p| p.into_inner());
         for (n, f) in hooks.iter() {
             if n == name {
-                f();
+                f(offset, len, watched);
             }
         }
     }
