@@ -8,7 +8,7 @@
 //! the page cache or the write buffered, it is done and needs no task. One that has to wait
 //! for the disk, and every flush, discard and write-zeroes (which wait by nature), goes on
 //! on a task of the block layer's multi-threaded runtime (`pool`), so a guest's fsync never
-//! holds up its other requests. Completions go back through an [`Outbox`], many to a
+//! holds up its other requests. Completions go back through an `Outbox`, many to a
 //! message under load.
 //!
 //! vmm-proc may be compromised. Every segment is checked against the guest memory size and

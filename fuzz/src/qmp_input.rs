@@ -8,7 +8,7 @@
 //!   once or in chunks (a socket may split them anywhere);
 //! - every value and error renders ([`to_wire`], [`response_err`], [`response_ok`]) as one
 //!   line of valid, ASCII-only JSON;
-//! - each request goes through [`parse_request`] and, for a known command, [`validate`]
+//! - each request goes through [`parse_request`] and, for a known command, [`validate_args`]
 //!   against the command table (and [`normalize`]);
 //! - arguments the schema lets through for a command block-proc executes decode there:
 //!   they are run through block-proc's `commands::State` (no drives, no NBD server, no

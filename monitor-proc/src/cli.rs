@@ -53,7 +53,7 @@ pub struct Cli {
     #[arg(long, value_name = "CMDLINE", requires = "kernel", default_value = "")]
     pub append: String,
 
-    /// A disk: id=ID,file=PATH,format=raw|qcow2[,readonly=on][,werror=W][,rerror=R].
+    /// A disk: `id=ID,file=PATH,format=raw|qcow2[,readonly=on][,werror=W][,rerror=R]`.
     /// format= is required: images are never probed. W and R are report, ignore,
     /// enospc or stop (defaults: werror=enospc, rerror=report).
     #[arg(long, value_name = "SPEC", value_parser = parse_drive)]

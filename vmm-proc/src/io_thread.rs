@@ -67,7 +67,7 @@ const POLL_MIN: Duration = Duration::from_micros(4);
 
 /// The adaptive polling window: halved each time a watch ends empty-handed (the driver is
 /// slow, or its vCPU is not running: the spin only takes CPU from others), doubled again
-/// (from [`POLL_MIN`], up to [`POLL_MAX`]) when a notify comes within `POLL_MAX` of the
+/// (from `POLL_MIN`, up to `POLL_MAX`) when a notify comes within `POLL_MAX` of the
 /// moment the thread went to sleep, i.e. when a longer watch would have caught it.
 #[derive(Debug)]
 pub struct PollWindow {

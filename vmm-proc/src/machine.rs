@@ -84,7 +84,7 @@ pub struct VcpuInit {
     pub sregs: kvm_bindings::kvm_sregs,
     pub fpu: kvm_bindings::kvm_fpu,
     pub lapic: kvm_lapic_state,
-    /// The [`PV_MSRS`] this KVM accepts, set to 0 at every (re)start.
+    /// The `PV_MSRS` this KVM accepts, set to 0 at every (re)start.
     pub pv_msrs: Vec<u32>,
     /// The MSRs a migration carries (`migration::state::migratable_msrs`).
     pub migratable_msrs: Vec<u32>,

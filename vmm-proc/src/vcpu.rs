@@ -8,7 +8,7 @@
 //!   Reset, Save, Restore (only while paused)      Exit (any state): leave the thread
 //! ```
 //!
-//! The controller sends an event and then *kicks* the thread with [`KICK_SIGNAL`]: the
+//! The controller sends an event and then *kicks* the thread with [`kick_signal`]: the
 //! handler sets `kvm_run.immediate_exit`, so `KVM_RUN` returns `EINTR` whether the signal
 //! arrived inside the guest or just before the ioctl. The thread clears the flag *before*
 //! it looks for events, so a kick can never be lost between the two. Every event is

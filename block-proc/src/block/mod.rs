@@ -6,7 +6,7 @@
 //! - [`lock`]: QEMU's OFD lock-byte protocol;
 //! - [`gate`]: the allowed-directories policy every file open goes through;
 //! - [`header`]: the qcow2 header as the block layer reads and rewrites it;
-//! - [`file`]: the storage object under every image (imago's `File` plus a descriptor for
+//! - [`file`](mod@file): the storage object under every image (imago's `File` plus a descriptor for
 //!   locks, holes and `fallocate`);
 //! - [`mapped`]: reads of an image file from the page cache through mappings of the file;
 //! - [`commit`]: group commit of qcow2 metadata, for the acknowledgement rule;

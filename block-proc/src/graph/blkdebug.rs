@@ -27,7 +27,7 @@
 //! splitvmm's qcow2 nodes sit on image files, never on a blkdebug node. A qcow2 node's
 //! backing may be a `raw` node over a blkdebug node: the qcow2 image then reads its backing
 //! through a raw image of the file whose reads ask the rules first, `read_aio` before
-//! each ([`super::BlockNode::blkdebug_image`]).
+//! each (`BlockNode::blkdebug_image`).
 //!
 //! Not implemented, refused with an error: `config` (the rules in a file), `align`,
 //! `max-transfer`, the write-zero and discard limits, and `take-child-perms` /

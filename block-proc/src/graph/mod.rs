@@ -275,12 +275,12 @@ impl BlockNode {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// QEMU's `filename` of the node (see [`Names`]).
+    /// QEMU's `filename` of the node (see `Names`).
     pub fn filename(&self) -> String {
         self.names().filename.clone()
     }
 
-    /// QEMU's `full_open_options` of the node (see [`Names`]).
+    /// QEMU's `full_open_options` of the node (see `Names`).
     pub fn desc(&self) -> Value {
         self.names().desc.clone()
     }

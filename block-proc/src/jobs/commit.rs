@@ -7,7 +7,7 @@
 //!   header too: `backing-file` or the base's file name) and drops the committed images.
 //!   It ends by itself with `BLOCK_JOB_COMPLETED`.
 //! - **Active commit** (`top` is the active layer; `commit_active_start`): the mirror job
-//!   ([`super::mirror::Mirror::active_commit`]) with the base as its target, type `commit`:
+//!   (`Mirror::active_commit`) with the base as its target, type `commit`:
 //!   READY once in sync, and `block-job-complete` switches the drive to the base.
 //!
 //! The base is opened anew read/write for the job (QEMU reopens it in place; a backing

@@ -7,7 +7,7 @@
 //! - A [`Job`] runs its [`JobDriver`] on a tokio task. The driver calls the job's
 //!   [`Job::sleep`] / [`Job::pause_point`] between pieces of work; that is where pauses and
 //!   cancellation take effect, as in QEMU.
-//! - Every state change goes through [`JobState::transition`], which checks the
+//! - Every state change goes through `JobState::transition`, which checks the
 //!   transition table and sends `JOB_STATUS_CHANGE`.
 //! - When `run` returns, the job completes as QEMU's `job_completed` does: waiting →
 //!   pending → (finalize: the driver's `prepare` and `commit`, or `abort`) →
