@@ -41,6 +41,11 @@
 //! freed; it fails if the flush writes refcount blocks first. The eviction path it cannot
 //! reach with one writer; that rests on the lock argument.
 //!
+//! It also refuses, as QEMU's overlap check does, a write that would change the header's
+//! magic, version or cluster size: on a corrupt image whose refcounts call the header
+//! cluster free, imago can allocate it for a table and write the table over the header.
+//! Every offset it reads from the image is used with saturating arithmetic.
+//!
 //! Refcount widths below 8 bits would need a read-modify-write of a byte shared with other
 //! entries imago may be writing at the same time; images with such widths are not opened
 //! for writing (see [`MetadataOrder::new`]).
@@ -106,6 +111,17 @@ impl Geometry {
 
     fn rt_entries(&self) -> u64 {
         (self.rt_clusters << self.cluster_bits) / 8
+    }
+
+    /// Where the L1 table ends (saturated: the offsets come from the image file).
+    fn l1_end(&self) -> u64 {
+        self.l1_offset.saturating_add(self.l1_entries * 8)
+    }
+
+    /// Where the refcount table ends (saturated likewise).
+    fn rt_end(&self) -> u64 {
+        self.rt_offset
+            .saturating_add(self.rt_clusters << self.cluster_bits)
     }
 }
 
@@ -186,14 +202,9 @@ impl MetadataOrder {
 
     fn publish(&self, g: &Geometry) {
         self.l1.0.store(g.l1_offset, Ordering::Release);
-        self.l1
-            .1
-            .store(g.l1_offset + g.l1_entries * 8, Ordering::Release);
+        self.l1.1.store(g.l1_end(), Ordering::Release);
         self.rt.0.store(g.rt_offset, Ordering::Release);
-        self.rt.1.store(
-            g.rt_offset + (g.rt_clusters << g.cluster_bits),
-            Ordering::Release,
-        );
+        self.rt.1.store(g.rt_end(), Ordering::Release);
     }
 
     /// Whether a write of `len` bytes at `offset` touches a pointer region or an L2 table.
@@ -268,15 +279,24 @@ impl MetadataOrder {
         if offset < HEADER_FIELDS {
             let mut h = [0u8; HEADER_FIELDS as usize];
             read_exact(file, &mut h, 0)?;
+            let before = h;
             for (i, b) in data.iter().enumerate() {
                 if let Some(slot) = h.get_mut((offset + i as u64) as usize) {
                     *slot = *b;
                 }
             }
+            // The magic, the version and the cluster size never change: a write that would
+            // change them is not a header update but a table or data cluster of a corrupt
+            // image landing on the header. QEMU's overlap check refuses it, with these words.
+            if h[..8] != before[..8] || h[20..24] != before[20..24] {
+                return Err(io::Error::other(
+                    "Preventing invalid write on metadata (overlaps with qcow2_header)",
+                ));
+            }
             new_geometry = Geometry::parse(&h, g.refcount_order);
             let cs = 1u64 << g.cluster_bits;
             if new_geometry.l1_offset != g.l1_offset || new_geometry.l1_entries > g.l1_entries {
-                let end = new_geometry.l1_offset + new_geometry.l1_entries * 8;
+                let end = new_geometry.l1_end();
                 let mut c = new_geometry.l1_offset >> g.cluster_bits;
                 while (c << g.cluster_bits) < end {
                     ensure_refcount(file, &new_geometry, c, None)?;
@@ -308,7 +328,7 @@ impl MetadataOrder {
             }
         }
 
-        let (l1_start, l1_end) = (g.l1_offset, g.l1_offset + g.l1_entries * 8);
+        let (l1_start, l1_end) = (g.l1_offset, g.l1_end());
         if overlaps(offset, len, l1_start, l1_end) {
             for (_, new, old) in changed_entries(file, offset, data, l1_start, l1_end)? {
                 let (new, old) = (new & L1_OFFSET_MASK, old & L1_OFFSET_MASK);
@@ -330,7 +350,7 @@ impl MetadataOrder {
             let mut clusters = Vec::new();
             for t in tables {
                 let start = t << g.cluster_bits;
-                let end = start + (1 << g.cluster_bits);
+                let end = start.saturating_add(1 << g.cluster_bits);
                 for (index, new, _) in changed_entries(file, offset, data, start, end)? {
                     // With 16-byte entries, every other word is a subcluster bitmap.
                     if (index * 8) % self.l2_entry == 0 {
@@ -341,7 +361,7 @@ impl MetadataOrder {
             ensure_covered_refcounts(file, &g, clusters)?;
         }
 
-        let (rt_start, rt_end) = (g.rt_offset, g.rt_offset + (g.rt_clusters << g.cluster_bits));
+        let (rt_start, rt_end) = (g.rt_offset, g.rt_end());
         if overlaps(offset, len, rt_start, rt_end) {
             for (index, new, old) in changed_entries(file, offset, data, rt_start, rt_end)? {
                 let (new, old) = (new & RT_OFFSET_MASK, old & RT_OFFSET_MASK);
@@ -437,9 +457,11 @@ fn changed_entries(
     thread_local! {
         static OLD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let from = offset.max(start).next_multiple_of(8);
-    let to = (offset + data.len() as u64).min(end);
-    if from + 8 > to {
+    let Some(from) = offset.max(start).checked_next_multiple_of(8) else {
+        return Ok(Vec::new());
+    };
+    let to = offset.saturating_add(data.len() as u64).min(end);
+    if from.saturating_add(8) > to {
         return Ok(Vec::new());
     }
     let to = from + (to - from) / 8 * 8;
@@ -484,7 +506,7 @@ fn ensure_refcount(
             "qcow2: cluster {cluster} is beyond the refcount table"
         )));
     }
-    let entry_at = g.rt_offset + rt_index * 8;
+    let entry_at = g.rt_offset.saturating_add(rt_index * 8);
     let mut e = [0u8; 8];
     let from_pending = pending.and_then(|(off, data)| {
         let i = entry_at.checked_sub(off)? as usize;
@@ -524,7 +546,7 @@ fn ensure_covered_refcounts(
             continue;
         }
         let mut e = [0u8; 8];
-        read_exact(file, &mut e, g.rt_offset + rt_index * 8)?;
+        read_exact(file, &mut e, g.rt_offset.saturating_add(rt_index * 8))?;
         let rb_offset = u64::from_be_bytes(e) & RT_OFFSET_MASK;
         if rb_offset == 0 {
             continue;
@@ -533,7 +555,7 @@ fn ensure_covered_refcounts(
         let (first, last) = (group[0] & mask, group[group.len() - 1] & mask);
         counts.clear();
         counts.resize(((last - first + 1) * width) as usize, 0);
-        read_exact(file, &mut counts, rb_offset + first * width)?;
+        read_exact(file, &mut counts, rb_offset.saturating_add(first * width))?;
         for &c in group {
             let i = (((c & mask) - first) * width) as usize;
             if counts[i..i + width as usize].iter().all(|b| *b == 0) {
@@ -547,7 +569,7 @@ fn ensure_covered_refcounts(
 /// Writes refcount 1 into entry `rb_index` of the refcount block at `rb_offset` if it is 0.
 fn raise_from_zero(file: &fs::File, g: &Geometry, rb_offset: u64, rb_index: u64) -> io::Result<()> {
     let width = 1usize << (g.refcount_order - 3);
-    let at = rb_offset + rb_index * width as u64;
+    let at = rb_offset.saturating_add(rb_index * width as u64);
     let mut cur = [0u8; 8];
     let cur = &mut cur[..width];
     read_exact(file, cur, at)?;

@@ -520,16 +520,8 @@ async fn an_l2_table_never_lands_before_the_refcounts_of_its_clusters() {
         let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
         node.write(&[7u8; 4096], 0, false).await.expect("write");
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .expect("open");
-    let be64 = |off: u64| {
-        let mut b = [0u8; 8];
-        file.read_exact_at(&mut b, off).expect("read");
-        u64::from_be_bytes(b)
-    };
+    let file = open_rw(&img);
+    let be64 = |off: u64| be64_at(&file, off);
     let l1 = be64(40);
     let table = be64(l1) & 0x00ff_ffff_ffff_fe00;
     assert_ne!(table, 0, "the first write made an L2 table");

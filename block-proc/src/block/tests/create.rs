@@ -255,11 +255,7 @@ async fn every_state_a_crash_can_leave_during_a_backing_rewrite_is_consistent() 
                 }
                 args.extend([img.as_str(), "1M"]);
                 ok("qemu-img", &args);
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&img)
-                    .expect("open");
+                let f = open_rw(&img);
                 let h = header::rewrite_backing_steps(&f, to, Some(budget)).expect("rewrite");
                 drop(f);
                 let state = (h.backing_file.clone(), h.backing_format());

@@ -104,18 +104,32 @@ pub fn ok(prog: &str, args: &[&str]) -> String {
 /// `qemu-img create -f qcow2 -o cluster_size=4096 IMG SIZE`: small clusters, so a few
 /// writes make new L2 tables and refcount blocks.
 pub fn create_qcow2_4k(img: &str, size: &str) {
+    create_qcow2(img, 4096, size);
+}
+
+/// `qemu-img create -f qcow2 -o cluster_size=CLUSTER IMG SIZE`.
+pub fn create_qcow2(img: &str, cluster: u32, size: &str) {
+    let opts = format!("cluster_size={cluster}");
     ok(
         "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            img,
-            size,
-        ],
+        &["create", "-f", "qcow2", "-o", &opts, img, size],
     );
+}
+
+/// `img` opened for reading and writing, to change an image behind the block layer's back.
+pub fn open_rw(img: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap_or_else(|e| panic!("open {img}: {e}"))
+}
+
+/// The big-endian 64-bit word at `offset` of `file` (a header field or table entry).
+pub fn be64_at(file: &std::fs::File, offset: u64) -> u64 {
+    let mut b = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut b, offset).expect("read");
+    u64::from_be_bytes(b)
 }
 
 /// `qemu-io -f FMT -c CMD... IMG`.

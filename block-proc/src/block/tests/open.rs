@@ -108,11 +108,7 @@ async fn a_backing_file_without_a_format_is_not_probed() {
     );
     // Drop the format the way an old qemu-img would have left it: QEMU 10 no longer writes
     // such images, so turn the backing-format extension into an unknown one.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&top)
-        .expect("open");
+    let f = open_rw(&top);
     let mut h = vec![0u8; 65536];
     f.read_exact_at(&mut h, 0).expect("read header");
     let magic = 0xe279_2acau32.to_be_bytes();
@@ -355,23 +351,8 @@ async fn images_whose_l1_table_does_not_fit_their_size_are_refused_like_qemu() {
 async fn a_feature_name_table_of_partial_entries_is_refused_not_a_panic() {
     let dir = TempDir::new("featuretable");
     let img = dir.file("ft.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            &img,
-            "64K",
-        ],
-    );
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .expect("open");
+    create_qcow2(&img, 512, "64K");
+    let f = open_rw(&img);
     let mut hl = [0u8; 4];
     f.read_exact_at(&mut hl, 100).expect("header_length");
     let at = u64::from(u32::from_be_bytes(hl));

@@ -402,3 +402,47 @@ async fn an_external_data_file_is_opened_through_the_gate() {
         "{e}"
     );
 }
+
+/// A corrupt image whose refcount block says its header cluster is free: imago hands that
+/// cluster out for the first new table, and writing the table there would wipe the header
+/// (the `qcow2_write` fuzzer's first finding, which panicked block-proc by reading the
+/// table's bytes as a header). The write is refused with QEMU's overlap-check words, and
+/// the header survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_allocated_over_the_header_is_refused() {
+    use std::os::unix::fs::FileExt;
+
+    let dir = TempDir::new("over-header");
+    let img = dir.file("h.qcow2");
+    create_qcow2(&img, 512, "64K");
+    let file = open_rw(&img);
+    let be64 = |off: u64| be64_at(&file, off);
+    let refblock = be64(be64(48)) & !511;
+    assert_ne!(refblock, 0, "the image has a refcount block");
+    // Refcount of cluster 0 (16 bits wide): 0.
+    file.write_all_at(&[0, 0], refblock)
+        .expect("free the header cluster");
+    let header = header_fields(&img);
+
+    let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
+    let err = node
+        .write(&[0x5a; 512], 0, false)
+        .await
+        .expect_err("a table over the header was written");
+    assert!(
+        err.to_string()
+            .contains("Preventing invalid write on metadata (overlaps with qcow2_header)"),
+        "{err}"
+    );
+    drop(node);
+    assert_eq!(header_fields(&img), header, "the header changed");
+    let info = ok("qemu-img", &["info", &img]);
+    assert!(info.contains("virtual size: 64 KiB"), "{info}");
+}
+
+/// The first 72 bytes of `img`: the header's fields.
+fn header_fields(img: &str) -> Vec<u8> {
+    let mut h = std::fs::read(img).expect("read the image");
+    h.truncate(72);
+    h
+}
