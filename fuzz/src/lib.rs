@@ -6,6 +6,7 @@
 //! | [`ipc_decode`] | one IPC frame | the decoder of every message type of every link; vmm-proc's guest I/O requests through block-proc's checks against an in-memory model |
 //! | [`nbd_server`] | bytes from an NBD client | the NBD server's handshake and transmission phases over an in-memory pipe |
 //! | [`qcow2_open`] | an image file | opening a qcow2 image read-only through block-proc's node layer (header checks, imago, backing chain), then reads and block status |
+//! | [`qcow2_write`] | an image file | opening it read-write, then writes (allocating and copy-on-write), zeroing, discard, a resize and a flush; closing and opening it again |
 //! | [`migration_stream`] | bytes a migration destination reads | the stream decoder (header, checksummed sections, page records, vCPU and device state) |
 //!
 //! Each target is a function `fn(&[u8])` here that panics on a finding. `fuzz_targets/*.rs`
@@ -19,6 +20,7 @@ pub mod ipc_decode;
 pub mod migration_stream;
 pub mod nbd_server;
 pub mod qcow2_open;
+pub mod qcow2_write;
 pub mod qmp_input;
 pub mod seeds;
 

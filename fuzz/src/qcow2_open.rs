@@ -23,7 +23,7 @@ const READ: u64 = 4096;
 
 /// The private directory of this process (under /dev/shm, else the temporary directory);
 /// removed at exit.
-fn dir() -> &'static Path {
+pub(crate) fn dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     extern "C" fn remove_dir() {
         if let Some(d) = DIR.get() {
@@ -69,7 +69,7 @@ fn check_extents(extents: &[Extent], length: u64) {
     );
 }
 
-async fn exercise(node: &Node) {
+pub(crate) async fn exercise(node: &Node) {
     let info = node.info();
     let _ = ipc::common::qapi_json(&info);
     let size = node.size();

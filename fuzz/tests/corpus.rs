@@ -127,6 +127,28 @@ fn qcow2_open_corpus() {
 }
 
 #[test]
+fn qcow2_write_corpus() {
+    for (name, data) in files("qcow2_write") {
+        let written = fuzz::qcow2_write::write(&data);
+        match name.as_str() {
+            _ if name.starts_with("regress-") => {
+                assert!(written.is_err(), "{name} opened");
+            }
+            "v3-selfloop.qcow2" => {
+                let e = written.expect_err("a self-referencing image opens");
+                assert!(e.contains("loop"), "{name}: {e}");
+            }
+            // 1-bit refcounts: read-only only (`block::order`).
+            "v3-lazy.qcow2" => {
+                let e = written.expect_err("1-bit refcounts open read/write");
+                assert!(e.contains("cannot be opened read/write"), "{name}: {e}");
+            }
+            _ => assert!(written.is_ok(), "{name}: {written:?}"),
+        }
+    }
+}
+
+#[test]
 fn migration_stream_corpus() {
     let seeds = fuzz::seeds::migration_stream();
     sync_seeds("migration_stream", &seeds);
