@@ -34,12 +34,12 @@
 //! in its refcount-block cache; every write of a refcount block, by a flush or an eviction,
 //! holds that lock shared and writes the L2 cache first. So a refcount block carrying a
 //! lowered count reaches the disk only after an L2 write-back that began after the pointer
-//! was cleared. (The allocating race above exists because imago
-//! raises counts *after* announcing the allocating direction, where the lock no longer
-//! orders them.) `the_image_is_consistent_right_after_every_refcount_block_write` checks
-//! the image after every refcount-block write while compressed clusters are replaced and
-//! freed; it fails if the flush writes refcount blocks first. The eviction path it cannot
-//! reach with one writer; that rests on the lock argument.
+//! was cleared. (The allocating race above exists because imago raises counts *after*
+//! announcing the allocating direction, where the lock no longer orders them.)
+//! `the_image_is_consistent_right_after_every_refcount_block_write` checks the image after
+//! every refcount-block write while compressed clusters are replaced and freed; it fails if
+//! the flush writes refcount blocks first. The eviction path it cannot reach with one
+//! writer; that rests on the lock argument.
 //!
 //! It also refuses, as QEMU's overlap check does, a write that would change the header's
 //! magic, version or cluster size: on a corrupt image whose refcounts call the header
