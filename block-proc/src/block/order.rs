@@ -41,10 +41,14 @@
 //! the flush writes refcount blocks first. The eviction path it cannot reach with one
 //! writer; that rests on the lock argument.
 //!
-//! It also refuses, as QEMU's overlap check does, a write that would change the header's
-//! magic, version or cluster size: on a corrupt image whose refcounts call the header
-//! cluster free, imago can allocate it for a table and write the table over the header.
-//! Every offset it reads from the image is used with saturating arithmetic.
+//! Corrupt images: imago allocates whatever cluster the refcounts on disk call free, even
+//! one that holds metadata, and writes over it. So a writable open is refused when a
+//! cluster of the header, the L1 table, the refcount table or blocks, or an L2 table has
+//! refcount 0 ([`MetadataOrder::new`]). One can still be freed later (a compressed entry
+//! whose bytes lie in the header cluster counts for nothing, so overwriting it frees the
+//! header); for that, a write that would change the header's magic, version or cluster size
+//! is refused with QEMU's overlap-check words. Every offset read from the image is used
+//! with saturating arithmetic.
 //!
 //! Refcount widths below 8 bits would need a read-modify-write of a byte shared with other
 //! entries imago may be writing at the same time; images with such widths are not opened
@@ -153,7 +157,7 @@ fn read_exact(file: &fs::File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 
 impl MetadataOrder {
     /// Reads the table geometry from the qcow2 header in `file`. Refuses refcount widths
-    /// below 8 bits.
+    /// below 8 bits, and images with metadata of refcount 0.
     pub fn new(file: &fs::File) -> io::Result<Self> {
         let mut h = [0u8; 104];
         read_exact(file, &mut h[..HEADER_FIELDS as usize], 0)?;
@@ -178,11 +182,9 @@ impl MetadataOrder {
         }
         let g = Geometry::parse(&h, refcount_order);
         let track_l2 = incompatible & INCOMPAT_DATA_FILE == 0;
-        let l2_tables = if track_l2 {
-            l2_tables(file, &g)?
-        } else {
-            BTreeSet::new()
-        };
+        let l2_tables = l2_tables(file, &g)?;
+        check_metadata_refcounts(file, &g, &l2_tables)?;
+        let l2_tables = if track_l2 { l2_tables } else { BTreeSet::new() };
         let this = Self {
             l1: (AtomicU64::new(0), AtomicU64::new(0)),
             rt: (AtomicU64::new(0), AtomicU64::new(0)),
@@ -530,10 +532,21 @@ fn ensure_refcount(
 /// cluster the refcount table on disk does not cover yet is left alone, as it would be
 /// without this module (imago writes refcount-table entries before it allocates from their
 /// blocks).
-fn ensure_covered_refcounts(
+fn ensure_covered_refcounts(file: &fs::File, g: &Geometry, clusters: Vec<u64>) -> io::Result<()> {
+    for_each_unreferenced(file, g, clusters, |cluster, rb_offset| match rb_offset {
+        Some(rb_offset) => raise_from_zero(file, g, rb_offset, cluster & ((1 << g.rb_bits()) - 1)),
+        None => Ok(()),
+    })
+}
+
+/// Calls `f(cluster, refcount block)` for each of `clusters` whose refcount on disk is 0,
+/// reading the refcount-table entry and the refcounts once for each refcount block they
+/// fall in; with no block (`None`) for those the refcount table does not cover.
+fn for_each_unreferenced(
     file: &fs::File,
     g: &Geometry,
     mut clusters: Vec<u64>,
+    mut f: impl FnMut(u64, Option<u64>) -> io::Result<()>,
 ) -> io::Result<()> {
     clusters.sort_unstable();
     clusters.dedup();
@@ -542,13 +555,15 @@ fn ensure_covered_refcounts(
     let mut counts = Vec::new();
     for group in clusters.chunk_by(|a, b| a >> rb_bits == b >> rb_bits) {
         let rt_index = group[0] >> rb_bits;
-        if rt_index >= g.rt_entries() {
-            continue;
-        }
         let mut e = [0u8; 8];
-        read_exact(file, &mut e, g.rt_offset.saturating_add(rt_index * 8))?;
+        if rt_index < g.rt_entries() {
+            read_exact(file, &mut e, g.rt_offset.saturating_add(rt_index * 8))?;
+        }
         let rb_offset = u64::from_be_bytes(e) & RT_OFFSET_MASK;
         if rb_offset == 0 {
+            for &c in group {
+                f(c, None)?;
+            }
             continue;
         }
         let mask = (1u64 << rb_bits) - 1;
@@ -559,11 +574,67 @@ fn ensure_covered_refcounts(
         for &c in group {
             let i = (((c & mask) - first) * width) as usize;
             if counts[i..i + width as usize].iter().all(|b| *b == 0) {
-                raise_from_zero(file, g, rb_offset, c & mask)?;
+                f(c, Some(rb_offset))?;
             }
         }
     }
     Ok(())
+}
+
+/// Refuses an image whose metadata (header, L1 table, refcount table and blocks, the L2
+/// tables `l2_tables`) has a cluster of refcount 0: imago's allocator would hand that
+/// cluster out and write over the table. QEMU opens such an image and refuses the first
+/// write its overlap check catches, then marks the image corrupt; refused here before
+/// anything is written.
+fn check_metadata_refcounts(
+    file: &fs::File,
+    g: &Geometry,
+    l2_tables: &BTreeSet<u64>,
+) -> io::Result<()> {
+    // QEMU's limit (`QCOW_MAX_REFTABLE_SIZE`) and words.
+    let rt_bytes = g.rt_clusters << g.cluster_bits;
+    if rt_bytes > 8 << 20 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "Reference count table too large",
+        ));
+    }
+    let clusters_of = |start: u64, end: u64| {
+        let first = start >> g.cluster_bits;
+        let last = end.saturating_sub(1) >> g.cluster_bits;
+        (end > start).then_some(first..=last).into_iter().flatten()
+    };
+    let mut metadata: Vec<(u64, &str)> = vec![(0, "the header")];
+    metadata.extend(clusters_of(g.l1_offset, g.l1_end()).map(|c| (c, "the L1 table")));
+    metadata.extend(clusters_of(g.rt_offset, g.rt_end()).map(|c| (c, "the refcount table")));
+    let mut table = vec![0u8; rt_bytes as usize];
+    read_exact(file, &mut table, g.rt_offset).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("Could not read the refcount table: {e}"),
+        )
+    })?;
+    metadata.extend(
+        table
+            .chunks_exact(8)
+            .filter_map(|b| b.try_into().ok())
+            .map(|b| u64::from_be_bytes(b) & RT_OFFSET_MASK)
+            .filter(|&off| off != 0)
+            .map(|off| (off >> g.cluster_bits, "a refcount block")),
+    );
+    metadata.extend(l2_tables.iter().map(|&t| (t, "an L2 table")));
+    let what: std::collections::HashMap<u64, &str> = metadata.iter().copied().collect();
+    let clusters = metadata.into_iter().map(|(c, _)| c).collect();
+    for_each_unreferenced(file, g, clusters, |cluster, _| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "qcow2: cluster {cluster} holds {} but its refcount is 0: the image is \
+                 corrupt; repair it with 'qemu-img check -r all'",
+                what.get(&cluster).unwrap_or(&"metadata")
+            ),
+        ))
+    })
 }
 
 /// Writes refcount 1 into entry `rb_index` of the refcount block at `rb_offset` if it is 0.

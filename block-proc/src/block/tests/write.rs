@@ -403,46 +403,79 @@ async fn an_external_data_file_is_opened_through_the_gate() {
     );
 }
 
-/// A corrupt image whose refcount block says its header cluster is free: imago hands that
-/// cluster out for the first new table, and writing the table there would wipe the header
-/// (the `qcow2_write` fuzzer's first finding, which panicked block-proc by reading the
-/// table's bytes as a header). The write is refused with QEMU's overlap-check words, and
-/// the header survives.
+/// A corrupt image whose refcount block says its header cluster is free: imago would hand
+/// that cluster out for the first new table and write the table over the header (the
+/// `qcow2_write` fuzzer's first finding, which panicked block-proc by reading the table's
+/// bytes as a header). Such an image is not opened read/write; read-only it opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_allocated_over_the_header_is_refused() {
-    use std::os::unix::fs::FileExt;
-
-    let dir = TempDir::new("over-header");
+async fn an_image_whose_metadata_has_refcount_0_is_not_opened_read_write() {
+    let dir = TempDir::new("free-header");
     let img = dir.file("h.qcow2");
     create_qcow2(&img, 512, "64K");
     let file = open_rw(&img);
-    let be64 = |off: u64| be64_at(&file, off);
-    let refblock = be64(be64(48)) & !511;
+    let refblock = be64_at(&file, be64_at(&file, 48)) & !511;
     assert_ne!(refblock, 0, "the image has a refcount block");
     // Refcount of cluster 0 (16 bits wide): 0.
-    file.write_all_at(&[0, 0], refblock)
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0, 0], refblock)
         .expect("free the header cluster");
-    let header = header_fields(&img);
+    let before = std::fs::read(&img).expect("read");
+
+    let opts = || OpenOptions::new(img.clone(), ImageFormat::Qcow2, &dir.dirs());
+    let err = Node::open(opts()).await.expect_err("opened read/write");
+    let want = "qcow2: cluster 0 holds the header but its refcount is 0: the image is corrupt; \
+                repair it with 'qemu-img check -r all'";
+    assert!(err.to_string().contains(want), "{err}");
+    assert_eq!(
+        std::fs::read(&img).expect("read"),
+        before,
+        "the image changed"
+    );
+    let node = Node::open(opts().read_only(true))
+        .await
+        .expect("read-only open");
+    assert_eq!(node.size(), 64 << 10);
+}
+
+/// The header guard, for what the open check cannot see: a compressed L2 entry whose bytes
+/// lie in the header cluster (the cluster's refcount counts the header only). Overwriting
+/// that guest cluster frees the header cluster, imago hands it out for the next new cluster,
+/// and the data meant for it would wipe the header. That write is refused with QEMU's
+/// overlap-check words, and the header survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_allocated_over_the_header_is_refused() {
+    let dir = TempDir::new("over-header");
+    let img = dir.file("h.qcow2");
+    create_qcow2(&img, 512, "64K");
+    qemu_io(&img, "qcow2", &["write -P 7 0 512"]);
+    let file = open_rw(&img);
+    let table = be64_at(&file, be64_at(&file, 40)) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(table, 0, "the write made an L2 table");
+    // Entry 0: compressed, one sector at byte 8 of the file (inside the header).
+    let entry = (1u64 << 62) | 8;
+    std::os::unix::fs::FileExt::write_all_at(&file, &entry.to_be_bytes(), table)
+        .expect("point into the header");
+    let header = std::fs::read(&img).expect("read")[..72].to_vec();
 
     let node = open(&img, ImageFormat::Qcow2, false, &dir).await;
-    let err = node
-        .write(&[0x5a; 512], 0, false)
+    // A whole cluster: nothing to decompress, and the compressed cluster is freed.
+    node.write(&[0x11; 512], 0, false)
         .await
-        .expect_err("a table over the header was written");
+        .expect("overwrite the compressed cluster");
+    let err = node
+        .write(&[0x5a; 512], 512, false)
+        .await
+        .expect_err("a cluster over the header was written");
     assert!(
         err.to_string()
             .contains("Preventing invalid write on metadata (overlaps with qcow2_header)"),
         "{err}"
     );
     drop(node);
-    assert_eq!(header_fields(&img), header, "the header changed");
+    assert_eq!(
+        std::fs::read(&img).expect("read")[..72],
+        header[..],
+        "the header changed"
+    );
     let info = ok("qemu-img", &["info", &img]);
     assert!(info.contains("virtual size: 64 KiB"), "{info}");
-}
-
-/// The first 72 bytes of `img`: the header's fields.
-fn header_fields(img: &str) -> Vec<u8> {
-    let mut h = std::fs::read(img).expect("read the image");
-    h.truncate(72);
-    h
 }
