@@ -50,6 +50,15 @@ impl Client {
             .collect()
     }
 
+    /// Waits until the job has gone (its last JOB_STATUS_CHANGE is `null`); returns
+    /// [`Self::sequence`].
+    fn until_null(&mut self) -> Vec<String> {
+        while self.sequence().last().map(String::as_str) != Some("null") {
+            self.event("JOB_STATUS_CHANGE");
+        }
+        self.sequence()
+    }
+
     fn job(&mut self) -> Value {
         let jobs = self.ok("query-block-jobs", json!({}));
         jobs[0].clone()
@@ -67,6 +76,20 @@ impl Client {
         panic!("the job did not pause: {}", self.job());
     }
 }
+
+/// A job that gets ready and is completed (a mirror's pivot, an active commit), from
+/// start to dismissal, as [`Client::sequence`] shows it: iotests 041's order.
+const PIVOT: [&str; 9] = [
+    "created",
+    "running",
+    "ready",
+    "BLOCK_JOB_READY",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+];
 
 /// A 1 MiB raw backing file with data at 0, and a qcow2 overlay with data at 512 KiB
 /// (041's TestSingleDrive set-up).
@@ -150,23 +173,7 @@ fn mirror_complete_pivots_with_the_exact_event_sequence() {
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
     c.event("JOB_STATUS_CHANGE");
-    while c.sequence().last().map(String::as_str) != Some("null") {
-        c.event("JOB_STATUS_CHANGE");
-    }
-    assert_eq!(
-        c.sequence(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(c.until_null(), PIVOT);
     assert_eq!(c.ok("query-block-jobs", json!({})), json!([]));
     assert_eq!(inserted_file(&mut c), target);
     quit(&mut vm, c);
@@ -567,11 +574,8 @@ fn job_verbs_in_every_state() {
     );
     c.ok("job-dismiss", json!({"id": "job0"}));
     c.event("JOB_STATUS_CHANGE");
-    while c.sequence().last().map(String::as_str) != Some("null") {
-        c.event("JOB_STATUS_CHANGE");
-    }
     assert_eq!(
-        c.sequence(),
+        c.until_null(),
         [
             "created",
             "running",
@@ -718,23 +722,7 @@ fn mirror_to_nbd(c: &mut Client, target: &str, format: &str, uri: &str) {
         done["data"],
         json!({"device": "drive0", "len": size, "offset": size, "speed": 0, "type": "mirror"})
     );
-    while c.sequence().last().map(String::as_str) != Some("null") {
-        c.event("JOB_STATUS_CHANGE");
-    }
-    assert_eq!(
-        c.sequence(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(c.until_null(), PIVOT);
     let b = c.ok("query-block", json!({}));
     assert_eq!(b[0]["inserted"]["file"], uri, "{b}");
     // `format: raw` is a raw node over the NBD node, as QEMU opens it.
@@ -957,9 +945,7 @@ fn backing_filename(img: &str) -> Option<String> {
 /// Waits for the job's end; returns the completion event.
 fn wait_completed(c: &mut Client) -> Value {
     let done = c.event("BLOCK_JOB_COMPLETED");
-    while c.sequence().last().map(String::as_str) != Some("null") {
-        c.event("JOB_STATUS_CHANGE");
-    }
+    c.until_null();
     done
 }
 
@@ -1383,20 +1369,7 @@ fn commit_active_pivots_to_the_base() {
     let done = wait_completed(&mut c);
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["type"], "commit");
-    assert_eq!(
-        c.sequence(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(c.sequence(), PIVOT);
     assert_eq!(inserted_file(&mut c), backing);
     quit(&mut vm, c);
     assert!(compare(&backing, "raw", &want, "raw"));
