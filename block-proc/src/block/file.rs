@@ -409,8 +409,9 @@ impl Storage for ImageFile {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let len = bufv.len();
         if let Some(order) = &self.order
-            && order.touches(offset, bufv.len())
+            && order.touches(offset, len)
         {
             // SAFETY: the iovecs describe `bufv`'s buffers, which `pure_writev`'s contract
             // keeps valid for reading for this call.
@@ -426,8 +427,8 @@ impl Storage for ImageFile {
                     std::slice::from_raw_parts(one.iov_base.cast::<u8>(), one.iov_len)
                 },
                 _ => {
-                    let len = usize::try_from(bufv.len())
-                        .map_err(|_| io::Error::other("write too large"))?;
+                    let len =
+                        usize::try_from(len).map_err(|_| io::Error::other("write too large"))?;
                     copy = {
                         let mut d = vec![0u8; len];
                         bufv.copy_into_slice(&mut d);
@@ -442,11 +443,9 @@ impl Storage for ImageFile {
                 unsafe { self.inner.pure_writev(bufv, offset) }
             })?;
             #[cfg(test)]
-            super::order::test_hook::fire(&self.name, offset, data.len() as u64, true);
+            super::order::test_hook::fire(&self.name, offset, len, true);
             return Ok(());
         }
-        #[cfg(test)]
-        let len = bufv.len();
         // SAFETY: our caller upholds `pure_writev`'s contract and we pass it on unchanged.
         let r = unsafe { self.inner.pure_writev(bufv, offset) };
         #[cfg(test)]

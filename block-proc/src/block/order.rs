@@ -57,6 +57,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -145,6 +146,14 @@ pub struct MetadataOrder {
     cluster_bits: u32,
     /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
     l2_entry: u64,
+}
+
+/// The clusters the bytes `start..end` of the file lie in; none for an empty range.
+fn clusters_in(start: u64, end: u64, cluster_bits: u32) -> Range<u64> {
+    if end <= start {
+        return 0..0;
+    }
+    (start >> cluster_bits)..((end - 1) >> cluster_bits) + 1
 }
 
 fn overlaps(offset: u64, len: u64, start: u64, end: u64) -> bool {
@@ -244,10 +253,9 @@ impl MetadataOrder {
     }
 
     /// The clusters a write of `len` bytes at `offset` spans, where L2 tables are watched.
-    fn clusters_of(&self, offset: u64, len: u64) -> Option<std::ops::RangeInclusive<u64>> {
-        (self.track_l2 && len > 0).then(|| {
-            (offset >> self.cluster_bits)..=(offset.saturating_add(len - 1) >> self.cluster_bits)
-        })
+    fn clusters_of(&self, offset: u64, len: u64) -> Option<Range<u64>> {
+        self.track_l2
+            .then(|| clusters_in(offset, offset.saturating_add(len), self.cluster_bits))
     }
 
     /// Counts L2 table `table`, about to become reachable: its own refcount and, where L2
@@ -296,18 +304,15 @@ impl MetadataOrder {
                 ));
             }
             new_geometry = Geometry::parse(&h, g.refcount_order);
-            let cs = 1u64 << g.cluster_bits;
-            if new_geometry.l1_offset != g.l1_offset || new_geometry.l1_entries > g.l1_entries {
-                let end = new_geometry.l1_end();
-                let mut c = new_geometry.l1_offset >> g.cluster_bits;
-                while (c << g.cluster_bits) < end {
-                    ensure_refcount(file, &new_geometry, c, None)?;
-                    c += 1;
+            let (n, bits) = (&new_geometry, g.cluster_bits);
+            if n.l1_offset != g.l1_offset || n.l1_entries > g.l1_entries {
+                for c in clusters_in(n.l1_offset, n.l1_end(), bits) {
+                    ensure_refcount(file, n, c, None)?;
                 }
             }
-            if new_geometry.rt_offset != g.rt_offset || new_geometry.rt_clusters != g.rt_clusters {
-                for i in 0..new_geometry.rt_clusters {
-                    ensure_refcount(file, &new_geometry, (new_geometry.rt_offset / cs) + i, None)?;
+            if n.rt_offset != g.rt_offset || n.rt_clusters != g.rt_clusters {
+                for c in clusters_in(n.rt_offset, n.rt_end(), bits) {
+                    ensure_refcount(file, n, c, None)?;
                 }
             }
             // A moved L1 table: the L2 tables it points to (already written there) become
@@ -599,14 +604,10 @@ fn check_metadata_refcounts(
             "Reference count table too large",
         ));
     }
-    let clusters_of = |start: u64, end: u64| {
-        let first = start >> g.cluster_bits;
-        let last = end.saturating_sub(1) >> g.cluster_bits;
-        (end > start).then_some(first..=last).into_iter().flatten()
-    };
+    let span = |start, end| clusters_in(start, end, g.cluster_bits);
     let mut metadata: Vec<(u64, &str)> = vec![(0, "the header")];
-    metadata.extend(clusters_of(g.l1_offset, g.l1_end()).map(|c| (c, "the L1 table")));
-    metadata.extend(clusters_of(g.rt_offset, g.rt_end()).map(|c| (c, "the refcount table")));
+    metadata.extend(span(g.l1_offset, g.l1_end()).map(|c| (c, "the L1 table")));
+    metadata.extend(span(g.rt_offset, g.rt_end()).map(|c| (c, "the refcount table")));
     let mut table = vec![0u8; rt_bytes as usize];
     read_exact(file, &mut table, g.rt_offset).map_err(|e| {
         io::Error::new(
